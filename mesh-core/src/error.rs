@@ -1,0 +1,95 @@
+//! The crate's errors. Each names what was wrong: the key, file, resource or server.
+
+use std::time::Duration;
+
+pub(crate) use crate::xds::translate::TranslateError;
+
+/// Any error of mesh-core.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The bootstrap could not be loaded.
+    #[error(transparent)]
+    Bootstrap(#[from] BootstrapError),
+    /// The xDS client failed.
+    #[error(transparent)]
+    Xds(#[from] XdsError),
+    /// A resource was rejected.
+    #[error(transparent)]
+    Translate(#[from] TranslateError),
+}
+
+/// A bootstrap that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BootstrapError {
+    /// Neither variable is set.
+    #[error("no xDS bootstrap: set GRPC_XDS_BOOTSTRAP to a file or GRPC_XDS_BOOTSTRAP_CONFIG to inline JSON")]
+    NotConfigured,
+    /// The file could not be read.
+    #[error("cannot read xDS bootstrap file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not JSON.
+    #[error("{origin}: invalid JSON at line {line}, column {column}: {message}")]
+    Json {
+        /// File path or `GRPC_XDS_BOOTSTRAP_CONFIG`.
+        origin: String,
+        /// Line.
+        line: usize,
+        /// Column.
+        column: usize,
+        /// Parser message.
+        message: String,
+    },
+    /// A key is missing or has a bad value.
+    #[error("{origin}: {key}: {message}")]
+    Field {
+        /// File path, `GRPC_XDS_BOOTSTRAP_CONFIG` or `builder`.
+        origin: String,
+        /// JSON path of the key, e.g. `xds_servers[0].server_uri`.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A failure of the xDS client.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum XdsError {
+    /// The server could not be reached (the client keeps retrying with backoff).
+    #[error("xDS server {server} is unreachable: {reason}")]
+    Unreachable {
+        /// Server URI.
+        server: String,
+        /// The transport's message.
+        reason: String,
+    },
+    /// A listener did not arrive in time.
+    #[error("listener {name:?} was not delivered after waiting {waited:?}: {detail}")]
+    ListenerNotDelivered {
+        /// Listener resource name.
+        name: String,
+        /// How long the caller waited.
+        waited: Duration,
+        /// What the client knows: connection state, NACK error, or does-not-exist.
+        detail: String,
+    },
+    /// A target string is not usable.
+    #[error("invalid target {target:?}: {reason}")]
+    InvalidTarget {
+        /// The target.
+        target: String,
+        /// Why.
+        reason: String,
+    },
+    /// The client task has stopped.
+    #[error("the xDS client has stopped")]
+    Stopped,
+}

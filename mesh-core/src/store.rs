@@ -1,0 +1,176 @@
+//! The live configuration: an atomically swapped [`Snapshot`] plus change notification and
+//! per-resource status for config dumps.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+
+use crate::config::Snapshot;
+use crate::xds::ResourceType;
+
+/// Where a subscribed resource stands, as CSDS reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ResourceStatus {
+    /// Subscribed, nothing received yet.
+    Requested,
+    /// The latest version was accepted.
+    Acked,
+    /// The latest version was rejected; the last good one (if any) keeps serving.
+    Nacked,
+    /// The server said, or the does-not-exist timer concluded, that it does not exist.
+    DoesNotExist,
+}
+
+impl ResourceStatus {
+    /// The CSDS name: `REQUESTED`, `ACKED`, `NACKED`, `DOES_NOT_EXIST`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "REQUESTED",
+            Self::Acked => "ACKED",
+            Self::Nacked => "NACKED",
+            Self::DoesNotExist => "DOES_NOT_EXIST",
+        }
+    }
+}
+
+/// One resource in a [`ConfigDump`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResourceDump {
+    /// Kind.
+    pub resource_type: ResourceType,
+    /// Name.
+    pub name: String,
+    /// Version of the resource in use (empty if none).
+    pub version: String,
+    /// Status of the latest update.
+    pub status: ResourceStatus,
+    /// The rejected version and why, when the latest update was NACKed.
+    pub error: Option<(String, String)>,
+    /// When the status last changed.
+    pub updated: Option<SystemTime>,
+    /// The resource as received (serialized `Any`), for CSDS.
+    pub raw: Option<Arc<envoy_types::pb::google::protobuf::Any>>,
+}
+
+/// What the client holds, resource by resource, plus its connection state.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ConfigDump {
+    /// Every subscribed resource.
+    pub resources: Vec<ResourceDump>,
+    /// Server URI.
+    pub server: String,
+    /// Whether the ADS stream is up.
+    pub connected: bool,
+    /// The last connection error, if any.
+    pub last_error: Option<String>,
+}
+
+impl ConfigDump {
+    /// A resource's entry.
+    pub fn get(&self, resource_type: ResourceType, name: &str) -> Option<&ResourceDump> {
+        self.resources
+            .iter()
+            .find(|r| r.resource_type == resource_type && r.name == name)
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    snapshot: ArcSwap<Snapshot>,
+    dump: ArcSwap<ConfigDump>,
+    changed: watch::Sender<u64>,
+}
+
+/// The live configuration shared by the xDS client (the one writer) and every request.
+///
+/// Cloning is cheap (one `Arc`). Readers call [`ConfigStore::load`] once per request and keep
+/// the returned `Arc<Snapshot>`; nothing locks.
+///
+/// ```
+/// use mesh_core::{config::Snapshot, ConfigStore};
+/// let store = ConfigStore::new();
+/// let mut changes = store.subscribe();
+/// store.publish(Snapshot::default());
+/// assert_eq!(store.load().generation(), 1);
+/// assert!(changes.has_changed().unwrap());
+/// ```
+#[derive(Clone, Debug)]
+pub struct ConfigStore {
+    inner: Arc<Inner>,
+}
+
+impl Default for ConfigStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConfigStore {
+    /// An empty store (generation 0).
+    pub fn new() -> Self {
+        let (changed, _) = watch::channel(0);
+        Self {
+            inner: Arc::new(Inner {
+                snapshot: ArcSwap::from_pointee(Snapshot::default()),
+                dump: ArcSwap::from_pointee(ConfigDump::default()),
+                changed,
+            }),
+        }
+    }
+
+    /// The current snapshot.
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.inner.snapshot.load_full()
+    }
+
+    /// Publishes `snapshot` as the next generation and wakes subscribers. Returns the
+    /// generation.
+    pub fn publish(&self, mut snapshot: Snapshot) -> u64 {
+        let generation = self.inner.snapshot.load().generation() + 1;
+        snapshot.set_generation(generation);
+        self.inner.snapshot.store(Arc::new(snapshot));
+        self.inner.changed.send_replace(generation);
+        generation
+    }
+
+    /// A receiver that sees every new generation.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.changed.subscribe()
+    }
+
+    /// What the client holds, per resource.
+    pub fn dump(&self) -> Arc<ConfigDump> {
+        self.inner.dump.load_full()
+    }
+
+    pub(crate) fn publish_dump(&self, dump: ConfigDump) {
+        self.inner.dump.store(Arc::new(dump));
+        // Status changes (a NACK, a timer) wake watchers too, without a new generation.
+        self.inner.changed.send_modify(|_| {});
+    }
+
+    /// Waits until `ready` holds for the current snapshot, up to `timeout`.
+    ///
+    /// # Errors
+    /// `Err(snapshot)` with the last snapshot seen when the time ran out.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        mut ready: impl FnMut(&Snapshot) -> bool,
+    ) -> Result<Arc<Snapshot>, Arc<Snapshot>> {
+        let mut rx = self.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let snap = self.load();
+            if ready(&snap) {
+                return Ok(snap);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return Err(self.load()),
+            }
+        }
+    }
+}

@@ -1,0 +1,544 @@
+//! The xDS client handle and its I/O task.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tracing::Instrument;
+
+use super::bootstrap::{Bootstrap, ChannelCreds};
+use super::state::{AdsState, Outbound, ProtocolMode};
+use super::ResourceType;
+use crate::config::Listener;
+use crate::error::{BootstrapError, Error, XdsError};
+use crate::store::{ConfigStore, ResourceStatus};
+
+/// An `xds:///name` target.
+///
+/// ```
+/// use mesh_core::xds::Target;
+/// let t = Target::parse("xds:///greeter.default.svc:50051").unwrap();
+/// assert_eq!(t.name(), "greeter.default.svc:50051");
+/// assert!(Target::parse("xds://authority/x").is_err());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    name: String,
+}
+
+impl Target {
+    /// Parses `xds:///NAME`; a string without a scheme is taken as the name itself.
+    ///
+    /// # Errors
+    /// A non-empty authority (xDS federation is not supported), another scheme, or an empty
+    /// name.
+    pub fn parse(target: &str) -> Result<Self, XdsError> {
+        let invalid = |reason: &str| XdsError::InvalidTarget {
+            target: target.to_owned(),
+            reason: reason.to_owned(),
+        };
+        let name = if let Some(rest) = target.strip_prefix("xds://") {
+            rest.strip_prefix('/')
+                .ok_or_else(|| invalid("xDS authorities are not supported; use xds:///name"))?
+        } else if target.contains("://") {
+            return Err(invalid("the scheme must be xds"));
+        } else {
+            target
+        };
+        if name.is_empty() {
+            return Err(invalid("the name is empty"));
+        }
+        Ok(Self { name: name.to_owned() })
+    }
+
+    /// The target name (before the bootstrap's listener name template).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+#[derive(Debug)]
+enum Command {
+    Watch(String),
+    Unwatch(String),
+}
+
+#[derive(Debug)]
+struct Shared {
+    commands: mpsc::UnboundedSender<Command>,
+    store: ConfigStore,
+    bootstrap: Arc<Bootstrap>,
+}
+
+/// A handle to the xDS client. Cheap to clone; the I/O task stops when the last handle is
+/// dropped.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), mesh_core::Error> {
+/// use std::time::Duration;
+/// use mesh_core::xds::{Bootstrap, XdsClient};
+/// let client = XdsClient::builder(Bootstrap::from_env()?).build()?;
+/// let listener = client.listener("xds:///greeter:50051", Duration::from_secs(10)).await?;
+/// let snapshot = client.store().load();
+/// println!("{} routes", snapshot.routes_for_listener(&listener.name).map_or(0, |r| r.virtual_hosts.len()));
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct XdsClient {
+    shared: Arc<Shared>,
+}
+
+/// Configures an [`XdsClient`].
+#[derive(Debug)]
+pub struct XdsClientBuilder {
+    bootstrap: Bootstrap,
+    store: Option<ConfigStore>,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    connect_timeout: Duration,
+}
+
+impl XdsClientBuilder {
+    /// Publishes into `store` instead of a new one.
+    pub fn store(mut self, store: ConfigStore) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Reconnection backoff: first delay and cap (defaults 1 s and 120 s, gRPC's). Delays
+    /// grow ×1.6 with ±20 % jitter.
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff_initial = initial;
+        self.backoff_max = max.max(initial);
+        self
+    }
+
+    /// TCP/TLS connect timeout to the server (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Starts the client task on the current tokio runtime.
+    ///
+    /// # Errors
+    /// The bootstrap's server URI or TLS files are unusable.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn build(self) -> Result<XdsClient, Error> {
+        let server = self
+            .bootstrap
+            .servers
+            .first()
+            .ok_or_else(|| BootstrapError::Field {
+                origin: "builder".into(),
+                key: "xds_servers".into(),
+                message: "must list at least one server".into(),
+            })?
+            .clone();
+        let uri = server.endpoint_uri();
+        let bad = |key: &str, message: String| BootstrapError::Field {
+            origin: "bootstrap".into(),
+            key: key.into(),
+            message,
+        };
+        let mut endpoint = Endpoint::from_shared(uri.clone())
+            .map_err(|e| bad("xds_servers[0].server_uri", format!("{uri:?} is not a valid URI: {e}")))?
+            .connect_timeout(self.connect_timeout)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true);
+        if let ChannelCreds::Tls {
+            ca_certificate_file,
+            certificate_file,
+            private_key_file,
+        } = &server.creds
+        {
+            let read = |path: &str, key: &str| {
+                std::fs::read(path).map_err(|e| bad(key, format!("cannot read {path}: {e}")))
+            };
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(
+                ca_certificate_file,
+                "xds_servers[0].channel_creds.config.ca_certificate_file",
+            )?));
+            if let (Some(cert), Some(key)) = (certificate_file, private_key_file) {
+                tls = tls.identity(Identity::from_pem(
+                    read(cert, "xds_servers[0].channel_creds.config.certificate_file")?,
+                    read(key, "xds_servers[0].channel_creds.config.private_key_file")?,
+                ));
+            }
+            endpoint = endpoint
+                .tls_config(tls)
+                .map_err(|e| bad("xds_servers[0].channel_creds", format!("bad TLS config: {e}")))?;
+        }
+        let store = self.store.unwrap_or_default();
+        let (commands, rx) = mpsc::unbounded_channel();
+        let state = AdsState::new(server.protocol(), self.bootstrap.node.clone());
+        let task = Task {
+            state,
+            endpoint,
+            uri: uri.clone(),
+            store: store.clone(),
+            commands: rx,
+            backoff_initial: self.backoff_initial,
+            backoff_max: self.backoff_max,
+            last_error: None,
+        };
+        let span = tracing::info_span!("xds", server = %uri, node = %self.bootstrap.node.id);
+        tokio::spawn(task.run().instrument(span));
+        Ok(XdsClient {
+            shared: Arc::new(Shared {
+                commands,
+                store,
+                bootstrap: Arc::new(self.bootstrap),
+            }),
+        })
+    }
+}
+
+impl XdsClient {
+    /// A builder for a client of the bootstrap's first server.
+    pub fn builder(bootstrap: Bootstrap) -> XdsClientBuilder {
+        XdsClientBuilder {
+            bootstrap,
+            store: None,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(120),
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+
+    /// The live configuration this client publishes.
+    pub fn store(&self) -> &ConfigStore {
+        &self.shared.store
+    }
+
+    /// The bootstrap in use.
+    pub fn bootstrap(&self) -> &Bootstrap {
+        &self.shared.bootstrap
+    }
+
+    /// Subscribes to the listener of `target` (`xds:///name` or `name`) and everything it
+    /// references. Returns the listener resource name.
+    ///
+    /// # Errors
+    /// An invalid target, or a stopped client.
+    pub fn watch(&self, target: &str) -> Result<String, XdsError> {
+        let name = self.shared.bootstrap.listener_name(Target::parse(target)?.name());
+        self.watch_listener(&name)?;
+        Ok(name)
+    }
+
+    /// Subscribes to a listener by resource name (e.g. a server listener).
+    ///
+    /// # Errors
+    /// The client task has stopped.
+    pub fn watch_listener(&self, name: &str) -> Result<(), XdsError> {
+        self.shared
+            .commands
+            .send(Command::Watch(name.to_owned()))
+            .map_err(|_| XdsError::Stopped)
+    }
+
+    /// Drops a listener subscription.
+    ///
+    /// # Errors
+    /// The client task has stopped.
+    pub fn unwatch_listener(&self, name: &str) -> Result<(), XdsError> {
+        self.shared
+            .commands
+            .send(Command::Unwatch(name.to_owned()))
+            .map_err(|_| XdsError::Stopped)
+    }
+
+    /// Watches `target` and waits until its listener and route configuration are held.
+    ///
+    /// # Errors
+    /// [`XdsError::ListenerNotDelivered`] after `timeout`, saying what the client knows
+    /// (unreachable server, NACK error, does-not-exist).
+    pub async fn listener(&self, target: &str, timeout: Duration) -> Result<Arc<Listener>, XdsError> {
+        let name = self.watch(target)?;
+        let started = Instant::now();
+        let result = self
+            .shared
+            .store
+            .wait_for(timeout, |s| {
+                s.listener(&name).is_some_and(|l| match &l.kind {
+                    crate::config::ListenerKind::Api(_) => s.routes_for_listener(&name).is_some(),
+                    crate::config::ListenerKind::Server(_) => true,
+                })
+            })
+            .await;
+        match result {
+            Ok(snap) => Ok(snap.listener(&name).cloned().expect("checked by wait_for")),
+            Err(_) => Err(XdsError::ListenerNotDelivered {
+                detail: self.explain(&name),
+                name,
+                waited: started.elapsed(),
+            }),
+        }
+    }
+
+    fn explain(&self, name: &str) -> String {
+        let dump = self.shared.store.dump();
+        let mut parts = Vec::new();
+        if !dump.connected {
+            parts.push(match &dump.last_error {
+                Some(e) => format!("not connected to {}: {e}", dump.server),
+                None => format!("not connected to {}", dump.server),
+            });
+        }
+        match dump.get(ResourceType::Listener, name) {
+            None => parts.push("not subscribed yet".into()),
+            Some(r) => match r.status {
+                ResourceStatus::Nacked => parts.push(format!(
+                    "rejected: {}",
+                    r.error.as_ref().map(|(_, m)| m.as_str()).unwrap_or("unknown error")
+                )),
+                ResourceStatus::DoesNotExist => parts.push("the server says it does not exist".into()),
+                ResourceStatus::Requested => parts.push("requested, no answer yet".into()),
+                ResourceStatus::Acked => {
+                    let waiting: Vec<String> = dump
+                        .resources
+                        .iter()
+                        .filter(|r| r.resource_type == ResourceType::RouteConfiguration && r.status != ResourceStatus::Acked)
+                        .map(|r| format!("route_config {:?} is {}", r.name, r.status.as_str()))
+                        .collect();
+                    parts.push(format!("listener received; {}", waiting.join(", ")));
+                }
+            },
+        }
+        parts.join("; ")
+    }
+}
+
+enum Inbound {
+    Sotw(DiscoveryResponse),
+    Delta(DeltaDiscoveryResponse),
+}
+
+type InboundStream = Pin<Box<dyn Stream<Item = Result<Inbound, tonic::Status>> + Send>>;
+
+struct Task {
+    state: AdsState,
+    endpoint: Endpoint,
+    uri: String,
+    store: ConfigStore,
+    commands: mpsc::UnboundedReceiver<Command>,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    last_error: Option<String>,
+}
+
+enum StreamEnd {
+    /// Every handle was dropped.
+    Shutdown,
+    /// The stream failed; whether any response had arrived on it.
+    Failed { received: bool },
+}
+
+impl Task {
+    async fn run(mut self) {
+        let mut delay = self.backoff_initial;
+        loop {
+            match self.connect_and_serve().await {
+                StreamEnd::Shutdown => {
+                    tracing::info!("xds client stopped");
+                    return;
+                }
+                StreamEnd::Failed { received } => {
+                    if received {
+                        // The stream worked; start the backoff over (gRFC A57).
+                        delay = self.backoff_initial;
+                    }
+                }
+            }
+            self.state.on_disconnected();
+            self.publish();
+            let jitter = 0.8 + fastrand::f64() * 0.4;
+            let wait = delay.mul_f64(jitter);
+            tracing::debug!(?wait, "reconnecting after backoff");
+            let until = Instant::now() + wait;
+            // Keep taking watches while waiting, so they go out on the next stream.
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    cmd = self.commands.recv() => match cmd {
+                        None => return,
+                        Some(cmd) => { self.command(cmd); }
+                    },
+                }
+            }
+            delay = delay.mul_f64(1.6).min(self.backoff_max);
+        }
+    }
+
+    fn command(&mut self, cmd: Command) -> Vec<Outbound> {
+        let now = Instant::now();
+        let out = match cmd {
+            Command::Watch(name) => self.state.watch_listener(&name, now),
+            Command::Unwatch(name) => self.state.unwatch_listener(&name, now),
+        };
+        self.publish();
+        out
+    }
+
+    fn publish(&mut self) {
+        if self.state.take_snapshot_changed() {
+            self.store.publish(self.state.snapshot().clone());
+        }
+        if self.state.take_dump_changed() {
+            self.store
+                .publish_dump(self.state.config_dump(&self.uri, self.last_error.clone()));
+        }
+    }
+
+    fn fail(&mut self, reason: String) {
+        tracing::warn!(server = %self.uri, "{reason}");
+        self.last_error = Some(reason);
+        // Make sure the dump shows the error even if no resource changed.
+        self.store
+            .publish_dump(self.state.config_dump(&self.uri, self.last_error.clone()));
+    }
+
+    async fn connect_and_serve(&mut self) -> StreamEnd {
+        let channel = tokio::select! {
+            conn = self.endpoint.connect() => match conn {
+                Ok(c) => c,
+                Err(e) => {
+                    let reason = XdsError::Unreachable { server: self.uri.clone(), reason: error_chain(&e) };
+                    self.fail(reason.to_string());
+                    return StreamEnd::Failed { received: false };
+                }
+            },
+            // Stop promptly if every handle is dropped while connecting.
+            closed = wait_closed(&mut self.commands, &mut self.state) => {
+                let _ = closed;
+                return StreamEnd::Shutdown;
+            }
+        };
+        let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::unbounded_channel::<Outbound>();
+        let initial = self.state.on_connected(Instant::now());
+        for out in initial {
+            let _ = tx.send(out);
+        }
+        let mode = self.state.mode();
+        let opened: Result<InboundStream, tonic::Status> = match mode {
+            ProtocolMode::Sotw => {
+                let reqs = UnboundedReceiverStream::new(rx).filter_map(|o| async move {
+                    match o {
+                        Outbound::Sotw(r) => Some(r),
+                        Outbound::Delta(_) => None,
+                    }
+                });
+                client
+                    .stream_aggregated_resources(reqs)
+                    .await
+                    .map(|r| Box::pin(r.into_inner().map(|m| m.map(Inbound::Sotw))) as InboundStream)
+            }
+            ProtocolMode::Delta => {
+                let reqs = UnboundedReceiverStream::new(rx).filter_map(|o| async move {
+                    match o {
+                        Outbound::Delta(r) => Some(r),
+                        Outbound::Sotw(_) => None,
+                    }
+                });
+                client
+                    .delta_aggregated_resources(reqs)
+                    .await
+                    .map(|r| Box::pin(r.into_inner().map(|m| m.map(Inbound::Delta))) as InboundStream)
+            }
+        };
+        let mut inbound = match opened {
+            Ok(s) => s,
+            Err(status) => {
+                self.fail(format!("ADS stream to {} failed to open: {status}", self.uri));
+                return StreamEnd::Failed { received: false };
+            }
+        };
+        tracing::info!(?mode, "ADS stream open");
+        self.last_error = None;
+        self.publish();
+        let mut received = false;
+        loop {
+            let deadline = self.state.next_deadline();
+            tokio::select! {
+                msg = inbound.next() => {
+                    let now = Instant::now();
+                    let out = match msg {
+                        Some(Ok(Inbound::Sotw(resp))) => {
+                            tracing::debug!(type_url = %resp.type_url, version = %resp.version_info, n = resp.resources.len(), "response");
+                            self.state.on_sotw_response(resp, now)
+                        }
+                        Some(Ok(Inbound::Delta(resp))) => {
+                            tracing::debug!(type_url = %resp.type_url, n = resp.resources.len(), removed = resp.removed_resources.len(), "delta response");
+                            self.state.on_delta_response(resp, now)
+                        }
+                        Some(Err(status)) => {
+                            self.fail(format!("ADS stream to {} ended: {status}", self.uri));
+                            return StreamEnd::Failed { received };
+                        }
+                        None => {
+                            self.fail(format!("ADS stream to {} closed by the server", self.uri));
+                            return StreamEnd::Failed { received };
+                        }
+                    };
+                    received = true;
+                    for o in out {
+                        let _ = tx.send(o);
+                    }
+                    self.publish();
+                }
+                cmd = self.commands.recv() => match cmd {
+                    None => return StreamEnd::Shutdown,
+                    Some(cmd) => {
+                        for o in self.command(cmd) {
+                            let _ = tx.send(o);
+                        }
+                    }
+                },
+                _ = sleep_until_opt(deadline) => {
+                    self.state.poll_timers(Instant::now());
+                    self.publish();
+                }
+            }
+        }
+    }
+}
+
+/// Applies commands until the channel closes (used while connecting).
+async fn wait_closed(commands: &mut mpsc::UnboundedReceiver<Command>, state: &mut AdsState) {
+    while let Some(cmd) = commands.recv().await {
+        let now = Instant::now();
+        match cmd {
+            Command::Watch(n) => drop(state.watch_listener(&n, now)),
+            Command::Unwatch(n) => drop(state.unwatch_listener(&n, now)),
+        }
+    }
+}
+
+async fn sleep_until_opt(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}

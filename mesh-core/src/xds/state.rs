@@ -1,0 +1,692 @@
+//! The ADS protocol as a sans-io state machine.
+//!
+//! [`AdsState`] keeps, per resource type, what is subscribed, the last ACKed version (SotW),
+//! the last nonce, and the resources received with their status. It is driven by
+//! [`AdsState::on_connected`], [`AdsState::on_sotw_response`] /
+//! [`AdsState::on_delta_response`], [`AdsState::poll_timers`] and the watch calls; each
+//! returns the requests to send. The translated configuration is kept as a [`Snapshot`]
+//! that is updated in place, so the I/O task only publishes it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment as PbCla;
+use envoy_types::pb::envoy::config::listener::v3::Listener as PbListener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration as PbRouteConfig;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource as PbResource,
+};
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::rpc::Status;
+use prost::{Message, Name};
+use tokio::time::Instant;
+
+use super::translate::TranslateError;
+use super::ResourceType;
+use crate::config::{Cluster, EndpointAssignment, Listener, RouteConfig, RouteSource, Snapshot};
+use crate::store::{ConfigDump, ResourceDump, ResourceStatus};
+
+/// How long a subscribed resource may go unanswered before it is taken not to exist
+/// (gRPC's default).
+pub const DOES_NOT_EXIST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// gRPC status code INVALID_ARGUMENT, used in NACKs.
+const INVALID_ARGUMENT: i32 = 3;
+
+/// Which variant of ADS a stream speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProtocolMode {
+    /// State of the world: each response carries the full set of a type.
+    Sotw,
+    /// Incremental: responses carry changes and removals.
+    Delta,
+}
+
+/// A request for the I/O task to send.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outbound {
+    /// On a SotW stream.
+    Sotw(DiscoveryRequest),
+    /// On a delta stream.
+    Delta(DeltaDiscoveryRequest),
+}
+
+#[derive(Clone, Debug)]
+enum Resource {
+    Listener(Arc<Listener>),
+    RouteConfig(Arc<RouteConfig>),
+    Cluster(Arc<Cluster>),
+    Endpoints(Arc<EndpointAssignment>),
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    /// Version of the resource held (empty if none).
+    version: String,
+    resource: Option<Resource>,
+    raw: Option<Arc<Any>>,
+    status: ResourceStatus,
+    error: Option<(String, String)>,
+    updated: Option<SystemTime>,
+    /// Does-not-exist deadline, while waiting for the first answer.
+    deadline: Option<Instant>,
+}
+
+impl Entry {
+    fn requested() -> Self {
+        Self {
+            version: String::new(),
+            resource: None,
+            raw: None,
+            status: ResourceStatus::Requested,
+            error: None,
+            updated: None,
+            deadline: None,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct TypeState {
+    /// Names the server knows we want (the last request on this stream).
+    sent_names: BTreeSet<String>,
+    /// Whether a request for this type went out on the current stream.
+    sent: bool,
+    /// SotW: the last accepted `version_info`.
+    version_info: String,
+    /// The last response's nonce.
+    nonce: String,
+    entries: BTreeMap<String, Entry>,
+}
+
+/// The ADS client protocol, without I/O.
+///
+/// ```
+/// use mesh_core::xds::{AdsState, Outbound, ProtocolMode};
+/// use envoy_types::pb::envoy::config::core::v3::Node;
+/// use tokio::time::Instant;
+///
+/// let mut ads = AdsState::new(ProtocolMode::Sotw, Node { id: "n1".into(), ..Default::default() });
+/// ads.watch_listener("greeter:50051", Instant::now());
+/// // Nothing is sent before the stream is up; on connect the subscription goes out.
+/// let out = ads.on_connected(Instant::now());
+/// let Outbound::Sotw(req) = &out[0] else { unreachable!() };
+/// assert_eq!(req.resource_names, vec!["greeter:50051".to_string()]);
+/// assert_eq!(req.node.as_ref().unwrap().id, "n1");
+/// ```
+#[derive(Debug)]
+pub struct AdsState {
+    mode: ProtocolMode,
+    node: Node,
+    connected: bool,
+    node_sent: bool,
+    roots: BTreeSet<String>,
+    types: [TypeState; 4],
+    snapshot: Snapshot,
+    snapshot_dirty: bool,
+    dump_dirty: bool,
+}
+
+/// The outcome of one resource in a response.
+type Decoded = (Option<String>, Result<Resource, String>, Option<Any>);
+
+impl AdsState {
+    /// A state machine for a client identified by `node`.
+    pub fn new(mode: ProtocolMode, node: Node) -> Self {
+        Self {
+            mode,
+            node,
+            connected: false,
+            node_sent: false,
+            roots: BTreeSet::new(),
+            types: Default::default(),
+            snapshot: Snapshot::default(),
+            snapshot_dirty: false,
+            dump_dirty: false,
+        }
+    }
+
+    /// The protocol variant.
+    pub fn mode(&self) -> ProtocolMode {
+        self.mode
+    }
+
+    /// Whether the stream is up.
+    pub fn is_connected(&self) -> bool {
+        self.connected
+    }
+
+    /// Subscribes to a listener (an `xds:///name` target) and, through it, to everything it
+    /// references.
+    pub fn watch_listener(&mut self, name: &str, now: Instant) -> Vec<Outbound> {
+        if !self.roots.insert(name.to_owned()) {
+            return Vec::new();
+        }
+        self.resubscribe(now)
+    }
+
+    /// Drops a listener subscription and whatever only it referenced.
+    pub fn unwatch_listener(&mut self, name: &str, now: Instant) -> Vec<Outbound> {
+        if !self.roots.remove(name) {
+            return Vec::new();
+        }
+        self.resubscribe(now)
+    }
+
+    /// The stream is up: (re)send every subscription with the versions held, so the server
+    /// need not resend what the client already has.
+    pub fn on_connected(&mut self, now: Instant) -> Vec<Outbound> {
+        self.connected = true;
+        self.node_sent = false;
+        for t in &mut self.types {
+            t.sent = false;
+            t.nonce.clear();
+            t.sent_names.clear();
+        }
+        self.dump_dirty = true;
+        self.resubscribe(now)
+    }
+
+    /// The stream is gone. Everything held stays and keeps serving; the does-not-exist timers
+    /// stop, since silence from a dead stream says nothing.
+    pub fn on_disconnected(&mut self) {
+        self.connected = false;
+        for t in &mut self.types {
+            for e in t.entries.values_mut() {
+                e.deadline = None;
+            }
+        }
+        self.dump_dirty = true;
+    }
+
+    /// The earliest does-not-exist deadline.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.types
+            .iter()
+            .flat_map(|t| t.entries.values().filter_map(|e| e.deadline))
+            .min()
+    }
+
+    /// Fires due does-not-exist timers. A resource that never arrived is marked
+    /// DOES_NOT_EXIST; this changes status only (nothing held is removed).
+    pub fn poll_timers(&mut self, now: Instant) {
+        for t in &mut self.types {
+            for e in t.entries.values_mut() {
+                if e.deadline.is_some_and(|d| d <= now) {
+                    e.deadline = None;
+                    if e.resource.is_none() {
+                        e.status = ResourceStatus::DoesNotExist;
+                        e.updated = Some(SystemTime::now());
+                        self.dump_dirty = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The translated configuration.
+    pub fn snapshot(&self) -> &Snapshot {
+        &self.snapshot
+    }
+
+    /// Whether the snapshot changed since the last call (and resets the flag).
+    pub fn take_snapshot_changed(&mut self) -> bool {
+        std::mem::take(&mut self.snapshot_dirty)
+    }
+
+    /// Whether any status changed since the last call (and resets the flag).
+    pub fn take_dump_changed(&mut self) -> bool {
+        std::mem::take(&mut self.dump_dirty)
+    }
+
+    /// The status of one resource.
+    pub fn status(&self, resource_type: ResourceType, name: &str) -> Option<ResourceStatus> {
+        self.types[resource_type.index()].entries.get(name).map(|e| e.status)
+    }
+
+    /// The NACK error of one resource, if its latest update was rejected.
+    pub fn error(&self, resource_type: ResourceType, name: &str) -> Option<&str> {
+        self.types[resource_type.index()]
+            .entries
+            .get(name)
+            .and_then(|e| e.error.as_ref().map(|(_, m)| m.as_str()))
+    }
+
+    /// Every subscribed resource with its version and status.
+    pub fn dump(&self) -> Vec<ResourceDump> {
+        ResourceType::ALL
+            .iter()
+            .flat_map(|rt| {
+                self.types[rt.index()].entries.iter().map(move |(name, e)| ResourceDump {
+                    resource_type: *rt,
+                    name: name.clone(),
+                    version: e.version.clone(),
+                    status: e.status,
+                    error: e.error.clone(),
+                    updated: e.updated,
+                    raw: e.raw.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Builds a full [`ConfigDump`].
+    pub fn config_dump(&self, server: &str, last_error: Option<String>) -> ConfigDump {
+        ConfigDump {
+            resources: self.dump(),
+            server: server.to_owned(),
+            connected: self.connected,
+            last_error,
+        }
+    }
+
+    // ----- responses ---------------------------------------------------------------------
+
+    /// Handles a SotW response and returns the ACK or NACK, plus any subscription changes it
+    /// caused further down the cascade.
+    pub fn on_sotw_response(&mut self, resp: DiscoveryResponse, now: Instant) -> Vec<Outbound> {
+        let Some(rt) = ResourceType::from_type_url(&resp.type_url) else {
+            let detail = format!("unsupported type_url {:?}", resp.type_url);
+            return vec![Outbound::Sotw(DiscoveryRequest {
+                type_url: resp.type_url,
+                response_nonce: resp.nonce,
+                error_detail: Some(nack_status(detail)),
+                ..Default::default()
+            })];
+        };
+        let decoded: Vec<Decoded> = resp.resources.iter().map(|any| decode(rt, any)).collect();
+        let mut errors = Vec::new();
+        let mut present = BTreeSet::new();
+        let mut unnamed = false;
+        for (name, result, raw) in decoded {
+            let Some(name) = name else {
+                unnamed = true;
+                if let Err(e) = result {
+                    errors.push(e);
+                }
+                continue;
+            };
+            if !present.insert(name.clone()) {
+                errors.push(format!("{} {name:?}: duplicate resource in response", rt.short_name()));
+                continue;
+            }
+            if !self.types[rt.index()].entries.contains_key(&name) {
+                // Not subscribed (the server sent extra); ignore, as gRPC does.
+                continue;
+            }
+            if let Err(e) = &result {
+                errors.push(e.clone());
+            }
+            self.apply(rt, &name, &resp.version_info, result, raw);
+        }
+        // LDS and CDS: a subscribed resource missing from a SotW response is deleted. When a
+        // resource could not be decoded far enough to be named, it may be the missing one,
+        // so nothing is deleted on that response.
+        if rt.sotw_absence_is_deletion() && !unnamed {
+            let missing: Vec<String> = self.types[rt.index()]
+                .entries
+                .keys()
+                .filter(|n| !present.contains(*n))
+                .cloned()
+                .collect();
+            for name in missing {
+                self.remove(rt, &name);
+            }
+        }
+        let t = &mut self.types[rt.index()];
+        t.nonce = resp.nonce.clone();
+        let error_detail = if errors.is_empty() {
+            t.version_info = resp.version_info.clone();
+            None
+        } else {
+            tracing::warn!(type_url = %resp.type_url, version = %resp.version_info, "NACK: {}", errors.join("; "));
+            Some(nack_status(errors.join("; ")))
+        };
+        let ack = DiscoveryRequest {
+            version_info: t.version_info.clone(),
+            resource_names: t.sent_names.iter().cloned().collect(),
+            type_url: rt.type_url().to_owned(),
+            response_nonce: resp.nonce,
+            error_detail,
+            ..Default::default()
+        };
+        let mut out = vec![Outbound::Sotw(ack)];
+        out.extend(self.resubscribe(now));
+        out
+    }
+
+    /// Handles a delta response and returns the ACK or NACK, plus any subscription changes.
+    pub fn on_delta_response(&mut self, resp: DeltaDiscoveryResponse, now: Instant) -> Vec<Outbound> {
+        let Some(rt) = ResourceType::from_type_url(&resp.type_url) else {
+            let detail = format!("unsupported type_url {:?}", resp.type_url);
+            return vec![Outbound::Delta(DeltaDiscoveryRequest {
+                type_url: resp.type_url,
+                response_nonce: resp.nonce,
+                error_detail: Some(nack_status(detail)),
+                ..Default::default()
+            })];
+        };
+        let mut errors = Vec::new();
+        for r in &resp.resources {
+            let Some(any) = &r.resource else {
+                // A resource without a body is a heartbeat for its TTL; nothing to update.
+                continue;
+            };
+            let (name, result, raw) = decode(rt, any);
+            let name = match name {
+                Some(n) => n,
+                None if !r.name.is_empty() => r.name.clone(),
+                None => {
+                    if let Err(e) = result {
+                        errors.push(e);
+                    }
+                    continue;
+                }
+            };
+            if !r.name.is_empty() && r.name != name {
+                errors.push(format!(
+                    "{} {:?}: the resource's own name is {name:?}",
+                    rt.short_name(),
+                    r.name
+                ));
+                continue;
+            }
+            if !self.types[rt.index()].entries.contains_key(&name) {
+                continue;
+            }
+            if let Err(e) = &result {
+                errors.push(e.clone());
+            }
+            self.apply(rt, &name, &r.version, result, raw);
+        }
+        for name in &resp.removed_resources {
+            if self.types[rt.index()].entries.contains_key(name) {
+                self.remove(rt, name);
+            }
+        }
+        let t = &mut self.types[rt.index()];
+        t.nonce = resp.nonce.clone();
+        let error_detail = (!errors.is_empty()).then(|| {
+            tracing::warn!(type_url = %resp.type_url, "NACK: {}", errors.join("; "));
+            nack_status(errors.join("; "))
+        });
+        let mut out = vec![Outbound::Delta(DeltaDiscoveryRequest {
+            type_url: rt.type_url().to_owned(),
+            response_nonce: resp.nonce,
+            error_detail,
+            ..Default::default()
+        })];
+        out.extend(self.resubscribe(now));
+        out
+    }
+
+    fn apply(&mut self, rt: ResourceType, name: &str, version: &str, result: Result<Resource, String>, raw: Option<Any>) {
+        let entry = self.types[rt.index()]
+            .entries
+            .get_mut(name)
+            .expect("apply is called for subscribed names only");
+        entry.deadline = None;
+        entry.updated = Some(SystemTime::now());
+        self.dump_dirty = true;
+        match result {
+            Ok(resource) => {
+                entry.version = version.to_owned();
+                entry.status = ResourceStatus::Acked;
+                entry.error = None;
+                entry.raw = raw.map(Arc::new);
+                entry.resource = Some(resource.clone());
+                self.snapshot_dirty = true;
+                match resource {
+                    Resource::Listener(l) => self.snapshot.set_listener(l),
+                    Resource::RouteConfig(r) => self.snapshot.set_route_config(r),
+                    Resource::Cluster(c) => self.snapshot.set_cluster(c),
+                    Resource::Endpoints(e) => {
+                        // The EDS name is the subscription name even if the resource's
+                        // cluster_name differs in case or form.
+                        if e.cluster_name == name {
+                            self.snapshot.set_endpoints(e);
+                        } else {
+                            let mut e = (*e).clone();
+                            e.cluster_name = name.to_owned();
+                            self.snapshot.set_endpoints(Arc::new(e));
+                        }
+                    }
+                }
+            }
+            Err(message) => {
+                // Correctness: the last good resource (if any) stays in the snapshot.
+                entry.status = ResourceStatus::Nacked;
+                entry.error = Some((version.to_owned(), message));
+            }
+        }
+    }
+
+    fn remove(&mut self, rt: ResourceType, name: &str) {
+        let Some(entry) = self.types[rt.index()].entries.get_mut(name) else {
+            return;
+        };
+        entry.deadline = None;
+        entry.resource = None;
+        entry.raw = None;
+        entry.version.clear();
+        entry.error = None;
+        entry.status = ResourceStatus::DoesNotExist;
+        entry.updated = Some(SystemTime::now());
+        self.dump_dirty = true;
+        if self.drop_from_snapshot(rt, name) {
+            self.snapshot_dirty = true;
+        }
+    }
+
+    fn drop_from_snapshot(&mut self, rt: ResourceType, name: &str) -> bool {
+        match rt {
+            ResourceType::Listener => self.snapshot.remove_listener(name),
+            ResourceType::RouteConfiguration => self.snapshot.remove_route_config(name),
+            ResourceType::Cluster => self.snapshot.remove_cluster(name),
+            ResourceType::ClusterLoadAssignment => self.snapshot.remove_endpoints(name),
+        }
+    }
+
+    // ----- subscriptions -----------------------------------------------------------------
+
+    /// What should be subscribed, per type, given the roots and what is held.
+    fn desired(&self) -> [BTreeSet<String>; 4] {
+        let mut listeners = self.roots.clone();
+        listeners.retain(|n| !n.is_empty());
+        let mut routes = BTreeSet::new();
+        let mut clusters = BTreeSet::new();
+        let mut inline_routes: Vec<Arc<RouteConfig>> = Vec::new();
+        for name in &listeners {
+            if let Some(l) = self.snapshot.listener(name) {
+                for src in l.route_sources() {
+                    match src {
+                        RouteSource::Rds(n) => {
+                            routes.insert(n.clone());
+                        }
+                        RouteSource::Inline(rc) => inline_routes.push(rc.clone()),
+                    }
+                }
+            }
+        }
+        let held_routes = routes.iter().filter_map(|n| self.snapshot.route_config(n).cloned());
+        for rc in held_routes.chain(inline_routes) {
+            clusters.extend(rc.cluster_names().into_iter().map(str::to_owned));
+        }
+        let endpoints = clusters
+            .iter()
+            .filter_map(|n| self.snapshot.cluster(n))
+            .filter_map(|c| c.eds_service_name().map(str::to_owned))
+            .collect();
+        [listeners, routes, clusters, endpoints]
+    }
+
+    /// Brings every type's subscription in line with [`Self::desired`]; returns the
+    /// requests for the types that changed. Repeats until stable, since dropping a listener
+    /// can drop routes, which can drop clusters.
+    fn resubscribe(&mut self, now: Instant) -> Vec<Outbound> {
+        let desired = self.desired();
+        let mut out = Vec::new();
+        for rt in ResourceType::ALL {
+            let want = &desired[rt.index()];
+            // Track new names, forget ones no longer wanted.
+            let t = &mut self.types[rt.index()];
+            let mut removed = Vec::new();
+            t.entries.retain(|name, _| {
+                let keep = want.contains(name);
+                if !keep {
+                    removed.push(name.clone());
+                }
+                keep
+            });
+            for name in want {
+                t.entries.entry(name.clone()).or_insert_with(Entry::requested);
+            }
+            if !removed.is_empty() {
+                self.dump_dirty = true;
+                for name in &removed {
+                    if self.drop_from_snapshot(rt, name) {
+                        self.snapshot_dirty = true;
+                    }
+                }
+            }
+            if !self.connected {
+                continue;
+            }
+            let t = &mut self.types[rt.index()];
+            if t.sent && t.sent_names == *want {
+                continue;
+            }
+            if !t.sent && want.is_empty() {
+                continue;
+            }
+            // Start does-not-exist timers for names the server has not answered yet.
+            for name in want.difference(&t.sent_names) {
+                if let Some(e) = t.entries.get_mut(name) {
+                    if e.resource.is_none() && e.status != ResourceStatus::DoesNotExist {
+                        e.deadline = Some(now + DOES_NOT_EXIST_TIMEOUT);
+                    }
+                }
+            }
+            let node = (!self.node_sent).then(|| self.node.clone());
+            self.node_sent = true;
+            let req = match self.mode {
+                ProtocolMode::Sotw => Outbound::Sotw(DiscoveryRequest {
+                    version_info: t.version_info.clone(),
+                    node,
+                    resource_names: want.iter().cloned().collect(),
+                    type_url: rt.type_url().to_owned(),
+                    response_nonce: t.nonce.clone(),
+                    ..Default::default()
+                }),
+                ProtocolMode::Delta => {
+                    let subscribe: Vec<String> = want.difference(&t.sent_names).cloned().collect();
+                    let unsubscribe: Vec<String> = t.sent_names.difference(want).cloned().collect();
+                    let initial_resource_versions: HashMap<String, String> = if t.sent {
+                        HashMap::new()
+                    } else {
+                        t.entries
+                            .iter()
+                            .filter(|(_, e)| e.resource.is_some())
+                            .map(|(n, e)| (n.clone(), e.version.clone()))
+                            .collect()
+                    };
+                    Outbound::Delta(DeltaDiscoveryRequest {
+                        node,
+                        type_url: rt.type_url().to_owned(),
+                        resource_names_subscribe: subscribe,
+                        resource_names_unsubscribe: unsubscribe,
+                        initial_resource_versions,
+                        ..Default::default()
+                    })
+                }
+            };
+            t.sent = true;
+            t.sent_names = want.clone();
+            out.push(req);
+        }
+        // A removal above may have changed what is held, and so what is desired.
+        if self.desired() != desired {
+            out.extend(self.resubscribe(now));
+        }
+        out
+    }
+}
+
+fn nack_status(message: String) -> Status {
+    Status {
+        code: INVALID_ARGUMENT,
+        message,
+        details: Vec::new(),
+    }
+}
+
+/// Decodes and translates one resource. The name is `None` when the bytes could not be
+/// decoded far enough to find it.
+fn decode(rt: ResourceType, any: &Any) -> Decoded {
+    // Some servers wrap resources in `envoy.service.discovery.v3.Resource`.
+    let unwrapped;
+    let any = if any.type_url.ends_with(&format!("/{}", PbResource::full_name())) {
+        match PbResource::decode(any.value.as_slice()) {
+            Ok(PbResource { resource: Some(inner), .. }) => {
+                unwrapped = inner;
+                &unwrapped
+            }
+            Ok(_) => return (None, Err(format!("{}: wrapped resource has no body", rt.short_name())), None),
+            Err(e) => return (None, Err(format!("{}: undecodable Resource wrapper: {e}", rt.short_name())), None),
+        }
+    } else {
+        any
+    };
+    if any.type_url != rt.type_url() {
+        return (
+            None,
+            Err(format!(
+                "{}: resource of type {:?} in a {} response",
+                rt.short_name(),
+                any.type_url,
+                rt.type_url()
+            )),
+            None,
+        );
+    }
+    fn run<P: Message + Default, T>(
+        any: &Any,
+        rt: ResourceType,
+        name: impl Fn(&P) -> String,
+        translate: impl Fn(&P) -> Result<T, TranslateError>,
+        wrap: impl Fn(Arc<T>) -> Resource,
+    ) -> Decoded {
+        match P::decode(any.value.as_slice()) {
+            Err(e) => (None, Err(format!("{}: cannot decode protobuf: {e}", rt.short_name())), None),
+            Ok(p) => {
+                let n = name(&p);
+                let result = translate(&p).map(|t| wrap(Arc::new(t))).map_err(|e| e.to_string());
+                (Some(n), result, Some(any.clone()))
+            }
+        }
+    }
+    match rt {
+        ResourceType::Listener => run::<PbListener, _>(any, rt, |p| p.name.clone(), |p| Listener::try_from(p), Resource::Listener),
+        ResourceType::RouteConfiguration => run::<PbRouteConfig, _>(
+            any,
+            rt,
+            |p| p.name.clone(),
+            |p| RouteConfig::try_from(p),
+            Resource::RouteConfig,
+        ),
+        ResourceType::Cluster => run::<PbCluster, _>(any, rt, |p| p.name.clone(), |p| Cluster::try_from(p), Resource::Cluster),
+        ResourceType::ClusterLoadAssignment => run::<PbCla, _>(
+            any,
+            rt,
+            |p| p.cluster_name.clone(),
+            |p| EndpointAssignment::try_from(p),
+            Resource::Endpoints,
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

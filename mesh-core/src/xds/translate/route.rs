@@ -1,0 +1,463 @@
+//! `RouteConfiguration` (RDS) translation.
+
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::config::route::v3 as pb;
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
+use envoy_types::pb::google::protobuf::Any;
+use http::{HeaderName, HeaderValue};
+use prost::Name;
+
+use super::fault::fault;
+use super::matcher::{header_matcher, query_matcher, regex};
+use super::{decode_any, duration, err, fraction, opt_nonzero_duration, type_name, At, FieldError, TranslateError};
+use crate::config::*;
+use crate::xds::ResourceType;
+
+/// The filter name Envoy and gRPC use for fault injection overrides.
+const FAULT_FILTER_NAMES: [&str; 2] = ["envoy.filters.http.fault", "envoy.fault"];
+
+impl TryFrom<&pb::RouteConfiguration> for RouteConfig {
+    type Error = TranslateError;
+
+    fn try_from(rc: &pb::RouteConfiguration) -> Result<Self, Self::Error> {
+        route_config(rc).map_err(|e| e.into_error(ResourceType::RouteConfiguration, &rc.name))
+    }
+}
+
+impl TryFrom<pb::RouteConfiguration> for RouteConfig {
+    type Error = TranslateError;
+
+    fn try_from(rc: pb::RouteConfiguration) -> Result<Self, Self::Error> {
+        RouteConfig::try_from(&rc)
+    }
+}
+
+pub(crate) fn route_config(rc: &pb::RouteConfiguration) -> Result<RouteConfig, FieldError> {
+    if rc.name.is_empty() {
+        return err("name is empty").at("name");
+    }
+    if rc.vhds.is_some() {
+        return err("VHDS is not supported").at("vhds");
+    }
+    let virtual_hosts = rc
+        .virtual_hosts
+        .iter()
+        .enumerate()
+        .map(|(i, vh)| virtual_host(vh).at_index("virtual_hosts", i))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(RouteConfig {
+        name: rc.name.clone(),
+        virtual_hosts,
+        ignore_port_in_host_matching: rc.ignore_port_in_host_matching,
+        request_headers: mutation(&rc.request_headers_to_add, &rc.request_headers_to_remove, "request")?,
+        response_headers: mutation(&rc.response_headers_to_add, &rc.response_headers_to_remove, "response")?,
+    })
+}
+
+fn virtual_host(vh: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
+    if vh.domains.is_empty() {
+        return err("at least one domain is required").at("domains");
+    }
+    let domains = vh
+        .domains
+        .iter()
+        .enumerate()
+        .map(|(i, d)| DomainMatcher::parse(d).map_err(FieldError::new).at_index("domains", i))
+        .collect::<Result<Vec<_>, _>>()?;
+    let retry_policy = vh
+        .retry_policy
+        .as_ref()
+        .map(retry_policy)
+        .transpose()
+        .at("retry_policy")?;
+    let routes = vh
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| route(r, retry_policy.as_ref()).at_index("routes", i))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(VirtualHost {
+        name: vh.name.clone(),
+        domains,
+        routes,
+        retry_policy,
+        request_headers: mutation(&vh.request_headers_to_add, &vh.request_headers_to_remove, "request")?,
+        response_headers: mutation(&vh.response_headers_to_add, &vh.response_headers_to_remove, "response")?,
+        fault: fault_override(&vh.typed_per_filter_config)?,
+    })
+}
+
+fn route(r: &pb::Route, vh_retry: Option<&RetryPolicy>) -> Result<Route, FieldError> {
+    let matcher = route_match(r.r#match.as_ref().ok_or_else(|| FieldError::new("match is required"))?)
+        .at("match")?;
+    use pb::route::Action;
+    let action = match &r.action {
+        Some(Action::Route(ra)) => RouteAction::Forward(forward(ra, vh_retry).at("route")?),
+        Some(Action::Redirect(rd)) => redirect(rd).at("redirect")?,
+        Some(Action::DirectResponse(dr)) => {
+            if !(200..600).contains(&dr.status) {
+                return err(format!("status {} is outside 200..600", dr.status))
+                    .at("status")
+                    .at("direct_response");
+            }
+            let body = match dr.body.as_ref().and_then(|b| b.specifier.as_ref()) {
+                None => String::new(),
+                Some(core::data_source::Specifier::InlineString(s)) => s.clone(),
+                Some(core::data_source::Specifier::InlineBytes(b)) => String::from_utf8_lossy(b).into_owned(),
+                Some(_) => {
+                    return err("only inline bodies are supported")
+                        .at("body")
+                        .at("direct_response")
+                }
+            };
+            RouteAction::DirectResponse {
+                status: dr.status as u16,
+                body,
+            }
+        }
+        Some(Action::NonForwardingAction(_)) => RouteAction::NonForwarding,
+        Some(Action::FilterAction(_)) => return err("filter_action is not supported").at("filter_action"),
+        None => return err("one of route, redirect, direct_response or non_forwarding_action is required"),
+    };
+    Ok(Route {
+        name: r.name.clone(),
+        matcher,
+        action,
+        request_headers: mutation(&r.request_headers_to_add, &r.request_headers_to_remove, "request")?,
+        response_headers: mutation(&r.response_headers_to_add, &r.response_headers_to_remove, "response")?,
+        fault: fault_override(&r.typed_per_filter_config)?,
+    })
+}
+
+fn route_match(m: &pb::RouteMatch) -> Result<RouteMatch, FieldError> {
+    use pb::route_match::PathSpecifier as P;
+    let path = match &m.path_specifier {
+        Some(P::Prefix(p)) => PathMatch::Prefix(p.clone()),
+        Some(P::Path(p)) => PathMatch::Exact(p.clone()),
+        Some(P::SafeRegex(r)) => PathMatch::Regex(regex(r).at("safe_regex")?),
+        Some(P::PathSeparatedPrefix(p)) => {
+            if p.contains(['?', '#']) || (p.len() > 1 && p.ends_with('/')) {
+                return err(format!("{p:?} must not contain ? or # or end with /"))
+                    .at("path_separated_prefix");
+            }
+            PathMatch::SeparatedPrefix(p.clone())
+        }
+        Some(P::ConnectMatcher(_)) => return err("connect_matcher is not supported").at("connect_matcher"),
+        Some(P::PathMatchPolicy(p)) => {
+            return err(format!("path_match_policy {:?} is not supported", p.name)).at("path_match_policy")
+        }
+        None => return err("one of prefix, path, safe_regex or path_separated_prefix is required"),
+    };
+    let headers = m
+        .headers
+        .iter()
+        .enumerate()
+        .map(|(i, h)| header_matcher(h).at_index("headers", i))
+        .collect::<Result<_, _>>()?;
+    let query_params = m
+        .query_parameters
+        .iter()
+        .enumerate()
+        .map(|(i, q)| query_matcher(q).at_index("query_parameters", i))
+        .collect::<Result<_, _>>()?;
+    let fraction = match &m.runtime_fraction {
+        None => None,
+        Some(rf) => Some(
+            fraction(rf.default_value.as_ref(), Fraction::ALWAYS)
+                .at("default_value")
+                .at("runtime_fraction")?,
+        ),
+    };
+    Ok(RouteMatch {
+        path,
+        case_sensitive: m.case_sensitive.map(|b| b.value).unwrap_or(true),
+        headers,
+        query_params,
+        fraction,
+        grpc_only: m.grpc.is_some(),
+    })
+}
+
+fn redirect(rd: &pb::RedirectAction) -> Result<RouteAction, FieldError> {
+    use pb::redirect_action::PathRewriteSpecifier as P;
+    let status = match rd.response_code {
+        0 => 301,
+        1 => 302,
+        2 => 303,
+        3 => 307,
+        4 => 308,
+        other => return err(format!("unknown response_code {other}")).at("response_code"),
+    };
+    let path = match &rd.path_rewrite_specifier {
+        Some(P::PathRedirect(p)) => Some(p.clone()),
+        Some(P::PrefixRewrite(p)) => Some(p.clone()),
+        Some(_) => return err("only path_redirect and prefix_rewrite are supported").at("path_rewrite_specifier"),
+        None => None,
+    };
+    Ok(RouteAction::Redirect {
+        status,
+        host: (!rd.host_redirect.is_empty()).then(|| rd.host_redirect.clone()),
+        path,
+    })
+}
+
+fn forward(ra: &pb::RouteAction, vh_retry: Option<&RetryPolicy>) -> Result<ForwardAction, FieldError> {
+    use pb::route_action::ClusterSpecifier as C;
+    let cluster = match &ra.cluster_specifier {
+        Some(C::Cluster(name)) if name.is_empty() => return err("cluster name is empty").at("cluster"),
+        Some(C::Cluster(name)) => ClusterSpecifier::Cluster(name.clone()),
+        Some(C::ClusterHeader(h)) => ClusterSpecifier::Header(
+            HeaderName::from_bytes(h.as_bytes())
+                .map_err(|_| FieldError::new(format!("{h:?} is not a valid header name")))
+                .at("cluster_header")?,
+        ),
+        Some(C::WeightedClusters(w)) => ClusterSpecifier::Weighted(weighted(w).at("weighted_clusters")?),
+        Some(C::ClusterSpecifierPlugin(_)) | Some(C::InlineClusterSpecifierPlugin(_)) => {
+            return err("cluster specifier plugins are not supported").at("cluster_specifier")
+        }
+        None => return err("one of cluster, cluster_header or weighted_clusters is required"),
+    };
+    let timeout = match &ra.timeout {
+        None => Some(DEFAULT_ROUTE_TIMEOUT),
+        Some(d) => opt_nonzero_duration(Some(d)).at("timeout")?,
+    };
+    let retry_policy = match &ra.retry_policy {
+        Some(rp) => Some(retry_policy(rp).at("retry_policy")?),
+        None => vh_retry.cloned(),
+    };
+    let hash_policy = ra
+        .hash_policy
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| hash_policy(h).at_index("hash_policy", i).transpose())
+        .collect::<Result<_, _>>()?;
+    let mirrors = ra
+        .request_mirror_policies
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if m.cluster.is_empty() {
+                return err("cluster is required (cluster_header is not supported)").at_index("request_mirror_policies", i);
+            }
+            Ok(MirrorPolicy {
+                cluster: m.cluster.clone(),
+                fraction: fraction(
+                    m.runtime_fraction.as_ref().and_then(|f| f.default_value.as_ref()),
+                    Fraction::ALWAYS,
+                )
+                .at("runtime_fraction")
+                .at_index("request_mirror_policies", i)?,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    if !ra.prefix_rewrite.is_empty() && ra.regex_rewrite.is_some() {
+        return err("prefix_rewrite and regex_rewrite are mutually exclusive").at("regex_rewrite");
+    }
+    let regex_rewrite = match &ra.regex_rewrite {
+        None => None,
+        Some(rr) => Some(RegexRewrite {
+            pattern: regex(rr.pattern.as_ref().ok_or_else(|| FieldError::new("pattern is required"))?)
+                .at("pattern")
+                .at("regex_rewrite")?,
+            substitution: rr.substitution.clone(),
+        }),
+    };
+    use pb::route_action::HostRewriteSpecifier as H;
+    let host_rewrite = match &ra.host_rewrite_specifier {
+        Some(H::HostRewriteLiteral(h)) if !h.is_empty() => Some(h.clone()),
+        _ => None,
+    };
+    Ok(ForwardAction {
+        cluster,
+        timeout,
+        idle_timeout: opt_nonzero_duration(ra.idle_timeout.as_ref()).at("idle_timeout")?,
+        max_stream_duration: opt_nonzero_duration(
+            ra.max_stream_duration.as_ref().and_then(|m| m.max_stream_duration.as_ref()),
+        )
+        .at("max_stream_duration")?,
+        retry_policy,
+        hash_policy,
+        mirrors,
+        prefix_rewrite: (!ra.prefix_rewrite.is_empty()).then(|| ra.prefix_rewrite.clone()),
+        regex_rewrite,
+        host_rewrite,
+    })
+}
+
+fn weighted(w: &pb::WeightedCluster) -> Result<WeightedClusters, FieldError> {
+    if w.clusters.is_empty() {
+        return err("at least one cluster is required").at("clusters");
+    }
+    let mut clusters = Vec::with_capacity(w.clusters.len());
+    let mut total: u64 = 0;
+    for (i, c) in w.clusters.iter().enumerate() {
+        if c.name.is_empty() {
+            return err("name is required (cluster_header is not supported)").at("name").at_index("clusters", i);
+        }
+        let weight = c.weight.map(|v| v.value).unwrap_or(0);
+        total += u64::from(weight);
+        if weight == 0 {
+            continue;
+        }
+        clusters.push(ClusterWeight {
+            name: c.name.clone(),
+            weight,
+            request_headers: mutation(&c.request_headers_to_add, &c.request_headers_to_remove, "request")
+                .at_index("clusters", i)?,
+            response_headers: mutation(&c.response_headers_to_add, &c.response_headers_to_remove, "response")
+                .at_index("clusters", i)?,
+            fault: fault_override(&c.typed_per_filter_config).at_index("clusters", i)?,
+        });
+    }
+    if total == 0 {
+        return err("total weight is 0");
+    }
+    if total > u64::from(u32::MAX) {
+        return err(format!("total weight {total} exceeds {}", u32::MAX));
+    }
+    Ok(WeightedClusters { clusters, total })
+}
+
+pub(crate) fn retry_policy(rp: &pb::RetryPolicy) -> Result<RetryPolicy, FieldError> {
+    let (retry_on, unknown) = RetryOn::parse(&rp.retry_on);
+    if !unknown.is_empty() {
+        // Envoy and gRPC both ignore conditions they do not know.
+        tracing::debug!(?unknown, "ignoring unknown retry_on conditions");
+    }
+    let backoff = match &rp.retry_back_off {
+        None => RetryBackoff::default(),
+        Some(b) => {
+            let base = duration(b.base_interval.as_ref().ok_or_else(|| FieldError::new("base_interval is required"))?)
+                .at("base_interval")
+                .at("retry_back_off")?;
+            if base.is_zero() {
+                return err("base_interval must be greater than 0").at("retry_back_off");
+            }
+            let max = match &b.max_interval {
+                Some(m) => duration(m).at("max_interval").at("retry_back_off")?,
+                None => base * 10,
+            };
+            if max < base {
+                return err("max_interval is less than base_interval").at("retry_back_off");
+            }
+            RetryBackoff { base, max }
+        }
+    };
+    let retriable_status_codes = rp
+        .retriable_status_codes
+        .iter()
+        .map(|c| match u16::try_from(*c) {
+            Ok(c) if (100..600).contains(&c) => Ok(c),
+            _ => err(format!("{c} is not an HTTP status")),
+        })
+        .collect::<Result<_, _>>()
+        .at("retriable_status_codes")?;
+    let previous_hosts = rp.retry_host_predicate.iter().any(|p| {
+        p.name == "envoy.retry_host_predicates.previous_hosts"
+            || matches!(&p.config_type, Some(pb::retry_policy::retry_host_predicate::ConfigType::TypedConfig(a))
+                if type_name(a).ends_with("PreviousHostsPredicate"))
+    });
+    Ok(RetryPolicy {
+        retry_on,
+        num_retries: rp.num_retries.map(|v| v.value).unwrap_or(1),
+        per_try_timeout: opt_nonzero_duration(rp.per_try_timeout.as_ref()).at("per_try_timeout")?,
+        backoff,
+        retriable_status_codes,
+        previous_hosts,
+        host_selection_max_attempts: rp.host_selection_retry_max_attempts.clamp(1, 1000) as u32,
+    })
+}
+
+fn hash_policy(h: &pb::route_action::HashPolicy) -> Result<Option<HashPolicy>, FieldError> {
+    use pb::route_action::hash_policy::PolicySpecifier as P;
+    let kind = match &h.policy_specifier {
+        Some(P::Header(hd)) => HashPolicyKind::Header(
+            HeaderName::from_bytes(hd.header_name.as_bytes())
+                .map_err(|_| FieldError::new(format!("{:?} is not a valid header name", hd.header_name)))
+                .at("header_name")
+                .at("header")?,
+        ),
+        Some(P::Cookie(c)) => HashPolicyKind::Cookie(c.name.clone()),
+        Some(P::ConnectionProperties(c)) if c.source_ip => HashPolicyKind::SourceIp,
+        Some(P::QueryParameter(q)) => HashPolicyKind::QueryParameter(q.name.clone()),
+        // gRPC ignores hash policies it does not implement; so do we.
+        _ => return Ok(None),
+    };
+    Ok(Some(HashPolicy {
+        kind,
+        terminal: h.terminal,
+    }))
+}
+
+/// Header changes; `side` is `request` or `response`, for the field names in errors.
+pub(crate) fn mutation(
+    add: &[core::HeaderValueOption],
+    remove: &[String],
+    side: &'static str,
+) -> Result<HeaderMutation, FieldError> {
+    let (add_field, remove_field) = if side == "request" {
+        ("request_headers_to_add", "request_headers_to_remove")
+    } else {
+        ("response_headers_to_add", "response_headers_to_remove")
+    };
+    let mut out = HeaderMutation::default();
+    for (i, r) in remove.iter().enumerate() {
+        out.remove.push(header_name(r).at_index(remove_field, i)?);
+    }
+    for (i, opt) in add.iter().enumerate() {
+        let h = opt
+            .header
+            .as_ref()
+            .ok_or_else(|| FieldError::new("header is required"))
+            .at_index(add_field, i)?;
+        let name = header_name(&h.key).at("key").at_index(add_field, i)?;
+        let raw = if h.raw_value.is_empty() { h.value.as_bytes() } else { &h.raw_value };
+        let value = HeaderValue::from_bytes(raw)
+            .map_err(|_| FieldError::new(format!("invalid value for header {:?}", h.key)))
+            .at("value")
+            .at_index(add_field, i)?;
+        #[allow(deprecated)]
+        let action = match (opt.append.map(|b| b.value), opt.append_action) {
+            (Some(true), _) => AppendAction::Append,
+            (Some(false), _) => AppendAction::Overwrite,
+            (None, 0) => AppendAction::Append,
+            (None, 1) => AppendAction::AddIfAbsent,
+            (None, 2 | 3) => AppendAction::Overwrite,
+            (None, other) => return err(format!("unknown append_action {other}")).at_index(add_field, i),
+        };
+        out.add.push(HeaderAdd { name, value, action });
+    }
+    Ok(out)
+}
+
+fn header_name(name: &str) -> Result<HeaderName, FieldError> {
+    if name.starts_with(':') || name.eq_ignore_ascii_case("host") {
+        return err(format!("header {name:?} cannot be modified"));
+    }
+    HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes())
+        .map_err(|_| FieldError::new(format!("{name:?} is not a valid header name")))
+}
+
+/// The fault filter's entry in `typed_per_filter_config`, if any. Overrides for other filters
+/// are ignored: a listener can only run the filters the mesh implements (router, fault,
+/// rbac), so an override for anything else configures nothing.
+fn fault_override(cfg: &HashMap<String, Any>) -> Result<Option<FaultConfig>, FieldError> {
+    for (name, any) in cfg {
+        let any = if type_name(any) == pb::FilterConfig::full_name() {
+            let fc: pb::FilterConfig = decode_any(any).at_key("typed_per_filter_config", name)?;
+            match fc.config {
+                Some(c) if !fc.disabled => c,
+                _ => continue,
+            }
+        } else {
+            any.clone()
+        };
+        if type_name(&any) == HttpFault::full_name() || FAULT_FILTER_NAMES.contains(&name.as_str()) {
+            let f: HttpFault = decode_any(&any).at_key("typed_per_filter_config", name)?;
+            return fault(&f).map(Some).at_key("typed_per_filter_config", name);
+        }
+    }
+    Ok(None)
+}
