@@ -9,6 +9,7 @@
 use std::fmt;
 
 pub mod bootstrap;
+pub mod file;
 mod client;
 mod state;
 pub mod translate;
