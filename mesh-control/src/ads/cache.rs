@@ -1,0 +1,197 @@
+//! The resources a server serves, with per-resource versions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+use envoy_types::pb::google::protobuf::Any;
+use prost::{Message, Name};
+use tokio::sync::watch;
+
+/// The name of an xDS resource (`name`, or `cluster_name` for endpoints), if its type is
+/// known and it decodes.
+pub fn resource_name(any: &Any) -> Option<String> {
+    let ty = any.type_url.rsplit('/').next()?;
+    let bytes = any.value.as_slice();
+    if ty == Listener::full_name() {
+        Listener::decode(bytes).ok().map(|m| m.name)
+    } else if ty == RouteConfiguration::full_name() {
+        RouteConfiguration::decode(bytes).ok().map(|m| m.name)
+    } else if ty == Cluster::full_name() {
+        Cluster::decode(bytes).ok().map(|m| m.name)
+    } else if ty == ClusterLoadAssignment::full_name() {
+        ClusterLoadAssignment::decode(bytes).ok().map(|m| m.cluster_name)
+    } else if ty == Secret::full_name() {
+        Secret::decode(bytes).ok().map(|m| m.name)
+    } else {
+        None
+    }
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Versioned {
+    pub(crate) version: String,
+    pub(crate) resource: Any,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct CacheState {
+    counter: u64,
+    /// type_url -> (version of the type's last change, resources by name)
+    pub(crate) types: HashMap<String, (String, BTreeMap<String, Versioned>)>,
+}
+
+impl CacheState {
+    pub(crate) fn type_version(&self, type_url: &str) -> String {
+        self.types.get(type_url).map(|(v, _)| v.clone()).unwrap_or_default()
+    }
+
+    pub(crate) fn resources(&self, type_url: &str) -> Option<&BTreeMap<String, Versioned>> {
+        self.types.get(type_url).map(|(_, r)| r)
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: Mutex<CacheState>,
+    changed: watch::Sender<u64>,
+}
+
+/// Versioned resources shared by every stream of a server. Cloning shares the cache.
+///
+/// Each change bumps a counter; a resource whose bytes changed gets the counter as its new
+/// version, and so does its type (the SotW `version_info`). Unchanged resources keep their
+/// version, so delta streams send only what changed.
+#[derive(Clone, Debug)]
+pub struct ResourceCache {
+    inner: Arc<Inner>,
+}
+
+impl Default for ResourceCache {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ResourceCache {
+    /// An empty cache.
+    pub fn new() -> Self {
+        let (changed, _) = watch::channel(0);
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(CacheState::default()),
+                changed,
+            }),
+        }
+    }
+
+    /// Replaces the whole set of served resources. Returns names it could not read.
+    pub fn set_resources(&self, resources: impl IntoIterator<Item = Any>) -> Vec<String> {
+        let mut bad = Vec::new();
+        let mut next: HashMap<String, BTreeMap<String, Any>> = HashMap::new();
+        for any in resources {
+            match resource_name(&any) {
+                Some(name) => {
+                    next.entry(any.type_url.clone()).or_default().insert(name, any);
+                }
+                None => bad.push(any.type_url.clone()),
+            }
+        }
+        let mut state = self.inner.state.lock().expect("cache lock");
+        state.counter += 1;
+        let version = state.counter.to_string();
+        let mut changed = false;
+        let type_urls: std::collections::BTreeSet<String> = state.types.keys().chain(next.keys()).cloned().collect();
+        for type_url in type_urls {
+            let new = next.remove(&type_url).unwrap_or_default();
+            let (type_version, old) = state.types.entry(type_url).or_default();
+            let mut type_changed = old.len() != new.len() || old.keys().any(|k| !new.contains_key(k));
+            let mut merged = BTreeMap::new();
+            for (name, any) in new {
+                match old.get(&name) {
+                    Some(v) if v.resource == any => {
+                        merged.insert(name, v.clone());
+                    }
+                    _ => {
+                        type_changed = true;
+                        merged.insert(
+                            name,
+                            Versioned {
+                                version: version.clone(),
+                                resource: any,
+                            },
+                        );
+                    }
+                }
+            }
+            if type_changed {
+                *type_version = version.clone();
+                *old = merged;
+                changed = true;
+            }
+        }
+        drop(state);
+        if changed {
+            self.inner.changed.send_modify(|v| *v = v.wrapping_add(1));
+        }
+        bad
+    }
+
+    /// Adds or replaces one resource, leaving the others as they are.
+    pub fn upsert(&self, resource: Any) -> bool {
+        let Some(name) = resource_name(&resource) else {
+            return false;
+        };
+        let mut state = self.inner.state.lock().expect("cache lock");
+        state.counter += 1;
+        let version = state.counter.to_string();
+        let (type_version, map) = state.types.entry(resource.type_url.clone()).or_default();
+        if map.get(&name).is_some_and(|v| v.resource == resource) {
+            return true;
+        }
+        *type_version = version.clone();
+        map.insert(name, Versioned { version, resource });
+        drop(state);
+        self.inner.changed.send_modify(|v| *v = v.wrapping_add(1));
+        true
+    }
+
+    /// Removes one resource.
+    pub fn remove(&self, type_url: &str, name: &str) -> bool {
+        let mut state = self.inner.state.lock().expect("cache lock");
+        state.counter += 1;
+        let version = state.counter.to_string();
+        let Some((type_version, map)) = state.types.get_mut(type_url) else {
+            return false;
+        };
+        if map.remove(name).is_none() {
+            return false;
+        }
+        *type_version = version;
+        drop(state);
+        self.inner.changed.send_modify(|v| *v = v.wrapping_add(1));
+        true
+    }
+
+    /// Every resource currently served.
+    pub fn resources(&self) -> Vec<Any> {
+        let state = self.inner.state.lock().expect("cache lock");
+        state
+            .types
+            .values()
+            .flat_map(|(_, m)| m.values().map(|v| v.resource.clone()))
+            .collect()
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.changed.subscribe()
+    }
+
+    pub(crate) fn with_state<T>(&self, f: impl FnOnce(&CacheState) -> T) -> T {
+        f(&self.inner.state.lock().expect("cache lock"))
+    }
+}

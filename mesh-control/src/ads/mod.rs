@@ -1,0 +1,213 @@
+//! An ADS server (SotW and delta) over a shared [`ResourceCache`].
+//!
+//! ```no_run
+//! # async fn run() -> std::io::Result<()> {
+//! use mesh_control::ads::{AdsServer, ResourceCache};
+//! let cache = ResourceCache::new();
+//! // cache.set_resources(resources) publishes; every connected client gets the change.
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:18000").await?;
+//! AdsServer::new(cache).serve(listener, std::future::pending()).await
+//! # }
+//! ```
+
+mod cache;
+mod delta;
+mod sotw;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use futures::Stream;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status, Streaming};
+
+pub use cache::{resource_name, ResourceCache};
+
+/// What a client said about a response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Accepted.
+    Ack,
+    /// Rejected, with the client's `error_detail` message.
+    Nack(String),
+}
+
+/// One ACK or NACK from a client.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientEvent {
+    /// The client's node id.
+    pub node: String,
+    /// Resource type URL.
+    pub type_url: String,
+    /// SotW: the version the client reports; delta: the nonce.
+    pub version: String,
+    /// ACK or NACK.
+    pub verdict: Verdict,
+    /// When.
+    pub at: SystemTime,
+}
+
+#[derive(Debug, Default)]
+struct Events {
+    list: Vec<ClientEvent>,
+    connects: u64,
+}
+
+/// Records ACKs and NACKs per client, for logs and tests.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct EventLog {
+    inner: Arc<Mutex<Events>>,
+}
+
+impl EventLog {
+    pub(crate) fn record(&self, node: &str, type_url: &str, version: &str, error: Option<&str>) {
+        let verdict = match error {
+            Some(e) => {
+                tracing::warn!(node, type_url, version, error = e, "NACK");
+                Verdict::Nack(e.to_owned())
+            }
+            None => {
+                tracing::info!(node, type_url, version, "ACK");
+                Verdict::Ack
+            }
+        };
+        let mut events = self.inner.lock().expect("event log lock");
+        // Bounded: a long-running server keeps the most recent events.
+        if events.list.len() >= 10_000 {
+            events.list.drain(..5_000);
+        }
+        events.list.push(ClientEvent {
+            node: node.to_owned(),
+            type_url: type_url.to_owned(),
+            version: version.to_owned(),
+            verdict,
+            at: SystemTime::now(),
+        });
+    }
+
+    pub(crate) fn connected(&self, node: &str, kind: &str) {
+        tracing::info!(node, kind, "client connected");
+        self.inner.lock().expect("event log lock").connects += 1;
+    }
+}
+
+/// Resolves once the server is stopping.
+pub(crate) async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let stop = *rx.borrow_and_update();
+        if stop {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
+/// The ADS gRPC service.
+#[derive(Clone, Debug)]
+pub struct AdsServer {
+    cache: ResourceCache,
+    events: EventLog,
+    /// Flipped to `true` when the server shuts down, ending every open stream.
+    stopping: tokio::sync::watch::Sender<bool>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+impl AdsServer {
+    /// A server for `cache`.
+    pub fn new(cache: ResourceCache) -> Self {
+        Self {
+            cache,
+            events: EventLog::default(),
+            stopping: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// The cache served.
+    pub fn cache(&self) -> &ResourceCache {
+        &self.cache
+    }
+
+    /// Every ACK and NACK received so far (most recent last).
+    pub fn events(&self) -> Vec<ClientEvent> {
+        self.events.inner.lock().expect("event log lock").list.clone()
+    }
+
+    /// NACKs received so far.
+    pub fn nacks(&self) -> Vec<ClientEvent> {
+        self.events()
+            .into_iter()
+            .filter(|e| matches!(e.verdict, Verdict::Nack(_)))
+            .collect()
+    }
+
+    /// How many streams have been opened.
+    pub fn connects(&self) -> u64 {
+        self.events.inner.lock().expect("event log lock").connects
+    }
+
+    /// The tonic service, to mount in a `tonic::transport::Server` of your own.
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
+        AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(64 << 20)
+    }
+
+    /// Ends every open stream with UNAVAILABLE, as a control plane going away would.
+    pub fn stop_streams(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Serves on `listener` until `shutdown` completes; open streams then end with
+    /// UNAVAILABLE so clients reconnect elsewhere.
+    ///
+    /// # Errors
+    /// The transport failed.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> std::io::Result<()> {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let stopping = self.stopping.clone();
+        let shutdown = async move {
+            shutdown.await;
+            stopping.send_replace(true);
+        };
+        tonic::transport::Server::builder()
+            .add_service(self.into_service())
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .map_err(std::io::Error::other)
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = BoxStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = BoxStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let stream = sotw::serve(self.cache.clone(), self.events.clone(), self.stopping.subscribe(), request.into_inner());
+        Ok(Response::new(stream))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let stream = delta::serve(self.cache.clone(), self.events.clone(), self.stopping.subscribe(), request.into_inner());
+        Ok(Response::new(stream))
+    }
+}
