@@ -314,7 +314,7 @@ async fn missing_listener_reports_does_not_exist() {
     let (running, addr) = start(cache, "127.0.0.1:0").await;
     let client = XdsClient::builder(Bootstrap::new(addr.to_string(), "n")).build().unwrap();
     let err = client.listener("xds:///nope", Duration::from_secs(2)).await.unwrap_err();
-    assert!(err.to_string().contains("the server says it does not exist"), "{err}");
+    assert!(err.to_string().contains("it does not exist on the server"), "{err}");
     running.stop().await;
 }
 

@@ -302,7 +302,7 @@ impl XdsClient {
                     "rejected: {}",
                     r.error.as_ref().map(|(_, m)| m.as_str()).unwrap_or("unknown error")
                 )),
-                ResourceStatus::DoesNotExist => parts.push("the server says it does not exist".into()),
+                ResourceStatus::DoesNotExist => parts.push("it does not exist on the server (removed, or never sent)".into()),
                 ResourceStatus::Requested => parts.push("requested, no answer yet".into()),
                 ResourceStatus::Acked => {
                     let waiting: Vec<String> = dump
@@ -391,12 +391,15 @@ impl Task {
     }
 
     fn publish(&mut self) {
-        if self.state.take_snapshot_changed() {
-            self.store.publish(self.state.snapshot().clone());
-        }
-        if self.state.take_dump_changed() {
+        // Correctness: the dump goes first, so whoever sees a new snapshot also sees the
+        // statuses that came with it.
+        let snapshot_changed = self.state.take_snapshot_changed();
+        if self.state.take_dump_changed() || snapshot_changed {
             self.store
                 .publish_dump(self.state.config_dump(&self.uri, self.last_error.clone()));
+        }
+        if snapshot_changed {
+            self.store.publish(self.state.snapshot().clone());
         }
     }
 
