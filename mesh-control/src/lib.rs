@@ -10,6 +10,11 @@
 //!
 //! Nothing in `mesh-core` or `mesh-tower` depends on this crate.
 #![forbid(unsafe_code)]
-#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
 
 pub mod ads;

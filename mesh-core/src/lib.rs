@@ -19,7 +19,12 @@
 //!
 //! This crate knows nothing about tower layers: `mesh-tower` reads the store.
 #![forbid(unsafe_code)]
-#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
 
 pub mod config;
 mod error;

@@ -30,13 +30,17 @@ fn any<M: Message + Name>(m: &M) -> Any {
 
 fn listener(name: &str, rds: &str) -> Any {
     let manager = hcm::HttpConnectionManager {
-        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
-            route_config_name: rds.into(),
-            config_source: None,
-        })),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+            hcm::Rds {
+                route_config_name: rds.into(),
+                config_source: None,
+            },
+        )),
         http_filters: vec![hcm::HttpFilter {
             name: "envoy.filters.http.router".into(),
-            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(&Router::default()))),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                &Router::default(),
+            ))),
             ..Default::default()
         }],
         ..Default::default()
@@ -106,7 +110,9 @@ fn endpoints(name: &str, port: u16) -> Any {
                     address: Some(core::Address {
                         address: Some(core::address::Address::SocketAddress(core::SocketAddress {
                             address: "127.0.0.1".into(),
-                            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port.into())),
+                            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(
+                                port.into(),
+                            )),
                             ..Default::default()
                         })),
                     }),
@@ -170,7 +176,11 @@ fn weights(s: &Snapshot) -> Vec<(String, u32)> {
     };
     match &rc.virtual_hosts[0].routes[0].action {
         RouteAction::Forward(f) => match &f.cluster {
-            ClusterSpecifier::Weighted(w) => w.clusters.iter().map(|c| (c.name.clone(), c.weight)).collect(),
+            ClusterSpecifier::Weighted(w) => w
+                .clusters
+                .iter()
+                .map(|c| (c.name.clone(), c.weight))
+                .collect(),
             _ => vec![],
         },
         _ => vec![],
@@ -182,7 +192,11 @@ fn port_of(s: &Snapshot, cluster: &str) -> Option<u16> {
         .map(|e| e.localities[0].endpoints[0].address.port())
 }
 
-async fn wait(store: &ConfigStore, what: &str, pred: impl FnMut(&Snapshot) -> bool) -> std::sync::Arc<Snapshot> {
+async fn wait(
+    store: &ConfigStore,
+    what: &str,
+    pred: impl FnMut(&Snapshot) -> bool,
+) -> std::sync::Arc<Snapshot> {
     store
         .wait_for(PATIENCE, pred)
         .await
@@ -192,7 +206,10 @@ async fn wait(store: &ConfigStore, what: &str, pred: impl FnMut(&Snapshot) -> bo
 async fn lifecycle(mode: ProtocolMode) {
     let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let cache = ResourceCache::new();
-    cache.set_resources(world(&[("v1", 90), ("v2", 10)], &[("v1", 8001), ("v2", 8002)]));
+    cache.set_resources(world(
+        &[("v1", 90), ("v2", 10)],
+        &[("v1", 8001), ("v2", 8002)],
+    ));
     let (running, addr) = start(cache.clone(), "127.0.0.1:0").await;
 
     let bootstrap = Bootstrap::new(addr.to_string(), format!("node-{mode:?}")).with_protocol(mode);
@@ -205,12 +222,18 @@ async fn lifecycle(mode: ProtocolMode) {
     // Listener -> routes -> clusters -> endpoints.
     let l = client.listener("xds:///svc", PATIENCE).await.unwrap();
     assert_eq!(l.name, "svc");
-    let snap = wait(&store, "the full cascade", |s| port_of(s, "v1").is_some() && port_of(s, "v2").is_some()).await;
+    let snap = wait(&store, "the full cascade", |s| {
+        port_of(s, "v1").is_some() && port_of(s, "v2").is_some()
+    })
+    .await;
     assert_eq!(weights(&snap), vec![("v1".into(), 90), ("v2".into(), 10)]);
     assert_eq!(port_of(&snap, "v2"), Some(8002));
 
     // Update: shift weights and move an endpoint.
-    cache.set_resources(world(&[("v1", 50), ("v2", 50)], &[("v1", 8001), ("v2", 9002)]));
+    cache.set_resources(world(
+        &[("v1", 50), ("v2", 50)],
+        &[("v1", 8001), ("v2", 9002)],
+    ));
     let snap = wait(&store, "50/50 and the new endpoint", |s| {
         weights(s) == vec![("v1".into(), 50), ("v2".into(), 50)] && port_of(s, "v2") == Some(9002)
     })
@@ -220,7 +243,9 @@ async fn lifecycle(mode: ProtocolMode) {
     // Deletion: v2 leaves the split and the cluster set; the client drops it.
     cache.set_resources(world(&[("v1", 100)], &[("v1", 8001)]));
     wait(&store, "v2 to be gone", |s| {
-        s.cluster("v2").is_none() && s.endpoints_for_cluster("v2").is_none() && weights(s).len() == 1
+        s.cluster("v2").is_none()
+            && s.endpoints_for_cluster("v2").is_none()
+            && weights(s).len() == 1
     })
     .await;
 
@@ -237,23 +262,41 @@ async fn lifecycle(mode: ProtocolMode) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(nack.type_url, ResourceType::RouteConfiguration.type_url());
-    let Verdict::Nack(detail) = &nack.verdict else { unreachable!() };
+    let Verdict::Nack(detail) = &nack.verdict else {
+        unreachable!()
+    };
     assert_eq!(
         detail,
         "route_config \"svc-routes\": virtual_hosts[0].routes[0].route.weighted_clusters: total weight is 0"
     );
     assert_eq!(nack.node, format!("node-{mode:?}"));
     let dump = store.dump();
-    let rc = dump.get(ResourceType::RouteConfiguration, "svc-routes").unwrap();
+    let rc = dump
+        .get(ResourceType::RouteConfiguration, "svc-routes")
+        .unwrap();
     assert_eq!(rc.status, ResourceStatus::Nacked);
     assert_eq!(rc.error.as_ref().unwrap().1, *detail);
-    assert_eq!(weights(&store.load()), vec![("v1".into(), 100)], "last good config serving");
+    assert_eq!(
+        weights(&store.load()),
+        vec![("v1".into(), 100)],
+        "last good config serving"
+    );
 
     // The next good push applies.
-    cache.set_resources(world(&[("v1", 70), ("v3", 30)], &[("v1", 8001), ("v3", 8003)]));
-    wait(&store, "v3", |s| port_of(s, "v3") == Some(8003) && weights(s).len() == 2).await;
+    cache.set_resources(world(
+        &[("v1", 70), ("v3", 30)],
+        &[("v1", 8001), ("v3", 8003)],
+    ));
+    wait(&store, "v3", |s| {
+        port_of(s, "v3") == Some(8003) && weights(s).len() == 2
+    })
+    .await;
     assert_eq!(
-        store.dump().get(ResourceType::RouteConfiguration, "svc-routes").unwrap().status,
+        store
+            .dump()
+            .get(ResourceType::RouteConfiguration, "svc-routes")
+            .unwrap()
+            .status,
         ResourceStatus::Acked
     );
 
@@ -264,14 +307,24 @@ async fn lifecycle(mode: ProtocolMode) {
     let before = store.load();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!store.dump().connected || store.load().generation() == before.generation());
-    assert_eq!(port_of(&store.load(), "v3"), Some(8003), "nothing dropped while the server is down");
+    assert_eq!(
+        port_of(&store.load(), "v3"),
+        Some(8003),
+        "nothing dropped while the server is down"
+    );
     let (running, _) = start(cache.clone(), &addr.to_string()).await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while running.server.connects() == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "client did not reconnect");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "client did not reconnect"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    cache.set_resources(world(&[("v1", 10), ("v3", 90)], &[("v1", 8001), ("v3", 8003)]));
+    cache.set_resources(world(
+        &[("v1", 10), ("v3", 90)],
+        &[("v1", 8001), ("v3", 8003)],
+    ));
     wait(&store, "an update after the reconnect", |s| {
         weights(s) == vec![("v1".into(), 10), ("v3".into(), 90)]
     })
@@ -294,17 +347,41 @@ async fn delta_lifecycle() {
 #[tokio::test]
 async fn unreachable_server_is_a_clear_error() {
     // Bind and drop to get a port nobody listens on.
-    let port = TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap().port();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let client = XdsClient::builder(Bootstrap::new(format!("127.0.0.1:{port}"), "n"))
         .backoff(Duration::from_millis(20), Duration::from_millis(100))
         .build()
         .unwrap();
-    let err = client.listener("xds:///svc", Duration::from_millis(500)).await.unwrap_err();
-    let XdsError::ListenerNotDelivered { name, waited, detail } = &err else { panic!("{err}") };
+    let err = client
+        .listener("xds:///svc", Duration::from_millis(500))
+        .await
+        .unwrap_err();
+    let XdsError::ListenerNotDelivered {
+        name,
+        waited,
+        detail,
+    } = &err
+    else {
+        panic!("{err}")
+    };
     assert_eq!(name, "svc");
     assert!(*waited >= Duration::from_millis(500));
-    assert!(detail.contains(&format!("xDS server http://127.0.0.1:{port} is unreachable")), "{detail}");
-    assert!(err.to_string().starts_with("listener \"svc\" was not delivered after waiting"), "{err}");
+    assert!(
+        detail.contains(&format!(
+            "xDS server http://127.0.0.1:{port} is unreachable"
+        )),
+        "{detail}"
+    );
+    assert!(
+        err.to_string()
+            .starts_with("listener \"svc\" was not delivered after waiting"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -312,9 +389,17 @@ async fn missing_listener_reports_does_not_exist() {
     let cache = ResourceCache::new();
     cache.set_resources(world(&[("v1", 1)], &[("v1", 1)]));
     let (running, addr) = start(cache, "127.0.0.1:0").await;
-    let client = XdsClient::builder(Bootstrap::new(addr.to_string(), "n")).build().unwrap();
-    let err = client.listener("xds:///nope", Duration::from_secs(2)).await.unwrap_err();
-    assert!(err.to_string().contains("it does not exist on the server"), "{err}");
+    let client = XdsClient::builder(Bootstrap::new(addr.to_string(), "n"))
+        .build()
+        .unwrap();
+    let err = client
+        .listener("xds:///nope", Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("it does not exist on the server"),
+        "{err}"
+    );
     running.stop().await;
 }
 
@@ -323,7 +408,9 @@ async fn dropping_the_client_stops_its_stream() {
     let cache = ResourceCache::new();
     cache.set_resources(world(&[("v1", 1)], &[("v1", 1)]));
     let (running, addr) = start(cache.clone(), "127.0.0.1:0").await;
-    let client = XdsClient::builder(Bootstrap::new(addr.to_string(), "n")).build().unwrap();
+    let client = XdsClient::builder(Bootstrap::new(addr.to_string(), "n"))
+        .build()
+        .unwrap();
     client.listener("svc", PATIENCE).await.unwrap();
     let store = client.store().clone();
     drop(client);

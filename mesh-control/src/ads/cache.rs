@@ -24,7 +24,9 @@ pub fn resource_name(any: &Any) -> Option<String> {
     } else if ty == Cluster::full_name() {
         Cluster::decode(bytes).ok().map(|m| m.name)
     } else if ty == ClusterLoadAssignment::full_name() {
-        ClusterLoadAssignment::decode(bytes).ok().map(|m| m.cluster_name)
+        ClusterLoadAssignment::decode(bytes)
+            .ok()
+            .map(|m| m.cluster_name)
     } else if ty == Secret::full_name() {
         Secret::decode(bytes).ok().map(|m| m.name)
     } else {
@@ -47,7 +49,10 @@ pub(crate) struct CacheState {
 
 impl CacheState {
     pub(crate) fn type_version(&self, type_url: &str) -> String {
-        self.types.get(type_url).map(|(v, _)| v.clone()).unwrap_or_default()
+        self.types
+            .get(type_url)
+            .map(|(v, _)| v.clone())
+            .unwrap_or_default()
     }
 
     pub(crate) fn resources(&self, type_url: &str) -> Option<&BTreeMap<String, Versioned>> {
@@ -96,7 +101,9 @@ impl ResourceCache {
         for any in resources {
             match resource_name(&any) {
                 Some(name) => {
-                    next.entry(any.type_url.clone()).or_default().insert(name, any);
+                    next.entry(any.type_url.clone())
+                        .or_default()
+                        .insert(name, any);
                 }
                 None => bad.push(any.type_url.clone()),
             }
@@ -105,11 +112,13 @@ impl ResourceCache {
         state.counter += 1;
         let version = state.counter.to_string();
         let mut changed = false;
-        let type_urls: std::collections::BTreeSet<String> = state.types.keys().chain(next.keys()).cloned().collect();
+        let type_urls: std::collections::BTreeSet<String> =
+            state.types.keys().chain(next.keys()).cloned().collect();
         for type_url in type_urls {
             let new = next.remove(&type_url).unwrap_or_default();
             let (type_version, old) = state.types.entry(type_url).or_default();
-            let mut type_changed = old.len() != new.len() || old.keys().any(|k| !new.contains_key(k));
+            let mut type_changed =
+                old.len() != new.len() || old.keys().any(|k| !new.contains_key(k));
             let mut merged = BTreeMap::new();
             for (name, any) in new {
                 match old.get(&name) {

@@ -115,7 +115,12 @@ pub(super) fn serve(
 }
 
 /// The changes the client lacks, or `None` when it is up to date.
-fn respond(cache: &ResourceCache, type_url: &str, sub: &mut Subscription, nonce: u64) -> Option<DeltaDiscoveryResponse> {
+fn respond(
+    cache: &ResourceCache,
+    type_url: &str,
+    sub: &mut Subscription,
+    nonce: u64,
+) -> Option<DeltaDiscoveryResponse> {
     let (resources, removed) = cache.with_state(|s| {
         let held = s.resources(type_url);
         let mut resources = Vec::new();

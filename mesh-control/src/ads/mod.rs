@@ -140,7 +140,12 @@ impl AdsServer {
 
     /// Every ACK and NACK received so far (most recent last).
     pub fn events(&self) -> Vec<ClientEvent> {
-        self.events.inner.lock().expect("event log lock").list.clone()
+        self.events
+            .inner
+            .lock()
+            .expect("event log lock")
+            .list
+            .clone()
     }
 
     /// NACKs received so far.
@@ -199,7 +204,12 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let stream = sotw::serve(self.cache.clone(), self.events.clone(), self.stopping.subscribe(), request.into_inner());
+        let stream = sotw::serve(
+            self.cache.clone(),
+            self.events.clone(),
+            self.stopping.subscribe(),
+            request.into_inner(),
+        );
         Ok(Response::new(stream))
     }
 
@@ -207,7 +217,12 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let stream = delta::serve(self.cache.clone(), self.events.clone(), self.stopping.subscribe(), request.into_inner());
+        let stream = delta::serve(
+            self.cache.clone(),
+            self.events.clone(),
+            self.stopping.subscribe(),
+            request.into_inner(),
+        );
         Ok(Response::new(stream))
     }
 }

@@ -71,14 +71,15 @@ pub(super) fn serve(
                             req.error_detail.as_ref().map(|s| s.message.as_str()),
                         );
                     }
-                    let names: Option<BTreeSet<String>> =
-                        if first && req.resource_names.is_empty() && is_wildcard_type(&req.type_url) {
-                            None
-                        } else if sub.names.is_none() && req.resource_names.is_empty() {
-                            None
-                        } else {
-                            Some(req.resource_names.iter().filter(|n| n.as_str() != "*").cloned().collect())
-                        };
+                    // Legacy wildcard: an LDS/CDS stream that starts with no names, and stays
+                    // wildcard while it keeps sending none.
+                    let wildcard = req.resource_names.is_empty()
+                        && if first { is_wildcard_type(&req.type_url) } else { sub.names.is_none() };
+                    let names: Option<BTreeSet<String>> = if wildcard {
+                        None
+                    } else {
+                        Some(req.resource_names.iter().filter(|n| n.as_str() != "*").cloned().collect())
+                    };
                     let changed = names != sub.names || first;
                     sub.names = names;
                     // An ACK/NACK without a change of subscription needs no answer.
@@ -113,7 +114,12 @@ pub(super) fn serve(
     Box::pin(ReceiverStream::new(rx).fuse())
 }
 
-fn respond(cache: &ResourceCache, type_url: &str, sub: &mut Subscription, nonce: u64) -> Option<DiscoveryResponse> {
+fn respond(
+    cache: &ResourceCache,
+    type_url: &str,
+    sub: &mut Subscription,
+    nonce: u64,
+) -> Option<DiscoveryResponse> {
     let (version, resources) = cache.with_state(|s| {
         let version = s.type_version(type_url);
         let resources = s

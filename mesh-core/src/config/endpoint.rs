@@ -85,7 +85,11 @@ impl EndpointAssignment {
 
     /// Highest priority number in use plus one (0 when empty).
     pub fn priority_count(&self) -> u32 {
-        self.localities.iter().map(|l| l.priority + 1).max().unwrap_or(0)
+        self.localities
+            .iter()
+            .map(|l| l.priority + 1)
+            .max()
+            .unwrap_or(0)
     }
 }
 

@@ -56,7 +56,9 @@ impl Pattern {
                 _ => rewritten.push(c),
             }
         }
-        self.unanchored.replace_all(input, rewritten.as_str()).into_owned()
+        self.unanchored
+            .replace_all(input, rewritten.as_str())
+            .into_owned()
     }
 }
 
@@ -129,9 +131,9 @@ impl StringMatcher {
                 .and_then(|start| value.get(start..))
                 .is_some_and(|p| p.eq_ignore_ascii_case(s)),
             StringMatch::Suffix(s) => value.ends_with(s.as_str()),
-            StringMatch::Contains(s) if ic => value
-                .to_ascii_lowercase()
-                .contains(&s.to_ascii_lowercase()),
+            StringMatch::Contains(s) if ic => {
+                value.to_ascii_lowercase().contains(&s.to_ascii_lowercase())
+            }
             StringMatch::Contains(s) => value.contains(s.as_str()),
             StringMatch::Regex(p) => p.is_match(value),
         }
@@ -201,9 +203,9 @@ impl HeaderMatcher {
             (HeaderMatch::Present(want), v) => v.is_some() == *want,
             (_, None) => return false, // Envoy: a missing header never matches, even inverted.
             (HeaderMatch::String(m), Some(v)) => m.matches(v),
-            (HeaderMatch::Range { start, end }, Some(v)) => v
-                .parse::<i64>()
-                .is_ok_and(|n| (*start..*end).contains(&n)),
+            (HeaderMatch::Range { start, end }, Some(v)) => {
+                v.parse::<i64>().is_ok_and(|n| (*start..*end).contains(&n))
+            }
         };
         matched != self.invert
     }
@@ -307,14 +309,39 @@ mod tests {
             invert,
             treat_missing_as_empty: false,
         };
-        assert!(hm("x-user", HeaderMatch::String(StringMatcher::exact("jason")), false).matches(&h, "GET", ""));
-        assert!(!hm("x-user", HeaderMatch::String(StringMatcher::exact("jason")), true).matches(&h, "GET", ""));
-        assert!(hm("x-multi", HeaderMatch::String(StringMatcher::exact("a,b")), false).matches(&h, "GET", ""));
+        assert!(hm(
+            "x-user",
+            HeaderMatch::String(StringMatcher::exact("jason")),
+            false
+        )
+        .matches(&h, "GET", ""));
+        assert!(!hm(
+            "x-user",
+            HeaderMatch::String(StringMatcher::exact("jason")),
+            true
+        )
+        .matches(&h, "GET", ""));
+        assert!(hm(
+            "x-multi",
+            HeaderMatch::String(StringMatcher::exact("a,b")),
+            false
+        )
+        .matches(&h, "GET", ""));
         assert!(hm("x-n", HeaderMatch::Range { start: 40, end: 43 }, false).matches(&h, "GET", ""));
         assert!(!hm("x-n", HeaderMatch::Range { start: 40, end: 42 }, false).matches(&h, "GET", ""));
         assert!(hm("x-none", HeaderMatch::Present(false), false).matches(&h, "GET", ""));
-        assert!(!hm("x-none", HeaderMatch::String(StringMatcher::exact("")), true).matches(&h, "GET", ""));
-        assert!(hm(":method", HeaderMatch::String(StringMatcher::exact("POST")), false).matches(&h, "POST", ""));
+        assert!(!hm(
+            "x-none",
+            HeaderMatch::String(StringMatcher::exact("")),
+            true
+        )
+        .matches(&h, "GET", ""));
+        assert!(hm(
+            ":method",
+            HeaderMatch::String(StringMatcher::exact("POST")),
+            false
+        )
+        .matches(&h, "POST", ""));
     }
 
     #[test]
@@ -335,6 +362,11 @@ mod tests {
         assert_eq!(f.as_per_million(), 100_000);
         let hits = (0..1_000_000u64).filter(|d| f.hit(*d)).count();
         assert_eq!(hits, 100_000);
-        assert!(Pattern::new("/v1/(.*)").unwrap().replace_all("/v1/abc", "/v2/\\1") == "/v2/abc");
+        assert!(
+            Pattern::new("/v1/(.*)")
+                .unwrap()
+                .replace_all("/v1/abc", "/v2/\\1")
+                == "/v2/abc"
+        );
     }
 }

@@ -87,7 +87,9 @@ fn strip_port(authority: &str) -> &str {
         };
     }
     match authority.rsplit_once(':') {
-        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => host,
+        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            host
+        }
         _ => authority,
     }
 }
@@ -140,8 +142,10 @@ impl DomainMatcher {
             // The wildcard must stand for at least one character.
             Self::Suffix(s) => (host.len() > s.len() && ieq(&host[host.len() - s.len()..], s))
                 .then_some(DomainRank(2, s.len())),
-            Self::Prefix(p) => (host.len() > p.len() && host.is_char_boundary(p.len()) && ieq(&host[..p.len()], p))
-                .then_some(DomainRank(1, p.len())),
+            Self::Prefix(p) => {
+                (host.len() > p.len() && host.is_char_boundary(p.len()) && ieq(&host[..p.len()], p))
+                    .then_some(DomainRank(1, p.len()))
+            }
             Self::Any => Some(DomainRank(0, 0)),
         }
     }
@@ -197,7 +201,11 @@ impl<'a> RequestInfo<'a> {
         let authority = uri
             .authority()
             .map(|a| a.as_str())
-            .or_else(|| req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()))
+            .or_else(|| {
+                req.headers()
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
             .unwrap_or("");
         Self {
             method: req.method().as_str(),
@@ -276,7 +284,9 @@ impl RouteMatch {
         let cs = self.case_sensitive;
         let path_ok = match &self.path {
             PathMatch::Prefix(p) if cs => path.starts_with(p.as_str()),
-            PathMatch::Prefix(p) => path.get(..p.len()).is_some_and(|s| s.eq_ignore_ascii_case(p)),
+            PathMatch::Prefix(p) => path
+                .get(..p.len())
+                .is_some_and(|s| s.eq_ignore_ascii_case(p)),
             PathMatch::Exact(p) if cs => path == p,
             PathMatch::Exact(p) => path.eq_ignore_ascii_case(p),
             PathMatch::Regex(re) => re.is_match(path),
@@ -307,6 +317,9 @@ impl RouteMatch {
 }
 
 /// What a matched route does.
+// Routes are read in place from an `Arc<RouteConfig>`; boxing the common variant would only
+// add a pointer chase to every request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum RouteAction {
     /// Forward to a cluster.
@@ -364,7 +377,9 @@ impl WeightedClusters {
         }
         // Correctness: translation guarantees a non-empty list with `total` = sum of weights,
         // so the loop always returns; this is the last cluster for rounding safety.
-        self.clusters.last().expect("weighted_clusters is never empty")
+        self.clusters
+            .last()
+            .expect("weighted_clusters is never empty")
     }
 }
 
@@ -660,7 +675,10 @@ mod tests {
     fn vh(name: &str, domains: &[&str]) -> VirtualHost {
         VirtualHost {
             name: name.into(),
-            domains: domains.iter().map(|d| DomainMatcher::parse(d).unwrap()).collect(),
+            domains: domains
+                .iter()
+                .map(|d| DomainMatcher::parse(d).unwrap())
+                .collect(),
             routes: Vec::new(),
             retry_policy: None,
             request_headers: HeaderMutation::default(),
@@ -695,12 +713,24 @@ mod tests {
         assert_eq!(name("www.example.com"), Some("suffix-long"));
         assert_eq!(name("www.other.com"), Some("suffix-short"));
         assert_eq!(name("foo.bar"), Some("prefix"));
-        assert_eq!(name("foo.example.com"), Some("suffix-long"), "suffix beats prefix");
+        assert_eq!(
+            name("foo.example.com"),
+            Some("suffix-long"),
+            "suffix beats prefix"
+        );
         assert_eq!(name("bar"), Some("any"));
-        assert_eq!(name(".com"), Some("any"), "wildcard stands for at least one char");
+        assert_eq!(
+            name(".com"),
+            Some("any"),
+            "wildcard stands for at least one char"
+        );
         // Port fallback: `www.example.com:9` finds the suffix match for the bare host.
         let only = super::tests::rc(vec![vh("svc", &["svc.ns"])]);
-        assert_eq!(only.find_virtual_host("svc.ns:9090").map(|v| v.name.as_str()), Some("svc"));
+        assert_eq!(
+            only.find_virtual_host("svc.ns:9090")
+                .map(|v| v.name.as_str()),
+            Some("svc")
+        );
         assert!(only.find_virtual_host("other:9090").is_none());
         assert!(DomainMatcher::parse("a*b").is_err());
         assert!(DomainMatcher::parse("").is_err());

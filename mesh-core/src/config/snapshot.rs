@@ -139,13 +139,16 @@ impl Snapshot {
 
     /// Removes a listener.
     pub fn remove_listener(&mut self, name: &str) -> bool {
-        self.listeners.contains_key(name) && Arc::make_mut(&mut self.listeners).remove(name).is_some()
+        self.listeners.contains_key(name)
+            && Arc::make_mut(&mut self.listeners).remove(name).is_some()
     }
 
     /// Removes a route configuration.
     pub fn remove_route_config(&mut self, name: &str) -> bool {
         self.route_configs.contains_key(name)
-            && Arc::make_mut(&mut self.route_configs).remove(name).is_some()
+            && Arc::make_mut(&mut self.route_configs)
+                .remove(name)
+                .is_some()
     }
 
     /// Removes a cluster.
@@ -155,7 +158,8 @@ impl Snapshot {
 
     /// Removes an endpoint assignment.
     pub fn remove_endpoints(&mut self, name: &str) -> bool {
-        self.endpoints.contains_key(name) && Arc::make_mut(&mut self.endpoints).remove(name).is_some()
+        self.endpoints.contains_key(name)
+            && Arc::make_mut(&mut self.endpoints).remove(name).is_some()
     }
 
     /// Marks the snapshot as the next generation (done by [`crate::ConfigStore::publish`]).

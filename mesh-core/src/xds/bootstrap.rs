@@ -198,18 +198,30 @@ impl Bootstrap {
                 .get("server_uri")
                 .and_then(Json::as_str)
                 .filter(|u| !u.is_empty())
-                .ok_or_else(|| field(&key(".server_uri"), "is required and must be a non-empty string".into()))?;
+                .ok_or_else(|| {
+                    field(
+                        &key(".server_uri"),
+                        "is required and must be a non-empty string".into(),
+                    )
+                })?;
             let creds_json = s
                 .get("channel_creds")
                 .and_then(Json::as_array)
-                .ok_or_else(|| field(&key(".channel_creds"), "is required and must be a list".into()))?;
+                .ok_or_else(|| {
+                    field(
+                        &key(".channel_creds"),
+                        "is required and must be a list".into(),
+                    )
+                })?;
             let mut creds = None;
             let mut seen = Vec::new();
             for (j, c) in creds_json.iter().enumerate() {
-                let ty = c
-                    .get("type")
-                    .and_then(Json::as_str)
-                    .ok_or_else(|| field(&key(&format!(".channel_creds[{j}].type")), "must be a string".into()))?;
+                let ty = c.get("type").and_then(Json::as_str).ok_or_else(|| {
+                    field(
+                        &key(&format!(".channel_creds[{j}].type")),
+                        "must be a string".into(),
+                    )
+                })?;
                 match ty {
                     "insecure" => {
                         creds = Some(ChannelCreds::Insecure);
@@ -217,7 +229,11 @@ impl Bootstrap {
                     }
                     "tls" => {
                         let cfg = c.get("config");
-                        let get = |k: &str| cfg.and_then(|c| c.get(k)).and_then(Json::as_str).map(str::to_owned);
+                        let get = |k: &str| {
+                            cfg.and_then(|c| c.get(k))
+                                .and_then(Json::as_str)
+                                .map(str::to_owned)
+                        };
                         let ca = get("ca_certificate_file").ok_or_else(|| {
                             field(
                                 &key(&format!(".channel_creds[{j}].config.ca_certificate_file")),
@@ -244,7 +260,9 @@ impl Bootstrap {
                 None => Vec::new(),
                 Some(f) => f
                     .as_array()
-                    .ok_or_else(|| field(&key(".server_features"), "must be a list of strings".into()))?
+                    .ok_or_else(|| {
+                        field(&key(".server_features"), "must be a list of strings".into())
+                    })?
                     .iter()
                     .filter_map(|v| v.as_str().map(str::to_owned))
                     .collect(),
@@ -258,7 +276,9 @@ impl Bootstrap {
 
         let mut node = base_node(String::new());
         if let Some(n) = root.get("node") {
-            let n = n.as_object().ok_or_else(|| field("node", "must be an object".into()))?;
+            let n = n
+                .as_object()
+                .ok_or_else(|| field("node", "must be an object".into()))?;
             let s = |k: &str| -> Result<String, BootstrapError> {
                 match n.get(k) {
                     None => Ok(String::new()),
@@ -269,8 +289,15 @@ impl Bootstrap {
             node.id = s("id")?;
             node.cluster = s("cluster")?;
             if let Some(l) = n.get("locality") {
-                let l = l.as_object().ok_or_else(|| field("node.locality", "must be an object".into()))?;
-                let g = |k: &str| l.get(k).and_then(Json::as_str).unwrap_or_default().to_owned();
+                let l = l
+                    .as_object()
+                    .ok_or_else(|| field("node.locality", "must be an object".into()))?;
+                let g = |k: &str| {
+                    l.get(k)
+                        .and_then(Json::as_str)
+                        .unwrap_or_default()
+                        .to_owned()
+                };
                 node.locality = Some(Locality {
                     region: g("region"),
                     zone: g("zone"),
@@ -278,7 +305,9 @@ impl Bootstrap {
                 });
             }
             if let Some(m) = n.get("metadata") {
-                let m = m.as_object().ok_or_else(|| field("node.metadata", "must be an object".into()))?;
+                let m = m
+                    .as_object()
+                    .ok_or_else(|| field("node.metadata", "must be an object".into()))?;
                 node.metadata = Some(json_struct(m));
             }
         }
@@ -289,10 +318,12 @@ impl Bootstrap {
                 .as_object()
                 .ok_or_else(|| field("certificate_providers", "must be an object".into()))?;
             for (name, v) in cp {
-                let plugin_name = v
-                    .get("plugin_name")
-                    .and_then(Json::as_str)
-                    .ok_or_else(|| field(&format!("certificate_providers.{name}.plugin_name"), "is required".into()))?;
+                let plugin_name = v.get("plugin_name").and_then(Json::as_str).ok_or_else(|| {
+                    field(
+                        &format!("certificate_providers.{name}.plugin_name"),
+                        "is required".into(),
+                    )
+                })?;
                 certificate_providers.insert(
                     name.clone(),
                     CertificateProviderConfig {
@@ -313,7 +344,9 @@ impl Bootstrap {
             servers,
             node,
             certificate_providers,
-            server_listener_resource_name_template: template("server_listener_resource_name_template")?,
+            server_listener_resource_name_template: template(
+                "server_listener_resource_name_template",
+            )?,
             client_default_listener_resource_name_template: template(
                 "client_default_listener_resource_name_template",
             )?
@@ -323,7 +356,8 @@ impl Bootstrap {
 
     /// The listener name for a client target (`greeter:50051`), per the template.
     pub fn listener_name(&self, target: &str) -> String {
-        self.client_default_listener_resource_name_template.replace("%s", target)
+        self.client_default_listener_resource_name_template
+            .replace("%s", target)
     }
 
     /// The server listener name for a listening address, if a template is configured.
@@ -396,11 +430,17 @@ mod tests {
         let b = Bootstrap::from_json(json, "test").unwrap();
         assert_eq!(b.servers[0].creds, ChannelCreds::Insecure);
         assert_eq!(b.servers[0].protocol(), ProtocolMode::Sotw);
-        assert_eq!(b.node.id, "sidecar~10.1.1.1~echo-v1.default~default.svc.cluster.local");
+        assert_eq!(
+            b.node.id,
+            "sidecar~10.1.1.1~echo-v1.default~default.svc.cluster.local"
+        );
         assert_eq!(b.node.locality.as_ref().unwrap().zone, "z1");
         let md = b.node.metadata.as_ref().unwrap();
         assert!(matches!(&md.fields["GENERATOR"].kind, Some(Kind::StringValue(s)) if s == "grpc"));
-        assert_eq!(b.certificate_providers["default"].plugin_name, "file_watcher");
+        assert_eq!(
+            b.certificate_providers["default"].plugin_name,
+            "file_watcher"
+        );
         assert_eq!(
             b.server_listener_name("0.0.0.0:8080").unwrap(),
             "xds.istio.io/grpc/lds/inbound/0.0.0.0:8080"
@@ -409,8 +449,11 @@ mod tests {
 
     #[test]
     fn errors_name_the_key() {
-        let e = Bootstrap::from_json(r#"{"xds_servers": [{"channel_creds": [{"type":"insecure"}]}]}"#, "f.json")
-            .unwrap_err();
+        let e = Bootstrap::from_json(
+            r#"{"xds_servers": [{"channel_creds": [{"type":"insecure"}]}]}"#,
+            "f.json",
+        )
+        .unwrap_err();
         assert_eq!(
             e.to_string(),
             "f.json: xds_servers[0].server_uri: is required and must be a non-empty string"
@@ -420,7 +463,11 @@ mod tests {
             "f.json",
         )
         .unwrap_err();
-        assert!(e.to_string().contains("xds_servers[0].channel_creds: no supported type"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("xds_servers[0].channel_creds: no supported type"),
+            "{e}"
+        );
         let e = Bootstrap::from_json("{\n  \"xds_servers\": [,]}", "f.json").unwrap_err();
         assert!(matches!(e, BootstrapError::Json { line: 2, .. }), "{e}");
         let e = Bootstrap::from_json(r#"{"node": {"id": 5}, "xds_servers": [{"server_uri": "a:1", "channel_creds": [{"type":"insecure"}]}]}"#, "f.json").unwrap_err();
@@ -451,12 +498,18 @@ mod tests {
         let path = dir.join("bootstrap.json");
         std::fs::write(&path, r#"{"xds_servers": [{"server_uri": "file:1", "channel_creds": [{"type":"insecure"}]}]}"#).unwrap();
         std::env::set_var("GRPC_XDS_BOOTSTRAP", &path);
-        std::env::set_var("GRPC_XDS_BOOTSTRAP_CONFIG", r#"{"xds_servers": [{"server_uri": "inline:1", "channel_creds": [{"type":"insecure"}]}]}"#);
+        std::env::set_var(
+            "GRPC_XDS_BOOTSTRAP_CONFIG",
+            r#"{"xds_servers": [{"server_uri": "inline:1", "channel_creds": [{"type":"insecure"}]}]}"#,
+        );
         assert_eq!(Bootstrap::from_env().unwrap().servers[0].uri, "file:1");
         std::env::remove_var("GRPC_XDS_BOOTSTRAP");
         assert_eq!(Bootstrap::from_env().unwrap().servers[0].uri, "inline:1");
         std::env::remove_var("GRPC_XDS_BOOTSTRAP_CONFIG");
-        assert!(matches!(Bootstrap::from_env(), Err(BootstrapError::NotConfigured)));
+        assert!(matches!(
+            Bootstrap::from_env(),
+            Err(BootstrapError::NotConfigured)
+        ));
         std::env::set_var("GRPC_XDS_BOOTSTRAP", dir.join("missing.json"));
         let e = Bootstrap::from_env().unwrap_err();
         assert!(e.to_string().contains("missing.json"), "{e}");

@@ -55,7 +55,9 @@ impl Target {
         if name.is_empty() {
             return Err(invalid("the name is empty"));
         }
-        Ok(Self { name: name.to_owned() })
+        Ok(Self {
+            name: name.to_owned(),
+        })
     }
 
     /// The target name (before the bootstrap's listener name template).
@@ -151,7 +153,12 @@ impl XdsClientBuilder {
             message,
         };
         let mut endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| bad("xds_servers[0].server_uri", format!("{uri:?} is not a valid URI: {e}")))?
+            .map_err(|e| {
+                bad(
+                    "xds_servers[0].server_uri",
+                    format!("{uri:?} is not a valid URI: {e}"),
+                )
+            })?
             .connect_timeout(self.connect_timeout)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(true);
@@ -174,9 +181,12 @@ impl XdsClientBuilder {
                     read(key, "xds_servers[0].channel_creds.config.private_key_file")?,
                 ));
             }
-            endpoint = endpoint
-                .tls_config(tls)
-                .map_err(|e| bad("xds_servers[0].channel_creds", format!("bad TLS config: {e}")))?;
+            endpoint = endpoint.tls_config(tls).map_err(|e| {
+                bad(
+                    "xds_servers[0].channel_creds",
+                    format!("bad TLS config: {e}"),
+                )
+            })?;
         }
         let store = self.store.unwrap_or_default();
         let (commands, rx) = mpsc::unbounded_channel();
@@ -231,7 +241,10 @@ impl XdsClient {
     /// # Errors
     /// An invalid target, or a stopped client.
     pub fn watch(&self, target: &str) -> Result<String, XdsError> {
-        let name = self.shared.bootstrap.listener_name(Target::parse(target)?.name());
+        let name = self
+            .shared
+            .bootstrap
+            .listener_name(Target::parse(target)?.name());
         self.watch_listener(&name)?;
         Ok(name)
     }
@@ -263,7 +276,11 @@ impl XdsClient {
     /// # Errors
     /// [`XdsError::ListenerNotDelivered`] after `timeout`, saying what the client knows
     /// (unreachable server, NACK error, does-not-exist).
-    pub async fn listener(&self, target: &str, timeout: Duration) -> Result<Arc<Listener>, XdsError> {
+    pub async fn listener(
+        &self,
+        target: &str,
+        timeout: Duration,
+    ) -> Result<Arc<Listener>, XdsError> {
         let name = self.watch(target)?;
         let started = Instant::now();
         let result = self
@@ -300,15 +317,23 @@ impl XdsClient {
             Some(r) => match r.status {
                 ResourceStatus::Nacked => parts.push(format!(
                     "rejected: {}",
-                    r.error.as_ref().map(|(_, m)| m.as_str()).unwrap_or("unknown error")
+                    r.error
+                        .as_ref()
+                        .map(|(_, m)| m.as_str())
+                        .unwrap_or("unknown error")
                 )),
-                ResourceStatus::DoesNotExist => parts.push("it does not exist on the server (removed, or never sent)".into()),
+                ResourceStatus::DoesNotExist => {
+                    parts.push("it does not exist on the server (removed, or never sent)".into())
+                }
                 ResourceStatus::Requested => parts.push("requested, no answer yet".into()),
                 ResourceStatus::Acked => {
                     let waiting: Vec<String> = dump
                         .resources
                         .iter()
-                        .filter(|r| r.resource_type == ResourceType::RouteConfiguration && r.status != ResourceStatus::Acked)
+                        .filter(|r| {
+                            r.resource_type == ResourceType::RouteConfiguration
+                                && r.status != ResourceStatus::Acked
+                        })
                         .map(|r| format!("route_config {:?} is {}", r.name, r.status.as_str()))
                         .collect();
                     parts.push(format!("listener received; {}", waiting.join(", ")));
@@ -422,12 +447,12 @@ impl Task {
                 }
             },
             // Stop promptly if every handle is dropped while connecting.
-            closed = wait_closed(&mut self.commands, &mut self.state) => {
-                let _ = closed;
+            () = wait_closed(&mut self.commands, &mut self.state) => {
                 return StreamEnd::Shutdown;
             }
         };
-        let mut client = AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
+        let mut client =
+            AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::unbounded_channel::<Outbound>();
         let initial = self.state.on_connected(Instant::now());
         for out in initial {
@@ -442,10 +467,9 @@ impl Task {
                         Outbound::Delta(_) => None,
                     }
                 });
-                client
-                    .stream_aggregated_resources(reqs)
-                    .await
-                    .map(|r| Box::pin(r.into_inner().map(|m| m.map(Inbound::Sotw))) as InboundStream)
+                client.stream_aggregated_resources(reqs).await.map(|r| {
+                    Box::pin(r.into_inner().map(|m| m.map(Inbound::Sotw))) as InboundStream
+                })
             }
             ProtocolMode::Delta => {
                 let reqs = UnboundedReceiverStream::new(rx).filter_map(|o| async move {
@@ -454,16 +478,18 @@ impl Task {
                         Outbound::Sotw(_) => None,
                     }
                 });
-                client
-                    .delta_aggregated_resources(reqs)
-                    .await
-                    .map(|r| Box::pin(r.into_inner().map(|m| m.map(Inbound::Delta))) as InboundStream)
+                client.delta_aggregated_resources(reqs).await.map(|r| {
+                    Box::pin(r.into_inner().map(|m| m.map(Inbound::Delta))) as InboundStream
+                })
             }
         };
         let mut inbound = match opened {
             Ok(s) => s,
             Err(status) => {
-                self.fail(format!("ADS stream to {} failed to open: {status}", self.uri));
+                self.fail(format!(
+                    "ADS stream to {} failed to open: {status}",
+                    self.uri
+                ));
                 return StreamEnd::Failed { received: false };
             }
         };

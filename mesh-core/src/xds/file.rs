@@ -52,7 +52,9 @@ pub struct FileError {
 /// Never in practice: the embedded descriptor set is checked by the tests.
 pub fn descriptors() -> &'static DescriptorPool {
     static POOL: OnceLock<DescriptorPool> = OnceLock::new();
-    POOL.get_or_init(|| DescriptorPool::decode(DESCRIPTOR_SET).expect("embedded descriptor set decodes"))
+    POOL.get_or_init(|| {
+        DescriptorPool::decode(DESCRIPTOR_SET).expect("embedded descriptor set decodes")
+    })
 }
 
 fn descriptor<M: Name>(origin: &str) -> Result<prost_reflect::MessageDescriptor, FileError> {
@@ -99,11 +101,9 @@ fn normalize(value: &mut serde_yaml_ng::Value, desc: &prost_reflect::MessageDesc
         return;
     };
     let desc = if desc.full_name() == "google.protobuf.Any" {
-        let Some(inner) = map
-            .get("@type")
-            .and_then(Y::as_str)
-            .and_then(|t| descriptors().get_message_by_name(t.rsplit('/').next().unwrap_or_default()))
-        else {
+        let Some(inner) = map.get("@type").and_then(Y::as_str).and_then(|t| {
+            descriptors().get_message_by_name(t.rsplit('/').next().unwrap_or_default())
+        }) else {
             return;
         };
         inner
@@ -116,7 +116,10 @@ fn normalize(value: &mut serde_yaml_ng::Value, desc: &prost_reflect::MessageDesc
         let Some(key) = k.as_str() else {
             continue;
         };
-        let Some(field) = desc.get_field_by_name(key).or_else(|| desc.get_field_by_json_name(key)) else {
+        let Some(field) = desc
+            .get_field_by_name(key)
+            .or_else(|| desc.get_field_by_json_name(key))
+        else {
             continue;
         };
         if field.is_list() && matches!(v, Y::Mapping(_)) {
@@ -126,7 +129,9 @@ fn normalize(value: &mut serde_yaml_ng::Value, desc: &prost_reflect::MessageDesc
             continue;
         };
         if field.is_map() {
-            if let (Y::Mapping(m), Kind::Message(entry_value)) = (v, child.map_entry_value_field().kind()) {
+            if let (Y::Mapping(m), Kind::Message(entry_value)) =
+                (v, child.map_entry_value_field().kind())
+            {
                 for (_, mv) in m.iter_mut() {
                     normalize(mv, &entry_value);
                 }
@@ -145,7 +150,10 @@ fn normalize(value: &mut serde_yaml_ng::Value, desc: &prost_reflect::MessageDesc
 ///
 /// # Errors
 /// As [`from_yaml`], naming the list index.
-pub fn list_from_yaml<M: Message + Name + Default>(text: &str, origin: &str) -> Result<Vec<M>, FileError> {
+pub fn list_from_yaml<M: Message + Name + Default>(
+    text: &str,
+    origin: &str,
+) -> Result<Vec<M>, FileError> {
     let desc = descriptor::<M>(origin)?;
     let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).map_err(|e| FileError {
         origin: origin.to_owned(),
@@ -160,10 +168,11 @@ pub fn list_from_yaml<M: Message + Name + Default>(text: &str, origin: &str) -> 
         .map(|(i, item)| {
             let mut item = item.clone();
             normalize(&mut item, &desc);
-            let dynamic = DynamicMessage::deserialize(desc.clone(), item).map_err(|e| FileError {
-                origin: origin.to_owned(),
-                message: format!("[{i}]: {e}"),
-            })?;
+            let dynamic =
+                DynamicMessage::deserialize(desc.clone(), item).map_err(|e| FileError {
+                    origin: origin.to_owned(),
+                    message: format!("[{i}]: {e}"),
+                })?;
             convert(dynamic, origin)
         })
         .collect()
@@ -175,10 +184,11 @@ pub fn list_from_yaml<M: Message + Name + Default>(text: &str, origin: &str) -> 
 /// An `Any` whose type is not in the descriptor set.
 pub fn to_json<M: Message + Name>(msg: &M) -> Result<serde_json::Value, FileError> {
     let desc = descriptor::<M>("to_json")?;
-    let dynamic = DynamicMessage::decode(desc, msg.encode_to_vec().as_slice()).map_err(|e| FileError {
-        origin: "to_json".into(),
-        message: e.to_string(),
-    })?;
+    let dynamic =
+        DynamicMessage::decode(desc, msg.encode_to_vec().as_slice()).map_err(|e| FileError {
+            origin: "to_json".into(),
+            message: e.to_string(),
+        })?;
     let options = SerializeOptions::new().use_proto_field_name(true);
     dynamic
         .serialize_with_options(serde_json::value::Serializer, &options)
@@ -201,13 +211,17 @@ pub fn any_to_json(any: &Any) -> Result<serde_json::Value, FileError> {
     let desc = descriptors()
         .get_message_by_name(name)
         .ok_or_else(|| err(format!("unknown type {:?}", any.type_url)))?;
-    let dynamic = DynamicMessage::decode(desc, any.value.as_slice()).map_err(|e| err(e.to_string()))?;
+    let dynamic =
+        DynamicMessage::decode(desc, any.value.as_slice()).map_err(|e| err(e.to_string()))?;
     let options = SerializeOptions::new().use_proto_field_name(true);
     let mut json = dynamic
         .serialize_with_options(serde_json::value::Serializer, &options)
         .map_err(|e| err(e.to_string()))?;
     if let serde_json::Value::Object(map) = &mut json {
-        map.insert("@type".into(), serde_json::Value::String(any.type_url.clone()));
+        map.insert(
+            "@type".into(),
+            serde_json::Value::String(any.type_url.clone()),
+        );
     }
     Ok(json)
 }
@@ -255,16 +269,22 @@ pub fn snapshot_from_resources(resources: &[Any]) -> Result<Snapshot, String> {
                 snap.set_listener(Arc::new(Listener::try_from(&p).map_err(|e| e.to_string())?));
             }
             ResourceType::RouteConfiguration => {
-                let p = pb::route::v3::RouteConfiguration::decode(any.value.as_slice()).map_err(bad)?;
-                snap.set_route_config(Arc::new(RouteConfig::try_from(&p).map_err(|e| e.to_string())?));
+                let p =
+                    pb::route::v3::RouteConfiguration::decode(any.value.as_slice()).map_err(bad)?;
+                snap.set_route_config(Arc::new(
+                    RouteConfig::try_from(&p).map_err(|e| e.to_string())?,
+                ));
             }
             ResourceType::Cluster => {
                 let p = pb::cluster::v3::Cluster::decode(any.value.as_slice()).map_err(bad)?;
                 snap.set_cluster(Arc::new(Cluster::try_from(&p).map_err(|e| e.to_string())?));
             }
             ResourceType::ClusterLoadAssignment => {
-                let p = pb::endpoint::v3::ClusterLoadAssignment::decode(any.value.as_slice()).map_err(bad)?;
-                snap.set_endpoints(Arc::new(EndpointAssignment::try_from(&p).map_err(|e| e.to_string())?));
+                let p = pb::endpoint::v3::ClusterLoadAssignment::decode(any.value.as_slice())
+                    .map_err(bad)?;
+                snap.set_endpoints(Arc::new(
+                    EndpointAssignment::try_from(&p).map_err(|e| e.to_string())?,
+                ));
             }
         }
     }

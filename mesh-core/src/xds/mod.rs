@@ -9,8 +9,8 @@
 use std::fmt;
 
 pub mod bootstrap;
-pub mod file;
 mod client;
+pub mod file;
 mod state;
 pub mod translate;
 
@@ -44,7 +44,9 @@ impl ResourceType {
     pub fn type_url(self) -> &'static str {
         match self {
             Self::Listener => "type.googleapis.com/envoy.config.listener.v3.Listener",
-            Self::RouteConfiguration => "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+            Self::RouteConfiguration => {
+                "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+            }
             Self::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",
             Self::ClusterLoadAssignment => {
                 "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
@@ -81,6 +83,6 @@ impl ResourceType {
 
 impl fmt::Display for ResourceType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.short_name())
+        f.pad(self.short_name())
     }
 }

@@ -17,7 +17,8 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment as PbCla
 use envoy_types::pb::envoy::config::listener::v3::Listener as PbListener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration as PbRouteConfig;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource as PbResource,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    Resource as PbResource,
 };
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status;
@@ -244,7 +245,10 @@ impl AdsState {
 
     /// The status of one resource.
     pub fn status(&self, resource_type: ResourceType, name: &str) -> Option<ResourceStatus> {
-        self.types[resource_type.index()].entries.get(name).map(|e| e.status)
+        self.types[resource_type.index()]
+            .entries
+            .get(name)
+            .map(|e| e.status)
     }
 
     /// The NACK error of one resource, if its latest update was rejected.
@@ -260,15 +264,18 @@ impl AdsState {
         ResourceType::ALL
             .iter()
             .flat_map(|rt| {
-                self.types[rt.index()].entries.iter().map(move |(name, e)| ResourceDump {
-                    resource_type: *rt,
-                    name: name.clone(),
-                    version: e.version.clone(),
-                    status: e.status,
-                    error: e.error.clone(),
-                    updated: e.updated,
-                    raw: e.raw.clone(),
-                })
+                self.types[rt.index()]
+                    .entries
+                    .iter()
+                    .map(move |(name, e)| ResourceDump {
+                        resource_type: *rt,
+                        name: name.clone(),
+                        version: e.version.clone(),
+                        status: e.status,
+                        error: e.error.clone(),
+                        updated: e.updated,
+                        raw: e.raw.clone(),
+                    })
             })
             .collect()
     }
@@ -310,7 +317,10 @@ impl AdsState {
                 continue;
             };
             if !present.insert(name.clone()) {
-                errors.push(format!("{} {name:?}: duplicate resource in response", rt.short_name()));
+                errors.push(format!(
+                    "{} {name:?}: duplicate resource in response",
+                    rt.short_name()
+                ));
                 continue;
             }
             if !self.types[rt.index()].entries.contains_key(&name) {
@@ -359,7 +369,11 @@ impl AdsState {
     }
 
     /// Handles a delta response and returns the ACK or NACK, plus any subscription changes.
-    pub fn on_delta_response(&mut self, resp: DeltaDiscoveryResponse, now: Instant) -> Vec<Outbound> {
+    pub fn on_delta_response(
+        &mut self,
+        resp: DeltaDiscoveryResponse,
+        now: Instant,
+    ) -> Vec<Outbound> {
         let Some(rt) = ResourceType::from_type_url(&resp.type_url) else {
             let detail = format!("unsupported type_url {:?}", resp.type_url);
             return vec![Outbound::Delta(DeltaDiscoveryRequest {
@@ -423,7 +437,14 @@ impl AdsState {
         out
     }
 
-    fn apply(&mut self, rt: ResourceType, name: &str, version: &str, result: Result<Resource, String>, raw: Option<Any>) {
+    fn apply(
+        &mut self,
+        rt: ResourceType,
+        name: &str,
+        version: &str,
+        result: Result<Resource, String>,
+        raw: Option<Any>,
+    ) {
         let entry = self.types[rt.index()]
             .entries
             .get_mut(name)
@@ -511,7 +532,9 @@ impl AdsState {
                 }
             }
         }
-        let held_routes = routes.iter().filter_map(|n| self.snapshot.route_config(n).cloned());
+        let held_routes = routes
+            .iter()
+            .filter_map(|n| self.snapshot.route_config(n).cloned());
         for rc in held_routes.chain(inline_routes) {
             clusters.extend(rc.cluster_names().into_iter().map(str::to_owned));
         }
@@ -542,7 +565,9 @@ impl AdsState {
                 keep
             });
             for name in want {
-                t.entries.entry(name.clone()).or_insert_with(Entry::requested);
+                t.entries
+                    .entry(name.clone())
+                    .or_insert_with(Entry::requested);
             }
             if !removed.is_empty() {
                 self.dump_dirty = true;
@@ -628,14 +653,35 @@ fn nack_status(message: String) -> Status {
 fn decode(rt: ResourceType, any: &Any) -> Decoded {
     // Some servers wrap resources in `envoy.service.discovery.v3.Resource`.
     let unwrapped;
-    let any = if any.type_url.ends_with(&format!("/{}", PbResource::full_name())) {
+    let any = if any
+        .type_url
+        .ends_with(&format!("/{}", PbResource::full_name()))
+    {
         match PbResource::decode(any.value.as_slice()) {
-            Ok(PbResource { resource: Some(inner), .. }) => {
+            Ok(PbResource {
+                resource: Some(inner),
+                ..
+            }) => {
                 unwrapped = inner;
                 &unwrapped
             }
-            Ok(_) => return (None, Err(format!("{}: wrapped resource has no body", rt.short_name())), None),
-            Err(e) => return (None, Err(format!("{}: undecodable Resource wrapper: {e}", rt.short_name())), None),
+            Ok(_) => {
+                return (
+                    None,
+                    Err(format!("{}: wrapped resource has no body", rt.short_name())),
+                    None,
+                )
+            }
+            Err(e) => {
+                return (
+                    None,
+                    Err(format!(
+                        "{}: undecodable Resource wrapper: {e}",
+                        rt.short_name()
+                    )),
+                    None,
+                )
+            }
         }
     } else {
         any
@@ -660,16 +706,28 @@ fn decode(rt: ResourceType, any: &Any) -> Decoded {
         wrap: impl Fn(Arc<T>) -> Resource,
     ) -> Decoded {
         match P::decode(any.value.as_slice()) {
-            Err(e) => (None, Err(format!("{}: cannot decode protobuf: {e}", rt.short_name())), None),
+            Err(e) => (
+                None,
+                Err(format!("{}: cannot decode protobuf: {e}", rt.short_name())),
+                None,
+            ),
             Ok(p) => {
                 let n = name(&p);
-                let result = translate(&p).map(|t| wrap(Arc::new(t))).map_err(|e| e.to_string());
+                let result = translate(&p)
+                    .map(|t| wrap(Arc::new(t)))
+                    .map_err(|e| e.to_string());
                 (Some(n), result, Some(any.clone()))
             }
         }
     }
     match rt {
-        ResourceType::Listener => run::<PbListener, _>(any, rt, |p| p.name.clone(), |p| Listener::try_from(p), Resource::Listener),
+        ResourceType::Listener => run::<PbListener, _>(
+            any,
+            rt,
+            |p| p.name.clone(),
+            |p| Listener::try_from(p),
+            Resource::Listener,
+        ),
         ResourceType::RouteConfiguration => run::<PbRouteConfig, _>(
             any,
             rt,
@@ -677,7 +735,13 @@ fn decode(rt: ResourceType, any: &Any) -> Decoded {
             |p| RouteConfig::try_from(p),
             Resource::RouteConfig,
         ),
-        ResourceType::Cluster => run::<PbCluster, _>(any, rt, |p| p.name.clone(), |p| Cluster::try_from(p), Resource::Cluster),
+        ResourceType::Cluster => run::<PbCluster, _>(
+            any,
+            rt,
+            |p| p.name.clone(),
+            |p| Cluster::try_from(p),
+            Resource::Cluster,
+        ),
         ResourceType::ClusterLoadAssignment => run::<PbCla, _>(
             any,
             rt,

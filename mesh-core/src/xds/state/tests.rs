@@ -27,13 +27,17 @@ fn any<M: Message + Name>(m: &M) -> Any {
 
 pub(crate) fn listener(name: &str, rds: &str) -> Any {
     let manager = hcm::HttpConnectionManager {
-        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
-            route_config_name: rds.into(),
-            config_source: None,
-        })),
+        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+            hcm::Rds {
+                route_config_name: rds.into(),
+                config_source: None,
+            },
+        )),
         http_filters: vec![hcm::HttpFilter {
             name: "envoy.filters.http.router".into(),
-            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(&Router::default()))),
+            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                &Router::default(),
+            ))),
             ..Default::default()
         }],
         ..Default::default()
@@ -104,16 +108,24 @@ pub(crate) fn endpoints(name: &str, ports: &[u16]) -> Any {
             lb_endpoints: ports
                 .iter()
                 .map(|p| epb::LbEndpoint {
-                    host_identifier: Some(epb::lb_endpoint::HostIdentifier::Endpoint(epb::Endpoint {
-                        address: Some(core::Address {
-                            address: Some(core::address::Address::SocketAddress(core::SocketAddress {
-                                address: "127.0.0.1".into(),
-                                port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(*p))),
-                                ..Default::default()
-                            })),
-                        }),
-                        ..Default::default()
-                    })),
+                    host_identifier: Some(epb::lb_endpoint::HostIdentifier::Endpoint(
+                        epb::Endpoint {
+                            address: Some(core::Address {
+                                address: Some(core::address::Address::SocketAddress(
+                                    core::SocketAddress {
+                                        address: "127.0.0.1".into(),
+                                        port_specifier: Some(
+                                            core::socket_address::PortSpecifier::PortValue(
+                                                u32::from(*p),
+                                            ),
+                                        ),
+                                        ..Default::default()
+                                    },
+                                )),
+                            }),
+                            ..Default::default()
+                        },
+                    )),
                     ..Default::default()
                 })
                 .collect(),
@@ -161,33 +173,63 @@ fn node() -> Node {
 /// Drives a SotW client through the whole cascade and returns it with everything held.
 fn sotw_cascade(now: Instant) -> AdsState {
     let mut ads = AdsState::new(ProtocolMode::Sotw, node());
-    assert!(ads.watch_listener("svc", now).is_empty(), "nothing is sent before connecting");
+    assert!(
+        ads.watch_listener("svc", now).is_empty(),
+        "nothing is sent before connecting"
+    );
     let out = ads.on_connected(now);
     let r = sotw_reqs(&out);
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].type_url, ResourceType::Listener.type_url());
     assert_eq!(r[0].resource_names, vec!["svc"]);
     assert_eq!(r[0].node.as_ref().unwrap().id, "test-node");
-    assert_eq!((r[0].version_info.as_str(), r[0].response_nonce.as_str()), ("", ""));
+    assert_eq!(
+        (r[0].version_info.as_str(), r[0].response_nonce.as_str()),
+        ("", "")
+    );
 
-    let out = ads.on_sotw_response(sotw(ResourceType::Listener, "1", "n1", vec![listener("svc", "rc")]), now);
+    let out = ads.on_sotw_response(
+        sotw(
+            ResourceType::Listener,
+            "1",
+            "n1",
+            vec![listener("svc", "rc")],
+        ),
+        now,
+    );
     let r = sotw_reqs(&out);
     assert_eq!(r.len(), 2, "ACK plus the RDS subscription: {r:?}");
-    assert_eq!((r[0].version_info.as_str(), r[0].response_nonce.as_str()), ("1", "n1"));
+    assert_eq!(
+        (r[0].version_info.as_str(), r[0].response_nonce.as_str()),
+        ("1", "n1")
+    );
     assert!(r[0].error_detail.is_none());
     assert!(r[0].node.is_none(), "node goes in the first request only");
     assert_eq!(r[1].type_url, ResourceType::RouteConfiguration.type_url());
     assert_eq!(r[1].resource_names, vec!["rc"]);
 
     let out = ads.on_sotw_response(
-        sotw(ResourceType::RouteConfiguration, "1", "n2", vec![routes("rc", &[("v1", 90), ("v2", 10)])]),
+        sotw(
+            ResourceType::RouteConfiguration,
+            "1",
+            "n2",
+            vec![routes("rc", &[("v1", 90), ("v2", 10)])],
+        ),
         now,
     );
     let r = sotw_reqs(&out);
     assert_eq!(r[1].type_url, ResourceType::Cluster.type_url());
     assert_eq!(r[1].resource_names, vec!["v1", "v2"]);
 
-    let out = ads.on_sotw_response(sotw(ResourceType::Cluster, "1", "n3", vec![cluster("v1"), cluster("v2")]), now);
+    let out = ads.on_sotw_response(
+        sotw(
+            ResourceType::Cluster,
+            "1",
+            "n3",
+            vec![cluster("v1"), cluster("v2")],
+        ),
+        now,
+    );
     let r = sotw_reqs(&out);
     assert_eq!(r[1].resource_names, vec!["v1-eds", "v2-eds"]);
 
@@ -212,11 +254,17 @@ fn sotw_cascade_and_acks() {
     let snap = ads.snapshot();
     assert!(snap.routes_for_listener("svc").is_some());
     assert_eq!(
-        snap.endpoints_for_cluster("v2").unwrap().localities[0].endpoints[0].address.port(),
+        snap.endpoints_for_cluster("v2").unwrap().localities[0].endpoints[0]
+            .address
+            .port(),
         8002
     );
     for rt in ResourceType::ALL {
-        assert!(ads.dump().iter().filter(|d| d.resource_type == rt).all(|d| d.status == ResourceStatus::Acked));
+        assert!(ads
+            .dump()
+            .iter()
+            .filter(|d| d.resource_type == rt)
+            .all(|d| d.status == ResourceStatus::Acked));
     }
 }
 
@@ -231,29 +279,68 @@ fn sotw_nack_keeps_last_good_and_applies_the_good_ones() {
         ..Default::default()
     });
     let mut good = cpb::Cluster::decode(cluster("v1").value.as_slice()).unwrap();
-    good.connect_timeout = Some(envoy_types::pb::google::protobuf::Duration { seconds: 2, nanos: 0 });
-    let out = ads.on_sotw_response(sotw(ResourceType::Cluster, "2", "n5", vec![any(&good), bad]), now);
+    good.connect_timeout = Some(envoy_types::pb::google::protobuf::Duration {
+        seconds: 2,
+        nanos: 0,
+    });
+    let out = ads.on_sotw_response(
+        sotw(ResourceType::Cluster, "2", "n5", vec![any(&good), bad]),
+        now,
+    );
     let r = sotw_reqs(&out);
     assert_eq!(r.len(), 1);
-    assert_eq!(r[0].version_info, "1", "a NACK carries the last accepted version");
+    assert_eq!(
+        r[0].version_info, "1",
+        "a NACK carries the last accepted version"
+    );
     assert_eq!(r[0].response_nonce, "n5");
     let detail = r[0].error_detail.as_ref().unwrap();
     assert_eq!(detail.code, 3);
-    assert_eq!(detail.message, "cluster \"v2\": type: cluster type STRICT_DNS is not supported; use EDS or STATIC");
+    assert_eq!(
+        detail.message,
+        "cluster \"v2\": type: cluster type STRICT_DNS is not supported; use EDS or STATIC"
+    );
     let snap = ads.snapshot();
-    assert_eq!(snap.cluster("v1").unwrap().connect_timeout, Duration::from_secs(2), "good resource applied");
-    assert!(snap.cluster("v2").unwrap().eds_service_name().is_some(), "last good v2 keeps serving");
-    assert_eq!(ads.status(ResourceType::Cluster, "v2"), Some(ResourceStatus::Nacked));
-    assert_eq!(ads.status(ResourceType::Cluster, "v1"), Some(ResourceStatus::Acked));
+    assert_eq!(
+        snap.cluster("v1").unwrap().connect_timeout,
+        Duration::from_secs(2),
+        "good resource applied"
+    );
+    assert!(
+        snap.cluster("v2").unwrap().eds_service_name().is_some(),
+        "last good v2 keeps serving"
+    );
+    assert_eq!(
+        ads.status(ResourceType::Cluster, "v2"),
+        Some(ResourceStatus::Nacked)
+    );
+    assert_eq!(
+        ads.status(ResourceType::Cluster, "v1"),
+        Some(ResourceStatus::Acked)
+    );
     let dump = ads.dump();
-    let v2 = dump.iter().find(|d| d.name == "v2" && d.resource_type == ResourceType::Cluster).unwrap();
+    let v2 = dump
+        .iter()
+        .find(|d| d.name == "v2" && d.resource_type == ResourceType::Cluster)
+        .unwrap();
     assert_eq!(v2.version, "1");
     assert_eq!(v2.error.as_ref().unwrap().0, "2");
     // The next good push clears the NACK.
-    let out = ads.on_sotw_response(sotw(ResourceType::Cluster, "3", "n6", vec![any(&good), cluster("v2")]), now);
+    let out = ads.on_sotw_response(
+        sotw(
+            ResourceType::Cluster,
+            "3",
+            "n6",
+            vec![any(&good), cluster("v2")],
+        ),
+        now,
+    );
     assert_eq!(sotw_reqs(&out)[0].version_info, "3");
     assert!(sotw_reqs(&out)[0].error_detail.is_none());
-    assert_eq!(ads.status(ResourceType::Cluster, "v2"), Some(ResourceStatus::Acked));
+    assert_eq!(
+        ads.status(ResourceType::Cluster, "v2"),
+        Some(ResourceStatus::Acked)
+    );
 }
 
 #[test]
@@ -261,27 +348,61 @@ fn sotw_deletion_semantics() {
     let now = Instant::now();
     let mut ads = sotw_cascade(now);
     // RDS/EDS: absence from a response is not deletion.
-    let out = ads.on_sotw_response(sotw(ResourceType::ClusterLoadAssignment, "2", "e2", vec![endpoints("v1-eds", &[9001])]), now);
+    let out = ads.on_sotw_response(
+        sotw(
+            ResourceType::ClusterLoadAssignment,
+            "2",
+            "e2",
+            vec![endpoints("v1-eds", &[9001])],
+        ),
+        now,
+    );
     assert!(sotw_reqs(&out)[0].error_detail.is_none());
-    assert!(ads.snapshot().endpoints_for_cluster("v2").is_some(), "v2 endpoints kept");
+    assert!(
+        ads.snapshot().endpoints_for_cluster("v2").is_some(),
+        "v2 endpoints kept"
+    );
     // CDS: absence is deletion, and the deleted cluster's EDS subscription is dropped.
-    let out = ads.on_sotw_response(sotw(ResourceType::Cluster, "2", "c2", vec![cluster("v1")]), now);
+    let out = ads.on_sotw_response(
+        sotw(ResourceType::Cluster, "2", "c2", vec![cluster("v1")]),
+        now,
+    );
     let r = sotw_reqs(&out);
     assert_eq!(r.len(), 2);
-    assert_eq!(r[1].type_url, ResourceType::ClusterLoadAssignment.type_url());
+    assert_eq!(
+        r[1].type_url,
+        ResourceType::ClusterLoadAssignment.type_url()
+    );
     assert_eq!(r[1].resource_names, vec!["v1-eds"]);
     assert!(ads.snapshot().cluster("v2").is_none());
-    assert_eq!(ads.status(ResourceType::Cluster, "v2"), Some(ResourceStatus::DoesNotExist));
+    assert_eq!(
+        ads.status(ResourceType::Cluster, "v2"),
+        Some(ResourceStatus::DoesNotExist)
+    );
     // LDS: deleting the listener unwinds the cascade (empty lists, never wildcard).
     let out = ads.on_sotw_response(sotw(ResourceType::Listener, "2", "l2", vec![]), now);
     let r = sotw_reqs(&out);
-    let names: Vec<(&str, usize)> = r.iter().map(|r| (r.type_url.as_str(), r.resource_names.len())).collect();
-    assert_eq!(names[0], (ResourceType::Listener.type_url(), 1), "ACK keeps the listener subscribed");
+    let names: Vec<(&str, usize)> = r
+        .iter()
+        .map(|r| (r.type_url.as_str(), r.resource_names.len()))
+        .collect();
+    assert_eq!(
+        names[0],
+        (ResourceType::Listener.type_url(), 1),
+        "ACK keeps the listener subscribed"
+    );
     assert!(names[1..].iter().all(|(_, n)| *n == 0), "{names:?}");
     assert_eq!(r.len(), 4, "RDS, CDS and EDS unsubscribed");
     let snap = ads.snapshot();
-    assert!(snap.listeners().is_empty() && snap.route_configs().is_empty() && snap.clusters().is_empty());
-    assert_eq!(ads.status(ResourceType::Listener, "svc"), Some(ResourceStatus::DoesNotExist));
+    assert!(
+        snap.listeners().is_empty()
+            && snap.route_configs().is_empty()
+            && snap.clusters().is_empty()
+    );
+    assert_eq!(
+        ads.status(ResourceType::Listener, "svc"),
+        Some(ResourceStatus::DoesNotExist)
+    );
 }
 
 #[test]
@@ -294,7 +415,12 @@ fn sotw_unnamed_garbage_never_deletes() {
     };
     let out = ads.on_sotw_response(sotw(ResourceType::Cluster, "2", "c2", vec![garbage]), now);
     let r = sotw_reqs(&out);
-    assert!(r[0].error_detail.as_ref().unwrap().message.contains("cannot decode protobuf"));
+    assert!(r[0]
+        .error_detail
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("cannot decode protobuf"));
     assert!(ads.snapshot().cluster("v1").is_some() && ads.snapshot().cluster("v2").is_some());
 }
 
@@ -310,7 +436,11 @@ fn reconnect_resubscribes_with_versions_and_keeps_config() {
     assert_eq!(r.len(), 4, "every type resubscribed");
     assert!(r[0].node.is_some(), "node again on the new stream");
     for req in &r {
-        assert_eq!(req.version_info, "1", "{}: held version offered", req.type_url);
+        assert_eq!(
+            req.version_info, "1",
+            "{}: held version offered",
+            req.type_url
+        );
         assert_eq!(req.response_nonce, "", "nonces belong to the old stream");
     }
     assert_eq!(ads.snapshot(), &before, "nothing dropped by the reconnect");
@@ -322,12 +452,26 @@ fn does_not_exist_timer() {
     let mut ads = AdsState::new(ProtocolMode::Sotw, node());
     ads.watch_listener("svc", now);
     ads.on_connected(now);
-    ads.on_sotw_response(sotw(ResourceType::Listener, "1", "n1", vec![listener("svc", "rc")]), now);
+    ads.on_sotw_response(
+        sotw(
+            ResourceType::Listener,
+            "1",
+            "n1",
+            vec![listener("svc", "rc")],
+        ),
+        now,
+    );
     assert_eq!(ads.next_deadline(), Some(now + DOES_NOT_EXIST_TIMEOUT));
     ads.poll_timers(now + Duration::from_secs(14));
-    assert_eq!(ads.status(ResourceType::RouteConfiguration, "rc"), Some(ResourceStatus::Requested));
+    assert_eq!(
+        ads.status(ResourceType::RouteConfiguration, "rc"),
+        Some(ResourceStatus::Requested)
+    );
     ads.poll_timers(now + DOES_NOT_EXIST_TIMEOUT);
-    assert_eq!(ads.status(ResourceType::RouteConfiguration, "rc"), Some(ResourceStatus::DoesNotExist));
+    assert_eq!(
+        ads.status(ResourceType::RouteConfiguration, "rc"),
+        Some(ResourceStatus::DoesNotExist)
+    );
     assert_eq!(ads.next_deadline(), None);
     // While disconnected, silence proves nothing: timers are off.
     let mut ads = AdsState::new(ProtocolMode::Sotw, node());
@@ -352,10 +496,20 @@ fn unknown_type_is_nacked() {
         now,
     );
     let r = sotw_reqs(&out);
-    assert!(r[0].error_detail.as_ref().unwrap().message.contains("unsupported type_url"));
+    assert!(r[0]
+        .error_detail
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("unsupported type_url"));
 }
 
-fn delta(rt: ResourceType, nonce: &str, resources: Vec<(&str, &str, Any)>, removed: &[&str]) -> DeltaDiscoveryResponse {
+fn delta(
+    rt: ResourceType,
+    nonce: &str,
+    resources: Vec<(&str, &str, Any)>,
+    removed: &[&str],
+) -> DeltaDiscoveryResponse {
     DeltaDiscoveryResponse {
         type_url: rt.type_url().into(),
         nonce: nonce.into(),
@@ -382,22 +536,49 @@ fn delta_cascade_nack_removal_and_reconnect() {
     let r = delta_reqs(&out);
     assert_eq!(r[0].resource_names_subscribe, vec!["svc"]);
     assert!(r[0].node.is_some());
-    let out = ads.on_delta_response(delta(ResourceType::Listener, "d1", vec![("svc", "l1", listener("svc", "rc"))], &[]), now);
+    let out = ads.on_delta_response(
+        delta(
+            ResourceType::Listener,
+            "d1",
+            vec![("svc", "l1", listener("svc", "rc"))],
+            &[],
+        ),
+        now,
+    );
     let r = delta_reqs(&out);
     assert_eq!(r[0].response_nonce, "d1");
     assert!(r[0].error_detail.is_none());
     assert_eq!(r[1].resource_names_subscribe, vec!["rc"]);
     let out = ads.on_delta_response(
-        delta(ResourceType::RouteConfiguration, "d2", vec![("rc", "r1", routes("rc", &[("v1", 1), ("v2", 1)]))], &[]),
+        delta(
+            ResourceType::RouteConfiguration,
+            "d2",
+            vec![("rc", "r1", routes("rc", &[("v1", 1), ("v2", 1)]))],
+            &[],
+        ),
         now,
     );
-    assert_eq!(delta_reqs(&out)[1].resource_names_subscribe, vec!["v1", "v2"]);
-    ads.on_delta_response(delta(ResourceType::Cluster, "d3", vec![("v1", "c1", cluster("v1")), ("v2", "c1", cluster("v2"))], &[]), now);
+    assert_eq!(
+        delta_reqs(&out)[1].resource_names_subscribe,
+        vec!["v1", "v2"]
+    );
+    ads.on_delta_response(
+        delta(
+            ResourceType::Cluster,
+            "d3",
+            vec![("v1", "c1", cluster("v1")), ("v2", "c1", cluster("v2"))],
+            &[],
+        ),
+        now,
+    );
     ads.on_delta_response(
         delta(
             ResourceType::ClusterLoadAssignment,
             "d4",
-            vec![("v1-eds", "e1", endpoints("v1-eds", &[1])), ("v2-eds", "e1", endpoints("v2-eds", &[2]))],
+            vec![
+                ("v1-eds", "e1", endpoints("v1-eds", &[1])),
+                ("v2-eds", "e1", endpoints("v2-eds", &[2])),
+            ],
             &[],
         ),
         now,
@@ -406,18 +587,36 @@ fn delta_cascade_nack_removal_and_reconnect() {
 
     // A bad route update is NACKed; the old one serves.
     let out = ads.on_delta_response(
-        delta(ResourceType::RouteConfiguration, "d5", vec![("rc", "r2", routes("rc", &[("v1", 0), ("v2", 0)]))], &[]),
+        delta(
+            ResourceType::RouteConfiguration,
+            "d5",
+            vec![("rc", "r2", routes("rc", &[("v1", 0), ("v2", 0)]))],
+            &[],
+        ),
         now,
     );
     let r = delta_reqs(&out);
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].response_nonce, "d5");
-    assert!(r[0].error_detail.as_ref().unwrap().message.contains("total weight is 0"));
-    assert_eq!(ads.snapshot().route_config("rc").unwrap().cluster_names(), vec!["v1", "v2"]);
+    assert!(r[0]
+        .error_detail
+        .as_ref()
+        .unwrap()
+        .message
+        .contains("total weight is 0"));
+    assert_eq!(
+        ads.snapshot().route_config("rc").unwrap().cluster_names(),
+        vec!["v1", "v2"]
+    );
 
     // A good update shrinks the split to v1: v2 is unsubscribed down the cascade.
     let out = ads.on_delta_response(
-        delta(ResourceType::RouteConfiguration, "d6", vec![("rc", "r3", routes("rc", &[("v1", 1)]))], &[]),
+        delta(
+            ResourceType::RouteConfiguration,
+            "d6",
+            vec![("rc", "r3", routes("rc", &[("v1", 1)]))],
+            &[],
+        ),
         now,
     );
     let r = delta_reqs(&out);
@@ -426,19 +625,44 @@ fn delta_cascade_nack_removal_and_reconnect() {
     assert!(ads.snapshot().cluster("v2").is_none());
 
     // Removal by the server.
-    ads.on_delta_response(delta(ResourceType::ClusterLoadAssignment, "d7", vec![], &["v1-eds"]), now);
+    ads.on_delta_response(
+        delta(
+            ResourceType::ClusterLoadAssignment,
+            "d7",
+            vec![],
+            &["v1-eds"],
+        ),
+        now,
+    );
     assert!(ads.snapshot().endpoints_for_cluster("v1").is_none());
-    assert_eq!(ads.status(ResourceType::ClusterLoadAssignment, "v1-eds"), Some(ResourceStatus::DoesNotExist));
+    assert_eq!(
+        ads.status(ResourceType::ClusterLoadAssignment, "v1-eds"),
+        Some(ResourceStatus::DoesNotExist)
+    );
 
     // Reconnect: subscribe again with initial_resource_versions of what is held.
     ads.on_disconnected();
     let out = ads.on_connected(now);
     let r = delta_reqs(&out);
     assert_eq!(r.len(), 4);
-    assert_eq!(r[0].initial_resource_versions.get("svc").map(String::as_str), Some("l1"));
-    assert_eq!(r[1].initial_resource_versions.get("rc").map(String::as_str), Some("r3"));
-    assert_eq!(r[2].initial_resource_versions.get("v1").map(String::as_str), Some("c1"));
-    assert!(r[3].initial_resource_versions.is_empty(), "removed endpoints are not offered");
+    assert_eq!(
+        r[0].initial_resource_versions
+            .get("svc")
+            .map(String::as_str),
+        Some("l1")
+    );
+    assert_eq!(
+        r[1].initial_resource_versions.get("rc").map(String::as_str),
+        Some("r3")
+    );
+    assert_eq!(
+        r[2].initial_resource_versions.get("v1").map(String::as_str),
+        Some("c1")
+    );
+    assert!(
+        r[3].initial_resource_versions.is_empty(),
+        "removed endpoints are not offered"
+    );
     assert_eq!(r[3].resource_names_subscribe, vec!["v1-eds"]);
 }
 

@@ -43,7 +43,10 @@ fn cluster(c: &pb::Cluster) -> Result<Cluster, FieldError> {
             let eds = c.eds_cluster_config.as_ref();
             if let Some(cs) = eds.and_then(|e| e.eds_config.as_ref()) {
                 use envoy_types::pb::envoy::config::core::v3::config_source::ConfigSourceSpecifier as S;
-                if !matches!(cs.config_source_specifier, Some(S::Ads(_)) | Some(S::Self_(_)) | None) {
+                if !matches!(
+                    cs.config_source_specifier,
+                    Some(S::Ads(_)) | Some(S::Self_(_)) | None
+                ) {
                     return err("only ads or self config sources are supported")
                         .at("eds_config")
                         .at("eds_cluster_config");
@@ -71,15 +74,24 @@ fn cluster(c: &pb::Cluster) -> Result<Cluster, FieldError> {
             let name = pb::cluster::DiscoveryType::try_from(*t)
                 .map(|t| t.as_str_name())
                 .unwrap_or("unknown");
-            return err(format!("cluster type {name} is not supported; use EDS or STATIC")).at("type");
+            return err(format!(
+                "cluster type {name} is not supported; use EDS or STATIC"
+            ))
+            .at("type");
         }
         Some(D::ClusterType(ct)) => {
-            return err(format!("custom cluster type {:?} is not supported", ct.name)).at("cluster_type")
+            return err(format!(
+                "custom cluster type {:?} is not supported",
+                ct.name
+            ))
+            .at("cluster_type")
         }
     };
 
     let (lb_policy, mut locality_weighted) = match &c.load_balancing_policy {
-        Some(p) if !p.policies.is_empty() => load_balancing_policy(p).at("load_balancing_policy")?,
+        Some(p) if !p.policies.is_empty() => {
+            load_balancing_policy(p).at("load_balancing_policy")?
+        }
         _ => (legacy_lb_policy(c)?, false),
     };
     if let Some(common) = &c.common_lb_config {
@@ -157,7 +169,9 @@ fn legacy_lb_policy(c: &pb::Cluster) -> Result<LbPolicy, FieldError> {
             },
         },
         6 => return err("CLUSTER_PROVIDED is not supported").at("lb_policy"),
-        7 => return err("LOAD_BALANCING_POLICY_CONFIG needs load_balancing_policy").at("lb_policy"),
+        7 => {
+            return err("LOAD_BALANCING_POLICY_CONFIG needs load_balancing_policy").at("lb_policy")
+        }
         other => return err(format!("unknown lb_policy {other}")).at("lb_policy"),
     })
 }
@@ -179,7 +193,11 @@ fn ring_hash(min: Option<u64>, max: Option<u64>) -> Result<LbPolicy, FieldError>
 fn locality_weighted(cfg: Option<&lbp::common::v3::LocalityLbConfig>) -> bool {
     matches!(
         cfg.and_then(|c| c.locality_config_specifier.as_ref()),
-        Some(lbp::common::v3::locality_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
+        Some(
+            lbp::common::v3::locality_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                _
+            )
+        )
     )
 }
 
@@ -187,14 +205,23 @@ fn locality_weighted(cfg: Option<&lbp::common::v3::LocalityLbConfig>) -> bool {
 fn load_balancing_policy(p: &pb::LoadBalancingPolicy) -> Result<(LbPolicy, bool), FieldError> {
     let mut seen = Vec::new();
     for (i, policy) in p.policies.iter().enumerate() {
-        let Some(any) = policy.typed_extension_config.as_ref().and_then(|t| t.typed_config.as_ref()) else {
+        let Some(any) = policy
+            .typed_extension_config
+            .as_ref()
+            .and_then(|t| t.typed_config.as_ref())
+        else {
             continue;
         };
         let name = type_name(any);
-        let at = |r: Result<(LbPolicy, bool), FieldError>| r.at("typed_extension_config").at_index("policies", i);
+        let at = |r: Result<(LbPolicy, bool), FieldError>| {
+            r.at("typed_extension_config").at_index("policies", i)
+        };
         if name == lbp::round_robin::v3::RoundRobin::full_name() {
-            let rr: lbp::round_robin::v3::RoundRobin = decode_any(any).map_err(|e| e).at("typed_config")?;
-            return Ok((LbPolicy::RoundRobin, locality_weighted(rr.locality_lb_config.as_ref())));
+            let rr: lbp::round_robin::v3::RoundRobin = decode_any(any).at("typed_config")?;
+            return Ok((
+                LbPolicy::RoundRobin,
+                locality_weighted(rr.locality_lb_config.as_ref()),
+            ));
         } else if name == lbp::least_request::v3::LeastRequest::full_name() {
             let lr: lbp::least_request::v3::LeastRequest = decode_any(any).at("typed_config")?;
             let choice_count = lr.choice_count.map(|v| v.value).unwrap_or(2);
@@ -207,7 +234,10 @@ fn load_balancing_policy(p: &pb::LoadBalancingPolicy) -> Result<(LbPolicy, bool)
             ));
         } else if name == lbp::random::v3::Random::full_name() {
             let r: lbp::random::v3::Random = decode_any(any).at("typed_config")?;
-            return Ok((LbPolicy::Random, locality_weighted(r.locality_lb_config.as_ref())));
+            return Ok((
+                LbPolicy::Random,
+                locality_weighted(r.locality_lb_config.as_ref()),
+            ));
         } else if name == lbp::ring_hash::v3::RingHash::full_name() {
             let r: lbp::ring_hash::v3::RingHash = decode_any(any).at("typed_config")?;
             let policy = at(ring_hash(
@@ -230,7 +260,8 @@ fn load_balancing_policy(p: &pb::LoadBalancingPolicy) -> Result<(LbPolicy, bool)
                 .endpoint_picking_policy
                 .as_ref()
                 .ok_or_else(|| FieldError::new("endpoint_picking_policy is required"));
-            let (policy, _) = at(child.and_then(|c| load_balancing_policy(c).at("endpoint_picking_policy")))?;
+            let (policy, _) =
+                at(child.and_then(|c| load_balancing_policy(c).at("endpoint_picking_policy")))?;
             return Ok((policy, true));
         }
         seen.push(name.to_owned());
@@ -241,7 +272,10 @@ fn load_balancing_policy(p: &pb::LoadBalancingPolicy) -> Result<(LbPolicy, bool)
 fn thresholds(t: &pb::circuit_breakers::Thresholds) -> Thresholds {
     let d = Thresholds::default();
     Thresholds {
-        max_connections: t.max_connections.map(|v| v.value).unwrap_or(d.max_connections),
+        max_connections: t
+            .max_connections
+            .map(|v| v.value)
+            .unwrap_or(d.max_connections),
         max_pending_requests: t
             .max_pending_requests
             .map(|v| v.value)
@@ -273,7 +307,11 @@ fn circuit_breakers(cb: Option<&pb::CircuitBreakers>) -> Result<CircuitBreakers,
         match t.priority {
             0 => out.default = thresholds(t),
             1 => out.high = Some(thresholds(t)),
-            other => return err(format!("unknown priority {other}")).at("priority").at_index("thresholds", i),
+            other => {
+                return err(format!("unknown priority {other}"))
+                    .at("priority")
+                    .at_index("thresholds", i)
+            }
         }
     }
     out.per_host_max_connections = cb
@@ -312,14 +350,22 @@ fn outlier(o: &pb::OutlierDetection) -> Result<OutlierDetection, FieldError> {
     if max_ejection_time < base_ejection_time {
         return err("max_ejection_time is less than base_ejection_time").at("max_ejection_time");
     }
-    let enforcing_5xx = pct(val(o.enforcing_consecutive_5xx), "enforcing_consecutive_5xx", 100)?;
+    let enforcing_5xx = pct(
+        val(o.enforcing_consecutive_5xx),
+        "enforcing_consecutive_5xx",
+        100,
+    )?;
     let enforcing_gw = pct(
         val(o.enforcing_consecutive_gateway_failure),
         "enforcing_consecutive_gateway_failure",
         0,
     )?;
     let enforcing_sr = pct(val(o.enforcing_success_rate), "enforcing_success_rate", 100)?;
-    let enforcing_fp = pct(val(o.enforcing_failure_percentage), "enforcing_failure_percentage", 0)?;
+    let enforcing_fp = pct(
+        val(o.enforcing_failure_percentage),
+        "enforcing_failure_percentage",
+        0,
+    )?;
     let nonzero = |v: u32, field: &'static str| -> Result<u32, FieldError> {
         if v == 0 {
             return err("must be greater than 0").at(field);
@@ -332,12 +378,18 @@ fn outlier(o: &pb::OutlierDetection) -> Result<OutlierDetection, FieldError> {
         max_ejection_time,
         max_ejection_percent: pct(val(o.max_ejection_percent), "max_ejection_percent", 10)?,
         consecutive_5xx: (enforcing_5xx > 0)
-            .then(|| nonzero(val(o.consecutive_5xx).unwrap_or(5), "consecutive_5xx").map(|n| (n, enforcing_5xx)))
+            .then(|| {
+                nonzero(val(o.consecutive_5xx).unwrap_or(5), "consecutive_5xx")
+                    .map(|n| (n, enforcing_5xx))
+            })
             .transpose()?,
         consecutive_gateway_failure: (enforcing_gw > 0)
             .then(|| {
-                nonzero(val(o.consecutive_gateway_failure).unwrap_or(5), "consecutive_gateway_failure")
-                    .map(|n| (n, enforcing_gw))
+                nonzero(
+                    val(o.consecutive_gateway_failure).unwrap_or(5),
+                    "consecutive_gateway_failure",
+                )
+                .map(|n| (n, enforcing_gw))
             })
             .transpose()?,
         success_rate: (enforcing_sr > 0).then(|| SuccessRateEjection {
@@ -348,7 +400,11 @@ fn outlier(o: &pb::OutlierDetection) -> Result<OutlierDetection, FieldError> {
         }),
         failure_percentage: if enforcing_fp > 0 {
             Some(FailurePercentageEjection {
-                threshold: pct(val(o.failure_percentage_threshold), "failure_percentage_threshold", 85)?,
+                threshold: pct(
+                    val(o.failure_percentage_threshold),
+                    "failure_percentage_threshold",
+                    85,
+                )?,
                 minimum_hosts: val(o.failure_percentage_minimum_hosts).unwrap_or(5),
                 request_volume: val(o.failure_percentage_request_volume).unwrap_or(50),
                 enforcing: enforcing_fp,
@@ -372,7 +428,8 @@ fn h2_options(o: &envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions
 fn protocol(c: &pb::Cluster) -> Result<Protocol, FieldError> {
     const KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
     if let Some(any) = c.typed_extension_protocol_options.get(KEY) {
-        let opts: HttpProtocolOptions = decode_any(any).at_key("typed_extension_protocol_options", KEY)?;
+        let opts: HttpProtocolOptions =
+            decode_any(any).at_key("typed_extension_protocol_options", KEY)?;
         let max_requests = opts
             .common_http_protocol_options
             .as_ref()
@@ -382,7 +439,9 @@ fn protocol(c: &pb::Cluster) -> Result<Protocol, FieldError> {
         };
         let (protocol, h2) = match &opts.upstream_protocol_options {
             Some(U::ExplicitHttpConfig(e)) => match &e.protocol_config {
-                Some(P::Http2ProtocolOptions(h2)) => (UpstreamProtocol::Http2, Some(h2_options(h2))),
+                Some(P::Http2ProtocolOptions(h2)) => {
+                    (UpstreamProtocol::Http2, Some(h2_options(h2)))
+                }
                 Some(P::HttpProtocolOptions(_)) | None => (UpstreamProtocol::Http1, None),
                 Some(P::Http3ProtocolOptions(_)) => {
                     return err("HTTP/3 upstreams are not supported")
@@ -390,7 +449,10 @@ fn protocol(c: &pb::Cluster) -> Result<Protocol, FieldError> {
                         .at_key("typed_extension_protocol_options", KEY)
                 }
             },
-            Some(U::AutoConfig(a)) => (UpstreamProtocol::Auto, a.http2_protocol_options.as_ref().map(h2_options)),
+            Some(U::AutoConfig(a)) => (
+                UpstreamProtocol::Auto,
+                a.http2_protocol_options.as_ref().map(h2_options),
+            ),
             Some(U::UseDownstreamProtocolConfig(_)) | None => (UpstreamProtocol::Auto, None),
         };
         return Ok((protocol, h2, max_requests));

@@ -11,7 +11,8 @@ impl TryFrom<&pb::ClusterLoadAssignment> for EndpointAssignment {
     type Error = TranslateError;
 
     fn try_from(cla: &pb::ClusterLoadAssignment) -> Result<Self, Self::Error> {
-        assignment(cla).map_err(|e| e.into_error(ResourceType::ClusterLoadAssignment, &cla.cluster_name))
+        assignment(cla)
+            .map_err(|e| e.into_error(ResourceType::ClusterLoadAssignment, &cla.cluster_name))
     }
 }
 
@@ -23,7 +24,9 @@ impl TryFrom<pb::ClusterLoadAssignment> for EndpointAssignment {
     }
 }
 
-pub(crate) fn assignment(cla: &pb::ClusterLoadAssignment) -> Result<EndpointAssignment, FieldError> {
+pub(crate) fn assignment(
+    cla: &pb::ClusterLoadAssignment,
+) -> Result<EndpointAssignment, FieldError> {
     if cla.cluster_name.is_empty() {
         return err("cluster_name is empty").at("cluster_name");
     }
@@ -58,9 +61,15 @@ pub(crate) fn assignment(cla: &pb::ClusterLoadAssignment) -> Result<EndpointAssi
     let mut priorities: Vec<u32> = localities.iter().map(|l| l.priority).collect();
     priorities.sort_unstable();
     priorities.dedup();
-    if let Some((i, p)) = priorities.iter().enumerate().find(|(i, p)| **p as usize != *i) {
-        return err(format!("priorities must be contiguous from 0, but priority {p} is used and {i} is not"))
-            .at("endpoints");
+    if let Some((i, p)) = priorities
+        .iter()
+        .enumerate()
+        .find(|(i, p)| **p as usize != *i)
+    {
+        return err(format!(
+            "priorities must be contiguous from 0, but priority {p} is used and {i} is not"
+        ))
+        .at("endpoints");
     }
     localities.sort_by_key(|l| l.priority);
     let mut drop_overloads = Vec::new();
@@ -100,7 +109,9 @@ fn lb_endpoint(e: &pb::LbEndpoint) -> Result<Endpoint, FieldError> {
     .at("endpoint")?;
     let weight = match e.load_balancing_weight {
         None => 1,
-        Some(w) if w.value == 0 => return err("load_balancing_weight must be at least 1").at("load_balancing_weight"),
+        Some(w) if w.value == 0 => {
+            return err("load_balancing_weight must be at least 1").at("load_balancing_weight")
+        }
         Some(w) => w.value,
     };
     let health = match e.health_status {

@@ -12,7 +12,9 @@ pub(crate) fn fault(f: &pb::HttpFault) -> Result<FaultConfig, FieldError> {
         None => None,
         Some(d) => {
             let duration = match &d.fault_delay_secifier {
-                Some(FaultDelaySecifier::FixedDelay(fd)) => duration(fd).at("fixed_delay").at("delay")?,
+                Some(FaultDelaySecifier::FixedDelay(fd)) => {
+                    duration(fd).at("fixed_delay").at("delay")?
+                }
                 Some(FaultDelaySecifier::HeaderDelay(_)) => {
                     return err("header_delay is not supported; use fixed_delay").at("delay")
                 }
@@ -31,7 +33,9 @@ pub(crate) fn fault(f: &pb::HttpFault) -> Result<FaultConfig, FieldError> {
         Some(a) => {
             use pb::fault_abort::ErrorType;
             let kind = match &a.error_type {
-                Some(ErrorType::HttpStatus(s)) if (200..600).contains(s) => AbortKind::Http(*s as u16),
+                Some(ErrorType::HttpStatus(s)) if (200..600).contains(s) => {
+                    AbortKind::Http(*s as u16)
+                }
                 Some(ErrorType::HttpStatus(s)) => {
                     return err(format!("http_status {s} is outside 200..600"))
                         .at("http_status")
@@ -39,9 +43,11 @@ pub(crate) fn fault(f: &pb::HttpFault) -> Result<FaultConfig, FieldError> {
                 }
                 Some(ErrorType::GrpcStatus(s)) if *s <= 16 => AbortKind::Grpc(*s),
                 Some(ErrorType::GrpcStatus(s)) => {
-                    return err(format!("grpc_status {s} is not a gRPC status code (0..=16)"))
-                        .at("grpc_status")
-                        .at("abort")
+                    return err(format!(
+                        "grpc_status {s} is not a gRPC status code (0..=16)"
+                    ))
+                    .at("grpc_status")
+                    .at("abort")
                 }
                 Some(ErrorType::HeaderAbort(_)) => {
                     return err("header_abort is not supported; use http_status or grpc_status")

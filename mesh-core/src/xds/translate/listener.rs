@@ -46,8 +46,11 @@ fn listener(l: &pb::Listener) -> Result<Listener, FieldError> {
             .as_ref()
             .ok_or_else(|| FieldError::new("api_listener is empty"))
             .at("api_listener")?;
-        let manager: hcm::HttpConnectionManager = decode_any(any).at("api_listener").at("api_listener")?;
-        let manager = http_connection_manager(&manager).at("api_listener").at("api_listener")?;
+        let manager: hcm::HttpConnectionManager =
+            decode_any(any).at("api_listener").at("api_listener")?;
+        let manager = http_connection_manager(&manager)
+            .at("api_listener")
+            .at("api_listener")?;
         return Ok(Listener {
             name: l.name.clone(),
             kind: ListenerKind::Api(manager),
@@ -101,7 +104,9 @@ pub(crate) fn socket_address(a: &core::Address) -> Result<SocketAddr, FieldError
             let port = match sa.port_specifier {
                 Some(core::socket_address::PortSpecifier::PortValue(p)) if p <= 65535 => p as u16,
                 Some(core::socket_address::PortSpecifier::PortValue(p)) => {
-                    return err(format!("port {p} is out of range")).at("port_value").at("socket_address")
+                    return err(format!("port {p} is out of range"))
+                        .at("port_value")
+                        .at("socket_address")
                 }
                 _ => return err("port_value is required").at("socket_address"),
             };
@@ -145,10 +150,16 @@ fn filter_chain(fc: &pb::FilterChain) -> Result<FilterChain, FieldError> {
             .at_index("filters", i);
         }
         if i + 1 != fc.filters.len() {
-            return err("the HttpConnectionManager must be the last network filter").at_index("filters", i);
+            return err("the HttpConnectionManager must be the last network filter")
+                .at_index("filters", i);
         }
-        let m: hcm::HttpConnectionManager = decode_any(any).at("typed_config").at_index("filters", i)?;
-        http = Some(http_connection_manager(&m).at("typed_config").at_index("filters", i)?);
+        let m: hcm::HttpConnectionManager =
+            decode_any(any).at("typed_config").at_index("filters", i)?;
+        http = Some(
+            http_connection_manager(&m)
+                .at("typed_config")
+                .at_index("filters", i)?,
+        );
     }
     Ok(FilterChain {
         name: fc.name.clone(),
@@ -192,12 +203,16 @@ fn chain_match(m: &pb::FilterChainMatch) -> Result<FilterChainMatch, FieldError>
     })
 }
 
-pub(crate) fn http_connection_manager(m: &hcm::HttpConnectionManager) -> Result<HttpConnectionManager, FieldError> {
+pub(crate) fn http_connection_manager(
+    m: &hcm::HttpConnectionManager,
+) -> Result<HttpConnectionManager, FieldError> {
     use hcm::http_connection_manager::RouteSpecifier as R;
     let routes = match &m.route_specifier {
         Some(R::Rds(rds)) => {
             if rds.route_config_name.is_empty() {
-                return err("route_config_name is empty").at("route_config_name").at("rds");
+                return err("route_config_name is empty")
+                    .at("route_config_name")
+                    .at("rds");
             }
             if let Some(cs) = &rds.config_source {
                 use core::config_source::ConfigSourceSpecifier as S;
@@ -212,8 +227,12 @@ pub(crate) fn http_connection_manager(m: &hcm::HttpConnectionManager) -> Result<
             }
             RouteSource::Rds(rds.route_config_name.clone())
         }
-        Some(R::RouteConfig(rc)) => RouteSource::Inline(Arc::new(route_config(rc).at("route_config")?)),
-        Some(R::ScopedRoutes(_)) => return err("scoped_routes is not supported").at("scoped_routes"),
+        Some(R::RouteConfig(rc)) => {
+            RouteSource::Inline(Arc::new(route_config(rc).at("route_config")?))
+        }
+        Some(R::ScopedRoutes(_)) => {
+            return err("scoped_routes is not supported").at("scoped_routes")
+        }
         None => return err("one of rds or route_config is required"),
     };
     let mut http_filters = Vec::with_capacity(m.http_filters.len());
@@ -225,7 +244,10 @@ pub(crate) fn http_connection_manager(m: &hcm::HttpConnectionManager) -> Result<
             });
         }
     }
-    match http_filters.iter().position(|f| f.kind == HttpFilterKind::Router) {
+    match http_filters
+        .iter()
+        .position(|f| f.kind == HttpFilterKind::Router)
+    {
         None => return err("the router filter is required").at("http_filters"),
         Some(pos) if pos + 1 != http_filters.len() => {
             return err("the router must be the last HTTP filter").at("http_filters")
@@ -254,7 +276,11 @@ fn http_filter(f: &hcm::HttpFilter) -> Result<Option<HttpFilterKind>, FieldError
         Some(hcm::http_filter::ConfigType::TypedConfig(any)) => any,
         Some(hcm::http_filter::ConfigType::ConfigDiscovery(_)) if f.is_optional => return Ok(None),
         Some(hcm::http_filter::ConfigType::ConfigDiscovery(_)) => {
-            return err(format!("filter {:?}: config_discovery is not supported", f.name)).at("config_discovery")
+            return err(format!(
+                "filter {:?}: config_discovery is not supported",
+                f.name
+            ))
+            .at("config_discovery")
         }
         None => {
             return err(format!("filter {:?} has no typed_config", f.name)).at("typed_config");

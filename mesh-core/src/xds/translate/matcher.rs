@@ -29,7 +29,11 @@ pub(crate) fn string_matcher(m: &pb::StringMatcher) -> Result<StringMatcher, Fie
         Some(P::Contains(s)) => StringMatch::Contains(s.clone()),
         Some(P::SafeRegex(r)) => StringMatch::Regex(regex(r).at("safe_regex")?),
         Some(P::Custom(c)) => {
-            return err(format!("custom string matcher {:?} is not supported", c.name)).at("custom")
+            return err(format!(
+                "custom string matcher {:?} is not supported",
+                c.name
+            ))
+            .at("custom")
         }
         None => return err("one of exact, prefix, suffix, contains or safe_regex is required"),
     };
@@ -54,7 +58,8 @@ pub(crate) fn header_matcher(m: &route::HeaderMatcher) -> Result<HeaderMatcher, 
         }),
         Some(S::RangeMatch(r)) => {
             if r.start > r.end {
-                return err(format!("range start {} is after end {}", r.start, r.end)).at("range_match");
+                return err(format!("range start {} is after end {}", r.start, r.end))
+                    .at("range_match");
             }
             HeaderMatch::Range {
                 start: r.start,
@@ -83,7 +88,9 @@ pub(crate) fn header_matcher(m: &route::HeaderMatcher) -> Result<HeaderMatcher, 
     })
 }
 
-pub(crate) fn query_matcher(m: &route::QueryParameterMatcher) -> Result<QueryParamMatcher, FieldError> {
+pub(crate) fn query_matcher(
+    m: &route::QueryParameterMatcher,
+) -> Result<QueryParamMatcher, FieldError> {
     use route::query_parameter_matcher::QueryParameterMatchSpecifier as S;
     if m.name.is_empty() {
         return err("query parameter name is empty").at("name");

@@ -24,7 +24,6 @@ mod rbac;
 mod route;
 mod tls;
 
-
 /// A resource that failed translation: which one, where, and why.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -138,7 +137,10 @@ pub(crate) fn decode_any<M: Message + Name + Default>(any: &Any) -> Result<M, Fi
 
 pub(crate) fn duration(d: &PbDuration) -> Result<Duration, FieldError> {
     if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
-        return err(format!("invalid duration {}s {}ns: must be non-negative", d.seconds, d.nanos));
+        return err(format!(
+            "invalid duration {}s {}ns: must be non-negative",
+            d.seconds, d.nanos
+        ));
     }
     Ok(Duration::new(d.seconds as u64, d.nanos as u32))
 }
@@ -164,7 +166,9 @@ pub(crate) fn fraction(
         2 => 1,
         other => return err(format!("unknown denominator {other}")).at("denominator"),
     };
-    Ok(crate::config::Fraction::per_million(u64::from(p.numerator) * scale))
+    Ok(crate::config::Fraction::per_million(
+        u64::from(p.numerator) * scale,
+    ))
 }
 
 #[cfg(test)]

@@ -13,7 +13,12 @@ pub(crate) fn rbac_filter(f: &RbacFilter) -> Result<RbacConfig, FieldError> {
     }
     Ok(RbacConfig {
         rules: f.rules.as_ref().map(rules).transpose().at("rules")?,
-        shadow_rules: f.shadow_rules.as_ref().map(rules).transpose().at("shadow_rules")?,
+        shadow_rules: f
+            .shadow_rules
+            .as_ref()
+            .map(rules)
+            .transpose()
+            .at("shadow_rules")?,
     })
 }
 
@@ -88,7 +93,9 @@ fn permission(p: &pb::Permission) -> Result<Permission, FieldError> {
         Some(R::RequestedServerName(s)) => {
             Permission::RequestedServerName(string_matcher(s).at("requested_server_name")?)
         }
-        Some(_) => return err("this permission rule is not supported (metadata, matcher, port range, uri template)"),
+        Some(_) => return err(
+            "this permission rule is not supported (metadata, matcher, port range, uri template)",
+        ),
         None => return err("a rule is required"),
     })
 }

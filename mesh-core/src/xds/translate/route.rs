@@ -11,7 +11,10 @@ use prost::Name;
 
 use super::fault::fault;
 use super::matcher::{header_matcher, query_matcher, regex};
-use super::{decode_any, duration, err, fraction, opt_nonzero_duration, type_name, At, FieldError, TranslateError};
+use super::{
+    decode_any, duration, err, fraction, opt_nonzero_duration, type_name, At, FieldError,
+    TranslateError,
+};
 use crate::config::*;
 use crate::xds::ResourceType;
 
@@ -51,8 +54,16 @@ pub(crate) fn route_config(rc: &pb::RouteConfiguration) -> Result<RouteConfig, F
         name: rc.name.clone(),
         virtual_hosts,
         ignore_port_in_host_matching: rc.ignore_port_in_host_matching,
-        request_headers: mutation(&rc.request_headers_to_add, &rc.request_headers_to_remove, "request")?,
-        response_headers: mutation(&rc.response_headers_to_add, &rc.response_headers_to_remove, "response")?,
+        request_headers: mutation(
+            &rc.request_headers_to_add,
+            &rc.request_headers_to_remove,
+            "request",
+        )?,
+        response_headers: mutation(
+            &rc.response_headers_to_add,
+            &rc.response_headers_to_remove,
+            "response",
+        )?,
     })
 }
 
@@ -64,7 +75,11 @@ fn virtual_host(vh: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
         .domains
         .iter()
         .enumerate()
-        .map(|(i, d)| DomainMatcher::parse(d).map_err(FieldError::new).at_index("domains", i))
+        .map(|(i, d)| {
+            DomainMatcher::parse(d)
+                .map_err(FieldError::new)
+                .at_index("domains", i)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let retry_policy = vh
         .retry_policy
@@ -83,15 +98,27 @@ fn virtual_host(vh: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
         domains,
         routes,
         retry_policy,
-        request_headers: mutation(&vh.request_headers_to_add, &vh.request_headers_to_remove, "request")?,
-        response_headers: mutation(&vh.response_headers_to_add, &vh.response_headers_to_remove, "response")?,
+        request_headers: mutation(
+            &vh.request_headers_to_add,
+            &vh.request_headers_to_remove,
+            "request",
+        )?,
+        response_headers: mutation(
+            &vh.response_headers_to_add,
+            &vh.response_headers_to_remove,
+            "response",
+        )?,
         fault: fault_override(&vh.typed_per_filter_config)?,
     })
 }
 
 fn route(r: &pb::Route, vh_retry: Option<&RetryPolicy>) -> Result<Route, FieldError> {
-    let matcher = route_match(r.r#match.as_ref().ok_or_else(|| FieldError::new("match is required"))?)
-        .at("match")?;
+    let matcher = route_match(
+        r.r#match
+            .as_ref()
+            .ok_or_else(|| FieldError::new("match is required"))?,
+    )
+    .at("match")?;
     use pb::route::Action;
     let action = match &r.action {
         Some(Action::Route(ra)) => RouteAction::Forward(forward(ra, vh_retry).at("route")?),
@@ -105,7 +132,9 @@ fn route(r: &pb::Route, vh_retry: Option<&RetryPolicy>) -> Result<Route, FieldEr
             let body = match dr.body.as_ref().and_then(|b| b.specifier.as_ref()) {
                 None => String::new(),
                 Some(core::data_source::Specifier::InlineString(s)) => s.clone(),
-                Some(core::data_source::Specifier::InlineBytes(b)) => String::from_utf8_lossy(b).into_owned(),
+                Some(core::data_source::Specifier::InlineBytes(b)) => {
+                    String::from_utf8_lossy(b).into_owned()
+                }
                 Some(_) => {
                     return err("only inline bodies are supported")
                         .at("body")
@@ -118,15 +147,29 @@ fn route(r: &pb::Route, vh_retry: Option<&RetryPolicy>) -> Result<Route, FieldEr
             }
         }
         Some(Action::NonForwardingAction(_)) => RouteAction::NonForwarding,
-        Some(Action::FilterAction(_)) => return err("filter_action is not supported").at("filter_action"),
-        None => return err("one of route, redirect, direct_response or non_forwarding_action is required"),
+        Some(Action::FilterAction(_)) => {
+            return err("filter_action is not supported").at("filter_action")
+        }
+        None => {
+            return err(
+                "one of route, redirect, direct_response or non_forwarding_action is required",
+            )
+        }
     };
     Ok(Route {
         name: r.name.clone(),
         matcher,
         action,
-        request_headers: mutation(&r.request_headers_to_add, &r.request_headers_to_remove, "request")?,
-        response_headers: mutation(&r.response_headers_to_add, &r.response_headers_to_remove, "response")?,
+        request_headers: mutation(
+            &r.request_headers_to_add,
+            &r.request_headers_to_remove,
+            "request",
+        )?,
+        response_headers: mutation(
+            &r.response_headers_to_add,
+            &r.response_headers_to_remove,
+            "response",
+        )?,
         fault: fault_override(&r.typed_per_filter_config)?,
     })
 }
@@ -144,9 +187,12 @@ fn route_match(m: &pb::RouteMatch) -> Result<RouteMatch, FieldError> {
             }
             PathMatch::SeparatedPrefix(p.clone())
         }
-        Some(P::ConnectMatcher(_)) => return err("connect_matcher is not supported").at("connect_matcher"),
+        Some(P::ConnectMatcher(_)) => {
+            return err("connect_matcher is not supported").at("connect_matcher")
+        }
         Some(P::PathMatchPolicy(p)) => {
-            return err(format!("path_match_policy {:?} is not supported", p.name)).at("path_match_policy")
+            return err(format!("path_match_policy {:?} is not supported", p.name))
+                .at("path_match_policy")
         }
         None => return err("one of prefix, path, safe_regex or path_separated_prefix is required"),
     };
@@ -193,7 +239,10 @@ fn redirect(rd: &pb::RedirectAction) -> Result<RouteAction, FieldError> {
     let path = match &rd.path_rewrite_specifier {
         Some(P::PathRedirect(p)) => Some(p.clone()),
         Some(P::PrefixRewrite(p)) => Some(p.clone()),
-        Some(_) => return err("only path_redirect and prefix_rewrite are supported").at("path_rewrite_specifier"),
+        Some(_) => {
+            return err("only path_redirect and prefix_rewrite are supported")
+                .at("path_rewrite_specifier")
+        }
         None => None,
     };
     Ok(RouteAction::Redirect {
@@ -203,17 +252,24 @@ fn redirect(rd: &pb::RedirectAction) -> Result<RouteAction, FieldError> {
     })
 }
 
-fn forward(ra: &pb::RouteAction, vh_retry: Option<&RetryPolicy>) -> Result<ForwardAction, FieldError> {
+fn forward(
+    ra: &pb::RouteAction,
+    vh_retry: Option<&RetryPolicy>,
+) -> Result<ForwardAction, FieldError> {
     use pb::route_action::ClusterSpecifier as C;
     let cluster = match &ra.cluster_specifier {
-        Some(C::Cluster(name)) if name.is_empty() => return err("cluster name is empty").at("cluster"),
+        Some(C::Cluster(name)) if name.is_empty() => {
+            return err("cluster name is empty").at("cluster")
+        }
         Some(C::Cluster(name)) => ClusterSpecifier::Cluster(name.clone()),
         Some(C::ClusterHeader(h)) => ClusterSpecifier::Header(
             HeaderName::from_bytes(h.as_bytes())
                 .map_err(|_| FieldError::new(format!("{h:?} is not a valid header name")))
                 .at("cluster_header")?,
         ),
-        Some(C::WeightedClusters(w)) => ClusterSpecifier::Weighted(weighted(w).at("weighted_clusters")?),
+        Some(C::WeightedClusters(w)) => {
+            ClusterSpecifier::Weighted(weighted(w).at("weighted_clusters")?)
+        }
         Some(C::ClusterSpecifierPlugin(_)) | Some(C::InlineClusterSpecifierPlugin(_)) => {
             return err("cluster specifier plugins are not supported").at("cluster_specifier")
         }
@@ -239,12 +295,15 @@ fn forward(ra: &pb::RouteAction, vh_retry: Option<&RetryPolicy>) -> Result<Forwa
         .enumerate()
         .map(|(i, m)| {
             if m.cluster.is_empty() {
-                return err("cluster is required (cluster_header is not supported)").at_index("request_mirror_policies", i);
+                return err("cluster is required (cluster_header is not supported)")
+                    .at_index("request_mirror_policies", i);
             }
             Ok(MirrorPolicy {
                 cluster: m.cluster.clone(),
                 fraction: fraction(
-                    m.runtime_fraction.as_ref().and_then(|f| f.default_value.as_ref()),
+                    m.runtime_fraction
+                        .as_ref()
+                        .and_then(|f| f.default_value.as_ref()),
                     Fraction::ALWAYS,
                 )
                 .at("runtime_fraction")
@@ -258,9 +317,13 @@ fn forward(ra: &pb::RouteAction, vh_retry: Option<&RetryPolicy>) -> Result<Forwa
     let regex_rewrite = match &ra.regex_rewrite {
         None => None,
         Some(rr) => Some(RegexRewrite {
-            pattern: regex(rr.pattern.as_ref().ok_or_else(|| FieldError::new("pattern is required"))?)
-                .at("pattern")
-                .at("regex_rewrite")?,
+            pattern: regex(
+                rr.pattern
+                    .as_ref()
+                    .ok_or_else(|| FieldError::new("pattern is required"))?,
+            )
+            .at("pattern")
+            .at("regex_rewrite")?,
             substitution: rr.substitution.clone(),
         }),
     };
@@ -274,7 +337,9 @@ fn forward(ra: &pb::RouteAction, vh_retry: Option<&RetryPolicy>) -> Result<Forwa
         timeout,
         idle_timeout: opt_nonzero_duration(ra.idle_timeout.as_ref()).at("idle_timeout")?,
         max_stream_duration: opt_nonzero_duration(
-            ra.max_stream_duration.as_ref().and_then(|m| m.max_stream_duration.as_ref()),
+            ra.max_stream_duration
+                .as_ref()
+                .and_then(|m| m.max_stream_duration.as_ref()),
         )
         .at("max_stream_duration")?,
         retry_policy,
@@ -294,7 +359,9 @@ fn weighted(w: &pb::WeightedCluster) -> Result<WeightedClusters, FieldError> {
     let mut total: u64 = 0;
     for (i, c) in w.clusters.iter().enumerate() {
         if c.name.is_empty() {
-            return err("name is required (cluster_header is not supported)").at("name").at_index("clusters", i);
+            return err("name is required (cluster_header is not supported)")
+                .at("name")
+                .at_index("clusters", i);
         }
         let weight = c.weight.map(|v| v.value).unwrap_or(0);
         total += u64::from(weight);
@@ -304,10 +371,18 @@ fn weighted(w: &pb::WeightedCluster) -> Result<WeightedClusters, FieldError> {
         clusters.push(ClusterWeight {
             name: c.name.clone(),
             weight,
-            request_headers: mutation(&c.request_headers_to_add, &c.request_headers_to_remove, "request")
-                .at_index("clusters", i)?,
-            response_headers: mutation(&c.response_headers_to_add, &c.response_headers_to_remove, "response")
-                .at_index("clusters", i)?,
+            request_headers: mutation(
+                &c.request_headers_to_add,
+                &c.request_headers_to_remove,
+                "request",
+            )
+            .at_index("clusters", i)?,
+            response_headers: mutation(
+                &c.response_headers_to_add,
+                &c.response_headers_to_remove,
+                "response",
+            )
+            .at_index("clusters", i)?,
             fault: fault_override(&c.typed_per_filter_config).at_index("clusters", i)?,
         });
     }
@@ -329,9 +404,13 @@ pub(crate) fn retry_policy(rp: &pb::RetryPolicy) -> Result<RetryPolicy, FieldErr
     let backoff = match &rp.retry_back_off {
         None => RetryBackoff::default(),
         Some(b) => {
-            let base = duration(b.base_interval.as_ref().ok_or_else(|| FieldError::new("base_interval is required"))?)
-                .at("base_interval")
-                .at("retry_back_off")?;
+            let base = duration(
+                b.base_interval
+                    .as_ref()
+                    .ok_or_else(|| FieldError::new("base_interval is required"))?,
+            )
+            .at("base_interval")
+            .at("retry_back_off")?;
             if base.is_zero() {
                 return err("base_interval must be greater than 0").at("retry_back_off");
             }
@@ -375,7 +454,9 @@ fn hash_policy(h: &pb::route_action::HashPolicy) -> Result<Option<HashPolicy>, F
     let kind = match &h.policy_specifier {
         Some(P::Header(hd)) => HashPolicyKind::Header(
             HeaderName::from_bytes(hd.header_name.as_bytes())
-                .map_err(|_| FieldError::new(format!("{:?} is not a valid header name", hd.header_name)))
+                .map_err(|_| {
+                    FieldError::new(format!("{:?} is not a valid header name", hd.header_name))
+                })
                 .at("header_name")
                 .at("header")?,
         ),
@@ -413,7 +494,11 @@ pub(crate) fn mutation(
             .ok_or_else(|| FieldError::new("header is required"))
             .at_index(add_field, i)?;
         let name = header_name(&h.key).at("key").at_index(add_field, i)?;
-        let raw = if h.raw_value.is_empty() { h.value.as_bytes() } else { &h.raw_value };
+        let raw = if h.raw_value.is_empty() {
+            h.value.as_bytes()
+        } else {
+            &h.raw_value
+        };
         let value = HeaderValue::from_bytes(raw)
             .map_err(|_| FieldError::new(format!("invalid value for header {:?}", h.key)))
             .at("value")
@@ -425,9 +510,15 @@ pub(crate) fn mutation(
             (None, 0) => AppendAction::Append,
             (None, 1) => AppendAction::AddIfAbsent,
             (None, 2 | 3) => AppendAction::Overwrite,
-            (None, other) => return err(format!("unknown append_action {other}")).at_index(add_field, i),
+            (None, other) => {
+                return err(format!("unknown append_action {other}")).at_index(add_field, i)
+            }
         };
-        out.add.push(HeaderAdd { name, value, action });
+        out.add.push(HeaderAdd {
+            name,
+            value,
+            action,
+        });
     }
     Ok(out)
 }
@@ -454,7 +545,8 @@ fn fault_override(cfg: &HashMap<String, Any>) -> Result<Option<FaultConfig>, Fie
         } else {
             any.clone()
         };
-        if type_name(&any) == HttpFault::full_name() || FAULT_FILTER_NAMES.contains(&name.as_str()) {
+        if type_name(&any) == HttpFault::full_name() || FAULT_FILTER_NAMES.contains(&name.as_str())
+        {
             let f: HttpFault = decode_any(&any).at_key("typed_per_filter_config", name)?;
             return fault(&f).map(Some).at_key("typed_per_filter_config", name);
         }

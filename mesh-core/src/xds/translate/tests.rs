@@ -17,7 +17,12 @@ use crate::xds::file;
 pub(crate) fn fixtures() -> PathBuf {
     std::env::var_os("MESH_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/xds")))
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../shared/fixtures/xds"
+            ))
+        })
 }
 
 fn gateway(case: &str, kind: &str) -> Snapshot {
@@ -52,14 +57,25 @@ fn every_envoy_gateway_fixture_translates() {
 
 #[test]
 fn yaml_and_pb_fixtures_agree() {
-    for case in ["retry", "circuit-breaker", "http-route-timeout", "http-route-regex", "http-route-weighted-backend"] {
+    for case in [
+        "retry",
+        "circuit-breaker",
+        "http-route-timeout",
+        "http-route-regex",
+        "http-route-weighted-backend",
+    ] {
         let path = fixtures().join(format!("envoy-gateway/{case}.routes.yaml"));
         let text = std::fs::read_to_string(&path).unwrap();
-        let from_yaml: Vec<rpb::RouteConfiguration> = file::list_from_yaml(&text, &path.display().to_string()).unwrap();
+        let from_yaml: Vec<rpb::RouteConfiguration> =
+            file::list_from_yaml(&text, &path.display().to_string()).unwrap();
         let from_pb = gateway(case, "routes");
         for rc in from_yaml {
             let ours = RouteConfig::try_from(&rc).unwrap();
-            assert_eq!(Some(&ours), from_pb.route_config(&rc.name).map(|r| &**r), "{case}");
+            assert_eq!(
+                Some(&ours),
+                from_pb.route_config(&rc.name).map(|r| &**r),
+                "{case}"
+            );
         }
     }
 }
@@ -70,9 +86,23 @@ fn weighted_backend_locality_weights() {
     let cla = &snap.endpoint_assignments()["first-route-dest"];
     let weights: Vec<u32> = cla.localities.iter().map(|l| l.weight).collect();
     assert_eq!(weights, vec![20, 40, 20, 20]);
-    let addrs: Vec<String> = cla.endpoints().map(|(_, e)| e.address.to_string()).collect();
-    assert_eq!(addrs, vec!["1.1.1.1:50001", "2.2.2.2:50002", "3.3.3.3:50003", "4.4.4.4:50004"]);
-    assert_eq!(cla.localities[1].locality.region, "first-route-dest/backend/1");
+    let addrs: Vec<String> = cla
+        .endpoints()
+        .map(|(_, e)| e.address.to_string())
+        .collect();
+    assert_eq!(
+        addrs,
+        vec![
+            "1.1.1.1:50001",
+            "2.2.2.2:50002",
+            "3.3.3.3:50003",
+            "4.4.4.4:50004"
+        ]
+    );
+    assert_eq!(
+        cla.localities[1].locality.region,
+        "first-route-dest/backend/1"
+    );
     let clusters = gateway("http-route-weighted-backend", "clusters");
     let c = &clusters.clusters()["first-route-dest"];
     assert_eq!(c.lb_policy, LbPolicy::LeastRequest { choice_count: 2 });
@@ -83,14 +113,25 @@ fn weighted_backend_locality_weights() {
     // The listener is server-side: an HCM taking routes over RDS.
     let listeners = gateway("http-route-weighted-backend", "listeners");
     let l = &listeners.listeners()["first-listener"];
-    let ListenerKind::Server(s) = &l.kind else { panic!("server listener expected") };
+    let ListenerKind::Server(s) = &l.kind else {
+        panic!("server listener expected")
+    };
     assert_eq!(s.address.port(), 10080);
-    let hcm = s.default_filter_chain.as_ref().unwrap().http.as_ref().unwrap();
+    let hcm = s
+        .default_filter_chain
+        .as_ref()
+        .unwrap()
+        .http
+        .as_ref()
+        .unwrap();
     assert_eq!(hcm.routes, RouteSource::Rds("first-listener".into()));
-    assert_eq!(hcm.http_filters.last().unwrap().kind, HttpFilterKind::Router);
+    assert_eq!(
+        hcm.http_filters.last().unwrap().kind,
+        HttpFilterKind::Router
+    );
 }
 
-fn forward<'a>(rc: &'a RouteConfig, vh: usize, route: usize) -> &'a ForwardAction {
+fn forward(rc: &RouteConfig, vh: usize, route: usize) -> &ForwardAction {
     match &rc.virtual_hosts[vh].routes[route].action {
         RouteAction::Forward(f) => f,
         other => panic!("expected a forward action, got {other:?}"),
@@ -105,7 +146,11 @@ fn retry_policies() {
     assert_eq!(first.num_retries, 3);
     assert_eq!(first.retriable_status_codes, vec![500]);
     assert_eq!(first.backoff.base, Duration::from_millis(200));
-    assert_eq!(first.backoff.max, Duration::from_secs(2), "max defaults to 10 x base");
+    assert_eq!(
+        first.backoff.max,
+        Duration::from_secs(2),
+        "max defaults to 10 x base"
+    );
     for c in [
         RetryOn::CONNECT_FAILURE,
         RetryOn::REFUSED_STREAM,
@@ -124,10 +169,19 @@ fn retry_policies() {
     assert_eq!(second.backoff, RetryBackoff::default());
     let third = forward(rc, 1, 1).retry_policy.as_ref().unwrap();
     assert_eq!(third.num_retries, 5);
-    assert_eq!(third.retry_on.names(), "reset,reset-before-request,connect-failure");
+    assert_eq!(
+        third.retry_on.names(),
+        "reset,reset-before-request,connect-failure"
+    );
     // Domain matching over the fixture: `foo` gets its own virtual host.
-    assert_eq!(rc.find_virtual_host("foo:80").unwrap().name, "first-listener/foo");
-    assert_eq!(rc.find_virtual_host("bar").unwrap().name, "first-listener/*");
+    assert_eq!(
+        rc.find_virtual_host("foo:80").unwrap().name,
+        "first-listener/foo"
+    );
+    assert_eq!(
+        rc.find_virtual_host("bar").unwrap().name,
+        "first-listener/*"
+    );
 }
 
 #[test]
@@ -136,7 +190,12 @@ fn circuit_breaker_thresholds() {
     let c = &snap.clusters()["first-route-dest"];
     let t = &c.circuit_breakers.default;
     assert_eq!(
-        (t.max_connections, t.max_pending_requests, t.max_requests, t.max_retries),
+        (
+            t.max_connections,
+            t.max_pending_requests,
+            t.max_requests,
+            t.max_retries
+        ),
         (1, 1, 1, 2)
     );
     let budget = t.retry_budget.as_ref().unwrap();
@@ -157,12 +216,24 @@ fn route_timeouts() {
     assert_eq!(first.max_stream_duration, Some(Duration::from_secs(30)));
     assert_eq!(forward(rc, 0, 1).timeout, Some(Duration::from_secs(4000)));
     assert_eq!(forward(rc, 0, 1).max_stream_duration, None, "0s disables");
-    assert_eq!(forward(rc, 0, 2).timeout, None, "timeout 0s disables the timeout");
+    assert_eq!(
+        forward(rc, 0, 2).timeout,
+        None,
+        "timeout 0s disables the timeout"
+    );
     assert_eq!(forward(rc, 0, 3).timeout, Some(Duration::from_secs(10)));
     let m = &rc.virtual_hosts[0].routes[0].matcher;
     assert_eq!(m.headers[0].name, "user");
-    assert_eq!(m.headers[0].kind, HeaderMatch::String(StringMatcher::exact("jason")));
-    assert_eq!(snap.route_configs()["second-listener"].virtual_hosts[0].routes.len(), 1);
+    assert_eq!(
+        m.headers[0].kind,
+        HeaderMatch::String(StringMatcher::exact("jason"))
+    );
+    assert_eq!(
+        snap.route_configs()["second-listener"].virtual_hosts[0]
+            .routes
+            .len(),
+        1
+    );
 }
 
 #[test]
@@ -170,14 +241,26 @@ fn route_regex() {
     let snap = gateway("http-route-regex", "routes");
     let rc = &snap.route_configs()["first-listener"];
     let m = &rc.virtual_hosts[0].routes[0].matcher;
-    let PathMatch::Regex(p) = &m.path else { panic!("regex path expected: {:?}", m.path) };
+    let PathMatch::Regex(p) = &m.path else {
+        panic!("regex path expected: {:?}", m.path)
+    };
     assert_eq!(p.as_str(), "/v1/.*");
-    let HeaderMatch::String(StringMatcher { kind: StringMatch::Regex(h), .. }) = &m.headers[0].kind else {
+    let HeaderMatch::String(StringMatcher {
+        kind: StringMatch::Regex(h),
+        ..
+    }) = &m.headers[0].kind
+    else {
         panic!("{:?}", m.headers[0])
     };
-    assert_eq!((m.headers[0].name.as_str(), h.as_str()), ("re_header", ".*"));
+    assert_eq!(
+        (m.headers[0].name.as_str(), h.as_str()),
+        ("re_header", ".*")
+    );
     assert_eq!(m.query_params[0].name, "re_query");
-    let headers = http::HeaderMap::from_iter([(http::HeaderName::from_static("re_header"), "x".parse().unwrap())]);
+    let headers = http::HeaderMap::from_iter([(
+        http::HeaderName::from_static("re_header"),
+        "x".parse().unwrap(),
+    )]);
     let req = |path| RequestInfo {
         method: "GET",
         authority: "any",
@@ -206,14 +289,21 @@ fn envoy_example_without_typed_config_is_rejected() {
     // The current example (filters written as a mapping, as Envoy accepts) translates.
     let path = fixtures().join("envoy-examples/dynamic-config-fs.lds.yaml");
     let snap = file::load_snapshot(&path).unwrap();
-    let ListenerKind::Server(s) = &snap.listeners()["listener_0"].kind else { panic!() };
+    let ListenerKind::Server(s) = &snap.listeners()["listener_0"].kind else {
+        panic!()
+    };
     let hcm = s.filter_chains[0].http.as_ref().unwrap();
-    let RouteSource::Inline(rc) = &hcm.routes else { panic!() };
+    let RouteSource::Inline(rc) = &hcm.routes else {
+        panic!()
+    };
     assert_eq!(rc.cluster_names(), vec!["example_proxy_cluster"]);
     // Its cluster is STRICT_DNS, which a proxyless client cannot use: a clear rejection.
-    let err = file::load_snapshot(&fixtures().join("envoy-examples/dynamic-config-fs.cds.yaml")).unwrap_err();
+    let err = file::load_snapshot(&fixtures().join("envoy-examples/dynamic-config-fs.cds.yaml"))
+        .unwrap_err();
     assert!(
-        err.message.contains("cluster \"example_proxy_cluster\": type: cluster type STRICT_DNS is not supported"),
+        err.message.contains(
+            "cluster \"example_proxy_cluster\": type: cluster type STRICT_DNS is not supported"
+        ),
         "{err}"
     );
 }
@@ -241,19 +331,21 @@ fn weighted_route(weights: &[(&str, u32)]) -> rpb::RouteConfiguration {
                         ..Default::default()
                     }),
                     action: Some(rpb::route::Action::Route(rpb::RouteAction {
-                        cluster_specifier: Some(rpb::route_action::ClusterSpecifier::WeightedClusters(
-                            rpb::WeightedCluster {
-                                clusters: weights
-                                    .iter()
-                                    .map(|(n, w)| rpb::weighted_cluster::ClusterWeight {
-                                        name: (*n).into(),
-                                        weight: Some(UInt32Value { value: *w }),
-                                        ..Default::default()
-                                    })
-                                    .collect(),
-                                ..Default::default()
-                            },
-                        )),
+                        cluster_specifier: Some(
+                            rpb::route_action::ClusterSpecifier::WeightedClusters(
+                                rpb::WeightedCluster {
+                                    clusters: weights
+                                        .iter()
+                                        .map(|(n, w)| rpb::weighted_cluster::ClusterWeight {
+                                            name: (*n).into(),
+                                            weight: Some(UInt32Value { value: *w }),
+                                            ..Default::default()
+                                        })
+                                        .collect(),
+                                    ..Default::default()
+                                },
+                            ),
+                        ),
                         ..Default::default()
                     })),
                     ..Default::default()
@@ -273,7 +365,9 @@ fn errors_name_resource_and_field_path() {
         "route_config \"r1\": virtual_hosts[2].routes[0].route.weighted_clusters: total weight is 0"
     );
     let ok = RouteConfig::try_from(&weighted_route(&[("v1", 90), ("v2", 10), ("v3", 0)])).unwrap();
-    let ClusterSpecifier::Weighted(w) = &forward(&ok, 2, 0).cluster else { panic!() };
+    let ClusterSpecifier::Weighted(w) = &forward(&ok, 2, 0).cluster else {
+        panic!()
+    };
     assert_eq!(w.total, 100);
     assert_eq!(w.clusters.len(), 2, "zero-weight targets are dropped");
     assert_eq!(ok.cluster_names(), vec!["v1", "v2"]);
@@ -323,7 +417,8 @@ fn api_listener_rules() {
     let router = any(&|| {
         (
             envoy_types::pb::envoy::extensions::filters::http::router::v3::Router::type_url(),
-            envoy_types::pb::envoy::extensions::filters::http::router::v3::Router::default().encode_to_vec(),
+            envoy_types::pb::envoy::extensions::filters::http::router::v3::Router::default()
+                .encode_to_vec(),
         )
     });
     let unknown = Any {
@@ -332,10 +427,12 @@ fn api_listener_rules() {
     };
     let listener = |filters: Vec<hcm::HttpFilter>| {
         let manager = hcm::HttpConnectionManager {
-            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(hcm::Rds {
-                route_config_name: "routes".into(),
-                config_source: None,
-            })),
+            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+                hcm::Rds {
+                    route_config_name: "routes".into(),
+                    config_source: None,
+                },
+            )),
             http_filters: filters,
             ..Default::default()
         };
@@ -357,24 +454,48 @@ fn api_listener_rules() {
         ..Default::default()
     };
     // An optional unknown filter is skipped.
-    let ok = Listener::try_from(&listener(vec![filter("x", &unknown, true), filter("router", &router, false)])).unwrap();
+    let ok = Listener::try_from(&listener(vec![
+        filter("x", &unknown, true),
+        filter("router", &router, false),
+    ]))
+    .unwrap();
     assert_eq!(ok.api().unwrap().http_filters.len(), 1);
     assert_eq!(ok.api().unwrap().routes, RouteSource::Rds("routes".into()));
     // A required unknown filter is rejected.
-    let err = Listener::try_from(&listener(vec![filter("x", &unknown, false), filter("router", &router, false)])).unwrap_err();
+    let err = Listener::try_from(&listener(vec![
+        filter("x", &unknown, false),
+        filter("router", &router, false),
+    ]))
+    .unwrap_err();
     assert!(err.to_string().contains("api_listener.api_listener.http_filters[0].typed_config: filter \"x\" of type example.Unknown is not supported"), "{err}");
     // The router must be last.
-    let err = Listener::try_from(&listener(vec![filter("router", &router, false), filter("r2", &router, false)])).unwrap_err();
-    assert!(err.to_string().ends_with("http_filters: the router must be the last HTTP filter"), "{err}");
+    let err = Listener::try_from(&listener(vec![
+        filter("router", &router, false),
+        filter("r2", &router, false),
+    ]))
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("http_filters: the router must be the last HTTP filter"),
+        "{err}"
+    );
     let err = Listener::try_from(&listener(vec![])).unwrap_err();
-    assert!(err.to_string().ends_with("http_filters: the router filter is required"), "{err}");
+    assert!(
+        err.to_string()
+            .ends_with("http_filters: the router filter is required"),
+        "{err}"
+    );
 }
 
 #[test]
 fn descriptor_set_and_json_round_trip() {
     let rc = weighted_route(&[("v1", 90), ("v2", 10)]);
     let json = file::to_json(&rc).unwrap();
-    assert_eq!(json["virtual_hosts"][2]["routes"][0]["route"]["weighted_clusters"]["clusters"][0]["weight"], 90);
+    assert_eq!(
+        json["virtual_hosts"][2]["routes"][0]["route"]["weighted_clusters"]["clusters"][0]
+            ["weight"],
+        90
+    );
     let back: rpb::RouteConfiguration = file::from_yaml(&json.to_string(), "json").unwrap();
     assert_eq!(back, rc);
 }

@@ -13,7 +13,9 @@ pub(crate) enum Socket<T> {
     Tls(T),
 }
 
-fn socket_any(ts: &core::TransportSocket) -> Result<Option<&envoy_types::pb::google::protobuf::Any>, FieldError> {
+fn socket_any(
+    ts: &core::TransportSocket,
+) -> Result<Option<&envoy_types::pb::google::protobuf::Any>, FieldError> {
     match &ts.config_type {
         Some(core::transport_socket::ConfigType::TypedConfig(any)) => {
             if type_name(any).ends_with("RawBuffer") {
@@ -21,8 +23,14 @@ fn socket_any(ts: &core::TransportSocket) -> Result<Option<&envoy_types::pb::goo
             }
             Ok(Some(any))
         }
-        None if ts.name == "envoy.transport_sockets.raw_buffer" || ts.name == "raw_buffer" => Ok(None),
-        None => err(format!("transport socket {:?} has no typed_config", ts.name)).at("typed_config"),
+        None if ts.name == "envoy.transport_sockets.raw_buffer" || ts.name == "raw_buffer" => {
+            Ok(None)
+        }
+        None => err(format!(
+            "transport socket {:?} has no typed_config",
+            ts.name
+        ))
+        .at("typed_config"),
     }
 }
 
@@ -66,7 +74,10 @@ pub(crate) fn downstream(ts: &core::TransportSocket) -> Result<Socket<Downstream
             .at("common_tls_context")
             .at("typed_config");
     }
-    let require_client_certificate = ctx.require_client_certificate.map(|b| b.value).unwrap_or(false);
+    let require_client_certificate = ctx
+        .require_client_certificate
+        .map(|b| b.value)
+        .unwrap_or(false);
     if require_client_certificate && validation.is_none() {
         return err("require_client_certificate needs a validation context")
             .at("require_client_certificate")
@@ -81,7 +92,12 @@ pub(crate) fn downstream(ts: &core::TransportSocket) -> Result<Socket<Downstream
     }))
 }
 
-type Common = (Option<CertSource>, Option<CertSource>, Vec<SanMatcher>, Vec<String>);
+type Common = (
+    Option<CertSource>,
+    Option<CertSource>,
+    Vec<SanMatcher>,
+    Vec<String>,
+);
 
 #[allow(deprecated)]
 fn common_ctx(c: &pb::CommonTlsContext) -> Result<Common, FieldError> {
@@ -97,10 +113,14 @@ fn common_ctx(c: &pb::CommonTlsContext) -> Result<Common, FieldError> {
             certificate_name: p.certificate_name.clone(),
         })
     } else if let Some(s) = c.tls_certificate_sds_secret_configs.first() {
-        Some(CertSource::Sds { name: s.name.clone() })
+        Some(CertSource::Sds {
+            name: s.name.clone(),
+        })
     } else if !c.tls_certificates.is_empty() {
-        return err("inline certificates are not supported; use a certificate provider instance or SDS")
-            .at("tls_certificates");
+        return err(
+            "inline certificates are not supported; use a certificate provider instance or SDS",
+        )
+        .at("tls_certificates");
     } else {
         None
     };
@@ -108,7 +128,9 @@ fn common_ctx(c: &pb::CommonTlsContext) -> Result<Common, FieldError> {
     let validation = match &c.validation_context_type {
         None => None,
         Some(V::ValidationContext(v)) => validation_ctx(v, &mut sans).at("validation_context")?,
-        Some(V::ValidationContextSdsSecretConfig(s)) => Some(CertSource::Sds { name: s.name.clone() }),
+        Some(V::ValidationContextSdsSecretConfig(s)) => Some(CertSource::Sds {
+            name: s.name.clone(),
+        }),
         Some(V::CombinedValidationContext(cv)) => {
             let from_default = match &cv.default_validation_context {
                 Some(v) => validation_ctx(v, &mut sans)
@@ -122,7 +144,9 @@ fn common_ctx(c: &pb::CommonTlsContext) -> Result<Common, FieldError> {
                     certificate_name: p.certificate_name.clone(),
                 })
             } else if let Some(s) = &cv.validation_context_sds_secret_config {
-                Some(CertSource::Sds { name: s.name.clone() })
+                Some(CertSource::Sds {
+                    name: s.name.clone(),
+                })
             } else {
                 from_default
             }
@@ -139,9 +163,13 @@ fn common_ctx(c: &pb::CommonTlsContext) -> Result<Common, FieldError> {
     Ok((identity, validation, sans, c.alpn_protocols.clone()))
 }
 
-fn validation_ctx(v: &pb::CertificateValidationContext, sans: &mut Vec<SanMatcher>) -> Result<Option<CertSource>, FieldError> {
+fn validation_ctx(
+    v: &pb::CertificateValidationContext,
+    sans: &mut Vec<SanMatcher>,
+) -> Result<Option<CertSource>, FieldError> {
     if v.system_root_certs.is_some() {
-        return err("system root certificates are not supported in the mesh").at("system_root_certs");
+        return err("system root certificates are not supported in the mesh")
+            .at("system_root_certs");
     }
     for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
         let san_type = match m.san_type {
@@ -155,9 +183,13 @@ fn validation_ctx(v: &pb::CertificateValidationContext, sans: &mut Vec<SanMatche
                     .at_index("match_typed_subject_alt_names", i)
             }
         };
-        let matcher = string_matcher(m.matcher.as_ref().ok_or_else(|| FieldError::new("matcher is required"))?)
-            .at("matcher")
-            .at_index("match_typed_subject_alt_names", i)?;
+        let matcher = string_matcher(
+            m.matcher
+                .as_ref()
+                .ok_or_else(|| FieldError::new("matcher is required"))?,
+        )
+        .at("matcher")
+        .at_index("match_typed_subject_alt_names", i)?;
         sans.push(SanMatcher { san_type, matcher });
     }
     #[allow(deprecated)]
@@ -173,15 +205,21 @@ fn validation_ctx(v: &pb::CertificateValidationContext, sans: &mut Vec<SanMatche
             certificate_name: p.certificate_name.clone(),
         }));
     }
-    Ok(match v.trusted_ca.as_ref().and_then(|d| d.specifier.as_ref()) {
-        None => None,
-        Some(core::data_source::Specifier::Filename(f)) => Some(CertSource::File { path: f.clone() }),
-        Some(core::data_source::Specifier::InlineString(s)) => Some(CertSource::Inline { pem: s.clone() }),
-        Some(core::data_source::Specifier::InlineBytes(b)) => Some(CertSource::Inline {
-            pem: String::from_utf8_lossy(b).into_owned(),
-        }),
-        Some(core::data_source::Specifier::EnvironmentVariable(_)) => {
-            return err("environment_variable is not supported").at("trusted_ca")
-        }
-    })
+    Ok(
+        match v.trusted_ca.as_ref().and_then(|d| d.specifier.as_ref()) {
+            None => None,
+            Some(core::data_source::Specifier::Filename(f)) => {
+                Some(CertSource::File { path: f.clone() })
+            }
+            Some(core::data_source::Specifier::InlineString(s)) => {
+                Some(CertSource::Inline { pem: s.clone() })
+            }
+            Some(core::data_source::Specifier::InlineBytes(b)) => Some(CertSource::Inline {
+                pem: String::from_utf8_lossy(b).into_owned(),
+            }),
+            Some(core::data_source::Specifier::EnvironmentVariable(_)) => {
+                return err("environment_variable is not supported").at("trusted_ca")
+            }
+        },
+    )
 }
