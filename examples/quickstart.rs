@@ -35,7 +35,8 @@ async fn main() -> Result<()> {
         ProtocolMode::Sotw
     };
     let yaml = include_str!("quickstart.yaml");
-    let mut resources = file::from_yaml::<DiscoveryResponse>(yaml, "examples/quickstart.yaml")?.resources;
+    let mut resources =
+        file::from_yaml::<DiscoveryResponse>(yaml, "examples/quickstart.yaml")?.resources;
 
     // 1. The control plane, in-process.
     let cache = ResourceCache::new();
@@ -52,7 +53,9 @@ async fn main() -> Result<()> {
     let listener = client.listener(TARGET, Duration::from_secs(10)).await?;
     let store = client.store().clone();
     let snap = store
-        .wait_for(Duration::from_secs(10), |s| split(s, &listener.name).is_some_and(|v| v.iter().all(|(_, _, e)| *e > 0)))
+        .wait_for(Duration::from_secs(10), |s| {
+            split(s, &listener.name).is_some_and(|v| v.iter().all(|(_, _, e)| *e > 0))
+        })
         .await
         .map_err(|_| "endpoints did not arrive")?;
     println!("\n== {TARGET}: configuration received");
@@ -63,10 +66,15 @@ async fn main() -> Result<()> {
     set_weights(&mut resources, 50, 50)?;
     cache.set_resources(resources.clone());
     let snap = store
-        .wait_for(Duration::from_secs(10), |s| split(s, &listener.name).is_some_and(|v| v[0].1 == 50))
+        .wait_for(Duration::from_secs(10), |s| {
+            split(s, &listener.name).is_some_and(|v| v[0].1 == 50)
+        })
         .await
         .map_err(|_| "the 50/50 update did not arrive")?;
-    println!("\n== pushed a 50/50 split (generation {})", snap.generation());
+    println!(
+        "\n== pushed a 50/50 split (generation {})",
+        snap.generation()
+    );
     print_split(&snap, &listener.name);
 
     // 4. A broken route: NACKed with the field path, last good config keeps serving.
@@ -100,7 +108,9 @@ fn split(s: &Snapshot, listener: &str) -> Option<Vec<(String, u32, usize)>> {
         w.clusters
             .iter()
             .map(|c| {
-                let eps = s.endpoints_for_cluster(&c.name).map_or(0, |e| e.endpoints().count());
+                let eps = s
+                    .endpoints_for_cluster(&c.name)
+                    .map_or(0, |e| e.endpoints().count());
                 (c.name.clone(), c.weight, eps)
             })
             .collect(),
@@ -111,23 +121,39 @@ fn print_split(s: &Snapshot, listener: &str) {
     for (cluster, weight, eps) in split(s, listener).unwrap_or_default() {
         let addrs: Vec<String> = s
             .endpoints_for_cluster(&cluster)
-            .map(|e| e.endpoints().map(|(_, ep)| ep.address.to_string()).collect())
+            .map(|e| {
+                e.endpoints()
+                    .map(|(_, ep)| ep.address.to_string())
+                    .collect()
+            })
             .unwrap_or_default();
-        println!("   {weight:>3}%  {cluster}  ({eps} endpoints: {})", addrs.join(", "));
+        println!(
+            "   {weight:>3}%  {cluster}  ({eps} endpoints: {})",
+            addrs.join(", ")
+        );
     }
 }
 
 fn print_status(client: &XdsClient) {
     println!("   {:<24} {:<52} {:<8} STATUS", "TYPE", "NAME", "VERSION");
     for r in &client.store().dump().resources {
-        println!("   {:<24} {:<52} {:<8} {}", r.resource_type, r.name, r.version, r.status.as_str());
+        println!(
+            "   {:<24} {:<52} {:<8} {}",
+            r.resource_type,
+            r.name,
+            r.version,
+            r.status.as_str()
+        );
     }
 }
 
 fn set_weights(resources: &mut [Any], v1: u32, v2: u32) -> Result<()> {
     use envoy_types::pb::envoy::config::route::v3::route::Action;
     use envoy_types::pb::envoy::config::route::v3::route_action::ClusterSpecifier as C;
-    for any in resources.iter_mut().filter(|a| a.type_url == RouteConfiguration::type_url()) {
+    for any in resources
+        .iter_mut()
+        .filter(|a| a.type_url == RouteConfiguration::type_url())
+    {
         let mut rc = RouteConfiguration::decode(any.value.as_slice())?;
         if let Some(Action::Route(ra)) = &mut rc.virtual_hosts[0].routes[0].action {
             if let Some(C::WeightedClusters(w)) = &mut ra.cluster_specifier {
