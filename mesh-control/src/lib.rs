@@ -18,3 +18,4 @@
 )]
 
 pub mod ads;
+pub mod istio;

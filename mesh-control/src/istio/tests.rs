@@ -1,0 +1,422 @@
+//! Istio input: parsing, generation (checked by translating back with mesh-core) and
+//! validation.
+
+use mesh_core::config::{ClusterSpecifier, Discovery, LbPolicy, ListenerKind, RouteAction};
+use mesh_core::xds::file;
+
+use super::validate::{validate, Severity};
+use super::*;
+
+/// The seed VirtualService, exactly as written, with the registry and subsets it needs.
+pub(crate) const SEED: &str = r#"apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata:
+  name: frontend
+  namespace: prod
+spec:
+  hosts:
+  - frontend.prod.svc.cluster.local
+  ports:
+  - number: 80
+    name: http
+    protocol: HTTP
+  resolution: STATIC
+  endpoints:
+  - address: 127.0.0.1
+    ports:
+      http: 9081
+    labels:
+      version: v1
+    locality: us-east/zone-a
+  - address: 127.0.0.2
+    ports:
+      http: 9082
+    labels:
+      version: v2
+    locality: us-east/zone-b
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata:
+  name: frontend-dr
+  namespace: prod
+spec:
+  host: frontend.prod.svc.cluster.local
+  trafficPolicy:
+    loadBalancer:
+      simple: ROUND_ROBIN
+    connectionPool:
+      http:
+        http2MaxRequests: 10
+        maxRetries: 3
+    outlierDetection:
+      consecutive5xxErrors: 5
+      interval: 10s
+      baseEjectionTime: 30s
+      maxEjectionPercent: 50
+    tls:
+      mode: DISABLE
+  subsets:
+  - name: v1
+    labels:
+      version: v1
+  - name: v2
+    labels:
+      version: v2
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata:
+  name: frontend-vs
+spec:
+  hosts:
+    - frontend.prod.svc.cluster.local
+  http:
+  - route:
+    - destination:
+        host: frontend.prod.svc.cluster.local
+        subset: v1
+      weight: 90
+    - destination:
+        host: frontend.prod.svc.cluster.local
+        subset: v2
+      weight: 10
+"#;
+
+#[test]
+fn seed_virtual_service_generates_a_90_10_split() {
+    let config = parse(SEED, "seed.yaml").unwrap();
+    assert_eq!(config.virtual_services.len(), 1);
+    assert_eq!(config.virtual_services[0].origin.line, 57);
+    let out = generate(&config, &Options::default()).unwrap();
+    assert_eq!(out.listeners, vec!["frontend.prod.svc.cluster.local:80"]);
+    // What mesh-core makes of it.
+    let snap = file::snapshot_from_resources(&out.resources).unwrap();
+    let rc = snap
+        .routes_for_listener("frontend.prod.svc.cluster.local:80")
+        .unwrap();
+    let vh = rc
+        .find_virtual_host("frontend.prod.svc.cluster.local")
+        .unwrap();
+    assert!(
+        rc.find_virtual_host("frontend:80").is_some(),
+        "short names are domains too"
+    );
+    let RouteAction::Forward(fwd) = &vh.routes[0].action else {
+        panic!()
+    };
+    let ClusterSpecifier::Weighted(w) = &fwd.cluster else {
+        panic!("{:?}", fwd.cluster)
+    };
+    let split: Vec<(&str, u32)> = w
+        .clusters
+        .iter()
+        .map(|c| (c.name.as_str(), c.weight))
+        .collect();
+    assert_eq!(
+        split,
+        vec![
+            ("outbound|80|v1|frontend.prod.svc.cluster.local", 90),
+            ("outbound|80|v2|frontend.prod.svc.cluster.local", 10)
+        ]
+    );
+    assert_eq!(fwd.timeout, None, "Istio's default: no route timeout");
+    assert_eq!(
+        fwd.retry_policy.as_ref().unwrap().num_retries,
+        2,
+        "Istio's default retries"
+    );
+    // Subset clusters carry the DestinationRule's policy and only their endpoints.
+    let v1 = snap
+        .cluster("outbound|80|v1|frontend.prod.svc.cluster.local")
+        .unwrap();
+    assert_eq!(v1.lb_policy, LbPolicy::RoundRobin);
+    assert_eq!(v1.circuit_breakers.default.max_requests, 10);
+    assert_eq!(v1.circuit_breakers.default.max_retries, 3);
+    let od = v1.outlier_detection.as_ref().unwrap();
+    assert_eq!(od.consecutive_5xx, Some((5, 100)));
+    assert_eq!(od.max_ejection_percent, 50);
+    assert!(od.success_rate.is_none());
+    assert!(v1.tls.is_none(), "tls DISABLE");
+    assert!(matches!(v1.discovery, Discovery::Eds { .. }));
+    let eps = snap
+        .endpoints_for_cluster("outbound|80|v2|frontend.prod.svc.cluster.local")
+        .unwrap();
+    let addrs: Vec<String> = eps
+        .endpoints()
+        .map(|(_, e)| e.address.to_string())
+        .collect();
+    assert_eq!(addrs, vec!["127.0.0.2:9082"]);
+    assert_eq!(eps.localities[0].locality.zone, "zone-b");
+    assert_eq!(
+        snap.endpoints_for_cluster("outbound|80||frontend.prod.svc.cluster.local")
+            .unwrap()
+            .endpoints()
+            .count(),
+        2
+    );
+    // The server listener for the workload port (PERMISSIVE by default: TLS and plaintext chains).
+    let server = &out.server_listeners;
+    assert!(
+        server.contains(&"xds.istio.io/grpc/lds/inbound/0.0.0.0:9081".to_string()),
+        "{server:?}"
+    );
+    let l = snap
+        .listener("xds.istio.io/grpc/lds/inbound/0.0.0.0:9081")
+        .unwrap();
+    let ListenerKind::Server(s) = &l.kind else {
+        panic!()
+    };
+    assert_eq!(s.filter_chains.len(), 2);
+    assert!(
+        s.filter_chains[0]
+            .tls
+            .as_ref()
+            .unwrap()
+            .require_client_certificate
+    );
+    assert!(s.filter_chains[1].tls.is_none());
+}
+
+#[test]
+fn mtls_rbac_and_route_features() {
+    let extra = r#"
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata:
+  name: default
+  namespace: istio-system
+spec:
+  mtls:
+    mode: STRICT
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+  name: deny-legacy
+  namespace: prod
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: ["cluster.local/ns/legacy/sa/old"]
+---
+apiVersion: security.istio.io/v1beta1
+kind: AuthorizationPolicy
+metadata:
+  name: allow-get
+  namespace: prod
+spec:
+  selector:
+    matchLabels:
+      version: v1
+  action: ALLOW
+  rules:
+  - to:
+    - operation:
+        methods: ["GET"]
+        paths: ["/api/*"]
+"#;
+    let seed = SEED.replace("    tls:\n      mode: DISABLE\n", "").replace(
+        "  - route:\n    - destination:\n        host: frontend.prod.svc.cluster.local\n        subset: v1\n      weight: 90",
+        "  - match:\n    - uri:\n        prefix: /api\n      headers:\n        x-canary:\n          exact: \"1\"\n    route:\n    - destination:\n        host: frontend.prod.svc.cluster.local\n        subset: v2\n    timeout: 3s\n    retries:\n      attempts: 4\n      perTryTimeout: 500ms\n      retryOn: 5xx,reset\n    fault:\n      abort:\n        httpStatus: 503\n        percentage:\n          value: 25\n    mirror:\n      host: frontend.prod.svc.cluster.local\n      subset: v1\n    mirrorPercentage:\n      value: 10\n    rewrite:\n      uri: /v2/api\n    headers:\n      request:\n        set:\n          x-mesh: \"yes\"\n  - route:\n    - destination:\n        host: frontend.prod.svc.cluster.local\n        subset: v1\n      weight: 90",
+    );
+    let config = parse(&format!("{seed}{extra}"), "all.yaml").unwrap();
+    let out = generate(&config, &Options::default()).unwrap();
+    let snap = file::snapshot_from_resources(&out.resources).unwrap();
+    // mTLS on (auto mTLS with STRICT peers): SPIFFE SAN of the endpoints' service account.
+    let v1 = snap
+        .cluster("outbound|80|v1|frontend.prod.svc.cluster.local")
+        .unwrap();
+    let tls = v1.tls.as_ref().unwrap();
+    assert_eq!(
+        tls.san_matchers[0].matcher.kind,
+        mesh_core::config::StringMatch::Exact("spiffe://cluster.local/ns/prod/sa/default".into())
+    );
+    assert!(
+        matches!(&tls.identity, Some(mesh_core::config::CertSource::Provider { instance, .. }) if instance == "default")
+    );
+    // Route features.
+    let rc = snap
+        .routes_for_listener("frontend.prod.svc.cluster.local:80")
+        .unwrap();
+    let r = &rc.virtual_hosts[0].routes[0];
+    assert_eq!(r.matcher.headers[0].name, "x-canary");
+    let RouteAction::Forward(fwd) = &r.action else {
+        panic!()
+    };
+    assert_eq!(fwd.timeout, Some(std::time::Duration::from_secs(3)));
+    let rp = fwd.retry_policy.as_ref().unwrap();
+    assert_eq!(
+        (rp.num_retries, rp.per_try_timeout),
+        (4, Some(std::time::Duration::from_millis(500)))
+    );
+    assert_eq!(rp.retry_on.names(), "5xx,reset");
+    assert_eq!(
+        fwd.mirrors[0].cluster,
+        "outbound|80|v1|frontend.prod.svc.cluster.local"
+    );
+    assert_eq!(fwd.mirrors[0].fraction.as_per_million(), 100_000);
+    assert_eq!(fwd.prefix_rewrite.as_deref(), Some("/v2/api"));
+    let fault = r.fault.as_ref().unwrap();
+    assert_eq!(
+        fault.abort.unwrap().kind,
+        mesh_core::config::AbortKind::Http(503)
+    );
+    assert_eq!(fault.abort.unwrap().fraction.as_per_million(), 250_000);
+    assert_eq!(r.request_headers.add[0].name.as_str(), "x-mesh");
+    // STRICT server listener with DENY then ALLOW RBAC.
+    let l = snap
+        .listener("xds.istio.io/grpc/lds/inbound/0.0.0.0:9081")
+        .unwrap();
+    let ListenerKind::Server(s) = &l.kind else {
+        panic!()
+    };
+    assert_eq!(s.filter_chains.len(), 1);
+    let hcm = s.filter_chains[0].http.as_ref().unwrap();
+    let kinds: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            "envoy.filters.http.rbac.deny",
+            "envoy.filters.http.rbac.allow",
+            "envoy.filters.http.router"
+        ]
+    );
+    // v2's workload is not selected by the ALLOW policy: only DENY applies there.
+    let l2 = snap
+        .listener("xds.istio.io/grpc/lds/inbound/0.0.0.0:9082")
+        .unwrap();
+    let ListenerKind::Server(s2) = &l2.kind else {
+        panic!()
+    };
+    assert_eq!(
+        s2.filter_chains[0]
+            .http
+            .as_ref()
+            .unwrap()
+            .http_filters
+            .len(),
+        2
+    );
+}
+
+#[test]
+fn errors_name_file_line_and_field() {
+    let bad = SEED.replace(
+        "subset: v2\n      weight: 10",
+        "subset: v3\n      weight: 10",
+    );
+    let errs = generate(&parse(&bad, "seed.yaml").unwrap(), &Options::default()).unwrap_err();
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    assert_eq!(
+        errs[0].to_string(),
+        "seed.yaml:70: VirtualService frontend-vs: subset \"v3\" of frontend.prod.svc.cluster.local is not defined by any DestinationRule"
+    );
+    let bad = SEED.replace("interval: 10s", "interval: ten");
+    let errs = generate(&parse(&bad, "seed.yaml").unwrap(), &Options::default()).unwrap_err();
+    assert_eq!(
+        errs[0].to_string(),
+        "seed.yaml:44: invalid duration \"ten\" (use e.g. 500ms, 2s, 1m)"
+    );
+    let errs = parse("kind: Gateway\nmetadata: {name: x}\nspec: {}\n", "gw.yaml").unwrap_err();
+    assert!(
+        errs[0]
+            .to_string()
+            .starts_with("gw.yaml:1: unsupported kind \"Gateway\""),
+        "{}",
+        errs[0]
+    );
+    let errs = parse("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\nspec:\n  hosts: 5\n", "vs.yaml")
+        .unwrap_err();
+    assert!(errs[0].to_string().starts_with("vs.yaml:5:"), "{}", errs[0]);
+    let errs = parse("a: [\n", "broken.yaml").unwrap_err();
+    assert!(
+        errs[0].to_string().starts_with("broken.yaml:"),
+        "{}",
+        errs[0]
+    );
+}
+
+#[test]
+fn validate_reports_like_istioctl_analyze() {
+    assert!(validate(&parse(SEED, "seed.yaml").unwrap(), &Options::default()).is_empty());
+    let bad = SEED
+        .replace("weight: 10", "weight: 20")
+        .replace("  - name: v2\n    labels:\n      version: v2\n", "  - name: v2\n    labels:\n      version: v2\n  - name: canary\n    labels:\n      version: v9\n")
+        + "  - route:\n    - destination:\n        host: frontend.prod.svc.cluster.local\n";
+    let findings = validate(&parse(&bad, "seed.yaml").unwrap(), &Options::default());
+    let lines: Vec<String> = findings.iter().map(|f| f.to_string()).collect();
+    assert_eq!(findings[0].severity, Severity::Error);
+    assert!(lines.contains(&"seed.yaml:68: error: VirtualService frontend-vs: http[0] route weights add up to 110, not 100".to_string()), "{lines:#?}");
+    assert!(
+        lines.iter().any(|l| l.contains(
+            "warning: DestinationRule frontend-dr: subset \"canary\" selects no endpoints"
+        )),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("warning: VirtualService frontend-vs: http[1] is never used")),
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn line_lookup_follows_indentation() {
+    let o = Origin {
+        file: "f".into(),
+        line: 10,
+        text: "spec:\n  http:\n  - route:\n    - destination:\n        host: a\n      weight: 1\n  - route: []\n".into(),
+    };
+    assert_eq!(o.line_of(&[Seg::Key("spec")]), 10);
+    assert_eq!(
+        o.line_of(&[
+            Seg::Key("spec"),
+            Seg::Key("http"),
+            Seg::Idx(0),
+            Seg::Key("route"),
+            Seg::Idx(0),
+            Seg::Key("weight")
+        ]),
+        15
+    );
+    assert_eq!(
+        o.line_of(&[Seg::Key("spec"), Seg::Key("http"), Seg::Idx(1)]),
+        16
+    );
+    assert_eq!(
+        o.line_of(&[
+            Seg::Key("spec"),
+            Seg::Key("http"),
+            Seg::Idx(0),
+            Seg::Key("route"),
+            Seg::Idx(0),
+            Seg::Key("destination"),
+            Seg::Key("host")
+        ]),
+        14
+    );
+}
+
+#[test]
+fn durations() {
+    use std::time::Duration;
+    assert_eq!(
+        generate::parse_duration("500ms"),
+        Some(Duration::from_millis(500))
+    );
+    assert_eq!(
+        generate::parse_duration("1.5s"),
+        Some(Duration::from_millis(1500))
+    );
+    assert_eq!(
+        generate::parse_duration("2m"),
+        Some(Duration::from_secs(120))
+    );
+    assert_eq!(generate::parse_duration("10"), None);
+    assert_eq!(generate::parse_duration("-1s"), None);
+}

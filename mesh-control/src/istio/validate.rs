@@ -1,0 +1,248 @@
+//! `meshctl validate`: the checks of `istioctl analyze` that matter to the mesh.
+
+use std::collections::BTreeMap;
+
+use super::generate::{destination_rule, peer_mode, resolve_host, services};
+use super::{generate, Config, ConfigError, HttpMatch, Options, Seg};
+
+/// How bad a finding is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    /// The configuration works but is probably not what was meant.
+    Warning,
+    /// The configuration cannot be served as written.
+    Error,
+}
+
+/// One finding, at `file:line`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Finding {
+    /// Error or warning.
+    pub severity: Severity,
+    /// Where and what.
+    pub error: ConfigError,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let level = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(
+            f,
+            "{}:{}: {level}: {}",
+            self.error.file, self.error.line, self.error.message
+        )
+    }
+}
+
+/// Everything wrong with `config`, errors first, each once.
+pub fn validate(config: &Config, opts: &Options) -> Vec<Finding> {
+    let mut out: Vec<Finding> = Vec::new();
+    let err = |e: ConfigError| Finding {
+        severity: Severity::Error,
+        error: e,
+    };
+    let warn = |e: ConfigError| Finding {
+        severity: Severity::Warning,
+        error: e,
+    };
+    // Everything generation rejects (unknown hosts and subsets, bad durations...).
+    if let Err(errors) = generate(config, opts) {
+        out.extend(errors.into_iter().map(err));
+    }
+    let mut scratch = Vec::new();
+    let svcs = services(config, &mut scratch);
+
+    for vs in &config.virtual_services {
+        let name = &vs.meta.name;
+        for (i, http) in vs.spec.http.iter().enumerate() {
+            let route_path = [
+                Seg::Key("spec"),
+                Seg::Key("http"),
+                Seg::Idx(i),
+                Seg::Key("route"),
+            ];
+            if http.route.len() > 1 || http.route.iter().any(|r| r.weight.is_some()) {
+                let total: u32 = http.route.iter().map(|r| r.weight.unwrap_or(0)).sum();
+                if total != 100 {
+                    out.push(err(vs.origin.at(
+                        &route_path,
+                        format!("VirtualService {name}: http[{i}] route weights add up to {total}, not 100"),
+                    )));
+                }
+            }
+            // Shadowing: an earlier rule that matches everything this one matches.
+            for (j, earlier) in vs.spec.http[..i].iter().enumerate() {
+                if covers(&earlier.matches, &http.matches) {
+                    out.push(warn(vs.origin.at(
+                        &[Seg::Key("spec"), Seg::Key("http"), Seg::Idx(i)],
+                        format!("VirtualService {name}: http[{i}] is never used: http[{j}] matches every request it matches"),
+                    )));
+                    break;
+                }
+            }
+        }
+    }
+    // Two VirtualServices or DestinationRules for one host conflict.
+    let mut vs_by_host: BTreeMap<String, &str> = BTreeMap::new();
+    for vs in &config.virtual_services {
+        for (h, host) in vs.spec.hosts.iter().enumerate() {
+            let resolved = resolve_host(&svcs, host, vs.meta.ns())
+                .unwrap_or(host)
+                .to_owned();
+            if let Some(first) = vs_by_host.insert(resolved.clone(), &vs.meta.name) {
+                out.push(err(vs.origin.at(
+                    &[Seg::Key("spec"), Seg::Key("hosts"), Seg::Idx(h)],
+                    format!("VirtualService {}: host {resolved} is already routed by VirtualService {first}", vs.meta.name),
+                )));
+            }
+        }
+    }
+    let mut dr_by_host: BTreeMap<String, &str> = BTreeMap::new();
+    for dr in &config.destination_rules {
+        let resolved = resolve_host(&svcs, &dr.spec.host, dr.meta.ns())
+            .unwrap_or(&dr.spec.host)
+            .to_owned();
+        if let Some(first) = dr_by_host.insert(resolved.clone(), &dr.meta.name) {
+            out.push(err(dr.origin.at(
+                &[Seg::Key("spec"), Seg::Key("host")],
+                format!(
+                    "DestinationRule {}: host {resolved} already has DestinationRule {first}",
+                    dr.meta.name
+                ),
+            )));
+        }
+        if resolve_host(&svcs, &dr.spec.host, dr.meta.ns()).is_none() {
+            out.push(warn(dr.origin.at(
+                &[Seg::Key("spec"), Seg::Key("host")],
+                format!(
+                    "DestinationRule {}: host {:?} is not a known service",
+                    dr.meta.name, dr.spec.host
+                ),
+            )));
+        }
+        let mut names = BTreeMap::new();
+        for (s, subset) in dr.spec.subsets.iter().enumerate() {
+            let path = [Seg::Key("spec"), Seg::Key("subsets"), Seg::Idx(s)];
+            if names.insert(subset.name.clone(), s).is_some() {
+                out.push(err(dr.origin.at(
+                    &path,
+                    format!(
+                        "DestinationRule {}: subset {:?} is defined twice",
+                        dr.meta.name, subset.name
+                    ),
+                )));
+            }
+            let host = resolve_host(&svcs, &dr.spec.host, dr.meta.ns());
+            let has_endpoints = svcs
+                .iter()
+                .filter(|svc| Some(svc.host.as_str()) == host)
+                .any(|svc| {
+                    svc.workloads.iter().any(|w| {
+                        subset
+                            .labels
+                            .iter()
+                            .all(|(k, v)| w.labels.get(k) == Some(v))
+                    })
+                });
+            if host.is_some() && !has_endpoints {
+                out.push(warn(dr.origin.at(
+                    &path,
+                    format!(
+                        "DestinationRule {}: subset {:?} selects no endpoints",
+                        dr.meta.name, subset.name
+                    ),
+                )));
+            }
+        }
+    }
+    // Hosts without endpoints.
+    for se in &config.service_entries {
+        let host_has = |h: &str| svcs.iter().any(|s| s.host == h && !s.workloads.is_empty());
+        for (i, h) in se.spec.hosts.iter().enumerate() {
+            if !host_has(h) {
+                out.push(warn(se.origin.at(
+                    &[Seg::Key("spec"), Seg::Key("hosts"), Seg::Idx(i)],
+                    format!("ServiceEntry {}: host {h} has no endpoints", se.meta.name),
+                )));
+            }
+        }
+    }
+    // Conflicting TLS: the client is told to use mTLS where the server refuses it.
+    for svc in &svcs {
+        if let Some(dr) = destination_rule(config, &svcs, &svc.host) {
+            let wants_mtls = dr
+                .spec
+                .traffic_policy
+                .as_ref()
+                .and_then(|p| p.tls.as_ref())
+                .and_then(|t| t.mode.as_deref())
+                == Some("ISTIO_MUTUAL");
+            let refuses = svc
+                .workloads
+                .iter()
+                .any(|w| peer_mode(config, &w.namespace, &w.labels) == "DISABLE");
+            if wants_mtls && refuses {
+                out.push(err(dr.origin.at(
+                    &[Seg::Key("spec"), Seg::Key("trafficPolicy"), Seg::Key("tls")],
+                    format!(
+                        "DestinationRule {}: tls ISTIO_MUTUAL to {}, but its workloads' PeerAuthentication is DISABLE",
+                        dr.meta.name, svc.host
+                    ),
+                )));
+            }
+        }
+    }
+    for pa in &config.peer_authentications {
+        if let Some(mode) = pa.spec.mtls.as_ref().and_then(|m| m.mode.as_deref()) {
+            if !matches!(mode, "STRICT" | "PERMISSIVE" | "DISABLE" | "UNSET") {
+                out.push(err(pa.origin.at(
+                    &[Seg::Key("spec"), Seg::Key("mtls"), Seg::Key("mode")],
+                    format!(
+                        "PeerAuthentication {}: mode {mode:?} is not STRICT, PERMISSIVE or DISABLE",
+                        pa.meta.name
+                    ),
+                )));
+            }
+        }
+    }
+    for ap in &config.authorization_policies {
+        if let Some(action) = &ap.spec.action {
+            if action != "ALLOW" && action != "DENY" {
+                out.push(err(ap.origin.at(
+                    &[Seg::Key("spec"), Seg::Key("action")],
+                    format!(
+                        "AuthorizationPolicy {}: action {action:?} is not ALLOW or DENY",
+                        ap.meta.name
+                    ),
+                )));
+            }
+        }
+    }
+    out.sort_by(|a, b| {
+        (b.severity, &a.error.file, a.error.line, &a.error.message).cmp(&(
+            a.severity,
+            &b.error.file,
+            b.error.line,
+            &b.error.message,
+        ))
+    });
+    out.dedup();
+    out
+}
+
+/// Whether every request matched by `later` is matched by `earlier` (conservatively: only
+/// catch-alls and identical match lists count).
+fn covers(earlier: &[HttpMatch], later: &[HttpMatch]) -> bool {
+    let catch_all = |m: &HttpMatch| {
+        m.headers.is_empty()
+            && m.query_params.is_empty()
+            && m.method.is_none()
+            && m.uri
+                .as_ref()
+                .is_none_or(|u| u.prefix.as_deref() == Some("/"))
+    };
+    earlier.is_empty() || earlier.iter().any(catch_all) || (!later.is_empty() && earlier == later)
+}
