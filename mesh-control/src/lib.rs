@@ -8,6 +8,11 @@
 //! per-stream subscriptions, versions and nonces, and records every ACK and NACK per client
 //! so they can be logged and inspected.
 //!
+//! [`istio`] reads Istio's YAML (ServiceEntry, WorkloadEntry, VirtualService,
+//! DestinationRule, PeerAuthentication, AuthorizationPolicy) and generates the xDS Istio
+//! would send; [`serve::ConfigSource`] watches the files and republishes on change. The
+//! `meshctl` binary puts it together: `serve`, `validate`, `dump`, `certs`.
+//!
 //! Nothing in `mesh-core` or `mesh-tower` depends on this crate.
 #![forbid(unsafe_code)]
 #![warn(
@@ -18,4 +23,7 @@
 )]
 
 pub mod ads;
+pub mod ca;
+pub mod dump;
 pub mod istio;
+pub mod serve;

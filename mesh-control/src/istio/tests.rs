@@ -8,86 +8,13 @@ use super::validate::{validate, Severity};
 use super::*;
 
 /// The seed VirtualService, exactly as written, with the registry and subsets it needs.
-pub(crate) const SEED: &str = r#"apiVersion: networking.istio.io/v1beta1
-kind: ServiceEntry
-metadata:
-  name: frontend
-  namespace: prod
-spec:
-  hosts:
-  - frontend.prod.svc.cluster.local
-  ports:
-  - number: 80
-    name: http
-    protocol: HTTP
-  resolution: STATIC
-  endpoints:
-  - address: 127.0.0.1
-    ports:
-      http: 9081
-    labels:
-      version: v1
-    locality: us-east/zone-a
-  - address: 127.0.0.2
-    ports:
-      http: 9082
-    labels:
-      version: v2
-    locality: us-east/zone-b
----
-apiVersion: networking.istio.io/v1beta1
-kind: DestinationRule
-metadata:
-  name: frontend-dr
-  namespace: prod
-spec:
-  host: frontend.prod.svc.cluster.local
-  trafficPolicy:
-    loadBalancer:
-      simple: ROUND_ROBIN
-    connectionPool:
-      http:
-        http2MaxRequests: 10
-        maxRetries: 3
-    outlierDetection:
-      consecutive5xxErrors: 5
-      interval: 10s
-      baseEjectionTime: 30s
-      maxEjectionPercent: 50
-    tls:
-      mode: DISABLE
-  subsets:
-  - name: v1
-    labels:
-      version: v1
-  - name: v2
-    labels:
-      version: v2
----
-apiVersion: networking.istio.io/v1beta1
-kind: VirtualService
-metadata:
-  name: frontend-vs
-spec:
-  hosts:
-    - frontend.prod.svc.cluster.local
-  http:
-  - route:
-    - destination:
-        host: frontend.prod.svc.cluster.local
-        subset: v1
-      weight: 90
-    - destination:
-        host: frontend.prod.svc.cluster.local
-        subset: v2
-      weight: 10
-"#;
+pub(crate) const SEED: &str = include_str!("../../../examples/mesh.yaml");
 
 #[test]
 fn seed_virtual_service_generates_a_90_10_split() {
     let config = parse(SEED, "seed.yaml").unwrap();
     assert_eq!(config.virtual_services.len(), 1);
-    assert_eq!(config.virtual_services[0].origin.line, 57);
+    assert_eq!(config.virtual_services[0].origin.line, 58);
     let out = generate(&config, &Options::default()).unwrap();
     assert_eq!(out.listeners, vec!["frontend.prod.svc.cluster.local:80"]);
     // What mesh-core makes of it.
@@ -313,13 +240,13 @@ fn errors_name_file_line_and_field() {
     assert_eq!(errs.len(), 1, "{errs:?}");
     assert_eq!(
         errs[0].to_string(),
-        "seed.yaml:70: VirtualService frontend-vs: subset \"v3\" of frontend.prod.svc.cluster.local is not defined by any DestinationRule"
+        "seed.yaml:71: VirtualService frontend-vs: subset \"v3\" of frontend.prod.svc.cluster.local is not defined by any DestinationRule"
     );
     let bad = SEED.replace("interval: 10s", "interval: ten");
     let errs = generate(&parse(&bad, "seed.yaml").unwrap(), &Options::default()).unwrap_err();
     assert_eq!(
         errs[0].to_string(),
-        "seed.yaml:44: invalid duration \"ten\" (use e.g. 500ms, 2s, 1m)"
+        "seed.yaml:45: invalid duration \"ten\" (use e.g. 500ms, 2s, 1m)"
     );
     let errs = parse("kind: Gateway\nmetadata: {name: x}\nspec: {}\n", "gw.yaml").unwrap_err();
     assert!(
@@ -350,7 +277,7 @@ fn validate_reports_like_istioctl_analyze() {
     let findings = validate(&parse(&bad, "seed.yaml").unwrap(), &Options::default());
     let lines: Vec<String> = findings.iter().map(|f| f.to_string()).collect();
     assert_eq!(findings[0].severity, Severity::Error);
-    assert!(lines.contains(&"seed.yaml:68: error: VirtualService frontend-vs: http[0] route weights add up to 110, not 100".to_string()), "{lines:#?}");
+    assert!(lines.contains(&"seed.yaml:69: error: VirtualService frontend-vs: http[0] route weights add up to 110, not 100".to_string()), "{lines:#?}");
     assert!(
         lines.iter().any(|l| l.contains(
             "warning: DestinationRule frontend-dr: subset \"canary\" selects no endpoints"

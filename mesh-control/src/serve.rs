@@ -1,0 +1,131 @@
+//! `meshctl serve`: Istio YAML on disk, watched, translated and served over ADS.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::ads::{AdsServer, ResourceCache};
+use crate::istio::{self, ConfigError, Options};
+
+/// Loads, translates and publishes a file or directory of Istio YAML; on change, reloads.
+/// An invalid change never replaces the last good configuration.
+#[derive(Debug)]
+pub struct ConfigSource {
+    path: PathBuf,
+    opts: Options,
+    cache: ResourceCache,
+    fingerprint: Option<Vec<(PathBuf, u64)>>,
+}
+
+/// The outcome of one (re)load.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reload {
+    /// Nothing changed on disk.
+    Unchanged,
+    /// Published: this many resources.
+    Applied(usize),
+    /// Rejected; the previous configuration keeps serving.
+    Rejected(Vec<ConfigError>),
+}
+
+impl ConfigSource {
+    /// A source publishing into `cache`.
+    pub fn new(path: impl Into<PathBuf>, opts: Options, cache: ResourceCache) -> Self {
+        Self {
+            path: path.into(),
+            opts,
+            cache,
+            fingerprint: None,
+        }
+    }
+
+    /// File names and content hashes: robust to edits within the mtime granularity and
+    /// to editors that replace files.
+    fn fingerprint(path: &Path) -> Vec<(PathBuf, u64)> {
+        use std::hash::{Hash, Hasher};
+        let mut files = Vec::new();
+        if path.is_dir() {
+            if let Ok(rd) = std::fs::read_dir(path) {
+                files.extend(rd.filter_map(|e| e.ok().map(|e| e.path())));
+            }
+        } else {
+            files.push(path.to_path_buf());
+        }
+        let mut out: Vec<_> = files
+            .into_iter()
+            .filter_map(|f| {
+                let bytes = std::fs::read(&f).ok()?;
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                bytes.hash(&mut h);
+                Some((f, h.finish()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Reloads if the files changed (or on the first call).
+    pub fn poll(&mut self) -> Reload {
+        let fp = Self::fingerprint(&self.path);
+        if self.fingerprint.as_ref() == Some(&fp) {
+            return Reload::Unchanged;
+        }
+        self.fingerprint = Some(fp);
+        self.reload()
+    }
+
+    /// Loads unconditionally.
+    pub fn reload(&mut self) -> Reload {
+        let result = istio::load(&self.path).and_then(|c| istio::generate(&c, &self.opts));
+        match result {
+            Ok(generated) => {
+                let n = generated.resources.len();
+                self.cache.set_resources(generated.resources);
+                tracing::info!(path = %self.path.display(), resources = n, listeners = ?generated.listeners, "configuration applied");
+                Reload::Applied(n)
+            }
+            Err(errors) => {
+                for e in &errors {
+                    tracing::error!("{e}");
+                }
+                tracing::warn!(path = %self.path.display(), "configuration rejected; the last good one keeps serving");
+                Reload::Rejected(errors)
+            }
+        }
+    }
+
+    /// Polls for changes every `interval` until the future is dropped.
+    pub async fn watch(mut self, interval: Duration) {
+        loop {
+            tokio::time::sleep(interval).await;
+            self.poll();
+        }
+    }
+}
+
+/// Serves `path` on `listener` until `shutdown`, reloading on change.
+///
+/// # Errors
+/// The initial configuration is invalid (the errors, as `file:line: message`), or the
+/// transport failed.
+pub async fn serve(
+    path: &Path,
+    listener: tokio::net::TcpListener,
+    opts: Options,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<AdsServer, String> {
+    let cache = ResourceCache::new();
+    let mut source = ConfigSource::new(path, opts, cache.clone());
+    if let Reload::Rejected(errors) = source.poll() {
+        return Err(errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"));
+    }
+    let server = AdsServer::new(cache);
+    let watcher = tokio::spawn(source.watch(Duration::from_millis(250)));
+    let result = server.clone().serve(listener, shutdown).await;
+    watcher.abort();
+    result.map_err(|e| e.to_string())?;
+    Ok(server)
+}
