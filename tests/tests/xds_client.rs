@@ -3,127 +3,26 @@
 
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::cluster::v3 as cpb;
-use envoy_types::pb::envoy::config::core::v3 as core;
-use envoy_types::pb::envoy::config::endpoint::v3 as epb;
-use envoy_types::pb::envoy::config::listener::v3 as lpb;
-use envoy_types::pb::envoy::config::route::v3 as rpb;
-use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
-use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+use envoy_types::pb::google::protobuf::Any;
 use mesh_control::ads::{AdsServer, ResourceCache, Verdict};
 use mesh_core::config::{ClusterSpecifier, RouteAction, Snapshot};
 use mesh_core::xds::{Bootstrap, ProtocolMode, ResourceType, XdsClient};
 use mesh_core::{ConfigStore, ResourceStatus, XdsError};
-use prost::{Message, Name};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
+mod support;
+
 const PATIENCE: Duration = Duration::from_secs(15);
 
-fn any<M: Message + Name>(m: &M) -> Any {
-    Any {
-        type_url: M::type_url(),
-        value: m.encode_to_vec(),
-    }
-}
-
-fn listener(name: &str, rds: &str) -> Any {
-    let manager = hcm::HttpConnectionManager {
-        route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
-            hcm::Rds {
-                route_config_name: rds.into(),
-                config_source: None,
-            },
-        )),
-        http_filters: vec![hcm::HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
-                &Router::default(),
-            ))),
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    any(&lpb::Listener {
-        name: name.into(),
-        api_listener: Some(lpb::ApiListener {
-            api_listener: Some(any(&manager)),
-        }),
-        ..Default::default()
-    })
-}
-
-fn routes(name: &str, split: &[(&str, u32)]) -> Any {
-    any(&rpb::RouteConfiguration {
-        name: name.into(),
-        virtual_hosts: vec![rpb::VirtualHost {
-            name: "svc".into(),
-            domains: vec!["svc".into()],
-            routes: vec![rpb::Route {
-                r#match: Some(rpb::RouteMatch {
-                    path_specifier: Some(rpb::route_match::PathSpecifier::Prefix("/".into())),
-                    ..Default::default()
-                }),
-                action: Some(rpb::route::Action::Route(rpb::RouteAction {
-                    cluster_specifier: Some(rpb::route_action::ClusterSpecifier::WeightedClusters(
-                        rpb::WeightedCluster {
-                            clusters: split
-                                .iter()
-                                .map(|(n, w)| rpb::weighted_cluster::ClusterWeight {
-                                    name: (*n).into(),
-                                    weight: Some(UInt32Value { value: *w }),
-                                    ..Default::default()
-                                })
-                                .collect(),
-                            ..Default::default()
-                        },
-                    )),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    })
-}
+use support::xds::{listener, routes};
 
 fn cluster(name: &str) -> Any {
-    any(&cpb::Cluster {
-        name: name.into(),
-        cluster_discovery_type: Some(cpb::cluster::ClusterDiscoveryType::Type(3)),
-        eds_cluster_config: Some(cpb::cluster::EdsClusterConfig {
-            eds_config: None,
-            service_name: name.into(),
-        }),
-        ..Default::default()
-    })
+    support::xds::cluster(name, name)
 }
 
 fn endpoints(name: &str, port: u16) -> Any {
-    any(&epb::ClusterLoadAssignment {
-        cluster_name: name.into(),
-        endpoints: vec![epb::LocalityLbEndpoints {
-            lb_endpoints: vec![epb::LbEndpoint {
-                host_identifier: Some(epb::lb_endpoint::HostIdentifier::Endpoint(epb::Endpoint {
-                    address: Some(core::Address {
-                        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
-                            address: "127.0.0.1".into(),
-                            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(
-                                port.into(),
-                            )),
-                            ..Default::default()
-                        })),
-                    }),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    })
+    support::xds::endpoints(name, port)
 }
 
 fn world(split: &[(&str, u32)], ports: &[(&str, u16)]) -> Vec<Any> {

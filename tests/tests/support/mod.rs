@@ -90,3 +90,133 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Builders of xDS resources for tests.
+pub mod xds {
+    use envoy_types::pb::envoy::config::cluster::v3 as cpb;
+    use envoy_types::pb::envoy::config::core::v3 as core;
+    use envoy_types::pb::envoy::config::endpoint::v3 as epb;
+    use envoy_types::pb::envoy::config::listener::v3 as lpb;
+    use envoy_types::pb::envoy::config::route::v3 as rpb;
+    use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3 as hcm;
+    use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+    use prost::{Message, Name};
+
+    pub fn any<M: Message + Name>(m: &M) -> Any {
+        Any {
+            type_url: M::type_url(),
+            value: m.encode_to_vec(),
+        }
+    }
+
+    /// An API listener taking its routes from RDS `rds`.
+    pub fn listener(name: &str, rds: &str) -> Any {
+        let manager = hcm::HttpConnectionManager {
+            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
+                hcm::Rds {
+                    route_config_name: rds.into(),
+                    config_source: None,
+                },
+            )),
+            http_filters: vec![hcm::HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                    &Router::default(),
+                ))),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        any(&lpb::Listener {
+            name: name.into(),
+            api_listener: Some(lpb::ApiListener {
+                api_listener: Some(any(&manager)),
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// A route configuration for domain `svc` (and `*` for one target) splitting across clusters.
+    pub fn routes(name: &str, split: &[(&str, u32)]) -> Any {
+        any(&rpb::RouteConfiguration {
+            name: name.into(),
+            virtual_hosts: vec![rpb::VirtualHost {
+                name: "svc".into(),
+                domains: vec!["svc".into(), "*".into()],
+                routes: vec![rpb::Route {
+                    r#match: Some(rpb::RouteMatch {
+                        path_specifier: Some(rpb::route_match::PathSpecifier::Prefix("/".into())),
+                        ..Default::default()
+                    }),
+                    action: Some(rpb::route::Action::Route(rpb::RouteAction {
+                        cluster_specifier: Some(
+                            rpb::route_action::ClusterSpecifier::WeightedClusters(
+                                rpb::WeightedCluster {
+                                    clusters: split
+                                        .iter()
+                                        .map(|(n, w)| rpb::weighted_cluster::ClusterWeight {
+                                            name: (*n).into(),
+                                            weight: Some(UInt32Value { value: *w }),
+                                            ..Default::default()
+                                        })
+                                        .collect(),
+                                    ..Default::default()
+                                },
+                            ),
+                        ),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+
+    /// An EDS cluster.
+    pub fn cluster(name: &str, eds: &str) -> Any {
+        any(&cpb::Cluster {
+            name: name.into(),
+            cluster_discovery_type: Some(cpb::cluster::ClusterDiscoveryType::Type(3)),
+            eds_cluster_config: Some(cpb::cluster::EdsClusterConfig {
+                eds_config: None,
+                service_name: eds.into(),
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// One endpoint on 127.0.0.1.
+    pub fn endpoints(name: &str, port: u16) -> Any {
+        any(&epb::ClusterLoadAssignment {
+            cluster_name: name.into(),
+            endpoints: vec![epb::LocalityLbEndpoints {
+                lb_endpoints: vec![epb::LbEndpoint {
+                    host_identifier: Some(epb::lb_endpoint::HostIdentifier::Endpoint(
+                        epb::Endpoint {
+                            address: Some(core::Address {
+                                address: Some(core::address::Address::SocketAddress(
+                                    core::SocketAddress {
+                                        address: "127.0.0.1".into(),
+                                        port_specifier: Some(
+                                            core::socket_address::PortSpecifier::PortValue(
+                                                port.into(),
+                                            ),
+                                        ),
+                                        ..Default::default()
+                                    },
+                                )),
+                            }),
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+    }
+}
