@@ -113,6 +113,20 @@ pub async fn serve(
     opts: Options,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<AdsServer, String> {
+    serve_with_sds(path, listener, opts, None, shutdown).await
+}
+
+/// [`serve`], also issuing workload certificates over SDS when `sds` is given.
+///
+/// # Errors
+/// As [`serve`].
+pub async fn serve_with_sds(
+    path: &Path,
+    listener: tokio::net::TcpListener,
+    opts: Options,
+    sds: Option<crate::ads::sds::SdsIssuer>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<AdsServer, String> {
     let cache = ResourceCache::new();
     let mut source = ConfigSource::new(path, opts, cache.clone());
     if let Reload::Rejected(errors) = source.poll() {
@@ -122,7 +136,10 @@ pub async fn serve(
             .collect::<Vec<_>>()
             .join("\n"));
     }
-    let server = AdsServer::new(cache);
+    let mut server = AdsServer::new(cache);
+    if let Some(issuer) = sds {
+        server = server.with_sds(issuer);
+    }
     let watcher = tokio::spawn(source.watch(Duration::from_millis(250)));
     let result = server.clone().serve(listener, shutdown).await;
     watcher.abort();

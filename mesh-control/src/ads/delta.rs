@@ -2,15 +2,18 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-use super::{BoxStream, EventLog, ResourceCache};
+use super::sotw::{earliest, sleep_until_opt};
+use super::{BoxStream, EventLog, Source};
 
 #[derive(Debug, Default)]
 struct Subscription {
@@ -23,18 +26,21 @@ struct Subscription {
 }
 
 pub(super) fn serve(
-    cache: ResourceCache,
+    source: Source,
     events: EventLog,
     mut stopping: tokio::sync::watch::Receiver<bool>,
     mut requests: Streaming<DeltaDiscoveryRequest>,
 ) -> BoxStream<DeltaDiscoveryResponse> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        let mut changes = cache.subscribe();
+        let mut changes = source.cache.subscribe();
         let mut subs: HashMap<String, Subscription> = HashMap::new();
-        let mut node = String::new();
+        let mut node: Option<Node> = None;
+        let mut node_id = String::new();
         let mut nonce_counter: u64 = 0;
+        let mut renew_at: Option<Instant> = None;
         loop {
+            let mut push_all = false;
             tokio::select! {
                 _ = super::stopped(&mut stopping) => {
                     let _ = tx.send(Err(tonic::Status::unavailable("xDS server shutting down"))).await;
@@ -44,22 +50,23 @@ pub(super) fn serve(
                     let req = match req {
                         Some(Ok(r)) => r,
                         Some(Err(status)) => {
-                            tracing::debug!(%node, %status, "delta stream error");
+                            tracing::debug!(node = %node_id, %status, "delta stream error");
                             return;
                         }
                         None => return,
                     };
-                    if let Some(n) = &req.node {
-                        if node.is_empty() {
-                            node = n.id.clone();
-                            events.connected(&node, "delta");
+                    if node.is_none() {
+                        if let Some(n) = &req.node {
+                            node_id = n.id.clone();
+                            node = Some(n.clone());
+                            events.connected(&node_id, "delta");
                         }
                     }
                     let first = !subs.contains_key(&req.type_url);
                     let sub = subs.entry(req.type_url.clone()).or_default();
                     if !req.response_nonce.is_empty() && req.response_nonce == sub.nonce {
                         events.record(
-                            &node,
+                            &node_id,
                             &req.type_url,
                             &req.response_nonce,
                             req.error_detail.as_ref().map(|s| s.message.as_str()),
@@ -89,7 +96,9 @@ pub(super) fn serve(
                         }
                     }
                     nonce_counter += 1;
-                    if let Some(resp) = respond(&cache, &req.type_url, sub, nonce_counter) {
+                    let (resp, renew) = respond(&source, node.as_ref(), &req.type_url, sub, nonce_counter);
+                    renew_at = earliest(renew_at, renew);
+                    if let Some(resp) = resp {
                         if tx.send(Ok(resp)).await.is_err() {
                             return;
                         }
@@ -99,12 +108,22 @@ pub(super) fn serve(
                     if changed.is_err() {
                         return;
                     }
-                    for (type_url, sub) in subs.iter_mut() {
-                        nonce_counter += 1;
-                        if let Some(resp) = respond(&cache, type_url, sub, nonce_counter) {
-                            if tx.send(Ok(resp)).await.is_err() {
-                                return;
-                            }
+                    push_all = true;
+                }
+                _ = sleep_until_opt(renew_at) => {
+                    renew_at = None;
+                    push_all = true;
+                }
+            }
+            if push_all {
+                for (type_url, sub) in subs.iter_mut() {
+                    nonce_counter += 1;
+                    let (resp, renew) =
+                        respond(&source, node.as_ref(), type_url, sub, nonce_counter);
+                    renew_at = earliest(renew_at, renew);
+                    if let Some(resp) = resp {
+                        if tx.send(Ok(resp)).await.is_err() {
+                            return;
                         }
                     }
                 }
@@ -116,37 +135,33 @@ pub(super) fn serve(
 
 /// The changes the client lacks, or `None` when it is up to date.
 fn respond(
-    cache: &ResourceCache,
+    source: &Source,
+    node: Option<&Node>,
     type_url: &str,
     sub: &mut Subscription,
     nonce: u64,
-) -> Option<DeltaDiscoveryResponse> {
-    let (resources, removed) = cache.with_state(|s| {
-        let held = s.resources(type_url);
-        let mut resources = Vec::new();
-        let mut removed = Vec::new();
-        let wanted = |name: &str| sub.names.as_ref().is_none_or(|n| n.contains(name));
-        if let Some(held) = held {
-            for (name, v) in held.iter().filter(|(n, _)| wanted(n)) {
-                if sub.client.get(name) != Some(&v.version) {
-                    resources.push(Resource {
-                        name: name.clone(),
-                        version: v.version.clone(),
-                        resource: Some(v.resource.clone()),
-                        ..Default::default()
-                    });
-                }
-            }
+) -> (Option<DeltaDiscoveryResponse>, Option<Instant>) {
+    let (_, held, renew) = source.view(type_url, node, sub.names.as_ref());
+    let mut resources = Vec::new();
+    let mut removed = Vec::new();
+    for (name, v) in &held {
+        if sub.client.get(name) != Some(&v.version) {
+            resources.push(Resource {
+                name: name.clone(),
+                version: v.version.clone(),
+                resource: Some(v.resource.clone()),
+                ..Default::default()
+            });
         }
-        for name in sub.client.keys() {
-            if held.is_none_or(|h| !h.contains_key(name)) && wanted(name) {
-                removed.push(name.clone());
-            }
+    }
+    let wanted = |name: &str| sub.names.as_ref().is_none_or(|n| n.contains(name));
+    for name in sub.client.keys() {
+        if !held.contains_key(name) && wanted(name) {
+            removed.push(name.clone());
         }
-        (resources, removed)
-    });
+    }
     if resources.is_empty() && removed.is_empty() {
-        return None;
+        return (None, renew);
     }
     for r in &resources {
         sub.client.insert(r.name.clone(), r.version.clone());
@@ -155,12 +170,12 @@ fn respond(
         sub.client.remove(n);
     }
     sub.nonce = nonce.to_string();
-    Some(DeltaDiscoveryResponse {
-        system_version_info: String::new(),
+    let resp = DeltaDiscoveryResponse {
         resources,
         type_url: type_url.to_owned(),
         removed_resources: removed,
         nonce: sub.nonce.clone(),
         ..Default::default()
-    })
+    };
+    (Some(resp), renew)
 }

@@ -12,6 +12,7 @@
 
 mod cache;
 mod delta;
+pub mod sds;
 mod sotw;
 
 use std::future::Future;
@@ -112,10 +113,58 @@ pub(crate) async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
+/// What a stream serves: the shared cache, plus per-node secrets when SDS is on.
+#[derive(Clone, Debug)]
+pub(crate) struct Source {
+    pub(crate) cache: ResourceCache,
+    sds: Option<Arc<sds::SdsIssuer>>,
+}
+
+impl Source {
+    /// The version and resources of `type_url` for `node` (only `names` if given), and when
+    /// per-node resources must be refreshed.
+    pub(crate) fn view(
+        &self,
+        type_url: &str,
+        node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
+        names: Option<&std::collections::BTreeSet<String>>,
+    ) -> (
+        String,
+        std::collections::BTreeMap<String, cache::Versioned>,
+        Option<tokio::time::Instant>,
+    ) {
+        if type_url == sds::SECRET_TYPE {
+            let (Some(issuer), Some(node)) = (&self.sds, node) else {
+                return (String::new(), Default::default(), None);
+            };
+            let (secrets, renew) = issuer.secrets(node, names);
+            let version = secrets
+                .values()
+                .map(|v| v.version.as_str())
+                .collect::<Vec<_>>()
+                .join("-");
+            return (version, secrets, renew);
+        }
+        self.cache.with_state(|s| {
+            let resources = s
+                .resources(type_url)
+                .map(|m| {
+                    m.iter()
+                        .filter(|(name, _)| names.is_none_or(|n| n.contains(*name)))
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (s.type_version(type_url), resources, None)
+        })
+    }
+}
+
 /// The ADS gRPC service.
 #[derive(Clone, Debug)]
 pub struct AdsServer {
     cache: ResourceCache,
+    sds: Option<Arc<sds::SdsIssuer>>,
     events: EventLog,
     /// Flipped to `true` when the server shuts down, ending every open stream.
     stopping: tokio::sync::watch::Sender<bool>,
@@ -128,8 +177,22 @@ impl AdsServer {
     pub fn new(cache: ResourceCache) -> Self {
         Self {
             cache,
+            sds: None,
             events: EventLog::default(),
             stopping: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// Also serves workload certificates over SDS (see [`sds`]).
+    pub fn with_sds(mut self, issuer: sds::SdsIssuer) -> Self {
+        self.sds = Some(Arc::new(issuer));
+        self
+    }
+
+    fn source(&self) -> Source {
+        Source {
+            cache: self.cache.clone(),
+            sds: self.sds.clone(),
         }
     }
 
@@ -205,7 +268,7 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let stream = sotw::serve(
-            self.cache.clone(),
+            self.source(),
             self.events.clone(),
             self.stopping.subscribe(),
             request.into_inner(),
@@ -218,7 +281,7 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let stream = delta::serve(
-            self.cache.clone(),
+            self.source(),
             self.events.clone(),
             self.stopping.subscribe(),
             request.into_inner(),

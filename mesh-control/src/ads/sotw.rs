@@ -2,13 +2,15 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use futures::StreamExt;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-use super::{BoxStream, EventLog, ResourceCache};
+use super::{BoxStream, EventLog, Source};
 
 #[derive(Debug, Default)]
 struct Subscription {
@@ -25,17 +27,19 @@ fn is_wildcard_type(type_url: &str) -> bool {
 }
 
 pub(super) fn serve(
-    cache: ResourceCache,
+    source: Source,
     events: EventLog,
     mut stopping: tokio::sync::watch::Receiver<bool>,
     mut requests: Streaming<DiscoveryRequest>,
 ) -> BoxStream<DiscoveryResponse> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        let mut changes = cache.subscribe();
+        let mut changes = source.cache.subscribe();
         let mut subs: HashMap<String, Subscription> = HashMap::new();
-        let mut node = String::new();
+        let mut node: Option<Node> = None;
+        let mut node_id = String::new();
         let mut nonce_counter: u64 = 0;
+        let mut renew_at: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = super::stopped(&mut stopping) => {
@@ -46,15 +50,16 @@ pub(super) fn serve(
                     let req = match req {
                         Some(Ok(r)) => r,
                         Some(Err(status)) => {
-                            tracing::debug!(%node, %status, "SotW stream error");
+                            tracing::debug!(node = %node_id, %status, "SotW stream error");
                             return;
                         }
                         None => return,
                     };
-                    if let Some(n) = &req.node {
-                        if node.is_empty() {
-                            node = n.id.clone();
-                            events.connected(&node, "sotw");
+                    if node.is_none() {
+                        if let Some(n) = &req.node {
+                            node_id = n.id.clone();
+                            node = Some(n.clone());
+                            events.connected(&node_id, "sotw");
                         }
                     }
                     let first = !subs.contains_key(&req.type_url);
@@ -65,7 +70,7 @@ pub(super) fn serve(
                             continue;
                         }
                         events.record(
-                            &node,
+                            &node_id,
                             &req.type_url,
                             &req.version_info,
                             req.error_detail.as_ref().map(|s| s.message.as_str()),
@@ -85,9 +90,12 @@ pub(super) fn serve(
                     // An ACK/NACK without a change of subscription needs no answer.
                     if changed || req.response_nonce.is_empty() {
                         nonce_counter += 1;
-                        let Some(resp) = respond(&cache, &req.type_url, sub, nonce_counter) else { continue };
-                        if tx.send(Ok(resp)).await.is_err() {
-                            return;
+                        let (resp, renew) = respond(&source, node.as_ref(), &req.type_url, sub, nonce_counter);
+                        renew_at = earliest(renew_at, renew);
+                        if let Some(resp) = resp {
+                            if tx.send(Ok(resp)).await.is_err() {
+                                return;
+                            }
                         }
                     }
                 }
@@ -95,17 +103,14 @@ pub(super) fn serve(
                     if changed.is_err() {
                         return;
                     }
-                    for (type_url, sub) in subs.iter_mut() {
-                        let current = cache.with_state(|s| s.type_version(type_url));
-                        if sub.sent_version.as_deref() == Some(current.as_str()) {
-                            continue;
-                        }
-                        nonce_counter += 1;
-                        if let Some(resp) = respond(&cache, type_url, sub, nonce_counter) {
-                            if tx.send(Ok(resp)).await.is_err() {
-                                return;
-                            }
-                        }
+                    if !push_changes(&source, node.as_ref(), &mut subs, &mut nonce_counter, &tx, &mut renew_at).await {
+                        return;
+                    }
+                }
+                _ = sleep_until_opt(renew_at) => {
+                    renew_at = None;
+                    if !push_changes(&source, node.as_ref(), &mut subs, &mut nonce_counter, &tx, &mut renew_at).await {
+                        return;
                     }
                 }
             }
@@ -114,37 +119,65 @@ pub(super) fn serve(
     Box::pin(ReceiverStream::new(rx).fuse())
 }
 
+async fn push_changes(
+    source: &Source,
+    node: Option<&Node>,
+    subs: &mut HashMap<String, Subscription>,
+    nonce_counter: &mut u64,
+    tx: &mpsc::Sender<Result<DiscoveryResponse, tonic::Status>>,
+    renew_at: &mut Option<Instant>,
+) -> bool {
+    for (type_url, sub) in subs.iter_mut() {
+        let (current, _, renew) = source.view(type_url, node, sub.names.as_ref());
+        *renew_at = earliest(*renew_at, renew);
+        if sub.sent_version.as_deref() == Some(current.as_str()) {
+            continue;
+        }
+        *nonce_counter += 1;
+        if let (Some(resp), _) = respond(source, node, type_url, sub, *nonce_counter) {
+            if tx.send(Ok(resp)).await.is_err() {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+pub(super) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+pub(super) async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn respond(
-    cache: &ResourceCache,
+    source: &Source,
+    node: Option<&Node>,
     type_url: &str,
     sub: &mut Subscription,
     nonce: u64,
-) -> Option<DiscoveryResponse> {
-    let (version, resources) = cache.with_state(|s| {
-        let version = s.type_version(type_url);
-        let resources = s
-            .resources(type_url)
-            .map(|m| {
-                m.iter()
-                    .filter(|(name, _)| sub.names.as_ref().is_none_or(|n| n.contains(*name)))
-                    .map(|(_, v)| v.resource.clone())
-                    .collect::<Vec<_>>()
-            })
-            .unwrap_or_default();
-        (version, resources)
-    });
+) -> (Option<DiscoveryResponse>, Option<Instant>) {
+    let (version, resources, renew) = source.view(type_url, node, sub.names.as_ref());
     if sub.names.as_ref().is_some_and(|n| n.is_empty()) && sub.sent_version.is_some() {
         // Unsubscribed from everything: nothing to send.
         sub.sent_version = Some(version);
-        return None;
+        return (None, renew);
     }
     sub.sent_version = Some(version.clone());
     sub.nonce = nonce.to_string();
-    Some(DiscoveryResponse {
+    let resp = DiscoveryResponse {
         version_info: version,
-        resources,
+        resources: resources.into_values().map(|v| v.resource).collect(),
         type_url: type_url.to_owned(),
         nonce: sub.nonce.clone(),
         ..Default::default()
-    })
+    };
+    (Some(resp), renew)
 }

@@ -14,9 +14,12 @@ use std::time::Duration;
 use mesh_control::istio::{self, validate::Severity, Options};
 
 const USAGE: &str = "usage:
-  meshctl serve    [--config PATH] [--listen ADDR] [--trust-domain TD]
+  meshctl serve    [--config PATH] [--listen ADDR] [--trust-domain TD] [--sds [--cert-ttl DUR] [--ca-out DIR]]
                    serve Istio YAML (a file or a directory) over xDS (ADS, SotW and delta),
-                   reloading on change; default --config mesh.yaml --listen 127.0.0.1:18000
+                   reloading on change; default --config mesh.yaml --listen 127.0.0.1:18000.
+                   --sds also issues SPIFFE certificates over SDS on the same stream (secrets
+                   `default` and `ROOTCA`), renewed at half their TTL (default 1h); for
+                   development only: nodes are trusted to say who they are
   meshctl validate PATH...
                    check Istio YAML like istioctl analyze; prints file:line: lines,
                    exits 1 on errors
@@ -106,6 +109,23 @@ async fn serve(mut args: Args) -> Result<ExitCode, String> {
         .flag("--listen")?
         .unwrap_or_else(|| "127.0.0.1:18000".into());
     let opts = options(&mut args)?;
+    let sds = match args.rest.iter().position(|a| a == "--sds") {
+        Some(i) => {
+            args.rest.remove(i);
+            let ttl = args.flag("--cert-ttl")?.unwrap_or_else(|| "1h".into());
+            let ttl = istio::generate::parse_duration(&ttl)
+                .ok_or_else(|| format!("--cert-ttl {ttl:?}: use e.g. 30m, 1h"))?;
+            let ca = mesh_control::ca::DevCa::new(&opts.trust_domain).map_err(|e| e.to_string())?;
+            if let Some(dir) = args.flag("--ca-out")? {
+                std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
+                let path = Path::new(&dir).join("root-cert.pem");
+                std::fs::write(&path, ca.root_pem())
+                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+            }
+            Some(mesh_control::ads::sds::SdsIssuer::new(ca, ttl))
+        }
+        None => None,
+    };
     args.done()?;
     let listener = tokio::net::TcpListener::bind(&listen)
         .await
@@ -118,7 +138,7 @@ async fn serve(mut args: Args) -> Result<ExitCode, String> {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
     };
-    mesh_control::serve::serve(&config, listener, opts, shutdown).await?;
+    mesh_control::serve::serve_with_sds(&config, listener, opts, sds, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
