@@ -1,1 +1,24 @@
-//! mesh-tower
+//! # mesh-tower
+//!
+//! The mesh's request path, as tower layers linked into the service: no proxy hop.
+//!
+//! The outbound stack routes each request by the live xDS configuration
+//! ([`route`]), then hands it to its cluster ([`cluster`]): circuit breaker, endpoint choice
+//! (priority failover, least-request / round robin / random) and a pooled HTTP/1.1 or HTTP/2
+//! connection to the chosen endpoint. [`MeshClient`] assembles it into one
+//! `tower::Service<http::Request<B>>` to put where a hyper client would be.
+//!
+//! Configuration is read only through [`mesh_core::ConfigStore`]: one atomic load per request,
+//! nothing locks. State that must outlive a configuration update (connection pools, breaker
+//! counters, endpoint load) lives in per-cluster and per-endpoint objects keyed by name and
+//! address, carried from snapshot to snapshot.
+#![forbid(unsafe_code)]
+#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
+
+mod client;
+pub mod cluster;
+mod error;
+pub mod route;
+
+pub use client::{MeshClient, MeshClientBuilder, ResponseBody, ResponseFuture};
+pub use error::{BoxError, MeshError};

@@ -1,0 +1,155 @@
+//! [`MeshClient`]: the assembled outbound stack.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use mesh_core::xds::Target;
+use mesh_core::ConfigStore;
+use pin_project_lite::pin_project;
+use tower::{Layer, Service};
+
+use crate::cluster::{ClusterRegistry, ClusterService, MeshBody};
+use crate::error::{BoxError, MeshError};
+use crate::route::{Route, RouteLayer};
+
+/// The outbound stack for one target: route, then cluster (breaker, balance, endpoint
+/// pools). Put it where a hyper client would be; it is cheap to clone.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// use std::time::Duration;
+/// use mesh_core::xds::{Bootstrap, XdsClient};
+/// use mesh_tower::MeshClient;
+/// use tower::{Service, ServiceExt};
+///
+/// let xds = XdsClient::builder(Bootstrap::from_env()?).build()?;
+/// xds.listener("xds:///frontend.prod.svc.cluster.local:80", Duration::from_secs(10)).await?;
+/// let mut client = MeshClient::builder(xds.store().clone())
+///     .target("xds:///frontend.prod.svc.cluster.local:80")?
+///     .build();
+/// let req = http::Request::get("http://frontend.prod.svc.cluster.local/api")
+///     .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+/// let resp = ServiceExt::<http::Request<http_body_util::Empty<bytes::Bytes>>>::ready(&mut client).await?.call(req).await?;
+/// println!("{}", resp.status());
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct MeshClient {
+    inner: Route<ClusterService>,
+}
+
+/// Configures a [`MeshClient`].
+#[derive(Debug)]
+pub struct MeshClientBuilder {
+    store: ConfigStore,
+    listener: Option<String>,
+    registry: Option<Arc<ClusterRegistry>>,
+}
+
+impl MeshClientBuilder {
+    /// The target to route by: `xds:///name` or a listener name.
+    ///
+    /// # Errors
+    /// An invalid target.
+    pub fn target(mut self, target: &str) -> Result<Self, mesh_core::XdsError> {
+        self.listener = Some(Target::parse(target)?.name().to_owned());
+        Ok(self)
+    }
+
+    /// Shares a cluster registry (pools, breakers) with other clients of the same store.
+    pub fn registry(mut self, registry: Arc<ClusterRegistry>) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Builds the client.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime (the registry's sync task is spawned), or without a target.
+    pub fn build(self) -> MeshClient {
+        let listener = self.listener.expect("MeshClient needs a target: call .target(\"xds:///name\")");
+        let registry = self.registry.unwrap_or_else(|| ClusterRegistry::new(self.store.clone()));
+        let inner = RouteLayer::new(self.store, listener).layer(ClusterService::new(registry));
+        MeshClient { inner }
+    }
+}
+
+impl MeshClient {
+    /// A builder reading configuration from `store`.
+    pub fn builder(store: ConfigStore) -> MeshClientBuilder {
+        MeshClientBuilder {
+            store,
+            listener: None,
+            registry: None,
+        }
+    }
+
+    /// The cluster registry (for inspection: per-cluster counters, endpoints).
+    pub fn registry(&self) -> &Arc<ClusterRegistry> {
+        self.inner.get_ref().registry()
+    }
+}
+
+/// The response body of a [`MeshClient`].
+pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+pin_project! {
+    /// The future of [`MeshClient`].
+    #[derive(Debug)]
+    pub struct ResponseFuture {
+        #[pin]
+        inner: crate::route::ResponseFuture<crate::cluster::ResponseFuture>,
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<ResponseBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match futures::ready!(self.project().inner.poll(cx)) {
+            Ok(resp) => Poll::Ready(Ok(resp.map(|b| b.map_err(Into::into).boxed_unsync()))),
+            Err(e) => match e.downcast::<MeshError>() {
+                // Routes that answer themselves answer here.
+                Ok(me) => match *me {
+                    MeshError::DirectResponse { status, body, .. } => {
+                        let mut resp = Response::new(
+                            http_body_util::Full::new(Bytes::from(body))
+                                .map_err(|never| match never {})
+                                .boxed_unsync(),
+                        );
+                        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+                        Poll::Ready(Ok(resp))
+                    }
+                    other => Poll::Ready(Err(Box::new(other))),
+                },
+                Err(e) => Poll::Ready(Err(e)),
+            },
+        }
+    }
+}
+
+impl<B> Service<Request<B>> for MeshClient
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Service::<Request<MeshBody>>::poll_ready(&mut self.inner, cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
+        ResponseFuture {
+            inner: self.inner.call(req),
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Endpoint choice inside a cluster.
+//!
+//! Only routable endpoints (health UNKNOWN or HEALTHY) of the highest priority that has any
+//! are considered: when priority P has none left, traffic moves to P+1, and comes back when
+//! P recovers. Among them, the cluster's policy picks: power of two choices on outstanding
+//! requests (LEAST_REQUEST, the default), round robin, or random. Weights are honoured by
+//! weighted random draws.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use mesh_core::config::LbPolicy;
+
+use super::{ClusterRuntime, EndpointRuntime};
+
+/// How an endpoint is picked; the default follows the cluster's `lb_policy`.
+pub trait PickEndpoint {
+    /// Picks among `candidates` (non-empty, same priority).
+    fn pick<'a>(&self, cluster: &ClusterRuntime, candidates: &'a [Arc<EndpointRuntime>]) -> &'a Arc<EndpointRuntime>;
+}
+
+/// The policy of the cluster's configuration.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ByConfig;
+
+fn weighted_random(candidates: &[Arc<EndpointRuntime>]) -> &Arc<EndpointRuntime> {
+    let total: u64 = candidates.iter().map(|e| u64::from(e.weight.max(1))).sum();
+    let mut point = fastrand::u64(..total.max(1));
+    for e in candidates {
+        let w = u64::from(e.weight.max(1));
+        if point < w {
+            return e;
+        }
+        point -= w;
+    }
+    &candidates[candidates.len() - 1]
+}
+
+impl PickEndpoint for ByConfig {
+    fn pick<'a>(&self, cluster: &ClusterRuntime, candidates: &'a [Arc<EndpointRuntime>]) -> &'a Arc<EndpointRuntime> {
+        if candidates.len() == 1 {
+            return &candidates[0];
+        }
+        match cluster.config().lb_policy {
+            LbPolicy::RoundRobin => &candidates[cluster.rr.fetch_add(1, Ordering::Relaxed) % candidates.len()],
+            LbPolicy::Random | LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. } => weighted_random(candidates),
+            LbPolicy::LeastRequest { choice_count } => {
+                // Power of `choice_count` choices: the least loaded of a few weighted draws.
+                let mut best = weighted_random(candidates);
+                for _ in 1..choice_count.max(2) {
+                    let other = weighted_random(candidates);
+                    if other.in_flight() < best.in_flight() {
+                        best = other;
+                    }
+                }
+                best
+            }
+        }
+    }
+}
+
+/// Groups the routable endpoints by priority (highest first), dropping empty levels.
+pub fn levels(endpoints: &[Arc<EndpointRuntime>]) -> Vec<Vec<Arc<EndpointRuntime>>> {
+    let mut levels: Vec<(u32, Vec<Arc<EndpointRuntime>>)> = Vec::new();
+    for e in endpoints.iter().filter(|e| e.health.is_routable()) {
+        match levels.last_mut() {
+            Some((p, level)) if *p == e.priority => level.push(e.clone()),
+            _ => levels.push((e.priority, vec![e.clone()])),
+        }
+    }
+    levels.sort_by_key(|(p, _)| *p);
+    levels.into_iter().map(|(_, l)| l).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::config::HealthStatus;
+
+    fn ep(port: u16, priority: u32, health: HealthStatus) -> Arc<EndpointRuntime> {
+        Arc::new(EndpointRuntime {
+            address: ([127, 0, 0, 1], port).into(),
+            weight: 1,
+            priority,
+            locality_weight: 1,
+            health,
+            stats: Default::default(),
+        })
+    }
+
+    #[test]
+    fn priority_failover_and_recovery() {
+        let all = vec![
+            ep(1, 0, HealthStatus::Unhealthy),
+            ep(2, 0, HealthStatus::Draining),
+            ep(3, 1, HealthStatus::Healthy),
+        ];
+        let l = levels(&all);
+        assert_eq!(l.len(), 1, "priority 0 has nothing routable: traffic fails over to 1");
+        assert_eq!(l[0][0].address.port(), 3);
+        let recovered = vec![ep(1, 0, HealthStatus::Healthy), ep(2, 0, HealthStatus::Unhealthy), ep(3, 1, HealthStatus::Healthy)];
+        let l = levels(&recovered);
+        assert_eq!(l[0].len(), 1, "unhealthy endpoints are never candidates");
+        assert_eq!(l[0][0].address.port(), 1, "and it comes back when priority 0 recovers");
+        assert!(levels(&[ep(1, 0, HealthStatus::Unhealthy)]).is_empty());
+    }
+}

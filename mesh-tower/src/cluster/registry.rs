@@ -1,0 +1,278 @@
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use mesh_core::config::{Cluster, EndpointAssignment, HealthStatus, Snapshot, UpstreamProtocol};
+use mesh_core::ConfigStore;
+
+use super::service::MeshBody;
+use crate::error::MeshError;
+
+/// Per-endpoint load, shared across configuration updates.
+#[derive(Debug, Default)]
+pub(crate) struct EndpointStats {
+    pub(crate) in_flight: AtomicU32,
+    pub(crate) requests: AtomicU64,
+}
+
+/// One endpoint of a cluster.
+#[derive(Debug)]
+pub struct EndpointRuntime {
+    /// Where.
+    pub address: SocketAddr,
+    /// Weight inside its locality.
+    pub weight: u32,
+    /// Priority (0 highest).
+    pub priority: u32,
+    /// Locality weight (for locality-weighted balancing).
+    pub locality_weight: u32,
+    /// Health from EDS.
+    pub health: HealthStatus,
+    pub(crate) stats: Arc<EndpointStats>,
+}
+
+impl EndpointRuntime {
+    /// Requests in flight to this endpoint now.
+    pub fn in_flight(&self) -> u32 {
+        self.stats.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests sent to this endpoint so far.
+    pub fn requests(&self) -> u64 {
+        self.stats.requests.load(Ordering::Relaxed)
+    }
+}
+
+/// A cluster's live state: its config, endpoints, pool and breaker counters.
+#[derive(Debug)]
+pub struct ClusterRuntime {
+    name: String,
+    config: ArcSwap<Cluster>,
+    endpoints: ArcSwap<Vec<Arc<EndpointRuntime>>>,
+    /// Routable endpoints by priority, highest first (precomputed: nothing is allocated or
+    /// filtered per request).
+    levels: ArcSwap<Vec<Vec<Arc<EndpointRuntime>>>>,
+    client: Client<HttpConnector, MeshBody>,
+    protocol: UpstreamProtocol,
+    pub(crate) rr: AtomicUsize,
+    active_requests: AtomicU32,
+    overflows: AtomicU64,
+}
+
+/// Holds one unit of the cluster's `max_requests` budget; released on drop.
+#[derive(Debug)]
+pub struct RequestGuard {
+    cluster: Arc<ClusterRuntime>,
+    endpoint: Option<Arc<EndpointStats>>,
+}
+
+impl RequestGuard {
+    pub(crate) fn set_endpoint(&mut self, stats: Arc<EndpointStats>) {
+        stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        self.endpoint = Some(stats);
+    }
+}
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.cluster.active_requests.fetch_sub(1, Ordering::AcqRel);
+        if let Some(e) = &self.endpoint {
+            e.in_flight.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn client_for(cluster: &Cluster) -> Client<HttpConnector, MeshBody> {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(cluster.connect_timeout));
+    connector.set_nodelay(true);
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder.pool_idle_timeout(Duration::from_secs(30));
+    if cluster.protocol == UpstreamProtocol::Http2 {
+        builder.http2_only(true);
+        if let Some(h2) = &cluster.http2 {
+            if let Some(w) = h2.initial_stream_window_size {
+                builder.http2_initial_stream_window_size(w);
+            }
+            if let Some(w) = h2.initial_connection_window_size {
+                builder.http2_initial_connection_window_size(w);
+            }
+        }
+    }
+    builder.build(connector)
+}
+
+impl ClusterRuntime {
+    fn new(cluster: Arc<Cluster>) -> Self {
+        Self {
+            name: cluster.name.clone(),
+            client: client_for(&cluster),
+            protocol: cluster.protocol,
+            config: ArcSwap::new(cluster),
+            endpoints: ArcSwap::from_pointee(Vec::new()),
+            levels: ArcSwap::from_pointee(Vec::new()),
+            rr: AtomicUsize::new(0),
+            active_requests: AtomicU32::new(0),
+            overflows: AtomicU64::new(0),
+        }
+    }
+
+    /// The cluster name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The current config.
+    pub fn config(&self) -> Arc<Cluster> {
+        self.config.load_full()
+    }
+
+    /// The current endpoints, sorted by priority.
+    pub fn endpoints(&self) -> Arc<Vec<Arc<EndpointRuntime>>> {
+        self.endpoints.load_full()
+    }
+
+    /// Routable endpoints by priority, highest first.
+    pub fn levels(&self) -> Arc<Vec<Vec<Arc<EndpointRuntime>>>> {
+        self.levels.load_full()
+    }
+
+    /// Requests in flight through this cluster.
+    pub fn active_requests(&self) -> u32 {
+        self.active_requests.load(Ordering::Acquire)
+    }
+
+    /// Requests refused by the circuit breaker so far.
+    pub fn overflows(&self) -> u64 {
+        self.overflows.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn client(&self) -> &Client<HttpConnector, MeshBody> {
+        &self.client
+    }
+
+    /// Takes one unit of `max_requests`, or fails fast.
+    ///
+    /// # Errors
+    /// [`MeshError::Overloaded`] when the cluster is at its limit; the request is counted as
+    /// an overflow and never queued.
+    pub fn try_acquire(self: &Arc<Self>) -> Result<RequestGuard, MeshError> {
+        let max = self.config.load().circuit_breakers.default.max_requests;
+        // Correctness: increment first, then check, so concurrent callers can never all pass.
+        let before = self.active_requests.fetch_add(1, Ordering::AcqRel);
+        if before >= max {
+            self.active_requests.fetch_sub(1, Ordering::AcqRel);
+            self.overflows.fetch_add(1, Ordering::Relaxed);
+            return Err(MeshError::Overloaded {
+                cluster: self.name.clone(),
+                limit: "max_requests",
+                max,
+            });
+        }
+        Ok(RequestGuard {
+            cluster: self.clone(),
+            endpoint: None,
+        })
+    }
+
+    /// Applies a new config and endpoint assignment, keeping state of unchanged endpoints.
+    fn update(&self, cluster: Arc<Cluster>, cla: Option<&EndpointAssignment>) {
+        let old: HashMap<SocketAddr, Arc<EndpointStats>> = self
+            .endpoints
+            .load()
+            .iter()
+            .map(|e| (e.address, e.stats.clone()))
+            .collect();
+        let mut endpoints: Vec<Arc<EndpointRuntime>> = cla
+            .map(|cla| {
+                cla.endpoints()
+                    .map(|(loc, e)| {
+                        Arc::new(EndpointRuntime {
+                            address: e.address,
+                            weight: e.weight,
+                            priority: loc.priority,
+                            locality_weight: loc.weight,
+                            health: e.health,
+                            stats: old.get(&e.address).cloned().unwrap_or_default(),
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        endpoints.sort_by_key(|e| e.priority);
+        self.levels.store(Arc::new(super::balance::levels(&endpoints)));
+        self.endpoints.store(Arc::new(endpoints));
+        self.config.store(cluster);
+    }
+}
+
+/// Every cluster's runtime, following the config store.
+#[derive(Debug)]
+pub struct ClusterRegistry {
+    clusters: ArcSwap<HashMap<String, Arc<ClusterRuntime>>>,
+    store: ConfigStore,
+    /// Serializes writers (the sync task and on-demand creation).
+    write: Mutex<()>,
+}
+
+impl ClusterRegistry {
+    /// A registry following `store`. Spawns the task that applies each new snapshot (it ends
+    /// when the registry is dropped).
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn new(store: ConfigStore) -> Arc<Self> {
+        let registry = Arc::new(Self {
+            clusters: ArcSwap::from_pointee(HashMap::new()),
+            store: store.clone(),
+            write: Mutex::new(()),
+        });
+        registry.sync(&store.load());
+        let weak = Arc::downgrade(&registry);
+        let mut changes = store.subscribe();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let Some(registry) = weak.upgrade() else { return };
+                registry.sync(&registry.store.load());
+            }
+        });
+        registry
+    }
+
+    /// The runtime of a cluster; created on the spot if the current snapshot has it but the
+    /// sync task has not applied that snapshot yet.
+    pub fn get(&self, name: &str) -> Option<Arc<ClusterRuntime>> {
+        if let Some(c) = self.clusters.load().get(name) {
+            return Some(c.clone());
+        }
+        let snapshot = self.store.load();
+        snapshot.cluster(name)?;
+        self.sync(&snapshot);
+        self.clusters.load().get(name).cloned()
+    }
+
+    /// Applies `snapshot`: creates, updates and drops cluster runtimes.
+    pub fn sync(&self, snapshot: &Snapshot) {
+        let _w = self.write.lock().expect("registry write lock");
+        let current = self.clusters.load_full();
+        let mut next = HashMap::with_capacity(snapshot.clusters().len());
+        for (name, cluster) in snapshot.clusters() {
+            let runtime = match current.get(name) {
+                // A protocol change needs a new pool; everything else updates in place.
+                Some(rt) if rt.protocol == cluster.protocol => rt.clone(),
+                _ => Arc::new(ClusterRuntime::new(cluster.clone())),
+            };
+            let cla = snapshot.endpoints_for_cluster(name);
+            runtime.update(cluster.clone(), cla.as_deref());
+            next.insert(name.clone(), runtime);
+        }
+        self.clusters.store(Arc::new(next));
+    }
+}

@@ -1,0 +1,186 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::Request;
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tower::Service;
+
+use super::balance::{ByConfig, PickEndpoint};
+use super::{ClusterRegistry, RequestGuard};
+use crate::error::{BoxError, MeshError};
+use crate::route::RouteDecision;
+
+/// The request body type inside the stack.
+pub type MeshBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// The terminal service: breaker, endpoint choice and the pooled upstream request.
+#[derive(Clone, Debug)]
+pub struct ClusterService<P = ByConfig> {
+    registry: Arc<ClusterRegistry>,
+    picker: P,
+}
+
+impl ClusterService {
+    /// Sends requests to the clusters of `registry`, choosing endpoints by each cluster's
+    /// configured policy.
+    pub fn new(registry: Arc<ClusterRegistry>) -> Self {
+        Self {
+            registry,
+            picker: ByConfig,
+        }
+    }
+}
+
+impl<P> ClusterService<P> {
+    /// Chooses endpoints with `picker` instead.
+    pub fn with_picker<Q: PickEndpoint>(self, picker: Q) -> ClusterService<Q> {
+        ClusterService {
+            registry: self.registry,
+            picker,
+        }
+    }
+
+    /// The registry.
+    pub fn registry(&self) -> &Arc<ClusterRegistry> {
+        &self.registry
+    }
+}
+
+pin_project! {
+    /// The upstream request; holds the breaker permit and the endpoint's in-flight count
+    /// until the response headers arrive.
+    pub struct ResponseFuture {
+        #[pin]
+        state: State,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State {
+        Sending {
+            #[pin] fut: hyper_util::client::legacy::ResponseFuture,
+            guard: Option<RequestGuard>,
+            cluster: Arc<str>,
+            endpoint: std::net::SocketAddr,
+        },
+        Failed { error: Option<MeshError> },
+    }
+}
+
+impl ResponseFuture {
+    fn failed(error: MeshError) -> Self {
+        Self {
+            state: State::Failed { error: Some(error) },
+        }
+    }
+}
+
+impl std::fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cluster::ResponseFuture")
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<http::Response<Incoming>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Sending {
+                fut,
+                guard,
+                cluster,
+                endpoint,
+            } => {
+                let out = futures::ready!(fut.poll(cx));
+                drop(guard.take());
+                Poll::Ready(out.map_err(|e| {
+                    MeshError::Upstream {
+                        cluster: cluster.to_string(),
+                        endpoint: *endpoint,
+                        source: Box::new(e),
+                    }
+                    .into()
+                }))
+            }
+            StateProj::Failed { error } => Poll::Ready(Err(error.take().expect("polled after completion").into())),
+        }
+    }
+}
+
+impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
+    type Response = http::Response<Incoming>;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        // Correctness: limits are enforced per request in `call` (fail fast, never queue),
+        // so the service is always ready.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request<MeshBody>) -> Self::Future {
+        let fail = ResponseFuture::failed;
+        let cluster = {
+            let Some(decision) = req.extensions().get::<RouteDecision>() else {
+                return fail(MeshError::MissingDecision);
+            };
+            match self.registry.get(decision.cluster()) {
+                Some(c) => c,
+                None => {
+                    return fail(MeshError::UnknownCluster {
+                        cluster: decision.cluster().to_owned(),
+                    })
+                }
+            }
+        };
+        let cluster_name = cluster.name();
+        let mut guard = match cluster.try_acquire() {
+            Ok(g) => g,
+            Err(e) => return fail(e),
+        };
+        let levels = cluster.levels();
+        let Some(candidates) = levels.first() else {
+            return fail(MeshError::NoHealthyEndpoint {
+                cluster: cluster_name.to_owned(),
+            });
+        };
+        let endpoint = self.picker.pick(&cluster, candidates);
+        guard.set_endpoint(endpoint.stats.clone());
+        let address = endpoint.address;
+        // Keep the authority the application used in the Host header; dial the endpoint.
+        if !req.headers().contains_key(http::header::HOST) {
+            if let Some(a) = req.uri().authority() {
+                if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
+                    req.headers_mut().insert(http::header::HOST, v);
+                }
+            }
+        }
+        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        match format!("http://{address}{path}").parse() {
+            Ok(uri) => *req.uri_mut() = uri,
+            Err(e) => {
+                return fail(MeshError::Upstream {
+                    cluster: cluster_name.to_owned(),
+                    endpoint: address,
+                    source: Box::new(e),
+                })
+            }
+        }
+        let cluster_name: Arc<str> = cluster.name().into();
+        let fut = cluster.client().request(req);
+        ResponseFuture {
+            state: State::Sending {
+                fut,
+                guard: Some(guard),
+                cluster: cluster_name,
+                endpoint: address,
+            },
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! Errors of the request path. Each names the listener, route, cluster or endpoint involved.
+
+use http::StatusCode;
+
+/// A boxed error, as tower layers return.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the mesh did not forward a request (or what the upstream did).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MeshError {
+    /// The listener's route configuration has not arrived (or does not exist).
+    #[error("listener {listener:?} has no route configuration yet")]
+    NoRouteConfig {
+        /// Listener name.
+        listener: String,
+    },
+    /// No virtual host or route matched.
+    #[error("no route for {authority}{path} in listener {listener:?}")]
+    NoRoute {
+        /// Listener name.
+        listener: String,
+        /// Request authority.
+        authority: String,
+        /// Request path.
+        path: String,
+    },
+    /// The route answers directly (direct response or redirect).
+    #[error("route {route:?} answers directly with status {status}")]
+    DirectResponse {
+        /// Route name.
+        route: String,
+        /// Status.
+        status: u16,
+        /// Body (for redirects, the location).
+        body: String,
+    },
+    /// The route names a cluster the configuration does not have.
+    #[error("cluster {cluster:?} is not in the configuration")]
+    UnknownCluster {
+        /// Cluster name.
+        cluster: String,
+    },
+    /// Every endpoint is unhealthy, ejected, or there are none.
+    #[error("cluster {cluster:?} has no healthy endpoint")]
+    NoHealthyEndpoint {
+        /// Cluster name.
+        cluster: String,
+    },
+    /// A circuit breaker is open: failing fast instead of queueing.
+    #[error("cluster {cluster:?} is overloaded: {limit} limit of {max} reached")]
+    Overloaded {
+        /// Cluster name.
+        cluster: String,
+        /// Which threshold (`max_requests`, `max_retries`...).
+        limit: &'static str,
+        /// Its value.
+        max: u32,
+    },
+    /// The upstream request failed (connect, reset, protocol).
+    #[error("upstream {endpoint} of cluster {cluster:?} failed: {source}")]
+    Upstream {
+        /// Cluster name.
+        cluster: String,
+        /// Endpoint address.
+        endpoint: std::net::SocketAddr,
+        /// The transport's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The request carried no routing decision (the cluster layer runs after the route layer).
+    #[error("no routing decision on the request: put the route layer before the cluster layer")]
+    MissingDecision,
+}
+
+impl MeshError {
+    /// The HTTP status a proxy would answer with.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoRouteConfig { .. } | Self::NoHealthyEndpoint { .. } | Self::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::NoRoute { .. } | Self::UnknownCluster { .. } => StatusCode::NOT_FOUND,
+            Self::DirectResponse { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
+            Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::MissingDecision => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}

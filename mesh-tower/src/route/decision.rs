@@ -1,0 +1,181 @@
+use std::sync::Arc;
+
+use http::{HeaderValue, Request};
+use mesh_core::config::{ClusterSpecifier, ForwardAction, RequestInfo, Route, RouteAction, RouteConfig, VirtualHost};
+
+use crate::error::MeshError;
+
+#[derive(Clone, Debug)]
+enum Target {
+    Single,
+    Weighted(usize),
+    Header(HeaderValue),
+}
+
+/// The route chosen for a request: a cheap handle into the snapshot it was chosen from, so
+/// later layers see the same configuration even if a new one is published meanwhile.
+#[derive(Clone, Debug)]
+pub struct RouteDecision {
+    config: Arc<RouteConfig>,
+    vh: usize,
+    route: usize,
+    target: Target,
+}
+
+impl RouteDecision {
+    /// The route configuration.
+    pub fn route_config(&self) -> &RouteConfig {
+        &self.config
+    }
+
+    /// The virtual host.
+    pub fn virtual_host(&self) -> &VirtualHost {
+        &self.config.virtual_hosts[self.vh]
+    }
+
+    /// The route.
+    pub fn route(&self) -> &Route {
+        &self.virtual_host().routes[self.route]
+    }
+
+    /// The route's forwarding action.
+    pub fn forward(&self) -> &ForwardAction {
+        match &self.route().action {
+            RouteAction::Forward(f) => f,
+            // Correctness: decisions are only made for forwarding routes.
+            _ => unreachable!("a RouteDecision is built for forward actions only"),
+        }
+    }
+
+    /// The cluster chosen (for a weighted route, the target drawn for this request).
+    pub fn cluster(&self) -> &str {
+        match (&self.forward().cluster, &self.target) {
+            (ClusterSpecifier::Cluster(c), _) => c,
+            (ClusterSpecifier::Weighted(w), Target::Weighted(i)) => &w.clusters[*i].name,
+            (_, Target::Header(h)) => h.to_str().unwrap_or_default(),
+            // Correctness: the target is built from the specifier, so the pairs above are all.
+            _ => unreachable!("target matches its cluster specifier"),
+        }
+    }
+
+    /// The route's name, for metrics (`""` when unnamed).
+    pub fn route_name(&self) -> &str {
+        &self.route().name
+    }
+}
+
+/// Routes `req` by `config`: virtual host, route, cluster; applies the route's header
+/// changes and rewrites to `req`.
+///
+/// # Errors
+/// [`MeshError::NoRoute`] when nothing matches, [`MeshError::DirectResponse`] for routes that
+/// answer themselves.
+pub fn decide<B>(config: Arc<RouteConfig>, listener: &str, req: &mut Request<B>, draw: u64) -> Result<RouteDecision, MeshError> {
+    let info = RequestInfo::from_request(req, draw);
+    let no_route = || MeshError::NoRoute {
+        listener: listener.to_owned(),
+        authority: info.authority.to_owned(),
+        path: info.path.to_owned(),
+    };
+    let vh = config.find_virtual_host(info.authority).ok_or_else(no_route)?;
+    let route = vh.find_route(&info).ok_or_else(no_route)?;
+    let vh_idx = config
+        .virtual_hosts
+        .iter()
+        .position(|v| std::ptr::eq(v, vh))
+        .expect("virtual host comes from this config");
+    let route_idx = vh.routes.iter().position(|r| std::ptr::eq(r, route)).expect("route comes from this virtual host");
+    let fwd = match &route.action {
+        RouteAction::Forward(f) => f,
+        RouteAction::DirectResponse { status, body } => {
+            return Err(MeshError::DirectResponse {
+                route: route.name.clone(),
+                status: *status,
+                body: body.clone(),
+            })
+        }
+        RouteAction::Redirect { status, host, path } => {
+            return Err(MeshError::DirectResponse {
+                route: route.name.clone(),
+                status: *status,
+                body: format!("{}{}", host.as_deref().unwrap_or(info.authority), path.as_deref().unwrap_or(info.path)),
+            })
+        }
+        RouteAction::NonForwarding => return Err(no_route()),
+    };
+    let target = match &fwd.cluster {
+        ClusterSpecifier::Cluster(_) => Target::Single,
+        // Hash the draw so the route match (runtime_fraction) and the split are independent.
+        ClusterSpecifier::Weighted(w) => {
+            let pick = w.pick(draw.rotate_left(29).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            Target::Weighted(w.clusters.iter().position(|c| std::ptr::eq(c, pick)).expect("pick is one of the clusters"))
+        }
+        ClusterSpecifier::Header(h) => match info.headers.get(h) {
+            Some(v) if !v.is_empty() => Target::Header(v.clone()),
+            _ => return Err(no_route()),
+        },
+    };
+    // Header changes, most specific last (route config, virtual host, route, weighted target).
+    let weighted = match (&fwd.cluster, &target) {
+        (ClusterSpecifier::Weighted(w), Target::Weighted(i)) => Some(&w.clusters[*i]),
+        _ => None,
+    };
+    for m in [&config.request_headers, &vh.request_headers, &route.request_headers]
+        .into_iter()
+        .chain(weighted.map(|w| &w.request_headers))
+    {
+        if !m.is_empty() {
+            m.apply(req.headers_mut());
+        }
+    }
+    rewrite(req, route, fwd);
+    Ok(RouteDecision {
+        config: config.clone(),
+        vh: vh_idx,
+        route: route_idx,
+        target,
+    })
+}
+
+fn rewrite<B>(req: &mut Request<B>, route: &Route, fwd: &ForwardAction) {
+    use mesh_core::config::PathMatch;
+    let new_path = if let Some(prefix) = &fwd.prefix_rewrite {
+        let path = req.uri().path();
+        let matched = match &route.matcher.path {
+            PathMatch::Prefix(p) | PathMatch::SeparatedPrefix(p) | PathMatch::Exact(p) => p.len().min(path.len()),
+            PathMatch::Regex(_) => path.len(),
+        };
+        Some(format!("{prefix}{}", &path[matched..]))
+    } else {
+        fwd.regex_rewrite
+            .as_ref()
+            .map(|rr| rr.pattern.replace_all(req.uri().path(), &rr.substitution))
+    };
+    if let Some(path) = new_path {
+        let pq = match req.uri().query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let mut parts = req.uri().clone().into_parts();
+        if let Ok(pq) = pq.parse() {
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
+    if let Some(host) = &fwd.host_rewrite {
+        if let Ok(v) = HeaderValue::from_str(host) {
+            req.headers_mut().insert(http::header::HOST, v);
+        }
+        let mut parts = req.uri().clone().into_parts();
+        if parts.authority.is_some() {
+            if let Ok(a) = host.parse() {
+                parts.authority = Some(a);
+                if let Ok(uri) = http::Uri::from_parts(parts) {
+                    *req.uri_mut() = uri;
+                }
+            }
+        }
+    }
+}
