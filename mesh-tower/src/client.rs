@@ -72,8 +72,12 @@ impl MeshClientBuilder {
     /// # Panics
     /// Outside a tokio runtime (the registry's sync task is spawned), or without a target.
     pub fn build(self) -> MeshClient {
-        let listener = self.listener.expect("MeshClient needs a target: call .target(\"xds:///name\")");
-        let registry = self.registry.unwrap_or_else(|| ClusterRegistry::new(self.store.clone()));
+        let listener = self
+            .listener
+            .expect("MeshClient needs a target: call .target(\"xds:///name\")");
+        let registry = self
+            .registry
+            .unwrap_or_else(|| ClusterRegistry::new(self.store.clone()));
         let inner = RouteLayer::new(self.store, listener).layer(ClusterService::new(registry));
         MeshClient { inner }
     }
@@ -122,7 +126,8 @@ impl Future for ResponseFuture {
                                 .map_err(|never| match never {})
                                 .boxed_unsync(),
                         );
-                        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+                        *resp.status_mut() =
+                            http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
                         Poll::Ready(Ok(resp))
                     }
                     other => Poll::Ready(Err(Box::new(other))),

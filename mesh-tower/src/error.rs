@@ -77,11 +77,13 @@ impl MeshError {
     /// The HTTP status a proxy would answer with.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::NoRouteConfig { .. } | Self::NoHealthyEndpoint { .. } | Self::Overloaded { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Self::NoRouteConfig { .. }
+            | Self::NoHealthyEndpoint { .. }
+            | Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::NoRoute { .. } | Self::UnknownCluster { .. } => StatusCode::NOT_FOUND,
-            Self::DirectResponse { status, .. } => StatusCode::from_u16(*status).unwrap_or(StatusCode::OK),
+            Self::DirectResponse { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::OK)
+            }
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::MissingDecision => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -13,7 +13,12 @@
 //! counters, endpoint load) lives in per-cluster and per-endpoint objects keyed by name and
 //! address, carried from snapshot to snapshot.
 #![forbid(unsafe_code)]
-#![warn(missing_docs, missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
 
 mod client;
 pub mod cluster;

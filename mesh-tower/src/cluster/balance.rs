@@ -16,7 +16,11 @@ use super::{ClusterRuntime, EndpointRuntime};
 /// How an endpoint is picked; the default follows the cluster's `lb_policy`.
 pub trait PickEndpoint {
     /// Picks among `candidates` (non-empty, same priority).
-    fn pick<'a>(&self, cluster: &ClusterRuntime, candidates: &'a [Arc<EndpointRuntime>]) -> &'a Arc<EndpointRuntime>;
+    fn pick<'a>(
+        &self,
+        cluster: &ClusterRuntime,
+        candidates: &'a [Arc<EndpointRuntime>],
+    ) -> &'a Arc<EndpointRuntime>;
 }
 
 /// The policy of the cluster's configuration.
@@ -37,13 +41,21 @@ fn weighted_random(candidates: &[Arc<EndpointRuntime>]) -> &Arc<EndpointRuntime>
 }
 
 impl PickEndpoint for ByConfig {
-    fn pick<'a>(&self, cluster: &ClusterRuntime, candidates: &'a [Arc<EndpointRuntime>]) -> &'a Arc<EndpointRuntime> {
+    fn pick<'a>(
+        &self,
+        cluster: &ClusterRuntime,
+        candidates: &'a [Arc<EndpointRuntime>],
+    ) -> &'a Arc<EndpointRuntime> {
         if candidates.len() == 1 {
             return &candidates[0];
         }
         match cluster.config().lb_policy {
-            LbPolicy::RoundRobin => &candidates[cluster.rr.fetch_add(1, Ordering::Relaxed) % candidates.len()],
-            LbPolicy::Random | LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. } => weighted_random(candidates),
+            LbPolicy::RoundRobin => {
+                &candidates[cluster.rr.fetch_add(1, Ordering::Relaxed) % candidates.len()]
+            }
+            LbPolicy::Random | LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. } => {
+                weighted_random(candidates)
+            }
             LbPolicy::LeastRequest { choice_count } => {
                 // Power of `choice_count` choices: the least loaded of a few weighted draws.
                 let mut best = weighted_random(candidates);
@@ -96,12 +108,24 @@ mod tests {
             ep(3, 1, HealthStatus::Healthy),
         ];
         let l = levels(&all);
-        assert_eq!(l.len(), 1, "priority 0 has nothing routable: traffic fails over to 1");
+        assert_eq!(
+            l.len(),
+            1,
+            "priority 0 has nothing routable: traffic fails over to 1"
+        );
         assert_eq!(l[0][0].address.port(), 3);
-        let recovered = vec![ep(1, 0, HealthStatus::Healthy), ep(2, 0, HealthStatus::Unhealthy), ep(3, 1, HealthStatus::Healthy)];
+        let recovered = vec![
+            ep(1, 0, HealthStatus::Healthy),
+            ep(2, 0, HealthStatus::Unhealthy),
+            ep(3, 1, HealthStatus::Healthy),
+        ];
         let l = levels(&recovered);
         assert_eq!(l[0].len(), 1, "unhealthy endpoints are never candidates");
-        assert_eq!(l[0][0].address.port(), 1, "and it comes back when priority 0 recovers");
+        assert_eq!(
+            l[0][0].address.port(),
+            1,
+            "and it comes back when priority 0 recovers"
+        );
         assert!(levels(&[ep(1, 0, HealthStatus::Unhealthy)]).is_empty());
     }
 }

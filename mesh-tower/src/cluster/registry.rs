@@ -207,7 +207,8 @@ impl ClusterRuntime {
             })
             .unwrap_or_default();
         endpoints.sort_by_key(|e| e.priority);
-        self.levels.store(Arc::new(super::balance::levels(&endpoints)));
+        self.levels
+            .store(Arc::new(super::balance::levels(&endpoints)));
         self.endpoints.store(Arc::new(endpoints));
         self.config.store(cluster);
     }
@@ -239,7 +240,9 @@ impl ClusterRegistry {
         let mut changes = store.subscribe();
         tokio::spawn(async move {
             while changes.changed().await.is_ok() {
-                let Some(registry) = weak.upgrade() else { return };
+                let Some(registry) = weak.upgrade() else {
+                    return;
+                };
                 registry.sync(&registry.store.load());
             }
         });

@@ -108,7 +108,9 @@ impl Future for ResponseFuture {
                     .into()
                 }))
             }
-            StateProj::Failed { error } => Poll::Ready(Err(error.take().expect("polled after completion").into())),
+            StateProj::Failed { error } => {
+                Poll::Ready(Err(error.take().expect("polled after completion").into()))
+            }
         }
     }
 }

@@ -1,7 +1,9 @@
 use std::sync::Arc;
 
 use http::{HeaderValue, Request};
-use mesh_core::config::{ClusterSpecifier, ForwardAction, RequestInfo, Route, RouteAction, RouteConfig, VirtualHost};
+use mesh_core::config::{
+    ClusterSpecifier, ForwardAction, RequestInfo, Route, RouteAction, RouteConfig, VirtualHost,
+};
 
 use crate::error::MeshError;
 
@@ -70,21 +72,32 @@ impl RouteDecision {
 /// # Errors
 /// [`MeshError::NoRoute`] when nothing matches, [`MeshError::DirectResponse`] for routes that
 /// answer themselves.
-pub fn decide<B>(config: Arc<RouteConfig>, listener: &str, req: &mut Request<B>, draw: u64) -> Result<RouteDecision, MeshError> {
+pub fn decide<B>(
+    config: Arc<RouteConfig>,
+    listener: &str,
+    req: &mut Request<B>,
+    draw: u64,
+) -> Result<RouteDecision, MeshError> {
     let info = RequestInfo::from_request(req, draw);
     let no_route = || MeshError::NoRoute {
         listener: listener.to_owned(),
         authority: info.authority.to_owned(),
         path: info.path.to_owned(),
     };
-    let vh = config.find_virtual_host(info.authority).ok_or_else(no_route)?;
+    let vh = config
+        .find_virtual_host(info.authority)
+        .ok_or_else(no_route)?;
     let route = vh.find_route(&info).ok_or_else(no_route)?;
     let vh_idx = config
         .virtual_hosts
         .iter()
         .position(|v| std::ptr::eq(v, vh))
         .expect("virtual host comes from this config");
-    let route_idx = vh.routes.iter().position(|r| std::ptr::eq(r, route)).expect("route comes from this virtual host");
+    let route_idx = vh
+        .routes
+        .iter()
+        .position(|r| std::ptr::eq(r, route))
+        .expect("route comes from this virtual host");
     let fwd = match &route.action {
         RouteAction::Forward(f) => f,
         RouteAction::DirectResponse { status, body } => {
@@ -98,7 +111,11 @@ pub fn decide<B>(config: Arc<RouteConfig>, listener: &str, req: &mut Request<B>,
             return Err(MeshError::DirectResponse {
                 route: route.name.clone(),
                 status: *status,
-                body: format!("{}{}", host.as_deref().unwrap_or(info.authority), path.as_deref().unwrap_or(info.path)),
+                body: format!(
+                    "{}{}",
+                    host.as_deref().unwrap_or(info.authority),
+                    path.as_deref().unwrap_or(info.path)
+                ),
             })
         }
         RouteAction::NonForwarding => return Err(no_route()),
@@ -108,7 +125,12 @@ pub fn decide<B>(config: Arc<RouteConfig>, listener: &str, req: &mut Request<B>,
         // Hash the draw so the route match (runtime_fraction) and the split are independent.
         ClusterSpecifier::Weighted(w) => {
             let pick = w.pick(draw.rotate_left(29).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            Target::Weighted(w.clusters.iter().position(|c| std::ptr::eq(c, pick)).expect("pick is one of the clusters"))
+            Target::Weighted(
+                w.clusters
+                    .iter()
+                    .position(|c| std::ptr::eq(c, pick))
+                    .expect("pick is one of the clusters"),
+            )
         }
         ClusterSpecifier::Header(h) => match info.headers.get(h) {
             Some(v) if !v.is_empty() => Target::Header(v.clone()),
@@ -120,9 +142,13 @@ pub fn decide<B>(config: Arc<RouteConfig>, listener: &str, req: &mut Request<B>,
         (ClusterSpecifier::Weighted(w), Target::Weighted(i)) => Some(&w.clusters[*i]),
         _ => None,
     };
-    for m in [&config.request_headers, &vh.request_headers, &route.request_headers]
-        .into_iter()
-        .chain(weighted.map(|w| &w.request_headers))
+    for m in [
+        &config.request_headers,
+        &vh.request_headers,
+        &route.request_headers,
+    ]
+    .into_iter()
+    .chain(weighted.map(|w| &w.request_headers))
     {
         if !m.is_empty() {
             m.apply(req.headers_mut());
@@ -142,7 +168,9 @@ fn rewrite<B>(req: &mut Request<B>, route: &Route, fwd: &ForwardAction) {
     let new_path = if let Some(prefix) = &fwd.prefix_rewrite {
         let path = req.uri().path();
         let matched = match &route.matcher.path {
-            PathMatch::Prefix(p) | PathMatch::SeparatedPrefix(p) | PathMatch::Exact(p) => p.len().min(path.len()),
+            PathMatch::Prefix(p) | PathMatch::SeparatedPrefix(p) | PathMatch::Exact(p) => {
+                p.len().min(path.len())
+            }
             PathMatch::Regex(_) => path.len(),
         };
         Some(format!("{prefix}{}", &path[matched..]))

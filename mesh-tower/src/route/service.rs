@@ -23,7 +23,11 @@ pub struct Route<S> {
 impl<S> Route<S> {
     /// Wraps `inner`.
     pub fn new(inner: S, store: ConfigStore, listener: Arc<str>) -> Self {
-        Self { inner, store, listener }
+        Self {
+            inner,
+            store,
+            listener,
+        }
     }
 
     /// The inner service.
@@ -78,7 +82,9 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
             StateProj::Inner { fut } => fut.poll(cx).map_err(Into::into),
-            StateProj::Failed { error } => Poll::Ready(Err(error.take().expect("polled after completion").into())),
+            StateProj::Failed { error } => {
+                Poll::Ready(Err(error.take().expect("polled after completion").into()))
+            }
         }
     }
 }
@@ -106,10 +112,16 @@ where
         };
         match decide(config, &self.listener, &mut req, fastrand::u64(..)) {
             Ok(decision) => {
-                tracing::debug!(route = decision.route_name(), cluster = decision.cluster(), "routed");
+                tracing::debug!(
+                    route = decision.route_name(),
+                    cluster = decision.cluster(),
+                    "routed"
+                );
                 req.extensions_mut().insert(decision);
                 ResponseFuture {
-                    state: State::Inner { fut: self.inner.call(req) },
+                    state: State::Inner {
+                        fut: self.inner.call(req),
+                    },
                 }
             }
             Err(error) => ResponseFuture::failed(error),

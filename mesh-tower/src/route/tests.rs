@@ -2,10 +2,10 @@
 
 use std::sync::Arc;
 
+use futures::FutureExt;
 use http::{Request, Response};
 use mesh_core::config::*;
 use mesh_core::ConfigStore;
-use futures::FutureExt;
 use tower::{Layer, Service, ServiceExt};
 
 use super::*;
@@ -38,7 +38,11 @@ fn store() -> ConfigStore {
     });
     let mut rewritten = fwd(ClusterSpecifier::Cluster("api".into()));
     rewritten.prefix_rewrite = Some("/v2/".into());
-    let mut api_route = route("api", RouteMatch::prefix("/api/"), RouteAction::Forward(rewritten));
+    let mut api_route = route(
+        "api",
+        RouteMatch::prefix("/api/"),
+        RouteAction::Forward(rewritten),
+    );
     api_route.request_headers.add.push(HeaderAdd {
         name: http::HeaderName::from_static("x-mesh-route"),
         value: http::HeaderValue::from_static("api"),
@@ -51,7 +55,11 @@ fn store() -> ConfigStore {
             domains: vec![DomainMatcher::parse("svc").unwrap()],
             routes: vec![
                 api_route,
-                route("canary", canary, RouteAction::Forward(fwd(ClusterSpecifier::Cluster("v2".into())))),
+                route(
+                    "canary",
+                    canary,
+                    RouteAction::Forward(fwd(ClusterSpecifier::Cluster("v2".into()))),
+                ),
                 route(
                     "gone",
                     RouteMatch::prefix("/gone"),
@@ -109,7 +117,11 @@ fn svc(store: ConfigStore) -> (super::Route<Mock>, Handle) {
     (RouteLayer::new(store, "svc:80").layer(mock), handle)
 }
 
-async fn routed(svc: &mut super::Route<Mock>, handle: &mut Handle, req: Request<()>) -> Request<()> {
+async fn routed(
+    svc: &mut super::Route<Mock>,
+    handle: &mut Handle,
+    req: Request<()>,
+) -> Request<()> {
     let fut = svc.ready().await.unwrap().call(req);
     let (req, send) = handle.next_request().await.unwrap();
     send.send_response(Response::new(()));
@@ -128,12 +140,21 @@ async fn routes_by_path_and_header_with_rewrites() {
     let req = routed(&mut svc, &mut handle, get("/api/users?id=1")).await;
     let d = req.extensions().get::<RouteDecision>().unwrap();
     assert_eq!((d.route_name(), d.cluster()), ("api", "api"));
-    assert_eq!(req.uri().path_and_query().unwrap().as_str(), "/v2/users?id=1", "prefix rewrite keeps the query");
+    assert_eq!(
+        req.uri().path_and_query().unwrap().as_str(),
+        "/v2/users?id=1",
+        "prefix rewrite keeps the query"
+    );
     assert_eq!(req.headers()["x-mesh-route"], "api");
     let mut canary = get("/");
-    canary.headers_mut().insert("x-canary", "1".parse().unwrap());
+    canary
+        .headers_mut()
+        .insert("x-canary", "1".parse().unwrap());
     let req = routed(&mut svc, &mut handle, canary).await;
-    assert_eq!(req.extensions().get::<RouteDecision>().unwrap().cluster(), "v2");
+    assert_eq!(
+        req.extensions().get::<RouteDecision>().unwrap().cluster(),
+        "v2"
+    );
 }
 
 #[tokio::test]
@@ -156,9 +177,18 @@ async fn errors_without_calling_inner() {
     let (mut svc, mut handle) = svc(store());
     // The inner service is never called for these: the mock would record it.
     handle.allow(1);
-    let e = svc.ready().await.unwrap().call(get("/gone")).await.unwrap_err();
+    let e = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(get("/gone"))
+        .await
+        .unwrap_err();
     let e = e.downcast::<MeshError>().unwrap();
-    assert!(matches!(*e, MeshError::DirectResponse { status: 410, .. }), "{e}");
+    assert!(
+        matches!(*e, MeshError::DirectResponse { status: 410, .. }),
+        "{e}"
+    );
     let e = svc
         .ready()
         .await
@@ -167,11 +197,23 @@ async fn errors_without_calling_inner() {
         .await
         .unwrap_err();
     assert_eq!(e.to_string(), "no route for other/ in listener \"svc:80\"");
-    assert!(handle.next_request().now_or_never().is_none(), "nothing reached the inner service");
+    assert!(
+        handle.next_request().now_or_never().is_none(),
+        "nothing reached the inner service"
+    );
     let (mut empty, mut h) = super::tests::svc(ConfigStore::new());
     h.allow(1);
-    let e = empty.ready().await.unwrap().call(get("/")).await.unwrap_err();
-    assert_eq!(e.to_string(), "listener \"svc:80\" has no route configuration yet");
+    let e = empty
+        .ready()
+        .await
+        .unwrap()
+        .call(get("/"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "listener \"svc:80\" has no route configuration yet"
+    );
 }
 
 #[tokio::test]
@@ -180,20 +222,34 @@ async fn a_new_snapshot_applies_to_the_next_request() {
     let (mut svc, mut handle) = svc(store.clone());
     handle.allow(10);
     let mut canary = get("/");
-    canary.headers_mut().insert("x-canary", "1".parse().unwrap());
+    canary
+        .headers_mut()
+        .insert("x-canary", "1".parse().unwrap());
     let req = routed(&mut svc, &mut handle, canary).await;
-    assert_eq!(req.extensions().get::<RouteDecision>().unwrap().cluster(), "v2");
+    assert_eq!(
+        req.extensions().get::<RouteDecision>().unwrap().cluster(),
+        "v2"
+    );
     // Replace the listener: everything to "v3".
     let mut snap = (*store.load()).clone();
     let mut l = (**snap.listener("svc:80").unwrap()).clone();
     if let ListenerKind::Api(hcm) = &mut l.kind {
-        let RouteSource::Inline(rc) = &hcm.routes else { unreachable!() };
+        let RouteSource::Inline(rc) = &hcm.routes else {
+            unreachable!()
+        };
         let mut rc = (**rc).clone();
-        rc.virtual_hosts[0].routes = vec![route("all", RouteMatch::prefix("/"), RouteAction::Forward(fwd(ClusterSpecifier::Cluster("v3".into()))))];
+        rc.virtual_hosts[0].routes = vec![route(
+            "all",
+            RouteMatch::prefix("/"),
+            RouteAction::Forward(fwd(ClusterSpecifier::Cluster("v3".into()))),
+        )];
         hcm.routes = RouteSource::Inline(Arc::new(rc));
     }
     snap.set_listener(Arc::new(l));
     store.publish(snap);
     let req = routed(&mut svc, &mut handle, get("/")).await;
-    assert_eq!(req.extensions().get::<RouteDecision>().unwrap().cluster(), "v3");
+    assert_eq!(
+        req.extensions().get::<RouteDecision>().unwrap().cluster(),
+        "v3"
+    );
 }

@@ -1,0 +1,369 @@
+//! The outbound path end to end: real hyper backends on 127.0.0.1, configuration pushed by a
+//! real xDS server over a real gRPC stream into mesh-core's client, requests through
+//! `MeshClient`.
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::cluster::v3 as cpb;
+use envoy_types::pb::envoy::config::core::v3 as core;
+use envoy_types::pb::envoy::extensions::upstreams::http::v3 as uhttp;
+use envoy_types::pb::google::protobuf::{Any, UInt32Value};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use mesh_control::ads::{AdsServer, ResourceCache};
+use mesh_core::config::{ClusterSpecifier, RouteAction, Snapshot};
+use mesh_core::xds::{Bootstrap, XdsClient};
+use mesh_core::ConfigStore;
+use mesh_tower::{MeshClient, MeshError};
+use tower::{Service, ServiceExt};
+
+const PATIENCE: Duration = Duration::from_secs(15);
+
+/// An EDS cluster with optional `max_requests` and HTTP/2.
+fn cluster(name: &str, max_requests: Option<u32>, http2: bool) -> Any {
+    let mut c = cpb::Cluster::decode_from(support::xds::cluster(name, name));
+    if let Some(max) = max_requests {
+        c.circuit_breakers = Some(cpb::CircuitBreakers {
+            thresholds: vec![cpb::circuit_breakers::Thresholds {
+                max_requests: Some(UInt32Value { value: max }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+    if http2 {
+        let opts = uhttp::HttpProtocolOptions {
+            upstream_protocol_options: Some(uhttp::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                uhttp::http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(uhttp::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                        core::Http2ProtocolOptions::default(),
+                    )),
+                },
+            )),
+            ..Default::default()
+        };
+        c.typed_extension_protocol_options.insert(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+            support::xds::any(&opts),
+        );
+    }
+    support::xds::any(&c)
+}
+
+trait DecodeFrom: Sized {
+    fn decode_from(any: Any) -> Self;
+}
+
+impl DecodeFrom for cpb::Cluster {
+    fn decode_from(any: Any) -> Self {
+        use prost::Message;
+        cpb::Cluster::decode(any.value.as_slice()).unwrap()
+    }
+}
+
+struct Mesh {
+    cache: ResourceCache,
+    store: ConfigStore,
+    client: MeshClient,
+    _xds: XdsClient,
+}
+
+async fn mesh(resources: Vec<Any>, ready: impl FnMut(&Snapshot) -> bool) -> Mesh {
+    let cache = ResourceCache::new();
+    cache.set_resources(resources);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(AdsServer::new(cache.clone()).serve(listener, std::future::pending()));
+    let xds = XdsClient::builder(Bootstrap::new(addr.to_string(), "outbound"))
+        .build()
+        .unwrap();
+    xds.listener("xds:///svc", PATIENCE).await.unwrap();
+    let store = xds.store().clone();
+    store
+        .wait_for(PATIENCE, ready)
+        .await
+        .expect("configuration arrives");
+    let client = MeshClient::builder(store.clone())
+        .target("xds:///svc")
+        .unwrap()
+        .build();
+    Mesh {
+        cache,
+        store,
+        client,
+        _xds: xds,
+    }
+}
+
+fn world(split: &[(&str, u32)], clusters: Vec<Any>, endpoints: &[(&str, u16)]) -> Vec<Any> {
+    let mut v = vec![
+        support::xds::listener("svc", "svc-routes"),
+        support::xds::routes("svc-routes", split),
+    ];
+    v.extend(clusters);
+    v.extend(
+        endpoints
+            .iter()
+            .map(|(n, p)| support::xds::endpoints(n, *p)),
+    );
+    v
+}
+
+async fn send(client: &MeshClient) -> Result<(u16, String), mesh_tower::BoxError> {
+    let req = http::Request::get("http://svc/hello")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = client.clone().oneshot(req).await?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Sends `n` requests, `concurrency` at a time; returns the v2 count and the failures.
+async fn load(client: &MeshClient, n: usize, concurrency: usize) -> (usize, Vec<String>) {
+    use futures::StreamExt;
+    let results: Vec<_> = futures::stream::iter(0..n)
+        .map(|_| send(client))
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let mut v2 = 0;
+    let mut failures = Vec::new();
+    for r in results {
+        match r {
+            Ok((200, b)) if b == "v2" => v2 += 1,
+            Ok((200, _)) => {}
+            Ok((s, b)) => failures.push(format!("{s} {b}")),
+            Err(e) => failures.push(e.to_string()),
+        }
+    }
+    (v2, failures)
+}
+
+fn weights(s: &Snapshot) -> Vec<u32> {
+    let Some(rc) = s.route_config("svc-routes") else {
+        return vec![];
+    };
+    match &rc.virtual_hosts[0].routes[0].action {
+        RouteAction::Forward(f) => match &f.cluster {
+            ClusterSpecifier::Weighted(w) => w.clusters.iter().map(|c| c.weight).collect(),
+            _ => vec![],
+        },
+        _ => vec![],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn canary_split_then_shift_under_load() {
+    let v1 = support::backend("v1").await;
+    let v2 = support::backend("v2").await;
+    let eps = [("v1", v1.addr.port()), ("v2", v2.addr.port())];
+    let clusters = || vec![cluster("v1", None, false), cluster("v2", None, false)];
+    let m = mesh(world(&[("v1", 90), ("v2", 10)], clusters(), &eps), |s| {
+        s.endpoints_for_cluster("v1").is_some() && s.endpoints_for_cluster("v2").is_some()
+    })
+    .await;
+
+    // 90/10 over 5000 requests: v2 within 10% ± 2 points (4.7 standard deviations).
+    let (n2, failures) = load(&m.client, 5000, 16).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    let share = n2 as f64 / 5000.0;
+    println!("v2 share at 90/10: {share:.4} over 5000 requests");
+    assert!((share - 0.10).abs() <= 0.02, "{share}");
+
+    // Shift to 50/50 while requests flow: not one may fail.
+    let flowing = {
+        let client = m.client.clone();
+        tokio::spawn(async move { load(&client, 3000, 8).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    m.cache
+        .set_resources(world(&[("v1", 50), ("v2", 50)], clusters(), &eps));
+    m.store
+        .wait_for(PATIENCE, |s| weights(s) == vec![50, 50])
+        .await
+        .expect("50/50 arrives");
+    let (_, failures) = flowing.await.unwrap();
+    assert!(
+        failures.is_empty(),
+        "requests failed during the update: {failures:?}"
+    );
+    let (n2, failures) = load(&m.client, 2000, 16).await;
+    assert!(failures.is_empty());
+    let share = n2 as f64 / 2000.0;
+    println!("v2 share at 50/50: {share:.4} over 2000 requests");
+    assert!((share - 0.5).abs() <= 0.045, "{share}");
+    assert_eq!(
+        v1.hits.load(Ordering::Relaxed) + v2.hits.load(Ordering::Relaxed),
+        10_000
+    );
+}
+
+/// A backend that takes 100 ms per request and records the most requests it had at once.
+async fn slow_backend() -> (std::net::SocketAddr, Arc<AtomicU32>, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let current = Arc::new(AtomicU32::new(0));
+    let max = Arc::new(AtomicU32::new(0));
+    let served = Arc::new(AtomicU64::new(0));
+    let (m, s) = (max.clone(), served.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (current, max, served) = (current.clone(), m.clone(), s.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                    let (current, max, served) = (current.clone(), max.clone(), served.clone());
+                    async move {
+                        let now = current.fetch_add(1, Ordering::SeqCst) + 1;
+                        max.fetch_max(now, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        current.fetch_sub(1, Ordering::SeqCst);
+                        served.fetch_add(1, Ordering::SeqCst);
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                            b"v1",
+                        ))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, max, served)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_fails_fast_and_caps_concurrency() {
+    let (addr, max_seen, served) = slow_backend().await;
+    let m = mesh(
+        world(
+            &[("v1", 1)],
+            vec![cluster("v1", Some(10), false)],
+            &[("v1", addr.port())],
+        ),
+        |s| s.endpoints_for_cluster("v1").is_some(),
+    )
+    .await;
+    let results = futures::future::join_all((0..50).map(|_| send(&m.client))).await;
+    let ok = results.iter().filter(|r| matches!(r, Ok((200, _)))).count();
+    let overloaded = results
+        .iter()
+        .filter(|r| match r {
+            Err(e) => matches!(
+                e.downcast_ref::<MeshError>(),
+                Some(MeshError::Overloaded {
+                    limit: "max_requests",
+                    max: 10,
+                    ..
+                })
+            ),
+            _ => false,
+        })
+        .count();
+    println!(
+        "max_requests=10 at concurrency 50: {ok} served, {overloaded} failed fast, backend peak {}",
+        max_seen.load(Ordering::SeqCst)
+    );
+    assert_eq!(
+        ok + overloaded,
+        50,
+        "every request either served or refused with the typed error: {results:?}"
+    );
+    assert!(ok >= 10, "the first ten are served");
+    assert!(
+        max_seen.load(Ordering::SeqCst) <= 10,
+        "the backend never sees more than 10 at once"
+    );
+    assert_eq!(served.load(Ordering::SeqCst), ok as u64);
+    let rt = m.client.registry().get("v1").unwrap();
+    assert_eq!(rt.overflows(), overloaded as u64);
+    assert_eq!(rt.active_requests(), 0, "every permit released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_and_http1_upstreams() {
+    // An h2c (prior knowledge) backend that says which protocol it saw.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let h2_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(format!(
+                        "{:?}",
+                        req.version()
+                    )))))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let h1 = support::backend("h1").await;
+    let m = mesh(
+        world(
+            &[("h2", 50), ("h1", 50)],
+            vec![cluster("h2", None, true), cluster("h1", None, false)],
+            &[("h2", h2_addr.port()), ("h1", h1.addr.port())],
+        ),
+        |s| s.endpoints_for_cluster("h2").is_some() && s.endpoints_for_cluster("h1").is_some(),
+    )
+    .await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        let (status, body) = send(&m.client).await.unwrap();
+        assert_eq!(status, 200);
+        seen.insert(body);
+    }
+    assert_eq!(
+        seen,
+        ["HTTP/2.0".to_string(), "h1".to_string()]
+            .into_iter()
+            .collect()
+    );
+}
+
+#[tokio::test]
+async fn unknown_cluster_and_missing_config_are_typed_errors() {
+    let m = mesh(world(&[("nope", 1)], vec![], &[]), |s| {
+        s.route_config("svc-routes").is_some()
+    })
+    .await;
+    let err = send(&m.client).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "cluster \"nope\" is not in the configuration"
+    );
+    let mut other = MeshClient::builder(m.store.clone())
+        .target("xds:///elsewhere")
+        .unwrap()
+        .build();
+    let req = http::Request::get("http://elsewhere/")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let err = ServiceExt::<http::Request<Empty<Bytes>>>::ready(&mut other)
+        .await
+        .unwrap()
+        .call(req)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "listener \"elsewhere\" has no route configuration yet"
+    );
+}
