@@ -15,10 +15,12 @@ use tower::{Layer, Service};
 
 use crate::cluster::{ClusterRegistry, ClusterService, MeshBody};
 use crate::error::{BoxError, MeshError};
+use crate::retry::{Retry, RetryLayer};
 use crate::route::{Route, RouteLayer};
+use crate::timeout::{Timeout, TimeoutLayer};
 
-/// The outbound stack for one target: route, then cluster (breaker, balance, endpoint
-/// pools). Put it where a hyper client would be; it is cheap to clone.
+/// The outbound stack for one target: route, timeout, retry, then cluster (breaker,
+/// balance, endpoint pools). Put it where a hyper client would be; it is cheap to clone.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -40,7 +42,7 @@ use crate::route::{Route, RouteLayer};
 /// ```
 #[derive(Clone, Debug)]
 pub struct MeshClient {
-    inner: Route<ClusterService>,
+    inner: Route<Timeout<Retry<ClusterService>>>,
 }
 
 /// Configures a [`MeshClient`].
@@ -78,7 +80,9 @@ impl MeshClientBuilder {
         let registry = self
             .registry
             .unwrap_or_else(|| ClusterRegistry::new(self.store.clone()));
-        let inner = RouteLayer::new(self.store, listener).layer(ClusterService::new(registry));
+        let cluster = ClusterService::new(registry.clone());
+        let retry = RetryLayer::new(registry).layer(cluster);
+        let inner = RouteLayer::new(self.store, listener).layer(TimeoutLayer::new().layer(retry));
         MeshClient { inner }
     }
 }
@@ -95,7 +99,7 @@ impl MeshClient {
 
     /// The cluster registry (for inspection: per-cluster counters, endpoints).
     pub fn registry(&self) -> &Arc<ClusterRegistry> {
-        self.inner.get_ref().registry()
+        self.inner.get_ref().get_ref().get_ref().registry()
     }
 }
 
@@ -107,7 +111,9 @@ pin_project! {
     #[derive(Debug)]
     pub struct ResponseFuture {
         #[pin]
-        inner: crate::route::ResponseFuture<crate::cluster::ResponseFuture>,
+        inner: crate::route::ResponseFuture<
+            crate::timeout::ResponseFuture<crate::retry::ResponseFuture<ClusterService, crate::cluster::ResponseFuture>>,
+        >,
     }
 }
 

@@ -58,15 +58,33 @@ pub enum MeshError {
         max: u32,
     },
     /// The upstream request failed (connect, reset, protocol).
-    #[error("upstream {endpoint} of cluster {cluster:?} failed: {source}")]
+    #[error("upstream {endpoint} of cluster {cluster:?} failed{}: {source}", if *.connect { " to connect" } else { "" })]
     Upstream {
         /// Cluster name.
         cluster: String,
         /// Endpoint address.
         endpoint: std::net::SocketAddr,
+        /// The connection could not be made (nothing was sent).
+        connect: bool,
         /// The transport's error.
         #[source]
         source: BoxError,
+    },
+    /// The route's overall timeout (all attempts together) expired.
+    #[error("route {route:?} timed out after {after:?}")]
+    Timeout {
+        /// Route name.
+        route: String,
+        /// The timeout.
+        after: std::time::Duration,
+    },
+    /// One attempt's per-try timeout expired (retried if the policy allows).
+    #[error("attempt to cluster {cluster:?} timed out after {after:?}")]
+    PerTryTimeout {
+        /// Cluster name.
+        cluster: String,
+        /// The per-try timeout.
+        after: std::time::Duration,
     },
     /// The request carried no routing decision (the cluster layer runs after the route layer).
     #[error("no routing decision on the request: put the route layer before the cluster layer")]
@@ -85,6 +103,7 @@ impl MeshError {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::OK)
             }
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::Timeout { .. } | Self::PerTryTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::MissingDecision => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

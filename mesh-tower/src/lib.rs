@@ -3,7 +3,8 @@
 //! The mesh's request path, as tower layers linked into the service: no proxy hop.
 //!
 //! The outbound stack routes each request by the live xDS configuration
-//! ([`route`]), then hands it to its cluster ([`cluster`]): circuit breaker, endpoint choice
+//! ([`route`]), bounds it by the route's [`timeout`], [`retry`]s it by the route's policy,
+//! then hands each attempt to its cluster ([`cluster`]): circuit breaker, endpoint choice
 //! (priority failover, least-request / round robin / random) and a pooled HTTP/1.1 or HTTP/2
 //! connection to the chosen endpoint. [`MeshClient`] assembles it into one
 //! `tower::Service<http::Request<B>>` to put where a hyper client would be.
@@ -23,7 +24,9 @@
 mod client;
 pub mod cluster;
 mod error;
+pub mod retry;
 pub mod route;
+pub mod timeout;
 
 pub use client::{MeshClient, MeshClientBuilder, ResponseBody, ResponseFuture};
 pub use error::{BoxError, MeshError};

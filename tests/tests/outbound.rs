@@ -367,3 +367,152 @@ async fn unknown_cluster_and_missing_config_are_typed_errors() {
         "listener \"elsewhere\" has no route configuration yet"
     );
 }
+
+/// A route to one cluster with a retry policy.
+fn retry_routes(retry_on: &str, num_retries: u32) -> Any {
+    use envoy_types::pb::envoy::config::route::v3 as rpb;
+    support::xds::any(&rpb::RouteConfiguration {
+        name: "svc-routes".into(),
+        virtual_hosts: vec![rpb::VirtualHost {
+            name: "svc".into(),
+            domains: vec!["*".into()],
+            routes: vec![rpb::Route {
+                r#match: Some(rpb::RouteMatch {
+                    path_specifier: Some(rpb::route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(rpb::route::Action::Route(rpb::RouteAction {
+                    cluster_specifier: Some(rpb::route_action::ClusterSpecifier::Cluster(
+                        "pool".into(),
+                    )),
+                    retry_policy: Some(rpb::RetryPolicy {
+                        retry_on: retry_on.into(),
+                        num_retries: Some(UInt32Value { value: num_retries }),
+                        retry_host_predicate: vec![rpb::retry_policy::RetryHostPredicate {
+                            name: "envoy.retry_host_predicates.previous_hosts".into(),
+                            config_type: None,
+                        }],
+                        host_selection_retry_max_attempts: 5,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+}
+
+fn pool_endpoints(ports: &[u16]) -> Any {
+    use envoy_types::pb::envoy::config::endpoint::v3 as epb;
+    support::xds::any(&epb::ClusterLoadAssignment {
+        cluster_name: "pool".into(),
+        endpoints: vec![epb::LocalityLbEndpoints {
+            lb_endpoints: ports
+                .iter()
+                .map(|p| epb::LbEndpoint {
+                    host_identifier: Some(epb::lb_endpoint::HostIdentifier::Endpoint(
+                        epb::Endpoint {
+                            address: Some(core::Address {
+                                address: Some(core::address::Address::SocketAddress(
+                                    core::SocketAddress {
+                                        address: "127.0.0.1".into(),
+                                        port_specifier: Some(
+                                            core::socket_address::PortSpecifier::PortValue(
+                                                (*p).into(),
+                                            ),
+                                        ),
+                                        ..Default::default()
+                                    },
+                                )),
+                            }),
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
+}
+
+/// A backend that answers every request with `status`.
+async fn failing_backend(status: u16) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let h = h.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                    h.fetch_add(1, Ordering::Relaxed);
+                    async move {
+                        let mut r = http::Response::new(Full::new(Bytes::from_static(b"down")));
+                        *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_go_to_another_endpoint() {
+    let good = support::backend("ok").await;
+    let (bad, bad_hits) = failing_backend(503).await;
+    // A port nobody listens on: connect failures.
+    let closed = support::free_port();
+    let resources = vec![
+        support::xds::listener("svc", "svc-routes"),
+        retry_routes("5xx,connect-failure", 3),
+        {
+            let mut c = cpb::Cluster::decode_from(support::xds::cluster("pool", "pool"));
+            c.lb_policy = cpb::cluster::LbPolicy::RoundRobin as i32;
+            support::xds::any(&c)
+        },
+        pool_endpoints(&[bad.port(), closed, good.addr.port()]),
+    ];
+    let m = mesh(resources, |s| s.endpoints_for_cluster("pool").is_some()).await;
+    for _ in 0..100 {
+        let (status, body) = send(&m.client).await.expect("retried to success");
+        assert_eq!((status, body.as_str()), (200, "ok"));
+    }
+    let bad = bad_hits.load(Ordering::Relaxed);
+    println!("retries: 100 requests succeeded; the failing endpoint took {bad} first attempts");
+    assert!(
+        bad > 0,
+        "round robin sends first attempts to the failing endpoint too"
+    );
+    assert_eq!(good.hits.load(Ordering::Relaxed), 100);
+    // Not retriable under this policy: a 404 comes straight back.
+    let (nf, _) = failing_backend(404).await;
+    m.cache.set_resources(vec![
+        support::xds::listener("svc", "svc-routes"),
+        retry_routes("5xx,connect-failure", 3),
+        support::xds::cluster("pool", "pool"),
+        pool_endpoints(&[nf.port()]),
+    ]);
+    m.store
+        .wait_for(PATIENCE, |s| {
+            s.endpoints_for_cluster("pool")
+                .is_some_and(|e| e.localities[0].endpoints.len() == 1)
+        })
+        .await
+        .unwrap();
+    let (status, _) = send(&m.client).await.unwrap();
+    assert_eq!(status, 404);
+}

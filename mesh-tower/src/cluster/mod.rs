@@ -34,5 +34,5 @@ pub mod balance;
 mod registry;
 mod service;
 
-pub use registry::{ClusterRegistry, ClusterRuntime, EndpointRuntime, RequestGuard};
+pub use registry::{ClusterRegistry, ClusterRuntime, EndpointRuntime, RequestGuard, RetryGuard};
 pub use service::{ClusterService, MeshBody, ResponseFuture};

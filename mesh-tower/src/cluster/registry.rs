@@ -62,7 +62,21 @@ pub struct ClusterRuntime {
     protocol: UpstreamProtocol,
     pub(crate) rr: AtomicUsize,
     active_requests: AtomicU32,
+    active_retries: AtomicU32,
     overflows: AtomicU64,
+    retry_overflows: AtomicU64,
+}
+
+/// Holds one unit of the cluster's retry allowance; released on drop.
+#[derive(Debug)]
+pub struct RetryGuard {
+    cluster: Arc<ClusterRuntime>,
+}
+
+impl Drop for RetryGuard {
+    fn drop(&mut self) {
+        self.cluster.active_retries.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Holds one unit of the cluster's `max_requests` budget; released on drop.
@@ -120,7 +134,9 @@ impl ClusterRuntime {
             levels: ArcSwap::from_pointee(Vec::new()),
             rr: AtomicUsize::new(0),
             active_requests: AtomicU32::new(0),
+            active_retries: AtomicU32::new(0),
             overflows: AtomicU64::new(0),
+            retry_overflows: AtomicU64::new(0),
         }
     }
 
@@ -179,6 +195,35 @@ impl ClusterRuntime {
         Ok(RequestGuard {
             cluster: self.clone(),
             endpoint: None,
+        })
+    }
+
+    /// Retries refused by `max_retries` or the retry budget so far.
+    pub fn retry_overflows(&self) -> u64 {
+        self.retry_overflows.load(Ordering::Relaxed)
+    }
+
+    /// Takes one unit of the retry allowance: the retry budget when configured (a
+    /// percentage of active requests, at least `min_retry_concurrency`), else `max_retries`.
+    /// `None` when exhausted; the refusal is counted.
+    pub fn try_acquire_retry(self: &Arc<Self>) -> Option<RetryGuard> {
+        let config = self.config.load();
+        let t = &config.circuit_breakers.default;
+        let allowed = match &t.retry_budget {
+            Some(b) => {
+                let active = f64::from(self.active_requests.load(Ordering::Acquire));
+                ((active * b.budget_percent / 100.0) as u32).max(b.min_retry_concurrency)
+            }
+            None => t.max_retries,
+        };
+        let before = self.active_retries.fetch_add(1, Ordering::AcqRel);
+        if before >= allowed {
+            self.active_retries.fetch_sub(1, Ordering::AcqRel);
+            self.retry_overflows.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(RetryGuard {
+            cluster: self.clone(),
         })
     }
 

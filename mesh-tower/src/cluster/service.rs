@@ -99,14 +99,22 @@ impl Future for ResponseFuture {
             } => {
                 let out = futures::ready!(fut.poll(cx));
                 drop(guard.take());
-                Poll::Ready(out.map_err(|e| {
-                    MeshError::Upstream {
-                        cluster: cluster.to_string(),
-                        endpoint: *endpoint,
-                        source: Box::new(e),
-                    }
-                    .into()
-                }))
+                Poll::Ready(
+                    out.map(|mut resp| {
+                        resp.extensions_mut()
+                            .insert(crate::retry::ServedBy(*endpoint));
+                        resp
+                    })
+                    .map_err(|e| {
+                        MeshError::Upstream {
+                            cluster: cluster.to_string(),
+                            endpoint: *endpoint,
+                            connect: e.is_connect(),
+                            source: Box::new(e),
+                        }
+                        .into()
+                    }),
+                )
             }
             StateProj::Failed { error } => {
                 Poll::Ready(Err(error.take().expect("polled after completion").into()))
@@ -152,7 +160,18 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
                 cluster: cluster_name.to_owned(),
             });
         };
-        let endpoint = self.picker.pick(&cluster, candidates);
+        let mut endpoint = self.picker.pick(&cluster, candidates);
+        // A retry avoids the hosts already tried (retry_host_predicate previous_hosts).
+        if let Some(attempt) = req.extensions().get::<crate::retry::Attempt>() {
+            if attempt.avoid_tried {
+                for _ in 1..attempt.host_selection_max_attempts.max(1) {
+                    if !attempt.tried.contains(&endpoint.address) {
+                        break;
+                    }
+                    endpoint = self.picker.pick(&cluster, candidates);
+                }
+            }
+        }
         guard.set_endpoint(endpoint.stats.clone());
         let address = endpoint.address;
         // Keep the authority the application used in the Host header; dial the endpoint.
@@ -170,6 +189,7 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
                 return fail(MeshError::Upstream {
                     cluster: cluster_name.to_owned(),
                     endpoint: address,
+                    connect: true,
                     source: Box::new(e),
                 })
             }

@@ -1,0 +1,236 @@
+//! The retry layer against tower-test mocks, on paused time.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use mesh_core::config::*;
+use mesh_core::ConfigStore;
+use tower::{Layer, Service, ServiceExt};
+
+use super::*;
+use crate::cluster::{ClusterRegistry, MeshBody};
+use crate::route::decide;
+
+fn policy(retry_on: &str, num_retries: u32, per_try: Option<Duration>) -> RetryPolicy {
+    RetryPolicy {
+        retry_on: RetryOn::parse(retry_on).0,
+        num_retries,
+        per_try_timeout: per_try,
+        backoff: RetryBackoff {
+            base: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+        },
+        retriable_status_codes: vec![418],
+        previous_hosts: true,
+        host_selection_max_attempts: 3,
+    }
+}
+
+fn snapshot(p: RetryPolicy, max_retries: u32) -> (Arc<RouteConfig>, Snapshot) {
+    let mut fwd = ForwardAction::to_cluster("c");
+    fwd.retry_policy = Some(p);
+    let rc = Arc::new(RouteConfig {
+        name: "rc".into(),
+        virtual_hosts: vec![VirtualHost {
+            name: "vh".into(),
+            domains: vec![DomainMatcher::Any],
+            routes: vec![Route {
+                name: "r".into(),
+                matcher: RouteMatch::prefix("/"),
+                action: RouteAction::Forward(fwd),
+                request_headers: HeaderMutation::default(),
+                response_headers: HeaderMutation::default(),
+                fault: None,
+            }],
+            retry_policy: None,
+            request_headers: HeaderMutation::default(),
+            response_headers: HeaderMutation::default(),
+            fault: None,
+        }],
+        ignore_port_in_host_matching: false,
+        request_headers: HeaderMutation::default(),
+        response_headers: HeaderMutation::default(),
+    });
+    let cluster = Cluster {
+        name: "c".into(),
+        discovery: Discovery::Static(Arc::new(EndpointAssignment {
+            cluster_name: "c".into(),
+            localities: vec![],
+            drop_overloads: vec![],
+        })),
+        lb_policy: LbPolicy::RoundRobin,
+        locality_weighted: false,
+        circuit_breakers: CircuitBreakers {
+            default: Thresholds {
+                max_retries,
+                ..Thresholds::default()
+            },
+            ..CircuitBreakers::default()
+        },
+        outlier_detection: None,
+        connect_timeout: Duration::from_secs(1),
+        protocol: UpstreamProtocol::Http1,
+        http2: None,
+        max_requests_per_connection: None,
+        tls: None,
+    };
+    (rc, Snapshot::default().with_cluster(cluster))
+}
+
+type Mock = tower_test::mock::Mock<Request<MeshBody>, Response<()>>;
+type Handle = tower_test::mock::Handle<Request<MeshBody>, Response<()>>;
+
+fn setup(
+    p: RetryPolicy,
+    max_retries: u32,
+) -> (Retry<Mock>, Handle, Arc<RouteConfig>, Arc<ClusterRegistry>) {
+    let (rc, snap) = snapshot(p, max_retries);
+    let store = ConfigStore::new();
+    store.publish(snap);
+    let registry = ClusterRegistry::new(store);
+    let (mock, handle) = tower_test::mock::pair();
+    (
+        RetryLayer::new(registry.clone()).max_buffer(16).layer(mock),
+        handle,
+        rc,
+        registry,
+    )
+}
+
+fn request(rc: &Arc<RouteConfig>, body: &'static str) -> Request<MeshBody> {
+    let mut req = Request::post("http://svc/x")
+        .body(
+            Full::new(Bytes::from_static(body.as_bytes()))
+                .map_err(|n| match n {})
+                .boxed_unsync(),
+        )
+        .unwrap();
+    let d = decide(rc.clone(), "l", &mut req, 0).unwrap();
+    req.extensions_mut().insert(d);
+    req
+}
+
+fn response(status: u16, port: u16) -> Response<()> {
+    let mut r = Response::new(());
+    *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+    r.extensions_mut()
+        .insert(ServedBy(([127, 0, 0, 1], port).into()));
+    r
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_a_retriable_status_on_another_host_with_the_same_body() {
+    let (mut svc, mut handle, rc, _) = setup(policy("5xx", 2, None), 3);
+    handle.allow(10);
+    let fut = tokio::spawn(svc.ready().await.unwrap().call(request(&rc, "hello")));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.extensions().get::<Attempt>().unwrap().number, 0);
+    assert_eq!(req.into_body().collect().await.unwrap().to_bytes(), "hello");
+    send.send_response(response(503, 1));
+    let (req, send) = handle.next_request().await.unwrap();
+    let attempt = req.extensions().get::<Attempt>().unwrap().clone();
+    assert_eq!(attempt.number, 1);
+    assert_eq!(
+        attempt.tried,
+        vec![([127, 0, 0, 1], 1).into()],
+        "the retry avoids the host that failed"
+    );
+    assert!(attempt.avoid_tried);
+    assert_eq!(
+        req.into_body().collect().await.unwrap().to_bytes(),
+        "hello",
+        "the body is replayed"
+    );
+    send.send_response(response(200, 2));
+    assert_eq!(fut.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn non_retriable_conditions_are_not_retried() {
+    let (mut svc, mut handle, rc, _) =
+        setup(policy("connect-failure,retriable-status-codes", 3, None), 3);
+    handle.allow(10);
+    let fut = tokio::spawn(svc.ready().await.unwrap().call(request(&rc, "")));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(response(500, 1));
+    assert_eq!(fut.await.unwrap().unwrap().status(), 500);
+    // 418 is in retriable_status_codes: retried.
+    let fut = tokio::spawn(svc.ready().await.unwrap().call(request(&rc, "")));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(response(418, 1));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(response(200, 2));
+    assert_eq!(fut.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn per_try_timeout_triggers_a_retry() {
+    let (mut svc, mut handle, rc, _) = setup(policy("5xx", 1, Some(Duration::from_millis(100))), 3);
+    handle.allow(10);
+    let started = tokio::time::Instant::now();
+    let fut = tokio::spawn(svc.ready().await.unwrap().call(request(&rc, "")));
+    let (_, _never_answered) = handle.next_request().await.unwrap();
+    let (_, send) = handle.next_request().await.unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(100),
+        "the retry follows the per-try timeout"
+    );
+    send.send_response(response(200, 2));
+    assert_eq!(fut.await.unwrap().unwrap().status(), 200);
+    // Out of retries: the timeout is the answer.
+    let fut = tokio::spawn(svc.ready().await.unwrap().call(request(&rc, "")));
+    let (_, _a) = handle.next_request().await.unwrap();
+    let (_, _b) = handle.next_request().await.unwrap();
+    let err = fut.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<crate::MeshError>(),
+            Some(crate::MeshError::PerTryTimeout { .. })
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_over_the_cap_is_sent_once() {
+    let (mut svc, mut handle, rc, _) = setup(policy("5xx", 3, None), 3);
+    handle.allow(10);
+    let fut = tokio::spawn(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(request(&rc, "a body of more than sixteen bytes")),
+    );
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(
+        req.into_body().collect().await.unwrap().to_bytes(),
+        "a body of more than sixteen bytes"
+    );
+    send.send_response(response(503, 1));
+    assert_eq!(fut.await.unwrap().unwrap().status(), 503, "not retried");
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_retries_caps_retries() {
+    let (mut svc, mut handle, rc, registry) = setup(policy("5xx", 3, None), 0);
+    handle.allow(10);
+    let fut = tokio::spawn(svc.ready().await.unwrap().call(request(&rc, "")));
+    let (_, send) = handle.next_request().await.unwrap();
+    send.send_response(response(503, 1));
+    assert_eq!(fut.await.unwrap().unwrap().status(), 503);
+    assert_eq!(registry.get("c").unwrap().retry_overflows(), 1);
+}
+
+#[test]
+fn grpc_status_in_trailers_only_responses() {
+    let p = policy("unavailable", 1, None);
+    let mut r: Response<()> = Response::new(());
+    r.headers_mut().insert("grpc-status", "14".parse().unwrap());
+    assert_eq!(classify(&p, &Ok(r)), Some(RetryReason::Grpc(14)));
+    let mut r: Response<()> = Response::new(());
+    r.headers_mut().insert("grpc-status", "5".parse().unwrap());
+    assert_eq!(classify(&p, &Ok(r)), None);
+}

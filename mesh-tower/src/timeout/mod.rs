@@ -1,0 +1,132 @@
+//! The route's overall timeout, across all attempts (`RouteAction.timeout`; per-try timeouts
+//! are the retry layer's).
+//!
+//! # Example
+//!
+//! ```
+//! use mesh_tower::timeout::TimeoutLayer;
+//! use tower::ServiceBuilder;
+//!
+//! let svc = ServiceBuilder::new()
+//!     .layer(TimeoutLayer::new())
+//!     .service_fn(|_req: http::Request<()>| async { Ok::<_, mesh_tower::BoxError>(http::Response::new(())) });
+//! # drop(svc);
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Request;
+use pin_project_lite::pin_project;
+use tokio::time::Sleep;
+use tower::{Layer, Service};
+
+use crate::error::{BoxError, MeshError};
+use crate::route::RouteDecision;
+
+/// Applies each request's route timeout.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TimeoutLayer {
+    _priv: (),
+}
+
+impl TimeoutLayer {
+    /// The layer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl<S> Layer<S> for TimeoutLayer {
+    type Service = Timeout<S>;
+
+    fn layer(&self, inner: S) -> Timeout<S> {
+        Timeout { inner }
+    }
+}
+
+/// Fails a request with [`MeshError::Timeout`] when its route's timeout expires.
+#[derive(Clone, Debug)]
+pub struct Timeout<S> {
+    inner: S,
+}
+
+impl<S> Timeout<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+pin_project! {
+    /// The future of [`Timeout`].
+    #[derive(Debug)]
+    pub struct ResponseFuture<F> {
+        #[pin]
+        fut: F,
+        deadline: Option<(Pin<Box<Sleep>>, Duration, String)>,
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(r) = this.fut.poll(cx) {
+            return Poll::Ready(r.map_err(Into::into));
+        }
+        if let Some((sleep, after, route)) = this.deadline {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(MeshError::Timeout {
+                    route: std::mem::take(route),
+                    after: *after,
+                }
+                .into()));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl<S, B> Service<Request<B>> for Timeout<S>
+where
+    S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let deadline = req
+            .extensions()
+            .get::<RouteDecision>()
+            .and_then(|d| d.forward().timeout.map(|t| (t, d.route_name().to_owned())))
+            .map(|(t, route)| (Box::pin(tokio::time::sleep(t)), t, route));
+        ResponseFuture {
+            fut: self.inner.call(req),
+            deadline,
+        }
+    }
+}
