@@ -516,3 +516,77 @@ async fn retries_go_to_another_endpoint() {
     let (status, _) = send(&m.client).await.unwrap();
     assert_eq!(status, 404);
 }
+
+fn pool_cluster(lb: cpb::cluster::LbPolicy, outlier: Option<cpb::OutlierDetection>) -> Any {
+    let mut c = cpb::Cluster::decode_from(support::xds::cluster("pool", "pool"));
+    c.lb_policy = lb as i32;
+    c.outlier_detection = outlier;
+    support::xds::any(&c)
+}
+
+fn plain_routes() -> Any {
+    support::xds::routes("svc-routes", &[("pool", 1)])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_a_failing_endpoint() {
+    let good = support::backend("ok").await;
+    let (bad, bad_hits) = failing_backend(503).await;
+    let outlier = cpb::OutlierDetection {
+        consecutive_5xx: Some(UInt32Value { value: 3 }),
+        base_ejection_time: Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
+        max_ejection_percent: Some(UInt32Value { value: 50 }),
+        ..Default::default()
+    };
+    let resources = vec![
+        support::xds::listener("svc", "svc-routes"),
+        plain_routes(),
+        pool_cluster(cpb::cluster::LbPolicy::RoundRobin, Some(outlier)),
+        pool_endpoints(&[bad.port(), good.addr.port()]),
+    ];
+    let m = mesh(resources, |s| s.endpoints_for_cluster("pool").is_some()).await;
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        statuses.push(send(&m.client).await.unwrap().0);
+    }
+    let failed = statuses.iter().filter(|s| **s == 503).count();
+    println!("outlier detection: {failed} of 40 requests reached the failing endpoint before its ejection");
+    assert_eq!(failed, 3, "ejected after 3 consecutive 5xx: {statuses:?}");
+    assert_eq!(bad_hits.load(Ordering::Relaxed), 3);
+    assert!(statuses[statuses.len() - 30..].iter().all(|s| *s == 200));
+    let rt = m.client.registry().get("pool").unwrap();
+    assert_eq!(rt.ejected(tokio::time::Instant::now()), 1);
+}
+
+/// Share of requests that went to a slow endpoint (50 ms) next to a fast one.
+async fn slow_share(lb: cpb::cluster::LbPolicy) -> f64 {
+    let (slow, _, slow_served) = slow_backend().await;
+    let fast = support::backend("v1").await;
+    let resources = vec![
+        support::xds::listener("svc", "svc-routes"),
+        plain_routes(),
+        pool_cluster(lb, None),
+        pool_endpoints(&[slow.port(), fast.addr.port()]),
+    ];
+    let m = mesh(resources, |s| s.endpoints_for_cluster("pool").is_some()).await;
+    let (_, failures) = load(&m.client, 400, 8).await;
+    assert!(failures.is_empty(), "{failures:?}");
+    slow_served.load(Ordering::SeqCst) as f64 / 400.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_request_sends_less_to_a_slow_endpoint_than_round_robin() {
+    let rr = slow_share(cpb::cluster::LbPolicy::RoundRobin).await;
+    let p2c = slow_share(cpb::cluster::LbPolicy::LeastRequest).await;
+    println!(
+        "share of requests to the slow endpoint: round robin {rr:.3}, least request (P2C) {p2c:.3}"
+    );
+    assert!((rr - 0.5).abs() < 0.05, "round robin alternates: {rr}");
+    assert!(
+        p2c < rr - 0.15,
+        "P2C least-request avoids the slow endpoint: {p2c} vs {rr}"
+    );
+}

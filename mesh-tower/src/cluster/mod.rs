@@ -34,5 +34,10 @@ pub mod balance;
 mod registry;
 mod service;
 
-pub use registry::{ClusterRegistry, ClusterRuntime, EndpointRuntime, RequestGuard, RetryGuard};
+pub use registry::{
+    ClusterRegistry, ClusterRuntime, EndpointRuntime, Outcome, RequestGuard, RetryGuard,
+};
 pub use service::{ClusterService, MeshBody, ResponseFuture};
+
+#[cfg(test)]
+mod tests;

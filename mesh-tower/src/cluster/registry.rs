@@ -14,11 +14,25 @@ use mesh_core::ConfigStore;
 use super::service::MeshBody;
 use crate::error::MeshError;
 
-/// Per-endpoint load, shared across configuration updates.
+/// Per-endpoint load and outlier state, shared across configuration updates.
 #[derive(Debug, Default)]
 pub(crate) struct EndpointStats {
     pub(crate) in_flight: AtomicU32,
     pub(crate) requests: AtomicU64,
+    consecutive_5xx: AtomicU32,
+    consecutive_gateway: AtomicU32,
+    /// Nanoseconds after the registry's epoch until which the endpoint is ejected (0: not).
+    ejected_until: AtomicU64,
+    ejections: AtomicU32,
+}
+
+/// What an attempt to an endpoint came to, for outlier detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response with this status.
+    Status(u16),
+    /// No connection could be made, or it broke (counted as a gateway error).
+    LocalFailure,
 }
 
 /// One endpoint of a cluster.
@@ -47,6 +61,11 @@ impl EndpointRuntime {
     pub fn requests(&self) -> u64 {
         self.stats.requests.load(Ordering::Relaxed)
     }
+
+    /// Times this endpoint has been ejected.
+    pub fn ejections(&self) -> u32 {
+        self.stats.ejections.load(Ordering::Relaxed)
+    }
 }
 
 /// A cluster's live state: its config, endpoints, pool and breaker counters.
@@ -65,6 +84,7 @@ pub struct ClusterRuntime {
     active_retries: AtomicU32,
     overflows: AtomicU64,
     retry_overflows: AtomicU64,
+    epoch: tokio::time::Instant,
 }
 
 /// Holds one unit of the cluster's retry allowance; released on drop.
@@ -137,6 +157,7 @@ impl ClusterRuntime {
             active_retries: AtomicU32::new(0),
             overflows: AtomicU64::new(0),
             retry_overflows: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
         }
     }
 
@@ -196,6 +217,107 @@ impl ClusterRuntime {
             cluster: self.clone(),
             endpoint: None,
         })
+    }
+
+    fn nanos(&self, at: tokio::time::Instant) -> u64 {
+        at.saturating_duration_since(self.epoch)
+            .as_nanos()
+            .min(u128::from(u64::MAX - 1)) as u64
+            + 1
+    }
+
+    /// Whether `endpoint` is ejected at `now`. An ejection that has run its time ends here
+    /// (lazily, at the next look), which also resets the endpoint's failure counts.
+    pub fn is_ejected(&self, endpoint: &EndpointRuntime, now: tokio::time::Instant) -> bool {
+        let until = endpoint.stats.ejected_until.load(Ordering::Acquire);
+        if until == 0 {
+            return false;
+        }
+        if until > self.nanos(now) {
+            return true;
+        }
+        if endpoint
+            .stats
+            .ejected_until
+            .compare_exchange(until, 0, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            endpoint.stats.consecutive_5xx.store(0, Ordering::Relaxed);
+            endpoint
+                .stats
+                .consecutive_gateway
+                .store(0, Ordering::Relaxed);
+            tracing::info!(cluster = %self.name, endpoint = %endpoint.address, "outlier detection: endpoint restored");
+        }
+        false
+    }
+
+    /// Records an attempt's outcome for outlier detection; ejects the endpoint when a
+    /// consecutive-failure detector trips and `max_ejection_percent` allows. Returns whether
+    /// it was ejected now.
+    pub fn record(
+        &self,
+        endpoint: &EndpointRuntime,
+        outcome: Outcome,
+        now: tokio::time::Instant,
+    ) -> bool {
+        let config = self.config.load();
+        let Some(od) = &config.outlier_detection else {
+            return false;
+        };
+        let stats = &endpoint.stats;
+        let (is_5xx, is_gateway) = match outcome {
+            Outcome::Status(s) => (s >= 500, matches!(s, 502..=504)),
+            Outcome::LocalFailure => (true, true),
+        };
+        let c5 = if is_5xx {
+            stats.consecutive_5xx.fetch_add(1, Ordering::AcqRel) + 1
+        } else {
+            stats.consecutive_5xx.store(0, Ordering::Relaxed);
+            0
+        };
+        let cg = if is_gateway {
+            stats.consecutive_gateway.fetch_add(1, Ordering::AcqRel) + 1
+        } else {
+            stats.consecutive_gateway.store(0, Ordering::Relaxed);
+            0
+        };
+        let enforce = |limit: Option<(u32, u32)>, count: u32| {
+            limit.is_some_and(|(n, pct)| count >= n && fastrand::u32(0..100) < pct)
+        };
+        if !(enforce(od.consecutive_5xx, c5) || enforce(od.consecutive_gateway_failure, cg)) {
+            return false;
+        }
+        if self.is_ejected(endpoint, now) {
+            return false;
+        }
+        // max_ejection_percent: eject only while the share already ejected is below it.
+        let all = self.endpoints.load();
+        let ejected = all.iter().filter(|e| self.is_ejected(e, now)).count();
+        if ejected * 100 >= all.len() * od.max_ejection_percent as usize {
+            return false;
+        }
+        let n = stats.ejections.fetch_add(1, Ordering::AcqRel) + 1;
+        let time = od
+            .base_ejection_time
+            .saturating_mul(n)
+            .min(od.max_ejection_time.max(od.base_ejection_time));
+        stats
+            .ejected_until
+            .store(self.nanos(now + time), Ordering::Release);
+        stats.consecutive_5xx.store(0, Ordering::Relaxed);
+        stats.consecutive_gateway.store(0, Ordering::Relaxed);
+        tracing::warn!(cluster = %self.name, endpoint = %endpoint.address, ?time, ejections = n, "outlier detection: endpoint ejected");
+        true
+    }
+
+    /// Endpoints ejected at `now`.
+    pub fn ejected(&self, now: tokio::time::Instant) -> usize {
+        self.endpoints
+            .load()
+            .iter()
+            .filter(|e| self.is_ejected(e, now))
+            .count()
     }
 
     /// Retries refused by `max_retries` or the retry budget so far.

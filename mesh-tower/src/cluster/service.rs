@@ -10,7 +10,7 @@ use pin_project_lite::pin_project;
 use tower::Service;
 
 use super::balance::{ByConfig, PickEndpoint};
-use super::{ClusterRegistry, RequestGuard};
+use super::{ClusterRegistry, ClusterRuntime, EndpointRuntime, Outcome, RequestGuard};
 use crate::error::{BoxError, MeshError};
 use crate::route::RouteDecision;
 
@@ -66,7 +66,8 @@ pin_project! {
             #[pin] fut: hyper_util::client::legacy::ResponseFuture,
             guard: Option<RequestGuard>,
             cluster: Arc<str>,
-            endpoint: std::net::SocketAddr,
+            runtime: Arc<ClusterRuntime>,
+            ep: Arc<EndpointRuntime>,
         },
         Failed { error: Option<MeshError> },
     }
@@ -95,10 +96,17 @@ impl Future for ResponseFuture {
                 fut,
                 guard,
                 cluster,
-                endpoint,
+                runtime,
+                ep,
             } => {
                 let out = futures::ready!(fut.poll(cx));
                 drop(guard.take());
+                let endpoint = &ep.address;
+                let outcome = match &out {
+                    Ok(resp) => Outcome::Status(resp.status().as_u16()),
+                    Err(_) => Outcome::LocalFailure,
+                };
+                runtime.record(ep, outcome, tokio::time::Instant::now());
                 Poll::Ready(
                     out.map(|mut resp| {
                         resp.extensions_mut()
@@ -155,12 +163,30 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
             Err(e) => return fail(e),
         };
         let levels = cluster.levels();
-        let Some(candidates) = levels.first() else {
+        let now = tokio::time::Instant::now();
+        // The highest priority with an endpoint that is routable and not ejected; when a
+        // level is all ejected, traffic fails over to the next.
+        let Some(candidates) = levels
+            .iter()
+            .find(|l| l.iter().any(|e| !cluster.is_ejected(e, now)))
+        else {
             return fail(MeshError::NoHealthyEndpoint {
                 cluster: cluster_name.to_owned(),
             });
         };
         let mut endpoint = self.picker.pick(&cluster, candidates);
+        for _ in 0..8 {
+            if !cluster.is_ejected(endpoint, now) {
+                break;
+            }
+            endpoint = self.picker.pick(&cluster, candidates);
+        }
+        if cluster.is_ejected(endpoint, now) {
+            endpoint = candidates
+                .iter()
+                .find(|e| !cluster.is_ejected(e, now))
+                .expect("this level has an endpoint that is not ejected");
+        }
         // A retry avoids the hosts already tried (retry_host_predicate previous_hosts).
         if let Some(attempt) = req.extensions().get::<crate::retry::Attempt>() {
             if attempt.avoid_tried {
@@ -201,7 +227,8 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
                 fut,
                 guard: Some(guard),
                 cluster: cluster_name,
-                endpoint: address,
+                runtime: cluster.clone(),
+                ep: endpoint.clone(),
             },
         }
     }

@@ -1,0 +1,138 @@
+//! Cluster runtime: outlier detection on paused time, and state carried across updates.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_core::config::*;
+use mesh_core::ConfigStore;
+use tokio::time::Instant;
+
+use super::{ClusterRegistry, Outcome};
+
+fn cluster(ports: &[u16], od: Option<OutlierDetection>) -> Snapshot {
+    let cla = EndpointAssignment {
+        cluster_name: "c".into(),
+        localities: vec![LocalityEndpoints {
+            locality: Locality::default(),
+            weight: 1,
+            priority: 0,
+            endpoints: ports
+                .iter()
+                .map(|p| Endpoint {
+                    address: ([127, 0, 0, 1], *p).into(),
+                    weight: 1,
+                    health: HealthStatus::Healthy,
+                    hostname: String::new(),
+                })
+                .collect(),
+        }],
+        drop_overloads: vec![],
+    };
+    Snapshot::default().with_cluster(Cluster {
+        name: "c".into(),
+        discovery: Discovery::Static(Arc::new(cla)),
+        lb_policy: LbPolicy::RoundRobin,
+        locality_weighted: false,
+        circuit_breakers: CircuitBreakers::default(),
+        outlier_detection: od,
+        connect_timeout: Duration::from_secs(1),
+        protocol: UpstreamProtocol::Http1,
+        http2: None,
+        max_requests_per_connection: None,
+        tls: None,
+    })
+}
+
+fn od(consecutive: u32, max_pct: u32) -> OutlierDetection {
+    OutlierDetection {
+        base_ejection_time: Duration::from_secs(30),
+        max_ejection_time: Duration::from_secs(300),
+        max_ejection_percent: max_pct,
+        consecutive_5xx: Some((consecutive, 100)),
+        consecutive_gateway_failure: None,
+        success_rate: None,
+        ..OutlierDetection::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn ejects_after_consecutive_5xx_restores_and_grows_the_ejection_time() {
+    let store = ConfigStore::new();
+    store.publish(cluster(&[1, 2, 3], Some(od(3, 30))));
+    let registry = ClusterRegistry::new(store);
+    let c = registry.get("c").unwrap();
+    let eps = c.endpoints();
+    let (a, b) = (&eps[0], &eps[1]);
+    let now = Instant::now();
+    // Two failures and a success: the count starts over.
+    assert!(!c.record(a, Outcome::Status(503), now));
+    assert!(!c.record(a, Outcome::Status(500), now));
+    assert!(!c.record(a, Outcome::Status(200), now));
+    assert!(!c.record(a, Outcome::Status(503), now));
+    assert!(!c.record(a, Outcome::LocalFailure, now));
+    assert!(
+        c.record(a, Outcome::Status(502), now),
+        "third consecutive failure ejects"
+    );
+    assert!(c.is_ejected(a, now));
+    // max_ejection_percent 30: one of three (33%) is ejected already; b stays.
+    for _ in 0..5 {
+        assert!(!c.record(b, Outcome::Status(503), now));
+    }
+    assert_eq!(c.ejected(now), 1);
+    // Restored after the base ejection time.
+    tokio::time::advance(Duration::from_secs(29)).await;
+    assert!(c.is_ejected(a, Instant::now()));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(!c.is_ejected(a, Instant::now()));
+    // The second ejection lasts twice as long.
+    let now = Instant::now();
+    for _ in 0..3 {
+        c.record(a, Outcome::Status(503), now);
+    }
+    assert_eq!(a.ejections(), 2);
+    tokio::time::advance(Duration::from_secs(59)).await;
+    assert!(c.is_ejected(a, Instant::now()));
+    tokio::time::advance(Duration::from_secs(1)).await;
+    assert!(!c.is_ejected(a, Instant::now()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_outlier_detection_no_ejection() {
+    let store = ConfigStore::new();
+    store.publish(cluster(&[1], None));
+    let registry = ClusterRegistry::new(store);
+    let c = registry.get("c").unwrap();
+    let ep = c.endpoints()[0].clone();
+    for _ in 0..100 {
+        assert!(!c.record(&ep, Outcome::Status(503), Instant::now()));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn state_survives_configuration_updates() {
+    let store = ConfigStore::new();
+    store.publish(cluster(&[1, 2], Some(od(1, 100))));
+    let registry = ClusterRegistry::new(store.clone());
+    let c = registry.get("c").unwrap();
+    let a = c.endpoints()[0].clone();
+    let _held = c.try_acquire().unwrap();
+    assert!(c.record(&a, Outcome::Status(503), Instant::now()));
+    // A new snapshot that keeps endpoint 1 and adds 3.
+    registry.sync(&cluster(&[1, 3], Some(od(1, 100))));
+    let same = registry.get("c").unwrap();
+    assert!(Arc::ptr_eq(&c, &same), "the cluster runtime is kept");
+    assert_eq!(same.active_requests(), 1, "breaker counters carry over");
+    let a2 = same
+        .endpoints()
+        .iter()
+        .find(|e| e.address.port() == 1)
+        .cloned()
+        .unwrap();
+    assert!(same.is_ejected(&a2, Instant::now()), "ejections carry over");
+    assert_eq!(same.endpoints().len(), 2);
+    // Removing the cluster drops it from the registry; holders keep their Arc.
+    registry.sync(&Snapshot::default());
+    store.publish(Snapshot::default());
+    assert!(registry.get("c").is_none());
+}
