@@ -15,6 +15,7 @@ use tower::{Layer, Service};
 
 use crate::cluster::{ClusterRegistry, ClusterService, MeshBody};
 use crate::error::{BoxError, MeshError};
+use crate::fault::{Fault, FaultLayer};
 use crate::retry::{Retry, RetryLayer};
 use crate::route::{Route, RouteLayer};
 use crate::timeout::{Timeout, TimeoutLayer};
@@ -42,7 +43,7 @@ use crate::timeout::{Timeout, TimeoutLayer};
 /// ```
 #[derive(Clone, Debug)]
 pub struct MeshClient {
-    inner: Route<Timeout<Retry<ClusterService>>>,
+    inner: Route<Fault<Timeout<Retry<ClusterService>>>>,
 }
 
 /// Configures a [`MeshClient`].
@@ -82,7 +83,8 @@ impl MeshClientBuilder {
             .unwrap_or_else(|| ClusterRegistry::new(self.store.clone()));
         let cluster = ClusterService::new(registry.clone());
         let retry = RetryLayer::new(registry).layer(cluster);
-        let inner = RouteLayer::new(self.store, listener).layer(TimeoutLayer::new().layer(retry));
+        let timeout = TimeoutLayer::new().layer(retry);
+        let inner = RouteLayer::new(self.store, listener).layer(FaultLayer::new().layer(timeout));
         MeshClient { inner }
     }
 }
@@ -99,7 +101,12 @@ impl MeshClient {
 
     /// The cluster registry (for inspection: per-cluster counters, endpoints).
     pub fn registry(&self) -> &Arc<ClusterRegistry> {
-        self.inner.get_ref().get_ref().get_ref().registry()
+        self.inner
+            .get_ref()
+            .get_ref()
+            .get_ref()
+            .get_ref()
+            .registry()
     }
 }
 
@@ -112,7 +119,11 @@ pin_project! {
     pub struct ResponseFuture {
         #[pin]
         inner: crate::route::ResponseFuture<
-            crate::timeout::ResponseFuture<crate::retry::ResponseFuture<ClusterService, crate::cluster::ResponseFuture>>,
+            crate::fault::ResponseFuture<
+                Timeout<Retry<ClusterService>>,
+                MeshBody,
+                crate::timeout::ResponseFuture<crate::retry::ResponseFuture<ClusterService, crate::cluster::ResponseFuture>>,
+            >,
         >,
     }
 }
@@ -134,6 +145,29 @@ impl Future for ResponseFuture {
                         );
                         *resp.status_mut() =
                             http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+                        Poll::Ready(Ok(resp))
+                    }
+                    MeshError::FaultAbort { status, grpc } => {
+                        let mut resp = Response::new(
+                            http_body_util::Empty::<Bytes>::new()
+                                .map_err(|never| match never {})
+                                .boxed_unsync(),
+                        );
+                        *resp.status_mut() = http::StatusCode::from_u16(status)
+                            .unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
+                        if let Some(code) = grpc {
+                            // A trailers-only gRPC response.
+                            let h = resp.headers_mut();
+                            h.insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static("application/grpc"),
+                            );
+                            h.insert("grpc-status", http::HeaderValue::from(code));
+                            h.insert(
+                                "grpc-message",
+                                http::HeaderValue::from_static("fault%20injected"),
+                            );
+                        }
                         Poll::Ready(Ok(resp))
                     }
                     other => Poll::Ready(Err(Box::new(other))),

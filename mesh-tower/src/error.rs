@@ -86,6 +86,14 @@ pub enum MeshError {
         /// The per-try timeout.
         after: std::time::Duration,
     },
+    /// Fault injection aborted the request.
+    #[error("fault injection aborted the request with {}", match grpc { Some(c) => format!("gRPC status {c}"), None => format!("HTTP {status}") })]
+    FaultAbort {
+        /// HTTP status (200 with a gRPC status).
+        status: u16,
+        /// gRPC status code, for gRPC aborts.
+        grpc: Option<u32>,
+    },
     /// The request carried no routing decision (the cluster layer runs after the route layer).
     #[error("no routing decision on the request: put the route layer before the cluster layer")]
     MissingDecision,
@@ -104,6 +112,9 @@ impl MeshError {
             }
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::Timeout { .. } | Self::PerTryTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::FaultAbort { status, .. } => {
+                StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+            }
             Self::MissingDecision => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -3,7 +3,7 @@
 //! The mesh's request path, as tower layers linked into the service: no proxy hop.
 //!
 //! The outbound stack routes each request by the live xDS configuration
-//! ([`route`]), bounds it by the route's [`timeout`], [`retry`]s it by the route's policy,
+//! ([`route`]), injects the route's [`fault`]s, bounds it by the route's [`timeout`], [`retry`]s it by the route's policy,
 //! then hands each attempt to its cluster ([`cluster`]): circuit breaker, endpoint choice
 //! (priority failover, least-request / round robin / random) and a pooled HTTP/1.1 or HTTP/2
 //! connection to the chosen endpoint. [`MeshClient`] assembles it into one
@@ -24,6 +24,7 @@
 mod client;
 pub mod cluster;
 mod error;
+pub mod fault;
 pub mod retry;
 pub mod route;
 pub mod timeout;

@@ -60,6 +60,18 @@ impl RouteDecision {
         }
     }
 
+    /// The fault injection that applies: the weighted target's, else the route's, else the
+    /// virtual host's.
+    pub fn fault(&self) -> Option<&mesh_core::config::FaultConfig> {
+        let weighted = match (&self.forward().cluster, &self.target) {
+            (ClusterSpecifier::Weighted(w), Target::Weighted(i)) => w.clusters[*i].fault.as_ref(),
+            _ => None,
+        };
+        weighted
+            .or(self.route().fault.as_ref())
+            .or(self.virtual_host().fault.as_ref())
+    }
+
     /// The route's name, for metrics (`""` when unnamed).
     pub fn route_name(&self) -> &str {
         &self.route().name
