@@ -590,3 +590,65 @@ async fn least_request_sends_less_to_a_slow_endpoint_than_round_robin() {
         "P2C least-request avoids the slow endpoint: {p2c} vs {rr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_hash_keeps_a_key_on_one_endpoint() {
+    use envoy_types::pb::envoy::config::route::v3 as rpb;
+    let backends = [
+        support::backend("b0").await,
+        support::backend("b1").await,
+        support::backend("b2").await,
+        support::backend("b3").await,
+    ];
+    let ports: Vec<u16> = backends.iter().map(|b| b.addr.port()).collect();
+    let mut routes = support::xds::routes("svc-routes", &[("pool", 1)]);
+    {
+        use prost::Message;
+        let mut rc = rpb::RouteConfiguration::decode(routes.value.as_slice()).unwrap();
+        if let Some(rpb::route::Action::Route(ra)) = &mut rc.virtual_hosts[0].routes[0].action {
+            ra.hash_policy = vec![rpb::route_action::HashPolicy {
+                terminal: false,
+                policy_specifier: Some(rpb::route_action::hash_policy::PolicySpecifier::Header(
+                    rpb::route_action::hash_policy::Header {
+                        header_name: "x-user".into(),
+                        regex_rewrite: None,
+                    },
+                )),
+            }];
+        }
+        routes = support::xds::any(&rc);
+    }
+    let resources = vec![
+        support::xds::listener("svc", "svc-routes"),
+        routes,
+        pool_cluster(cpb::cluster::LbPolicy::RingHash, None),
+        pool_endpoints(&ports),
+    ];
+    let m = mesh(resources, |s| s.endpoints_for_cluster("pool").is_some()).await;
+    let as_user = |user: String| {
+        let client = m.client.clone();
+        async move {
+            let req = http::Request::get("http://svc/")
+                .header("x-user", user)
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let resp = client.oneshot(req).await.unwrap();
+            String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes())
+                .into_owned()
+        }
+    };
+    assert_eq!(m.client.registry().get("pool").unwrap().rings().len(), 1);
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..1000 {
+        seen.insert(as_user("alice".into()).await);
+    }
+    assert_eq!(seen.len(), 1, "one key, one endpoint: {seen:?}");
+    let mut spread = std::collections::BTreeMap::new();
+    for u in 0..400 {
+        *spread
+            .entry(as_user(format!("user-{u}")).await)
+            .or_insert(0) += 1;
+    }
+    println!("ring hash: 1000 requests of one user on {seen:?}; 400 users spread {spread:?}");
+    assert_eq!(spread.len(), 4, "{spread:?}");
+}

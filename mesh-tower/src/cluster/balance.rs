@@ -95,6 +95,7 @@ mod tests {
             weight: 1,
             priority,
             locality_weight: 1,
+            locality: 0,
             health,
             stats: Default::default(),
         })

@@ -32,6 +32,7 @@
 
 pub mod balance;
 mod registry;
+pub mod ring;
 mod service;
 
 pub use registry::{

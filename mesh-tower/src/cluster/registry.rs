@@ -46,6 +46,8 @@ pub struct EndpointRuntime {
     pub priority: u32,
     /// Locality weight (for locality-weighted balancing).
     pub locality_weight: u32,
+    /// Index of its locality in the assignment.
+    pub locality: usize,
     /// Health from EDS.
     pub health: HealthStatus,
     pub(crate) stats: Arc<EndpointStats>,
@@ -77,6 +79,8 @@ pub struct ClusterRuntime {
     /// Routable endpoints by priority, highest first (precomputed: nothing is allocated or
     /// filtered per request).
     levels: ArcSwap<Vec<Vec<Arc<EndpointRuntime>>>>,
+    /// One hash ring per level, for RING_HASH and MAGLEV clusters.
+    rings: ArcSwap<Vec<super::ring::Ring>>,
     client: Client<HttpConnector, MeshBody>,
     protocol: UpstreamProtocol,
     pub(crate) rr: AtomicUsize,
@@ -152,6 +156,7 @@ impl ClusterRuntime {
             config: ArcSwap::new(cluster),
             endpoints: ArcSwap::from_pointee(Vec::new()),
             levels: ArcSwap::from_pointee(Vec::new()),
+            rings: ArcSwap::from_pointee(Vec::new()),
             rr: AtomicUsize::new(0),
             active_requests: AtomicU32::new(0),
             active_retries: AtomicU32::new(0),
@@ -179,6 +184,11 @@ impl ClusterRuntime {
     /// Routable endpoints by priority, highest first.
     pub fn levels(&self) -> Arc<Vec<Vec<Arc<EndpointRuntime>>>> {
         self.levels.load_full()
+    }
+
+    /// The hash rings, one per level (empty unless the cluster hashes).
+    pub fn rings(&self) -> Arc<Vec<super::ring::Ring>> {
+        self.rings.load_full()
     }
 
     /// Requests in flight through this cluster.
@@ -359,13 +369,17 @@ impl ClusterRuntime {
             .collect();
         let mut endpoints: Vec<Arc<EndpointRuntime>> = cla
             .map(|cla| {
-                cla.endpoints()
-                    .map(|(loc, e)| {
+                cla.localities
+                    .iter()
+                    .enumerate()
+                    .flat_map(|(li, loc)| loc.endpoints.iter().map(move |e| (li, loc, e)))
+                    .map(|(li, loc, e)| {
                         Arc::new(EndpointRuntime {
                             address: e.address,
                             weight: e.weight,
                             priority: loc.priority,
                             locality_weight: loc.weight,
+                            locality: li,
                             health: e.health,
                             stats: old.get(&e.address).cloned().unwrap_or_default(),
                         })
@@ -374,8 +388,23 @@ impl ClusterRuntime {
             })
             .unwrap_or_default();
         endpoints.sort_by_key(|e| e.priority);
-        self.levels
-            .store(Arc::new(super::balance::levels(&endpoints)));
+        let levels = super::balance::levels(&endpoints);
+        let rings = match cluster.lb_policy {
+            mesh_core::config::LbPolicy::RingHash {
+                min_ring_size,
+                max_ring_size,
+            } => levels
+                .iter()
+                .map(|l| super::ring::Ring::new(l, min_ring_size, max_ring_size))
+                .collect(),
+            mesh_core::config::LbPolicy::Maglev { table_size } => levels
+                .iter()
+                .map(|l| super::ring::Ring::new(l, table_size, table_size))
+                .collect(),
+            _ => Vec::new(),
+        };
+        self.rings.store(Arc::new(rings));
+        self.levels.store(Arc::new(levels));
         self.endpoints.store(Arc::new(endpoints));
         self.config.store(cluster);
     }

@@ -166,17 +166,31 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
         let now = tokio::time::Instant::now();
         // The highest priority with an endpoint that is routable and not ejected; when a
         // level is all ejected, traffic fails over to the next.
-        let Some(candidates) = levels
+        let Some(level) = levels
             .iter()
-            .find(|l| l.iter().any(|e| !cluster.is_ejected(e, now)))
+            .position(|l| l.iter().any(|e| !cluster.is_ejected(e, now)))
         else {
             return fail(MeshError::NoHealthyEndpoint {
                 cluster: cluster_name.to_owned(),
             });
         };
-        let mut endpoint = self.picker.pick(&cluster, candidates);
+        let candidates = &levels[level];
+        // Consistent hashing when the cluster hashes and the route produced a hash: the
+        // first endpoint at or after the hash on the ring that is not ejected.
+        let rings = cluster.rings();
+        let hashed = match (
+            req.extensions().get::<super::ring::RequestHash>(),
+            rings.get(level),
+        ) {
+            (Some(h), Some(ring)) => ring
+                .lookup(h.0)
+                .map(|i| &candidates[i])
+                .find(|e| !cluster.is_ejected(e, now)),
+            _ => None,
+        };
+        let mut endpoint = hashed.unwrap_or_else(|| self.picker.pick(&cluster, candidates));
         for _ in 0..8 {
-            if !cluster.is_ejected(endpoint, now) {
+            if hashed.is_some() || !cluster.is_ejected(endpoint, now) {
                 break;
             }
             endpoint = self.picker.pick(&cluster, candidates);

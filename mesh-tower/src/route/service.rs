@@ -117,6 +117,9 @@ where
                     cluster = decision.cluster(),
                     "routed"
                 );
+                if let Some(h) = request_hash(&decision.forward().hash_policy, &req) {
+                    req.extensions_mut().insert(h);
+                }
                 req.extensions_mut().insert(decision);
                 ResponseFuture {
                     state: State::Inner {
@@ -127,4 +130,46 @@ where
             Err(error) => ResponseFuture::failed(error),
         }
     }
+}
+
+/// The request's hash under the route's hash policies (Envoy's combination: rotate and xor),
+/// or `None` when no policy produced one (the balancer then picks at random).
+fn request_hash<B>(
+    policies: &[mesh_core::config::HashPolicy],
+    req: &Request<B>,
+) -> Option<crate::cluster::ring::RequestHash> {
+    use crate::cluster::ring::hash_bytes;
+    use mesh_core::config::HashPolicyKind;
+    let mut out: Option<u64> = None;
+    for p in policies {
+        let h = match &p.kind {
+            HashPolicyKind::Header(name) => {
+                req.headers().get(name).map(|v| hash_bytes(v.as_bytes()))
+            }
+            HashPolicyKind::Cookie(name) => req
+                .headers()
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|kv| kv.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| hash_bytes(v.as_bytes())),
+            HashPolicyKind::QueryParameter(name) => req.uri().query().and_then(|q| {
+                q.split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| hash_bytes(v.as_bytes()))
+            }),
+            // A client has no remote source address to hash.
+            HashPolicyKind::SourceIp => None,
+        };
+        if let Some(h) = h {
+            out = Some(out.map_or(h, |prev| prev.rotate_left(1) ^ h));
+            if p.terminal {
+                break;
+            }
+        }
+    }
+    out.map(crate::cluster::ring::RequestHash)
 }
