@@ -652,3 +652,66 @@ async fn ring_hash_keeps_a_key_on_one_endpoint() {
     println!("ring hash: 1000 requests of one user on {seen:?}; 400 users spread {spread:?}");
     assert_eq!(spread.len(), 4, "{spread:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locality_weights_are_honoured() {
+    use envoy_types::pb::envoy::config::endpoint::v3 as epb;
+    let names = ["l0", "l1", "l2", "l3"];
+    let mut backends = Vec::new();
+    for n in names {
+        backends.push(support::backend(n).await);
+    }
+    let weights = [20u32, 40, 20, 20];
+    let cla = epb::ClusterLoadAssignment {
+        cluster_name: "pool".into(),
+        endpoints: backends
+            .iter()
+            .zip(weights)
+            .enumerate()
+            .map(|(i, (b, w))| {
+                let mut one = {
+                    use prost::Message;
+                    epb::ClusterLoadAssignment::decode(
+                        pool_endpoints(&[b.addr.port()]).value.as_slice(),
+                    )
+                    .unwrap()
+                };
+                let mut l = one.endpoints.remove(0);
+                l.locality = Some(core::Locality {
+                    region: format!("region-{i}"),
+                    ..Default::default()
+                });
+                l.load_balancing_weight = Some(UInt32Value { value: w });
+                l
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let mut c = cpb::Cluster::decode_from(support::xds::cluster("pool", "pool"));
+    c.common_lb_config = Some(cpb::cluster::CommonLbConfig {
+        locality_config_specifier: Some(
+            cpb::cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                cpb::cluster::common_lb_config::LocalityWeightedLbConfig {},
+            ),
+        ),
+        ..Default::default()
+    });
+    let resources = vec![
+        support::xds::listener("svc", "svc-routes"),
+        plain_routes(),
+        support::xds::any(&c),
+        support::xds::any(&cla),
+    ];
+    let m = mesh(resources, |s| s.endpoints_for_cluster("pool").is_some()).await;
+    let n = 4000;
+    let (_, failures) = load(&m.client, n, 16).await;
+    assert!(failures.is_empty());
+    let shares: Vec<f64> = backends
+        .iter()
+        .map(|b| b.hits.load(Ordering::Relaxed) as f64 / n as f64)
+        .collect();
+    println!("locality weights 20/40/20/20 -> shares {shares:.3?} over {n} requests");
+    for (share, w) in shares.iter().zip(weights) {
+        assert!((share - f64::from(w) / 100.0).abs() <= 0.03, "{shares:?}");
+    }
+}

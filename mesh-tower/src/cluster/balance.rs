@@ -40,16 +40,56 @@ fn weighted_random(candidates: &[Arc<EndpointRuntime>]) -> &Arc<EndpointRuntime>
     &candidates[candidates.len() - 1]
 }
 
+/// With locality-weighted balancing, a locality is drawn by its weight first. Endpoints of a
+/// locality are contiguous in a level, so this scans runs without allocating.
+fn pick_locality(candidates: &[Arc<EndpointRuntime>]) -> Option<&[Arc<EndpointRuntime>]> {
+    let runs = || {
+        let mut start = 0;
+        std::iter::from_fn(move || {
+            if start >= candidates.len() {
+                return None;
+            }
+            let loc = candidates[start].locality;
+            let end = candidates[start..]
+                .iter()
+                .position(|e| e.locality != loc)
+                .map_or(candidates.len(), |n| start + n);
+            let run = &candidates[start..end];
+            start = end;
+            Some(run)
+        })
+    };
+    let total: u64 = runs().map(|r| u64::from(r[0].locality_weight)).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = fastrand::u64(..total);
+    for run in runs() {
+        let w = u64::from(run[0].locality_weight);
+        if point < w {
+            return Some(run);
+        }
+        point -= w;
+    }
+    None
+}
+
 impl PickEndpoint for ByConfig {
     fn pick<'a>(
         &self,
         cluster: &ClusterRuntime,
         candidates: &'a [Arc<EndpointRuntime>],
     ) -> &'a Arc<EndpointRuntime> {
+        let config = cluster.config();
+        let candidates = if config.locality_weighted {
+            pick_locality(candidates).unwrap_or(candidates)
+        } else {
+            candidates
+        };
         if candidates.len() == 1 {
             return &candidates[0];
         }
-        match cluster.config().lb_policy {
+        match config.lb_policy {
             LbPolicy::RoundRobin => {
                 &candidates[cluster.rr.fetch_add(1, Ordering::Relaxed) % candidates.len()]
             }
