@@ -715,3 +715,99 @@ async fn locality_weights_are_honoured() {
         assert!((share - f64::from(w) / 100.0).abs() <= 0.03, "{shares:?}");
     }
 }
+
+/// A route to `primary` that mirrors every request to `mirror`.
+fn mirrored_routes() -> Any {
+    use envoy_types::pb::envoy::config::route::v3 as rpb;
+    use prost::Message;
+    let mut rc = rpb::RouteConfiguration::decode(
+        support::xds::routes("svc-routes", &[("primary", 1)])
+            .value
+            .as_slice(),
+    )
+    .unwrap();
+    if let Some(rpb::route::Action::Route(ra)) = &mut rc.virtual_hosts[0].routes[0].action {
+        ra.request_mirror_policies = vec![rpb::route_action::RequestMirrorPolicy {
+            cluster: "mirror".into(),
+            ..Default::default()
+        }];
+    }
+    support::xds::any(&rc)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirroring_copies_requests_without_affecting_the_primary() {
+    let primary = support::backend("primary").await;
+    let mirror = support::backend("mirror").await;
+    let world = |mirror_port: u16| {
+        vec![
+            support::xds::listener("svc", "svc-routes"),
+            mirrored_routes(),
+            support::xds::cluster("primary", "primary"),
+            support::xds::cluster("mirror", "mirror"),
+            support::xds::endpoints("primary", primary.addr.port()),
+            support::xds::endpoints("mirror", mirror_port),
+        ]
+    };
+    let m = mesh(world(mirror.addr.port()), |s| {
+        s.endpoints_for_cluster("primary").is_some() && s.endpoints_for_cluster("mirror").is_some()
+    })
+    .await;
+    for _ in 0..50 {
+        let (status, body) = send(&m.client).await.unwrap();
+        assert_eq!((status, body.as_str()), (200, "primary"));
+    }
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while mirror.hits.load(Ordering::Relaxed) < 50 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the mirror got {} copies",
+            mirror.hits.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        mirror.hits.load(Ordering::Relaxed),
+        50,
+        "one copy per request"
+    );
+
+    // A failing mirror (503) and a slow one change nothing for the primary.
+    let (failing, failing_hits) = failing_backend(503).await;
+    m.cache.set_resources(world(failing.port()));
+    m.store
+        .wait_for(PATIENCE, |s| {
+            s.endpoints_for_cluster("mirror")
+                .is_some_and(|e| e.localities[0].endpoints[0].address.port() == failing.port())
+        })
+        .await
+        .unwrap();
+    for _ in 0..20 {
+        assert_eq!(send(&m.client).await.unwrap(), (200, "primary".to_string()));
+    }
+    // A mirror that accepts connections and never answers: the primary still answers.
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hanging_port = hanging.local_addr().unwrap().port();
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = held.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = hanging.accept().await {
+            keep.lock().unwrap().push(stream);
+        }
+    });
+    m.cache.set_resources(world(hanging_port));
+    m.store
+        .wait_for(PATIENCE, |s| {
+            s.endpoints_for_cluster("mirror")
+                .is_some_and(|e| e.localities[0].endpoints[0].address.port() == hanging_port)
+        })
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        assert_eq!(send(&m.client).await.unwrap(), (200, "primary".to_string()));
+    }
+    assert!(failing_hits.load(Ordering::Relaxed) >= 1);
+    println!(
+        "mirroring: 50/50 copies delivered; failing and hanging mirrors left the primary untouched"
+    );
+}

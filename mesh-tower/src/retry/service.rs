@@ -83,6 +83,13 @@ impl<S, F> std::fmt::Debug for ResponseFuture<S, F> {
     }
 }
 
+fn log_mirror<T>(result: Result<Response<T>, BoxError>) {
+    match result {
+        Ok(resp) => tracing::debug!(status = %resp.status(), "mirror answered"),
+        Err(e) => tracing::debug!("mirror request failed: {e}"),
+    }
+}
+
 fn backoff(policy: &RetryPolicy, retry: u32) -> Duration {
     // Full jitter: uniform in [0, min(max, base * 2^retry)].
     let cap = policy
@@ -93,7 +100,7 @@ fn backoff(policy: &RetryPolicy, retry: u32) -> Duration {
     cap.mul_f64(fastrand::f64())
 }
 
-impl<S, ResB> Ctx<S>
+impl<S, ResB: Send + 'static> Ctx<S>
 where
     S: Service<Request<MeshBody>, Response = Response<ResB>, Error = BoxError>,
 {
@@ -106,6 +113,43 @@ where
         req
     }
 
+    /// Sends fire-and-forget copies to the route's mirrors (at their percentages). A copy's
+    /// outcome never touches the primary request.
+    fn mirror(&mut self)
+    where
+        S: Clone + Send + 'static,
+        S::Future: Send,
+    {
+        let Some(decision) = self.parts.extensions.get::<RouteDecision>().cloned() else {
+            return;
+        };
+        if decision.is_mirror() {
+            return;
+        }
+        for (i, m) in decision.forward().mirrors.iter().enumerate() {
+            if !m.fraction.hit(fastrand::u64(..)) {
+                continue;
+            }
+            let mut req = self.request();
+            req.extensions_mut().insert(decision.mirror(i));
+            req.extensions_mut().remove::<Attempt>();
+            // Envoy's convention: the mirror sees the authority with a `-shadow` suffix.
+            if let Some(host) = req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+            {
+                if let Ok(v) = http::HeaderValue::from_str(&format!("{host}-shadow")) {
+                    req.headers_mut().insert(http::header::HOST, v);
+                }
+            }
+            let copy = tower::ServiceExt::oneshot(self.svc.clone(), req);
+            // A combinator rather than an async block: auto-trait inference for async blocks
+            // over `Box<dyn Error>` trips on lifetimes here.
+            tokio::spawn(futures::FutureExt::map(copy, log_mirror::<ResB>));
+        }
+    }
+
     fn call(&mut self) -> (S::Future, Option<Pin<Box<Sleep>>>) {
         let req = self.request();
         let deadline = self
@@ -116,9 +160,13 @@ where
     }
 }
 
-impl<S, ResB> Future for ResponseFuture<S, S::Future>
+impl<S, ResB: Send + 'static> Future for ResponseFuture<S, S::Future>
 where
-    S: Service<Request<MeshBody>, Response = Response<ResB>, Error = BoxError>,
+    S: Service<Request<MeshBody>, Response = Response<ResB>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
 {
     type Output = Result<Response<ResB>, BoxError>;
 
@@ -158,6 +206,7 @@ where
                         }
                         None => {
                             ctx.pending = None;
+                            ctx.mirror();
                             let (fut, deadline) = ctx.call();
                             this.state.set(State::Calling { fut, deadline });
                         }
@@ -234,9 +283,13 @@ where
     }
 }
 
-impl<S, ResB> Service<Request<MeshBody>> for Retry<S>
+impl<S, ResB: Send + 'static> Service<Request<MeshBody>> for Retry<S>
 where
-    S: Service<Request<MeshBody>, Response = Response<ResB>, Error = BoxError> + Clone,
+    S: Service<Request<MeshBody>, Response = Response<ResB>, Error = BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
 {
     type Response = Response<ResB>;
     type Error = BoxError;
@@ -253,8 +306,19 @@ where
         // Correctness: take the service that was made ready; leave a clone in its place.
         let clone = self.inner.clone();
         let svc = std::mem::replace(&mut self.inner, clone);
+        let mirrored = decision.is_some_and(|d| !d.is_mirror() && !d.forward().mirrors.is_empty());
         let policy = match policy {
-            Some(p) if p.num_retries > 0 || p.per_try_timeout.is_some() => p,
+            Some(p) if p.num_retries > 0 || p.per_try_timeout.is_some() || mirrored => p,
+            // Mirrors need the body buffered too, even without retries.
+            None if mirrored => RetryPolicy {
+                retry_on: Default::default(),
+                num_retries: 0,
+                per_try_timeout: None,
+                backoff: Default::default(),
+                retriable_status_codes: Vec::new(),
+                previous_hosts: false,
+                host_selection_max_attempts: 1,
+            },
             _ => {
                 // No policy: one attempt, no buffering.
                 let mut svc = svc;

@@ -12,6 +12,7 @@ enum Target {
     Single,
     Weighted(usize),
     Header(HeaderValue),
+    Mirror(usize),
 }
 
 /// The route chosen for a request: a cheap handle into the snapshot it was chosen from, so
@@ -52,12 +53,35 @@ impl RouteDecision {
     /// The cluster chosen (for a weighted route, the target drawn for this request).
     pub fn cluster(&self) -> &str {
         match (&self.forward().cluster, &self.target) {
+            (_, Target::Mirror(i)) => &self.forward().mirrors[*i].cluster,
             (ClusterSpecifier::Cluster(c), _) => c,
             (ClusterSpecifier::Weighted(w), Target::Weighted(i)) => &w.clusters[*i].name,
             (_, Target::Header(h)) => h.to_str().unwrap_or_default(),
             // Correctness: the target is built from the specifier, so the pairs above are all.
             _ => unreachable!("target matches its cluster specifier"),
         }
+    }
+
+    /// The decision for a copy of the request sent to the route's `index`th mirror.
+    ///
+    /// # Panics
+    /// When the route has no such mirror.
+    pub fn mirror(&self, index: usize) -> RouteDecision {
+        assert!(
+            index < self.forward().mirrors.len(),
+            "route has no mirror {index}"
+        );
+        RouteDecision {
+            config: self.config.clone(),
+            vh: self.vh,
+            route: self.route,
+            target: Target::Mirror(index),
+        }
+    }
+
+    /// Whether this decision is for a mirrored copy.
+    pub fn is_mirror(&self) -> bool {
+        matches!(self.target, Target::Mirror(_))
     }
 
     /// The fault injection that applies: the weighted target's, else the route's, else the
