@@ -183,7 +183,15 @@ async fn canary_split_then_shift_under_load() {
         let client = m.client.clone();
         tokio::spawn(async move { load(&client, 3000, 8).await })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Push the update only once the load is flowing.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while v1.hits.load(Ordering::Relaxed) + v2.hits.load(Ordering::Relaxed) < 5100 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the load did not start"
+        );
+        tokio::task::yield_now().await;
+    }
     m.cache
         .set_resources(world(&[("v1", 50), ("v2", 50)], clusters(), &eps));
     m.store
@@ -810,4 +818,128 @@ async fn mirroring_copies_requests_without_affecting_the_primary() {
     println!(
         "mirroring: 50/50 copies delivered; failing and hanging mirrors left the primary untouched"
     );
+}
+
+/// Endpoints with a priority and health each.
+fn prioritized(list: &[(u16, u32, i32)]) -> Any {
+    use envoy_types::pb::envoy::config::endpoint::v3 as epb;
+    use prost::Message;
+    let mut cla = epb::ClusterLoadAssignment {
+        cluster_name: "pool".into(),
+        ..Default::default()
+    };
+    for (port, priority, health) in list {
+        let mut one =
+            epb::ClusterLoadAssignment::decode(pool_endpoints(&[*port]).value.as_slice()).unwrap();
+        let mut l = one.endpoints.remove(0);
+        l.priority = *priority;
+        l.lb_endpoints[0].health_status = *health;
+        cla.endpoints.push(l);
+    }
+    support::xds::any(&cla)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn priority_failover_and_recovery() {
+    const HEALTHY: i32 = 1;
+    const UNHEALTHY: i32 = 2;
+    let a = support::backend("p0").await;
+    let b = support::backend("p1").await;
+    let world = |health_a: i32| {
+        vec![
+            support::xds::listener("svc", "svc-routes"),
+            plain_routes(),
+            support::xds::cluster("pool", "pool"),
+            prioritized(&[(a.addr.port(), 0, health_a), (b.addr.port(), 1, HEALTHY)]),
+        ]
+    };
+    let m = mesh(world(HEALTHY), |s| {
+        s.endpoints_for_cluster("pool").is_some()
+    })
+    .await;
+    let answers = |n| {
+        let client = m.client.clone();
+        async move {
+            let mut seen = std::collections::BTreeMap::new();
+            for _ in 0..n {
+                *seen.entry(send(&client).await.unwrap().1).or_insert(0) += 1;
+            }
+            seen
+        }
+    };
+    assert_eq!(
+        answers(50).await.into_iter().collect::<Vec<_>>(),
+        vec![("p0".to_string(), 50)]
+    );
+    // Priority 0 loses its only healthy endpoint: traffic moves to priority 1...
+    m.cache.set_resources(world(UNHEALTHY));
+    m.store
+        .wait_for(PATIENCE, |s| {
+            s.endpoints_for_cluster("pool").is_some_and(|e| {
+                e.localities[0].endpoints[0].health == mesh_core::config::HealthStatus::Unhealthy
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        answers(50).await.into_iter().collect::<Vec<_>>(),
+        vec![("p1".to_string(), 50)]
+    );
+    // ...and comes back when it recovers.
+    m.cache.set_resources(world(HEALTHY));
+    m.store
+        .wait_for(PATIENCE, |s| {
+            s.endpoints_for_cluster("pool").is_some_and(|e| {
+                e.localities[0].endpoints[0].health == mesh_core::config::HealthStatus::Healthy
+            })
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        answers(50).await.into_iter().collect::<Vec<_>>(),
+        vec![("p0".to_string(), 50)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_endpoints_drain_in_flight_requests() {
+    let (slow, _, slow_served) = slow_backend().await;
+    let fast = support::backend("fast").await;
+    let world = |ports: &[u16]| {
+        vec![
+            support::xds::listener("svc", "svc-routes"),
+            plain_routes(),
+            support::xds::cluster("pool", "pool"),
+            pool_endpoints(ports),
+        ]
+    };
+    let m = mesh(world(&[slow.port()]), |s| {
+        s.endpoints_for_cluster("pool").is_some()
+    })
+    .await;
+    // Requests in flight to the slow endpoint (100 ms each)...
+    let in_flight: Vec<_> = (0..5)
+        .map(|_| {
+            let c = m.client.clone();
+            tokio::spawn(async move { send(&c).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // ...while EDS removes it and adds another.
+    m.cache.set_resources(world(&[fast.addr.port()]));
+    m.store
+        .wait_for(PATIENCE, |s| {
+            s.endpoints_for_cluster("pool")
+                .is_some_and(|e| e.localities[0].endpoints[0].address.port() == fast.addr.port())
+        })
+        .await
+        .unwrap();
+    for r in in_flight {
+        let (status, body) = r.await.unwrap().expect("in-flight requests complete");
+        assert_eq!((status, body.as_str()), (200, "v1"));
+    }
+    assert_eq!(slow_served.load(Ordering::SeqCst), 5);
+    for _ in 0..10 {
+        assert_eq!(send(&m.client).await.unwrap(), (200, "fast".to_string()));
+    }
 }

@@ -417,6 +417,8 @@ pub struct ClusterRegistry {
     store: ConfigStore,
     /// Serializes writers (the sync task and on-demand creation).
     write: Mutex<()>,
+    /// The snapshot generation last applied.
+    generation: AtomicU64,
 }
 
 impl ClusterRegistry {
@@ -430,6 +432,7 @@ impl ClusterRegistry {
             clusters: ArcSwap::from_pointee(HashMap::new()),
             store: store.clone(),
             write: Mutex::new(()),
+            generation: AtomicU64::new(0),
         });
         registry.sync(&store.load());
         let weak = Arc::downgrade(&registry);
@@ -445,21 +448,26 @@ impl ClusterRegistry {
         registry
     }
 
-    /// The runtime of a cluster; created on the spot if the current snapshot has it but the
-    /// sync task has not applied that snapshot yet.
+    /// The runtime of a cluster in the store's current snapshot (applied here first if the
+    /// sync task has not reached it yet).
     pub fn get(&self, name: &str) -> Option<Arc<ClusterRuntime>> {
-        if let Some(c) = self.clusters.load().get(name) {
-            return Some(c.clone());
-        }
+        // Correctness: a request routed by a new snapshot must not meet clusters of an old
+        // one, so apply a snapshot the sync task has not reached yet here, once.
         let snapshot = self.store.load();
-        snapshot.cluster(name)?;
-        self.sync(&snapshot);
+        if snapshot.generation() > self.generation.load(Ordering::Acquire) {
+            self.sync(&snapshot);
+        }
         self.clusters.load().get(name).cloned()
     }
 
     /// Applies `snapshot`: creates, updates and drops cluster runtimes.
     pub fn sync(&self, snapshot: &Snapshot) {
         let _w = self.write.lock().expect("registry write lock");
+        if snapshot.generation() != 0
+            && snapshot.generation() <= self.generation.load(Ordering::Acquire)
+        {
+            return;
+        }
         let current = self.clusters.load_full();
         let mut next = HashMap::with_capacity(snapshot.clusters().len());
         for (name, cluster) in snapshot.clusters() {
@@ -473,5 +481,7 @@ impl ClusterRegistry {
             next.insert(name.clone(), runtime);
         }
         self.clusters.store(Arc::new(next));
+        self.generation
+            .store(snapshot.generation(), Ordering::Release);
     }
 }

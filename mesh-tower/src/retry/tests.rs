@@ -234,3 +234,56 @@ fn grpc_status_in_trailers_only_responses() {
     r.headers_mut().insert("grpc-status", "5".parse().unwrap());
     assert_eq!(classify(&p, &Ok(r)), None);
 }
+
+#[tokio::test(start_paused = true)]
+async fn retry_budget_caps_concurrent_retries() {
+    // Budget: 20% of active requests, at least 1 retry at a time.
+    let (rc, mut snap) = snapshot(policy("5xx", 1, None), 100);
+    let mut c = (**snap.cluster("c").unwrap()).clone();
+    c.circuit_breakers.default.retry_budget = Some(RetryBudget {
+        budget_percent: 20.0,
+        min_retry_concurrency: 1,
+    });
+    snap.set_cluster(Arc::new(c));
+    let store = ConfigStore::new();
+    store.publish(snap);
+    let registry = ClusterRegistry::new(store);
+    let cluster = registry.get("c").unwrap();
+    let (mock, mut handle) = tower_test::mock::pair();
+    let mut svc = RetryLayer::new(registry.clone()).layer(mock);
+    handle.allow(100);
+    // Ten requests in flight (as the cluster layer counts them), all failing at once.
+    let guards: Vec<_> = (0..10).map(|_| cluster.try_acquire().unwrap()).collect();
+    let mut futs = Vec::new();
+    for _ in 0..10 {
+        futs.push(tokio::spawn(
+            svc.ready().await.unwrap().call(request(&rc, "")),
+        ));
+    }
+    let mut sends = Vec::new();
+    for _ in 0..10 {
+        sends.push(handle.next_request().await.unwrap().1);
+    }
+    for s in sends {
+        s.send_response(response(503, 1));
+    }
+    // 20% of 10 active requests: two retries may run; the other eight give up.
+    let mut retried = Vec::new();
+    while let Ok(Some((_, send))) =
+        tokio::time::timeout(Duration::from_secs(1), handle.next_request()).await
+    {
+        retried.push(send);
+    }
+    assert_eq!(retried.len(), 2, "the budget allows 2 concurrent retries");
+    assert_eq!(cluster.retry_overflows(), 8);
+    for s in retried {
+        s.send_response(response(200, 2));
+    }
+    let statuses: Vec<u16> = futures::future::join_all(futs)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().unwrap().status().as_u16())
+        .collect();
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 2);
+    drop(guards);
+}

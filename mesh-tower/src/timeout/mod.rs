@@ -130,3 +130,79 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use http::{Request, Response};
+    use mesh_core::config::*;
+    use tower::{Layer, Service, ServiceExt};
+
+    use super::*;
+    use crate::route::decide;
+
+    fn req(timeout: Option<Duration>) -> Request<()> {
+        let mut fwd = ForwardAction::to_cluster("c");
+        fwd.timeout = timeout;
+        let rc = Arc::new(RouteConfig {
+            name: "rc".into(),
+            virtual_hosts: vec![VirtualHost {
+                name: "vh".into(),
+                domains: vec![DomainMatcher::Any],
+                routes: vec![mesh_core::config::Route {
+                    name: "slow-route".into(),
+                    matcher: RouteMatch::prefix("/"),
+                    action: RouteAction::Forward(fwd),
+                    request_headers: HeaderMutation::default(),
+                    response_headers: HeaderMutation::default(),
+                    fault: None,
+                }],
+                retry_policy: None,
+                request_headers: HeaderMutation::default(),
+                response_headers: HeaderMutation::default(),
+                fault: None,
+            }],
+            ignore_port_in_host_matching: false,
+            request_headers: HeaderMutation::default(),
+            response_headers: HeaderMutation::default(),
+        });
+        let mut r = Request::get("http://svc/").body(()).unwrap();
+        let d = decide(rc, "l", &mut r, 0).unwrap();
+        r.extensions_mut().insert(d);
+        r
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn route_timeout_expires_exactly() {
+        let (mock, mut handle) = tower_test::mock::pair::<Request<()>, Response<()>>();
+        let mut svc = TimeoutLayer::new().layer(mock);
+        handle.allow(10);
+        let start = tokio::time::Instant::now();
+        let fut = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(req(Some(Duration::from_secs(3))));
+        let (_, _pending) = handle.next_request().await.unwrap();
+        let err = fut.await.unwrap_err();
+        assert_eq!(start.elapsed(), Duration::from_secs(3));
+        assert_eq!(err.to_string(), "route \"slow-route\" timed out after 3s");
+        // In time: the response passes.
+        let fut = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(req(Some(Duration::from_secs(3))));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(Response::new(()));
+        assert!(fut.await.is_ok());
+        // No timeout (0s in xDS): waits as long as it takes.
+        let fut = tokio::spawn(svc.ready().await.unwrap().call(req(None)));
+        let (_, send) = handle.next_request().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        send.send_response(Response::new(()));
+        assert!(fut.await.unwrap().is_ok());
+    }
+}
