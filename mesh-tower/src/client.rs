@@ -52,9 +52,16 @@ pub struct MeshClientBuilder {
     store: ConfigStore,
     listener: Option<String>,
     registry: Option<Arc<ClusterRegistry>>,
+    peak_ewma: bool,
 }
 
 impl MeshClientBuilder {
+    /// LEAST_REQUEST clusters weigh outstanding requests by each endpoint's latency EWMA.
+    pub fn peak_ewma(mut self, on: bool) -> Self {
+        self.peak_ewma = on;
+        self
+    }
+
     /// The target to route by: `xds:///name` or a listener name.
     ///
     /// # Errors
@@ -81,7 +88,10 @@ impl MeshClientBuilder {
         let registry = self
             .registry
             .unwrap_or_else(|| ClusterRegistry::new(self.store.clone()));
-        let cluster = ClusterService::new(registry.clone());
+        let cluster =
+            ClusterService::new(registry.clone()).with_picker(crate::cluster::balance::ByConfig {
+                peak_ewma: self.peak_ewma,
+            });
         let retry = RetryLayer::new(registry).layer(cluster);
         let timeout = TimeoutLayer::new().layer(retry);
         let inner = RouteLayer::new(self.store, listener).layer(FaultLayer::new().layer(timeout));
@@ -96,6 +106,7 @@ impl MeshClient {
             store,
             listener: None,
             registry: None,
+            peak_ewma: false,
         }
     }
 

@@ -943,3 +943,28 @@ async fn removed_endpoints_drain_in_flight_requests() {
         assert_eq!(send(&m.client).await.unwrap(), (200, "fast".to_string()));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peak_ewma_avoids_a_slow_endpoint_even_without_overlap() {
+    let (slow, _, slow_served) = slow_backend().await;
+    let fast = support::backend("fast").await;
+    let resources = vec![
+        support::xds::listener("svc", "svc-routes"),
+        plain_routes(),
+        pool_cluster(cpb::cluster::LbPolicy::LeastRequest, None),
+        pool_endpoints(&[slow.port(), fast.addr.port()]),
+    ];
+    let m = mesh(resources, |s| s.endpoints_for_cluster("pool").is_some()).await;
+    let ewma = MeshClient::builder(m.store.clone())
+        .target("xds:///svc")
+        .unwrap()
+        .peak_ewma(true)
+        .build();
+    // One request at a time: outstanding counts cannot tell the endpoints apart; latency can.
+    for _ in 0..60 {
+        assert_eq!(send(&ewma).await.unwrap().0, 200);
+    }
+    let slow_share = slow_served.load(Ordering::SeqCst) as f64 / 60.0;
+    println!("peak EWMA at concurrency 1: {slow_share:.3} of requests to the slow endpoint");
+    assert!(slow_share < 0.2, "{slow_share}");
+}

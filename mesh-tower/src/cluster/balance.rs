@@ -23,9 +23,14 @@ pub trait PickEndpoint {
     ) -> &'a Arc<EndpointRuntime>;
 }
 
-/// The policy of the cluster's configuration.
+/// The policy of the cluster's configuration. With `peak_ewma`, LEAST_REQUEST compares
+/// endpoints by latency EWMA × (outstanding + 1) instead of outstanding requests alone, so a
+/// slow endpoint loses traffic even when requests do not overlap.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ByConfig;
+pub struct ByConfig {
+    /// Weigh outstanding requests by observed latency.
+    pub peak_ewma: bool,
+}
 
 fn weighted_random(candidates: &[Arc<EndpointRuntime>]) -> &Arc<EndpointRuntime> {
     let total: u64 = candidates.iter().map(|e| u64::from(e.weight.max(1))).sum();
@@ -98,10 +103,30 @@ impl PickEndpoint for ByConfig {
             }
             LbPolicy::LeastRequest { choice_count } => {
                 // Power of `choice_count` choices: the least loaded of a few weighted draws.
+                let load = |e: &EndpointRuntime| {
+                    let outstanding = u64::from(e.in_flight()) + 1;
+                    if self.peak_ewma {
+                        // Unmeasured endpoints count as fast, so they get tried.
+                        e.stats
+                            .ewma_nanos
+                            .load(Ordering::Relaxed)
+                            .max(1)
+                            .saturating_mul(outstanding)
+                    } else {
+                        outstanding
+                    }
+                };
                 let mut best = weighted_random(candidates);
                 for _ in 1..choice_count.max(2) {
-                    let other = weighted_random(candidates);
-                    if other.in_flight() < best.in_flight() {
+                    // Prefer a different endpoint for each choice (a few draws at most).
+                    let mut other = weighted_random(candidates);
+                    for _ in 0..3 {
+                        if !Arc::ptr_eq(other, best) {
+                            break;
+                        }
+                        other = weighted_random(candidates);
+                    }
+                    if load(other) < load(best) {
                         best = other;
                     }
                 }

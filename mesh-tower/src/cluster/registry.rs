@@ -24,6 +24,24 @@ pub(crate) struct EndpointStats {
     /// Nanoseconds after the registry's epoch until which the endpoint is ejected (0: not).
     ejected_until: AtomicU64,
     ejections: AtomicU32,
+    /// Exponentially weighted moving average of response latency, in nanoseconds.
+    pub(crate) ewma_nanos: AtomicU64,
+}
+
+impl EndpointStats {
+    /// Folds one latency sample into the moving average (weight 0.3 for the new sample).
+    pub(crate) fn observe_latency(&self, sample: Duration) {
+        let sample = sample.as_nanos().min(u128::from(u64::MAX)) as u64;
+        let _ = self
+            .ewma_nanos
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                Some(if old == 0 {
+                    sample
+                } else {
+                    (old / 10) * 7 + (sample / 10) * 3
+                })
+            });
+    }
 }
 
 /// What an attempt to an endpoint came to, for outlier detection.
@@ -62,6 +80,11 @@ impl EndpointRuntime {
     /// Requests sent to this endpoint so far.
     pub fn requests(&self) -> u64 {
         self.stats.requests.load(Ordering::Relaxed)
+    }
+
+    /// The moving average of its response latency (zero before the first response).
+    pub fn latency_ewma(&self) -> Duration {
+        Duration::from_nanos(self.stats.ewma_nanos.load(Ordering::Relaxed))
     }
 
     /// Times this endpoint has been ejected.

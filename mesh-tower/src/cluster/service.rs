@@ -30,7 +30,7 @@ impl ClusterService {
     pub fn new(registry: Arc<ClusterRegistry>) -> Self {
         Self {
             registry,
-            picker: ByConfig,
+            picker: ByConfig::default(),
         }
     }
 }
@@ -68,6 +68,7 @@ pin_project! {
             cluster: Arc<str>,
             runtime: Arc<ClusterRuntime>,
             ep: Arc<EndpointRuntime>,
+            started: tokio::time::Instant,
         },
         Failed { error: Option<MeshError> },
     }
@@ -98,9 +99,13 @@ impl Future for ResponseFuture {
                 cluster,
                 runtime,
                 ep,
+                started,
             } => {
                 let out = futures::ready!(fut.poll(cx));
                 drop(guard.take());
+                if out.is_ok() {
+                    ep.stats.observe_latency(started.elapsed());
+                }
                 let endpoint = &ep.address;
                 let outcome = match &out {
                     Ok(resp) => Outcome::Status(resp.status().as_u16()),
@@ -243,6 +248,7 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
                 cluster: cluster_name,
                 runtime: cluster.clone(),
                 ep: endpoint.clone(),
+                started: now,
             },
         }
     }
