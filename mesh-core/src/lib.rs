@@ -28,6 +28,7 @@
 
 pub mod config;
 mod error;
+pub mod identity;
 mod store;
 pub mod xds;
 
