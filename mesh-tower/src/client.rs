@@ -53,9 +53,17 @@ pub struct MeshClientBuilder {
     listener: Option<String>,
     registry: Option<Arc<ClusterRegistry>>,
     peak_ewma: bool,
+    identity: Option<mesh_core::identity::IdentityStore>,
 }
 
 impl MeshClientBuilder {
+    /// The workload identity presented to TLS clusters (mTLS). Without it, clusters that
+    /// require TLS refuse requests with [`MeshError::Tls`]; there is no plaintext fallback.
+    pub fn identity(mut self, identity: mesh_core::identity::IdentityStore) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
     /// LEAST_REQUEST clusters weigh outstanding requests by each endpoint's latency EWMA.
     pub fn peak_ewma(mut self, on: bool) -> Self {
         self.peak_ewma = on;
@@ -85,9 +93,9 @@ impl MeshClientBuilder {
         let listener = self
             .listener
             .expect("MeshClient needs a target: call .target(\"xds:///name\")");
-        let registry = self
-            .registry
-            .unwrap_or_else(|| ClusterRegistry::new(self.store.clone()));
+        let registry = self.registry.unwrap_or_else(|| {
+            ClusterRegistry::with_identity(self.store.clone(), self.identity.clone())
+        });
         let cluster =
             ClusterService::new(registry.clone()).with_picker(crate::cluster::balance::ByConfig {
                 peak_ewma: self.peak_ewma,
@@ -107,6 +115,7 @@ impl MeshClient {
             listener: None,
             registry: None,
             peak_ewma: false,
+            identity: None,
         }
     }
 

@@ -94,6 +94,14 @@ pub enum MeshError {
         /// gRPC status code, for gRPC aborts.
         grpc: Option<u32>,
     },
+    /// The cluster needs TLS that cannot be set up (e.g. no workload identity).
+    #[error("{reason}")]
+    Tls {
+        /// Cluster name.
+        cluster: String,
+        /// What is missing or wrong.
+        reason: String,
+    },
     /// The request carried no routing decision (the cluster layer runs after the route layer).
     #[error("no routing decision on the request: put the route layer before the cluster layer")]
     MissingDecision,
@@ -115,6 +123,7 @@ impl MeshError {
             Self::FaultAbort { status, .. } => {
                 StatusCode::from_u16(*status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
             }
+            Self::Tls { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::MissingDecision => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -28,6 +28,7 @@ pub mod fault;
 pub mod retry;
 pub mod route;
 pub mod timeout;
+pub mod tls;
 
 pub use client::{MeshClient, MeshClientBuilder, ResponseBody, ResponseFuture};
 pub use error::{BoxError, MeshError};

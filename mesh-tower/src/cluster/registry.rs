@@ -5,11 +5,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use mesh_core::config::{Cluster, EndpointAssignment, HealthStatus, Snapshot, UpstreamProtocol};
+use mesh_core::identity::IdentityStore;
 use mesh_core::ConfigStore;
+
+use crate::tls::MeshConnector;
 
 use super::service::MeshBody;
 use crate::error::MeshError;
@@ -104,8 +106,11 @@ pub struct ClusterRuntime {
     levels: ArcSwap<Vec<Vec<Arc<EndpointRuntime>>>>,
     /// One hash ring per level, for RING_HASH and MAGLEV clusters.
     rings: ArcSwap<Vec<super::ring::Ring>>,
-    client: Client<HttpConnector, MeshBody>,
+    client: Client<MeshConnector, MeshBody>,
+    /// Why requests cannot be sent (a TLS cluster without identity), if so.
+    tls_error: Option<String>,
     protocol: UpstreamProtocol,
+    tls: Option<mesh_core::config::UpstreamTls>,
     pub(crate) rr: AtomicUsize,
     active_requests: AtomicU32,
     active_retries: AtomicU32,
@@ -150,10 +155,39 @@ impl Drop for RequestGuard {
     }
 }
 
-fn client_for(cluster: &Cluster) -> Client<HttpConnector, MeshBody> {
-    let mut connector = HttpConnector::new();
-    connector.set_connect_timeout(Some(cluster.connect_timeout));
-    connector.set_nodelay(true);
+/// The connector for a cluster: TLS with the workload identity when the cluster has an
+/// `UpstreamTlsContext`; `Err` (kept and reported per request) when it needs TLS but no
+/// identity is configured: the mesh never falls back to plaintext.
+fn connector_for(
+    cluster: &Cluster,
+    identity: Option<&IdentityStore>,
+) -> Result<MeshConnector, String> {
+    let Some(tls) = &cluster.tls else {
+        return Ok(MeshConnector::new(None, cluster.connect_timeout, None));
+    };
+    let identity = identity.ok_or_else(|| {
+        format!("cluster {:?} requires mTLS but the client has no workload identity (set one on the MeshClient)", cluster.name)
+    })?;
+    let alpn: Vec<Vec<u8>> = if !tls.alpn.is_empty() {
+        tls.alpn.iter().map(|a| a.as_bytes().to_vec()).collect()
+    } else {
+        match cluster.protocol {
+            UpstreamProtocol::Http2 => vec![b"h2".to_vec()],
+            UpstreamProtocol::Http1 => vec![b"http/1.1".to_vec()],
+            UpstreamProtocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+        }
+    };
+    let config = mesh_core::identity::client_config(identity, tls.san_matchers.clone(), alpn)
+        .map_err(|e| format!("cluster {:?}: TLS config: {e}", cluster.name))?;
+    let sni = (!tls.sni.is_empty()).then(|| tls.sni.clone());
+    Ok(MeshConnector::new(
+        Some(Arc::new(config)),
+        cluster.connect_timeout,
+        sni,
+    ))
+}
+
+fn client_for(cluster: &Cluster, connector: MeshConnector) -> Client<MeshConnector, MeshBody> {
     let mut builder = Client::builder(TokioExecutor::new());
     builder.pool_idle_timeout(Duration::from_secs(30));
     if cluster.protocol == UpstreamProtocol::Http2 {
@@ -171,11 +205,23 @@ fn client_for(cluster: &Cluster) -> Client<HttpConnector, MeshBody> {
 }
 
 impl ClusterRuntime {
-    fn new(cluster: Arc<Cluster>) -> Self {
+    fn new(cluster: Arc<Cluster>, identity: Option<&IdentityStore>) -> Self {
+        let (connector, tls_error) = match connector_for(&cluster, identity) {
+            Ok(c) => (c, None),
+            Err(e) => {
+                tracing::warn!("{e}");
+                (
+                    MeshConnector::new(None, cluster.connect_timeout, None),
+                    Some(e),
+                )
+            }
+        };
         Self {
             name: cluster.name.clone(),
-            client: client_for(&cluster),
+            client: client_for(&cluster, connector),
+            tls_error,
             protocol: cluster.protocol,
+            tls: cluster.tls.clone(),
             config: ArcSwap::new(cluster),
             endpoints: ArcSwap::from_pointee(Vec::new()),
             levels: ArcSwap::from_pointee(Vec::new()),
@@ -224,8 +270,13 @@ impl ClusterRuntime {
         self.overflows.load(Ordering::Relaxed)
     }
 
-    pub(crate) fn client(&self) -> &Client<HttpConnector, MeshBody> {
+    pub(crate) fn client(&self) -> &Client<MeshConnector, MeshBody> {
         &self.client
+    }
+
+    /// Why this cluster cannot send requests (TLS required without identity), if so.
+    pub fn tls_error(&self) -> Option<&str> {
+        self.tls_error.as_deref()
     }
 
     /// Takes one unit of `max_requests`, or fails fast.
@@ -438,6 +489,7 @@ impl ClusterRuntime {
 pub struct ClusterRegistry {
     clusters: ArcSwap<HashMap<String, Arc<ClusterRuntime>>>,
     store: ConfigStore,
+    identity: Option<IdentityStore>,
     /// Serializes writers (the sync task and on-demand creation).
     write: Mutex<()>,
     /// The snapshot generation last applied.
@@ -451,9 +503,18 @@ impl ClusterRegistry {
     /// # Panics
     /// Outside a tokio runtime.
     pub fn new(store: ConfigStore) -> Arc<Self> {
+        Self::with_identity(store, None)
+    }
+
+    /// A registry whose TLS clusters present `identity` (mTLS with SPIFFE verification).
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn with_identity(store: ConfigStore, identity: Option<IdentityStore>) -> Arc<Self> {
         let registry = Arc::new(Self {
             clusters: ArcSwap::from_pointee(HashMap::new()),
             store: store.clone(),
+            identity,
             write: Mutex::new(()),
             generation: AtomicU64::new(0),
         });
@@ -495,9 +556,10 @@ impl ClusterRegistry {
         let mut next = HashMap::with_capacity(snapshot.clusters().len());
         for (name, cluster) in snapshot.clusters() {
             let runtime = match current.get(name) {
-                // A protocol change needs a new pool; everything else updates in place.
-                Some(rt) if rt.protocol == cluster.protocol => rt.clone(),
-                _ => Arc::new(ClusterRuntime::new(cluster.clone())),
+                // A change of protocol or TLS settings needs a new pool; everything else updates
+                // in place.
+                Some(rt) if rt.protocol == cluster.protocol && rt.tls == cluster.tls => rt.clone(),
+                _ => Arc::new(ClusterRuntime::new(cluster.clone(), self.identity.as_ref())),
             };
             let cla = snapshot.endpoints_for_cluster(name);
             runtime.update(cluster.clone(), cla.as_deref());

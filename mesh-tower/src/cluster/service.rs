@@ -163,6 +163,12 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
             }
         };
         let cluster_name = cluster.name();
+        if let Some(reason) = cluster.tls_error() {
+            return fail(MeshError::Tls {
+                cluster: cluster_name.to_owned(),
+                reason: reason.to_owned(),
+            });
+        }
         let mut guard = match cluster.try_acquire() {
             Ok(g) => g,
             Err(e) => return fail(e),

@@ -1,0 +1,200 @@
+//! The connector of the endpoint pools: plain TCP, or mTLS with SPIFFE verification.
+//!
+//! For a cluster with an `UpstreamTlsContext`, connections are TLS 1.3 (1.2 allowed) with the
+//! workload's certificate, the server verified against the trust bundle and the cluster's SAN
+//! matchers during the handshake (see [`mesh_core::identity`]), ALPN `h2`/`http/1.1` by the
+//! cluster's protocol, and a handshake bounded by the cluster's connect timeout. A connection
+//! that negotiated `h2` is used as HTTP/2. Certificates rotate inside rustls: pools keep their
+//! connections.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::Uri;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tower::Service;
+
+use crate::error::BoxError;
+
+/// A connection to an endpoint: plaintext or TLS.
+// One per pooled connection, held in place for its life: the size difference costs nothing,
+// and boxing would add an indirection to every read and write.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum MeshStream {
+    /// Plain TCP.
+    Plain(TokioIo<TcpStream>),
+    /// TLS over TCP.
+    Tls(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl MeshStream {
+    /// The server's certificate chain, for TLS connections.
+    pub fn peer_certificates(&self) -> Option<&[rustls_pki_types::CertificateDer<'static>]> {
+        match self {
+            Self::Tls(t) => t.inner().get_ref().1.peer_certificates(),
+            Self::Plain(_) => None,
+        }
+    }
+}
+
+impl Connection for MeshStream {
+    fn connected(&self) -> Connected {
+        match self {
+            Self::Plain(s) => s.connected(),
+            Self::Tls(t) => {
+                let (_, tls) = t.inner().get_ref();
+                let connected = Connected::new();
+                if tls.alpn_protocol() == Some(b"h2") {
+                    connected.negotiated_h2()
+                } else {
+                    connected
+                }
+            }
+        }
+    }
+}
+
+impl Read for MeshStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl Write for MeshStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Connects to endpoints, with TLS when the cluster has a client config.
+///
+/// ```no_run
+/// # fn run(identity: mesh_core::identity::IdentityStore) -> Result<(), rustls::Error> {
+/// use std::time::Duration;
+/// use mesh_tower::tls::MeshConnector;
+/// let tls = mesh_core::identity::client_config(&identity, vec![], vec![b"h2".to_vec()])?;
+/// let connector = MeshConnector::new(Some(std::sync::Arc::new(tls)), Duration::from_secs(5), None);
+/// # drop(connector); Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct MeshConnector {
+    http: HttpConnector,
+    tls: Option<tokio_rustls::TlsConnector>,
+    handshake_timeout: Duration,
+    sni: Option<ServerName<'static>>,
+}
+
+impl MeshConnector {
+    /// A connector; with `tls`, every connection is TLS with that config. `sni` overrides the
+    /// server name sent (else the endpoint address).
+    pub fn new(
+        tls: Option<Arc<rustls::ClientConfig>>,
+        connect_timeout: Duration,
+        sni: Option<String>,
+    ) -> Self {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(connect_timeout));
+        http.set_nodelay(true);
+        http.enforce_http(false);
+        Self {
+            http,
+            tls: tls.map(tokio_rustls::TlsConnector::from),
+            handshake_timeout: connect_timeout,
+            sni: sni.and_then(|s| ServerName::try_from(s).ok()),
+        }
+    }
+}
+
+impl std::fmt::Debug for MeshConnector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshConnector")
+            .field("tls", &self.tls.is_some())
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish()
+    }
+}
+
+/// The future of [`MeshConnector`].
+pub type ConnectFuture = Pin<Box<dyn Future<Output = Result<MeshStream, BoxError>> + Send>>;
+
+impl Service<Uri> for MeshConnector {
+    type Response = MeshStream;
+    type Error = BoxError;
+    // Connection setup happens once per pooled connection, not per request: a boxed future
+    // here costs nothing on the request path.
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let host = uri
+            .host()
+            .unwrap_or_default()
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let mut plain = uri.clone().into_parts();
+        plain.scheme = Some(http::uri::Scheme::HTTP);
+        let tcp_uri = Uri::from_parts(plain).unwrap_or(uri);
+        let connecting = self.http.call(tcp_uri);
+        let tls = self.tls.clone();
+        let timeout = self.handshake_timeout;
+        let sni = self.sni.clone();
+        Box::pin(async move {
+            let tcp = connecting.await?.into_inner();
+            let Some(tls) = tls else {
+                return Ok(MeshStream::Plain(TokioIo::new(tcp)));
+            };
+            let name = match sni {
+                Some(n) => n,
+                None => match host.parse::<std::net::IpAddr>() {
+                    Ok(ip) => ServerName::IpAddress(ip.into()),
+                    Err(_) => ServerName::try_from(host.clone())
+                        .map_err(|e| format!("invalid server name {host:?}: {e}"))?,
+                },
+            };
+            let stream = tokio::time::timeout(timeout, tls.connect(name, tcp))
+                .await
+                .map_err(|_| format!("TLS handshake with {host} timed out after {timeout:?}"))??;
+            Ok(MeshStream::Tls(TokioIo::new(stream)))
+        })
+    }
+}
