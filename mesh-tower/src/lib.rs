@@ -21,12 +21,14 @@
     unreachable_pub
 )]
 
+pub mod authz;
 mod client;
 pub mod cluster;
 mod error;
 pub mod fault;
 pub mod retry;
 pub mod route;
+pub mod server;
 pub mod timeout;
 pub mod tls;
 

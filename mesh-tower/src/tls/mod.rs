@@ -24,6 +24,12 @@ use tower::Service;
 
 use crate::error::BoxError;
 
+mod acceptor;
+
+pub use acceptor::{
+    AcceptError, LocalAddr, MeshAcceptor, PeerIdentity, RemoteAddr, ServerStream, TlsMode,
+};
+
 /// A connection to an endpoint: plaintext or TLS.
 // One per pooled connection, held in place for its life: the size difference costs nothing,
 // and boxing would add an indirection to every read and write.

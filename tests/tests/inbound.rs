@@ -1,0 +1,272 @@
+//! The inbound side on real sockets: STRICT, PERMISSIVE and DISABLE ports, the peer identity
+//! in requests, authorization, and OpenSSL (a TLS peer this project did not write) as client.
+
+mod support;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use mesh_control::ca::DevCa;
+use mesh_core::config::{
+    Permission, Principal, RbacAction, RbacConfig, RbacPolicy, RbacRules, StringMatcher,
+};
+use mesh_core::identity::{client_config, Identity, IdentityStore};
+use mesh_tower::authz::AuthzLayer;
+use mesh_tower::tls::{MeshAcceptor, MeshConnector, PeerIdentity, TlsMode};
+use tower::ServiceBuilder;
+
+fn identity(ca: &DevCa, ns: &str, sa: &str) -> IdentityStore {
+    let svid = ca.issue(ns, sa, Duration::from_secs(3600)).unwrap();
+    IdentityStore::new(
+        Identity::from_pem(
+            svid.cert_pem.as_bytes(),
+            svid.key_pem.as_bytes(),
+            ca.root_pem().as_bytes(),
+        )
+        .unwrap(),
+    )
+}
+
+/// Serves an app that answers with the peer identity it saw.
+async fn start(
+    mode: TlsMode,
+    id: Option<&IdentityStore>,
+    authz: Option<AuthzLayer>,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = MeshAcceptor::new(mode, id)
+        .unwrap()
+        .handshake_timeout(Duration::from_secs(2));
+    let app = tower::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+        let peer = req
+            .extensions()
+            .get::<PeerIdentity>()
+            .and_then(|p| p.0.clone());
+        let text = peer.map_or_else(|| "anonymous".to_string(), |p| p.to_string());
+        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(text))))
+    });
+    let svc = ServiceBuilder::new().option_layer(authz).service(app);
+    tokio::spawn(mesh_tower::server::serve(
+        listener,
+        acceptor,
+        svc,
+        std::future::pending(),
+    ));
+    addr
+}
+
+async fn get(
+    addr: std::net::SocketAddr,
+    tls: Option<&IdentityStore>,
+    path: &str,
+) -> Result<(u16, String), String> {
+    let config = tls.map(|id| {
+        Arc::new(client_config(id, vec![], vec![b"h2".to_vec(), b"http/1.1".to_vec()]).unwrap())
+    });
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new())
+        .build(MeshConnector::new(config, Duration::from_secs(2), None));
+    let resp = client
+        .request(
+            http::Request::get(format!("http://{addr}{path}"))
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+const FRONTEND: &str = "spiffe://cluster.local/ns/prod/sa/frontend";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permissive_serves_plaintext_and_mtls_on_one_port() {
+    let ca = DevCa::new("cluster.local").unwrap();
+    let server = identity(&ca, "prod", "backend");
+    let addr = start(TlsMode::Permissive, Some(&server), None).await;
+    assert_eq!(
+        get(addr, None, "/").await.unwrap(),
+        (200, "anonymous".into()),
+        "plaintext: no identity"
+    );
+    let client = identity(&ca, "prod", "frontend");
+    assert_eq!(
+        get(addr, Some(&client), "/").await.unwrap(),
+        (200, FRONTEND.into()),
+        "mTLS: the client's SPIFFE ID"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_refuses_plaintext_and_foreign_clients() {
+    let ca = DevCa::new("cluster.local").unwrap();
+    let server = identity(&ca, "prod", "backend");
+    let addr = start(TlsMode::Strict, Some(&server), None).await;
+    assert!(
+        get(addr, None, "/").await.is_err(),
+        "plaintext client refused"
+    );
+    let other_ca = DevCa::new("cluster.local").unwrap();
+    // Trusts the server's CA, but its certificate comes from another one.
+    let svid = other_ca
+        .issue("prod", "frontend", Duration::from_secs(60))
+        .unwrap();
+    let foreign = IdentityStore::new(
+        Identity::from_pem(
+            svid.cert_pem.as_bytes(),
+            svid.key_pem.as_bytes(),
+            ca.root_pem().as_bytes(),
+        )
+        .unwrap(),
+    );
+    assert!(
+        get(addr, Some(&foreign), "/").await.is_err(),
+        "client from another CA refused"
+    );
+    let client = identity(&ca, "prod", "frontend");
+    assert_eq!(
+        get(addr, Some(&client), "/").await.unwrap(),
+        (200, FRONTEND.into())
+    );
+    // DISABLE: plaintext only.
+    let plain = start(TlsMode::Disable, None, None).await;
+    assert_eq!(
+        get(plain, None, "/").await.unwrap(),
+        (200, "anonymous".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authorization_over_mtls() {
+    let ca = DevCa::new("cluster.local").unwrap();
+    let server = identity(&ca, "prod", "backend");
+    let deny_legacy = RbacConfig {
+        rules: Some(RbacRules {
+            action: RbacAction::Deny,
+            policies: vec![RbacPolicy {
+                name: "legacy".into(),
+                permissions: vec![Permission::Any],
+                principals: vec![Principal::Authenticated(Some(StringMatcher::prefix(
+                    "spiffe://cluster.local/ns/legacy/",
+                )))],
+            }],
+        }),
+        shadow_rules: None,
+    };
+    let allow_api = RbacConfig {
+        rules: Some(RbacRules {
+            action: RbacAction::Allow,
+            policies: vec![RbacPolicy {
+                name: "api".into(),
+                permissions: vec![Permission::Path(StringMatcher::prefix("/api/"))],
+                principals: vec![Principal::Authenticated(None)],
+            }],
+        }),
+        shadow_rules: None,
+    };
+    let layer = AuthzLayer::new(vec![allow_api, deny_legacy]);
+    let addr = start(TlsMode::Strict, Some(&server), Some(layer.clone())).await;
+    let frontend = identity(&ca, "prod", "frontend");
+    let legacy = identity(&ca, "legacy", "old");
+    assert_eq!(get(addr, Some(&frontend), "/api/x").await.unwrap().0, 200);
+    assert_eq!(get(addr, Some(&frontend), "/admin").await.unwrap().0, 403);
+    assert_eq!(
+        get(addr, Some(&legacy), "/api/x").await.unwrap().0,
+        403,
+        "DENY by principal wins"
+    );
+    assert_eq!(layer.denied(), 2);
+}
+
+/// OpenSSL's `s_client` with a client certificate against a STRICT port: it verifies our chain
+/// and we verify its certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openssl_s_client_interop() {
+    if std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_err()
+    {
+        panic!("openssl is required for this interop test (apt-get install openssl)");
+    }
+    let ca = DevCa::new("cluster.local").unwrap();
+    let server = identity(&ca, "prod", "backend");
+    let addr = start(TlsMode::Strict, Some(&server), None).await;
+    let dir = std::env::temp_dir().join(format!("mesh-openssl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svid = ca
+        .issue("prod", "openssl", Duration::from_secs(600))
+        .unwrap();
+    std::fs::write(dir.join("root.pem"), ca.root_pem()).unwrap();
+    std::fs::write(dir.join("cert.pem"), &svid.cert_pem).unwrap();
+    std::fs::write(dir.join("key.pem"), &svid.key_pem).unwrap();
+    let run = |with_cert: bool| {
+        let dir = dir.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                let mut cmd = std::process::Command::new("openssl");
+                cmd.args([
+                    "s_client",
+                    "-connect",
+                    &addr.to_string(),
+                    "-quiet",
+                    "-verify_return_error",
+                    "-CAfile",
+                ])
+                .arg(dir.join("root.pem"));
+                if with_cert {
+                    cmd.arg("-cert")
+                        .arg(dir.join("cert.pem"))
+                        .arg("-key")
+                        .arg(dir.join("key.pem"));
+                }
+                let mut child = cmd
+                    .stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(b"GET / HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
+                    .unwrap();
+                let out = child.wait_with_output().unwrap();
+                (
+                    String::from_utf8_lossy(&out.stdout).into_owned(),
+                    String::from_utf8_lossy(&out.stderr).into_owned(),
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let (stdout, stderr) = run(true).await;
+    assert!(
+        stdout.contains("HTTP/1.1 200"),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    assert!(
+        stdout.contains("spiffe://cluster.local/ns/prod/sa/openssl"),
+        "{stdout}"
+    );
+    let (stdout, _) = run(false).await;
+    assert!(
+        !stdout.contains("HTTP/1.1 200"),
+        "STRICT refuses OpenSSL without a certificate: {stdout}"
+    );
+}
