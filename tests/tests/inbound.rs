@@ -270,3 +270,128 @@ async fn openssl_s_client_interop() {
         "STRICT refuses OpenSSL without a certificate: {stdout}"
     );
 }
+
+#[test]
+fn tls_mode_from_generated_server_listeners() {
+    use mesh_control::istio::{self, Options};
+    use mesh_core::config::ListenerKind;
+    let seed = include_str!("../../examples/mesh.yaml");
+    let strict = format!(
+        "{seed}---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: istio-system}}\nspec: {{mtls: {{mode: STRICT}}}}\n"
+    );
+    let disable = seed.replace("    tls:\n      mode: DISABLE\n", "")
+        + "---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: DISABLE}}\n";
+    for (yaml, want) in [
+        (seed.to_string(), TlsMode::Permissive),
+        (strict, TlsMode::Strict),
+        (disable, TlsMode::Disable),
+    ] {
+        let out =
+            istio::generate(&istio::parse(&yaml, "m.yaml").unwrap(), &Options::default()).unwrap();
+        let snap = mesh_core::xds::file::snapshot_from_resources(&out.resources).unwrap();
+        let l = snap
+            .listener("xds.istio.io/grpc/lds/inbound/0.0.0.0:9081")
+            .unwrap();
+        let ListenerKind::Server(s) = &l.kind else {
+            panic!()
+        };
+        assert_eq!(TlsMode::from_listener(s), want);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_rotation_under_load_loses_nothing() {
+    use mesh_core::identity::{FileWatcher, FileWatcherConfig};
+    use tower::Service;
+    let ca = DevCa::new("cluster.local").unwrap();
+    let dir = std::env::temp_dir().join(format!("mesh-rotation-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |svid: mesh_control::ca::Svid| {
+        // Key first, then certificate: the watcher retries until the pair matches.
+        std::fs::write(dir.join("key.pem"), svid.key_pem).unwrap();
+        std::fs::write(dir.join("cert.pem"), svid.cert_pem).unwrap();
+    };
+    write(
+        ca.issue("prod", "backend", Duration::from_secs(600))
+            .unwrap(),
+    );
+    std::fs::write(dir.join("root.pem"), ca.root_pem()).unwrap();
+    let server = FileWatcher::start(
+        FileWatcherConfig::from_json(&serde_json::json!({
+            "certificate_file": dir.join("cert.pem"),
+            "private_key_file": dir.join("key.pem"),
+            "ca_certificate_file": dir.join("root.pem"),
+            "refresh_interval": "0.05s",
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let before = server.load().chain[0].clone();
+    let addr = start(TlsMode::Strict, Some(&server), None).await;
+    let client = identity(&ca, "prod", "frontend");
+    let config = Arc::new(client_config(&client, vec![], vec![b"h2".to_vec()]).unwrap());
+    let http: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(
+        MeshConnector::new(Some(config.clone()), Duration::from_secs(2), None),
+    );
+    let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sent = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (http, failures, sent) = (http.clone(), failures.clone(), sent.clone());
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..250 {
+                let r = http
+                    .request(
+                        http::Request::get(format!("http://{addr}/"))
+                            .body(Empty::new())
+                            .unwrap(),
+                    )
+                    .await;
+                sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match r {
+                    Ok(resp) if resp.status() == 200 => {
+                        let _ = resp.into_body().collect().await;
+                    }
+                    _ => {
+                        failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    // Rotate while the load runs.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while sent.load(std::sync::atomic::Ordering::Relaxed) < 200 {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::task::yield_now().await;
+    }
+    let mut rotated = server.subscribe();
+    write(
+        ca.issue("prod", "backend", Duration::from_secs(600))
+            .unwrap(),
+    );
+    tokio::time::timeout(Duration::from_secs(10), rotated.changed())
+        .await
+        .expect("rotation noticed")
+        .unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let after = server.load().chain[0].clone();
+    assert_ne!(after, before);
+    println!(
+        "rotation under load: {} requests, {} failed",
+        sent.load(std::sync::atomic::Ordering::Relaxed),
+        failures.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert_eq!(failures.load(std::sync::atomic::Ordering::Relaxed), 0);
+    // A new connection presents the new certificate (a fresh client config: a resumed TLS
+    // session would report the certificate of the session it resumes).
+    let fresh = Arc::new(client_config(&client, vec![], vec![b"h2".to_vec()]).unwrap());
+    let mut connector = MeshConnector::new(Some(fresh), Duration::from_secs(2), None);
+    let stream = connector
+        .call(format!("http://{addr}").parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(stream.peer_certificates().unwrap()[0], after);
+}

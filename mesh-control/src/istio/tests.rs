@@ -347,3 +347,28 @@ fn durations() {
     assert_eq!(generate::parse_duration("10"), None);
     assert_eq!(generate::parse_duration("-1s"), None);
 }
+
+#[test]
+fn server_listener_modes_map_to_tls_modes() {
+    // STRICT mesh-wide, PERMISSIVE by default, DISABLE by the seed's own policy.
+    let strict = format!("{SEED}---\napiVersion: security.istio.io/v1beta1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: istio-system}}\nspec: {{mtls: {{mode: STRICT}}}}\n");
+    for (yaml, want) in [(SEED.to_string(), "Permissive"), (strict, "Strict")] {
+        let out = generate(&parse(&yaml, "m.yaml").unwrap(), &Options::default()).unwrap();
+        let snap = file::snapshot_from_resources(&out.resources).unwrap();
+        let l = snap
+            .listener("xds.istio.io/grpc/lds/inbound/0.0.0.0:9081")
+            .unwrap();
+        let ListenerKind::Server(s) = &l.kind else {
+            panic!()
+        };
+        let chains: Vec<_> = s
+            .filter_chains
+            .iter()
+            .map(|c| c.tls.as_ref().map(|t| t.require_client_certificate))
+            .collect();
+        match want {
+            "Strict" => assert_eq!(chains, vec![Some(true)]),
+            _ => assert_eq!(chains, vec![Some(true), None]),
+        }
+    }
+}

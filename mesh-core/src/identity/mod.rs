@@ -14,7 +14,7 @@ mod provider;
 mod spiffe;
 mod verify;
 
-pub use provider::{FileWatcher, FileWatcherConfig};
+pub use provider::{from_bootstrap, FileWatcher, FileWatcherConfig};
 pub use spiffe::{peer_spiffe_id, SpiffeId};
 pub use verify::{client_config, server_config, SpiffeClientVerifier, SpiffeServerVerifier};
 
@@ -112,7 +112,15 @@ impl Identity {
             .key_provider
             .load_private_key(key)
             .map_err(|e| pem("private key", e.to_string()))?;
-        let certified_key = Arc::new(CertifiedKey::new(chain.clone(), signing_key));
+        let certified_key = CertifiedKey::new(chain.clone(), signing_key);
+        // Files written one at a time can pair a new key with an old certificate.
+        certified_key.keys_match().map_err(|e| {
+            pem(
+                "private key",
+                format!("does not match the certificate: {e}"),
+            )
+        })?;
+        let certified_key = Arc::new(certified_key);
         Ok(Self {
             chain,
             spiffe_id,

@@ -119,3 +119,26 @@ impl FileWatcher {
         Ok(store)
     }
 }
+
+/// Starts the certificate provider instance `name` of the bootstrap (`file_watcher`, the
+/// plugin Istio's proxyless bootstrap uses).
+///
+/// # Errors
+/// No such instance, an unsupported plugin, or the files cannot be loaded.
+///
+/// # Panics
+/// Outside a tokio runtime.
+pub fn from_bootstrap(
+    bootstrap: &crate::xds::Bootstrap,
+    name: &str,
+) -> Result<IdentityStore, IdentityError> {
+    let instance = bootstrap.certificate_providers.get(name).ok_or_else(|| {
+        IdentityError::Config(format!("bootstrap has no certificate_providers.{name}"))
+    })?;
+    match instance.plugin_name.as_str() {
+        "file_watcher" => FileWatcher::start(FileWatcherConfig::from_json(&instance.config)?),
+        other => Err(IdentityError::Config(format!(
+            "certificate_providers.{name}: plugin {other:?} is not supported (use file_watcher)"
+        ))),
+    }
+}

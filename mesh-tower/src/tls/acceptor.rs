@@ -21,6 +21,28 @@ pub enum TlsMode {
     Disable,
 }
 
+impl TlsMode {
+    /// The mode a server listener from xDS describes: every chain TLS with a required client
+    /// certificate is STRICT; a mix of TLS and plaintext chains is PERMISSIVE; no TLS is
+    /// DISABLE.
+    pub fn from_listener(listener: &mesh_core::config::ServerListener) -> Self {
+        let chains: Vec<_> = listener
+            .filter_chains
+            .iter()
+            .chain(listener.default_filter_chain.iter())
+            .collect();
+        let tls = chains.iter().filter(|c| c.tls.is_some()).count();
+        let strict = chains
+            .iter()
+            .all(|c| c.tls.as_ref().is_some_and(|t| t.require_client_certificate));
+        match (tls, strict) {
+            (0, _) => Self::Disable,
+            (_, true) => Self::Strict,
+            _ => Self::Permissive,
+        }
+    }
+}
+
 /// The peer's identity, put in each request's extensions (`None`: plaintext or anonymous).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PeerIdentity(pub Option<SpiffeId>);
