@@ -395,3 +395,119 @@ async fn certificate_rotation_under_load_loses_nothing() {
         .unwrap();
     assert_eq!(stream.peer_certificates().unwrap()[0], after);
 }
+
+/// Certificates over SDS from the development CA, renewed by a push while requests flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sds_rotation_under_load_loses_nothing() {
+    use mesh_control::ads::sds::SdsIssuer;
+    use mesh_control::ads::{AdsServer, ResourceCache};
+    use mesh_core::identity::SdsProvider;
+    use mesh_core::xds::Bootstrap;
+    let ca = DevCa::new("cluster.local").unwrap();
+    let trust = ca.root_pem().to_owned();
+    let issuer = SdsIssuer::new(ca, Duration::from_secs(2));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let xds = listener.local_addr().unwrap();
+    tokio::spawn(
+        AdsServer::new(ResourceCache::new())
+            .with_sds(issuer)
+            .serve(listener, std::future::pending()),
+    );
+    let bootstrap = Bootstrap::from_json(
+        &format!(
+            r#"{{"xds_servers": [{{"server_uri": "{xds}", "channel_creds": [{{"type": "insecure"}}]}}],
+                "node": {{"id": "sidecar~127.0.0.1~backend-1.prod~prod.svc.cluster.local",
+                          "metadata": {{"SERVICE_ACCOUNT": "backend"}}}}}}"#
+        ),
+        "test",
+    )
+    .unwrap();
+    let server = SdsProvider::start(&bootstrap, "default", "ROOTCA", Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        server.load().spiffe_id.as_str(),
+        "spiffe://cluster.local/ns/prod/sa/backend"
+    );
+    let first = server.load().chain[0].clone();
+    let addr = start(TlsMode::Strict, Some(&server), None).await;
+    // The client trusts the same CA (its own certificate from a file, as a peer would have).
+    let svid = {
+        // A client identity signed by the SDS CA: ask the same server for it.
+        let b = Bootstrap::from_json(
+            &format!(
+                r#"{{"xds_servers": [{{"server_uri": "{xds}", "channel_creds": [{{"type": "insecure"}}]}}],
+                    "node": {{"id": "sidecar~127.0.0.1~frontend-1.prod~prod.svc.cluster.local",
+                              "metadata": {{"SERVICE_ACCOUNT": "frontend"}}}}}}"#
+            ),
+            "test",
+        )
+        .unwrap();
+        SdsProvider::start(&b, "default", "ROOTCA", Duration::from_secs(10))
+            .await
+            .unwrap()
+    };
+    assert_eq!(
+        rustls_pki_types_der(&trust),
+        svid.load().roots[0].as_ref().to_vec(),
+        "the bundle over SDS is the CA's root"
+    );
+    let config = Arc::new(client_config(&svid, vec![], vec![b"h2".to_vec()]).unwrap());
+    let http: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(
+        MeshConnector::new(Some(config), Duration::from_secs(2), None),
+    );
+    let rotated = server.subscribe();
+    let mut failures = 0;
+    let mut sent = 0;
+    // Keep requests flowing until the server's certificate has been renewed over SDS.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = http
+            .request(
+                http::Request::get(format!("http://{addr}/"))
+                    .body(Empty::new())
+                    .unwrap(),
+            )
+            .await;
+        sent += 1;
+        match r {
+            Ok(resp) if resp.status() == 200 => {
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(body, "spiffe://cluster.local/ns/prod/sa/frontend");
+            }
+            _ => failures += 1,
+        }
+        if rotated.has_changed().unwrap() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no renewal pushed");
+    }
+    for _ in 0..200 {
+        let r = http
+            .request(
+                http::Request::get(format!("http://{addr}/"))
+                    .body(Empty::new())
+                    .unwrap(),
+            )
+            .await;
+        sent += 1;
+        if !matches!(r, Ok(ref resp) if resp.status() == 200) {
+            failures += 1;
+        }
+    }
+    println!("SDS rotation under load: {sent} requests, {failures} failed");
+    assert_eq!(failures, 0);
+    assert_ne!(
+        server.load().chain[0],
+        first,
+        "the renewed certificate is in use"
+    );
+}
+
+fn rustls_pki_types_der(pem: &str) -> Vec<u8> {
+    use base64::Engine;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+}

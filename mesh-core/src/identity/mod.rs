@@ -11,10 +11,12 @@
 //! The crypto provider is chosen once, here: ring.
 
 mod provider;
+mod sds;
 mod spiffe;
 mod verify;
 
 pub use provider::{from_bootstrap, FileWatcher, FileWatcherConfig};
+pub use sds::SdsProvider;
 pub use spiffe::{peer_spiffe_id, SpiffeId};
 pub use verify::{client_config, server_config, SpiffeClientVerifier, SpiffeServerVerifier};
 
