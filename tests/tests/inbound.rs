@@ -511,3 +511,50 @@ fn rustls_pki_types_der(pem: &str) -> Vec<u8> {
         .decode(b64)
         .unwrap()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_drains_in_flight_requests() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let app = tower::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+        let started = started_tx.clone();
+        let mut release = release_rx.clone();
+        async move {
+            let _ = started.send(());
+            let _ = release.wait_for(|r| *r).await;
+            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(
+                b"finished",
+            ))))
+        }
+    });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(mesh_tower::server::serve(
+        listener,
+        MeshAcceptor::new(TlsMode::Disable, None).unwrap(),
+        app,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let in_flight = tokio::spawn(get(addr, None, "/slow"));
+    started_rx.recv().await.unwrap();
+    // Shut down while the request is in flight: the server stops accepting...
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while tokio::net::TcpStream::connect(addr).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the listener closes");
+    assert!(!server.is_finished(), "it waits for the open request");
+    // ...and the request still completes.
+    release_tx.send(true).unwrap();
+    assert_eq!(in_flight.await.unwrap().unwrap(), (200, "finished".into()));
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .expect("drained")
+        .unwrap();
+}
