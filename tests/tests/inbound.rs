@@ -422,9 +422,20 @@ async fn sds_rotation_under_load_loses_nothing() {
         "test",
     )
     .unwrap();
-    let server = SdsProvider::start(&bootstrap, "default", "ROOTCA", Duration::from_secs(10))
-        .await
-        .unwrap();
+    // The secret names as a TLS context carries them (Istio's `default` and `ROOTCA`).
+    use mesh_core::config::CertSource;
+    let server = SdsProvider::start_for(
+        &bootstrap,
+        Some(&CertSource::Sds {
+            name: "default".into(),
+        }),
+        Some(&CertSource::Sds {
+            name: "ROOTCA".into(),
+        }),
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         server.load().spiffe_id.as_str(),
         "spiffe://cluster.local/ns/prod/sa/backend"

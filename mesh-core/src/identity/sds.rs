@@ -28,6 +28,28 @@ fn bytes(ds: Option<&DataSource>) -> Option<Vec<u8>> {
 }
 
 impl SdsProvider {
+    /// [`SdsProvider::start`] with the secret names of a TLS context (`identity` and
+    /// `validation` of an Upstream/Downstream TLS context, both SDS).
+    ///
+    /// # Errors
+    /// Either source is not SDS, or as [`SdsProvider::start`].
+    pub async fn start_for(
+        bootstrap: &Bootstrap,
+        identity: Option<&crate::config::CertSource>,
+        validation: Option<&crate::config::CertSource>,
+        timeout: Duration,
+    ) -> Result<IdentityStore, IdentityError> {
+        use crate::config::CertSource;
+        match (identity, validation) {
+            (Some(CertSource::Sds { name: cert }), Some(CertSource::Sds { name: roots })) => {
+                Self::start(bootstrap, cert, roots, timeout).await
+            }
+            other => Err(IdentityError::Config(format!(
+                "the TLS context does not take both its certificate and its trust bundle from SDS: {other:?}"
+            ))),
+        }
+    }
+
     /// Connects to the bootstrap's xDS server, subscribes to the secrets `cert` (a
     /// `TlsCertificate`) and `roots` (a `CertificateValidationContext`), and waits up to
     /// `timeout` for the first identity. The stream then stays open; renewals replace the
