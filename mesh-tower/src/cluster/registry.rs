@@ -26,6 +26,9 @@ pub(crate) struct EndpointStats {
     /// Nanoseconds after the registry's epoch until which the endpoint is ejected (0: not).
     ejected_until: AtomicU64,
     ejections: AtomicU32,
+    /// Outcomes in the current outlier-detection interval.
+    interval_total: AtomicU64,
+    interval_success: AtomicU64,
     /// Exponentially weighted moving average of response latency, in nanoseconds.
     pub(crate) ewma_nanos: AtomicU64,
 }
@@ -117,6 +120,9 @@ pub struct ClusterRuntime {
     overflows: AtomicU64,
     retry_overflows: AtomicU64,
     epoch: tokio::time::Instant,
+    /// When the next interval sweep of outlier detection is due (nanos after `epoch`; 0: not
+    /// started).
+    next_sweep: AtomicU64,
 }
 
 /// Holds one unit of the cluster's retry allowance; released on drop.
@@ -232,6 +238,7 @@ impl ClusterRuntime {
             overflows: AtomicU64::new(0),
             retry_overflows: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
+            next_sweep: AtomicU64::new(0),
         }
     }
 
@@ -354,6 +361,34 @@ impl ClusterRuntime {
             Outcome::Status(s) => (s >= 500, matches!(s, 502..=504)),
             Outcome::LocalFailure => (true, true),
         };
+        stats.interval_total.fetch_add(1, Ordering::Relaxed);
+        if !is_5xx {
+            stats.interval_success.fetch_add(1, Ordering::Relaxed);
+        }
+        // The interval detectors (success rate, failure percentage) sweep once per interval,
+        // on the first outcome recorded after it ends.
+        let now_nanos = self.nanos(now);
+        let due = self.next_sweep.load(Ordering::Acquire);
+        if due == 0 {
+            let _ = self.next_sweep.compare_exchange(
+                0,
+                self.nanos(now + od.interval),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            );
+        } else if now_nanos >= due
+            && self
+                .next_sweep
+                .compare_exchange(
+                    due,
+                    self.nanos(now + od.interval),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            self.sweep(od, now);
+        }
         let c5 = if is_5xx {
             stats.consecutive_5xx.fetch_add(1, Ordering::AcqRel) + 1
         } else {
@@ -372,6 +407,17 @@ impl ClusterRuntime {
         if !(enforce(od.consecutive_5xx, c5) || enforce(od.consecutive_gateway_failure, cg)) {
             return false;
         }
+        self.eject(endpoint, od, now, "consecutive failures")
+    }
+
+    /// Ejects `endpoint` unless it is ejected already or `max_ejection_percent` forbids.
+    fn eject(
+        &self,
+        endpoint: &EndpointRuntime,
+        od: &mesh_core::config::OutlierDetection,
+        now: tokio::time::Instant,
+        why: &str,
+    ) -> bool {
         if self.is_ejected(endpoint, now) {
             return false;
         }
@@ -381,6 +427,7 @@ impl ClusterRuntime {
         if ejected * 100 >= all.len() * od.max_ejection_percent as usize {
             return false;
         }
+        let stats = &endpoint.stats;
         let n = stats.ejections.fetch_add(1, Ordering::AcqRel) + 1;
         let time = od
             .base_ejection_time
@@ -391,8 +438,63 @@ impl ClusterRuntime {
             .store(self.nanos(now + time), Ordering::Release);
         stats.consecutive_5xx.store(0, Ordering::Relaxed);
         stats.consecutive_gateway.store(0, Ordering::Relaxed);
-        tracing::warn!(cluster = %self.name, endpoint = %endpoint.address, ?time, ejections = n, "outlier detection: endpoint ejected");
+        tracing::warn!(cluster = %self.name, endpoint = %endpoint.address, ?time, ejections = n, why, "outlier detection: endpoint ejected");
         true
+    }
+
+    /// The interval detectors over the counts of the interval that ended: success rate
+    /// (below mean − stdev × factor / 1000) and failure percentage (at or above the
+    /// threshold), each among hosts with enough requests, when enough hosts qualify.
+    fn sweep(&self, od: &mesh_core::config::OutlierDetection, now: tokio::time::Instant) {
+        let all = self.endpoints.load();
+        let counts: Vec<(&Arc<EndpointRuntime>, u64, u64)> = all
+            .iter()
+            .map(|e| {
+                let total = e.stats.interval_total.swap(0, Ordering::AcqRel);
+                let ok = e
+                    .stats
+                    .interval_success
+                    .swap(0, Ordering::AcqRel)
+                    .min(total);
+                (e, total, ok)
+            })
+            .collect();
+        if let Some(sr) = &od.success_rate {
+            let qualified: Vec<_> = counts
+                .iter()
+                .filter(|(_, t, _)| *t >= u64::from(sr.request_volume))
+                .collect();
+            if qualified.len() >= sr.minimum_hosts as usize && !qualified.is_empty() {
+                let rates: Vec<f64> = qualified
+                    .iter()
+                    .map(|(_, t, ok)| *ok as f64 / *t as f64)
+                    .collect();
+                let mean = rates.iter().sum::<f64>() / rates.len() as f64;
+                let var =
+                    rates.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / rates.len() as f64;
+                let threshold = mean - var.sqrt() * f64::from(sr.stdev_factor) / 1000.0;
+                for ((e, _, _), rate) in qualified.iter().zip(rates) {
+                    if rate < threshold && fastrand::u32(0..100) < sr.enforcing {
+                        self.eject(e, od, now, "success rate");
+                    }
+                }
+            }
+        }
+        if let Some(fp) = &od.failure_percentage {
+            let qualified: Vec<_> = counts
+                .iter()
+                .filter(|(_, t, _)| *t >= u64::from(fp.request_volume))
+                .collect();
+            if qualified.len() >= fp.minimum_hosts as usize {
+                for (e, t, ok) in qualified {
+                    let failed_pct = (t - ok) * 100 / (*t).max(1);
+                    if failed_pct >= u64::from(fp.threshold) && fastrand::u32(0..100) < fp.enforcing
+                    {
+                        self.eject(e, od, now, "failure percentage");
+                    }
+                }
+            }
+        }
     }
 
     /// Endpoints ejected at `now`.

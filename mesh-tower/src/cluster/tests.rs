@@ -136,3 +136,75 @@ async fn state_survives_configuration_updates() {
     store.publish(Snapshot::default());
     assert!(registry.get("c").is_none());
 }
+
+#[tokio::test(start_paused = true)]
+async fn success_rate_and_failure_percentage_detectors() {
+    let mut detector = od(1000, 100);
+    detector.consecutive_5xx = None;
+    detector.interval = Duration::from_secs(10);
+    detector.success_rate = Some(SuccessRateEjection {
+        minimum_hosts: 5,
+        request_volume: 20,
+        stdev_factor: 1000,
+        enforcing: 100,
+    });
+    let store = ConfigStore::new();
+    store.publish(cluster(&[1, 2, 3, 4, 5, 6], Some(detector.clone())));
+    let registry = ClusterRegistry::new(store.clone());
+    let c = registry.get("c").unwrap();
+    let eps = c.endpoints();
+    let now = Instant::now();
+    // One interval: five hosts succeed, the sixth fails half of its requests (never five in a
+    // row, so only the interval detectors can see it).
+    c.record(&eps[0], Outcome::Status(200), now);
+    for i in 0..40 {
+        for e in &eps[..5] {
+            c.record(e, Outcome::Status(200), now);
+        }
+        let status = if i % 2 == 0 { 503 } else { 200 };
+        c.record(&eps[5], Outcome::Status(status), now);
+    }
+    assert_eq!(
+        c.ejected(now),
+        0,
+        "nothing happens before the interval ends"
+    );
+    tokio::time::advance(Duration::from_secs(10)).await;
+    c.record(&eps[0], Outcome::Status(200), Instant::now());
+    assert!(
+        c.is_ejected(&eps[5], Instant::now()),
+        "below mean - stdev: ejected by success rate"
+    );
+    assert_eq!(c.ejected(Instant::now()), 1);
+
+    // Failure percentage: 85% failures or more among hosts with 50 requests.
+    let mut detector = od(1000, 100);
+    detector.consecutive_5xx = None;
+    detector.success_rate = None;
+    detector.failure_percentage = Some(FailurePercentageEjection {
+        threshold: 85,
+        minimum_hosts: 2,
+        request_volume: 50,
+        enforcing: 100,
+    });
+    store.publish(cluster(&[7, 8], Some(detector)));
+    let c = registry.get("c").unwrap();
+    let eps = c.endpoints();
+    let now = Instant::now();
+    c.record(&eps[0], Outcome::Status(200), now);
+    for i in 0..60 {
+        c.record(&eps[0], Outcome::Status(200), now);
+        c.record(
+            &eps[1],
+            Outcome::Status(if i % 10 == 0 { 200 } else { 500 }),
+            now,
+        );
+    }
+    tokio::time::advance(Duration::from_secs(10)).await;
+    c.record(&eps[0], Outcome::Status(200), Instant::now());
+    assert!(
+        c.is_ejected(&eps[1], Instant::now()),
+        "90% failures: ejected"
+    );
+    assert!(!c.is_ejected(&eps[0], Instant::now()));
+}
