@@ -968,3 +968,55 @@ async fn peak_ewma_avoids_a_slow_endpoint_even_without_overlap() {
     println!("peak EWMA at concurrency 1: {slow_share:.3} of requests to the slow endpoint");
     assert!(slow_share < 0.2, "{slow_share}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_fails_fast_and_caps_connections() {
+    let (addr, max_seen, served) = slow_backend().await;
+    let mut c = cpb::Cluster::decode_from(support::xds::cluster("v1", "v1"));
+    c.circuit_breakers = Some(cpb::CircuitBreakers {
+        thresholds: vec![cpb::circuit_breakers::Thresholds {
+            max_connections: Some(UInt32Value { value: 2 }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let m = mesh(
+        world(
+            &[("v1", 1)],
+            vec![support::xds::any(&c)],
+            &[("v1", addr.port())],
+        ),
+        |s| s.endpoints_for_cluster("v1").is_some(),
+    )
+    .await;
+    let results = futures::future::join_all((0..10).map(|_| send(&m.client))).await;
+    let ok = results.iter().filter(|r| matches!(r, Ok((200, _)))).count();
+    let refused = results
+        .iter()
+        .filter(|r| match r {
+            Err(e) => matches!(
+                e.downcast_ref::<MeshError>(),
+                Some(MeshError::Overloaded {
+                    limit: "max_connections",
+                    max: 2,
+                    ..
+                })
+            ),
+            _ => false,
+        })
+        .count();
+    println!(
+        "max_connections=2 at concurrency 10 (HTTP/1.1): {ok} served, {refused} failed fast, backend peak {}",
+        max_seen.load(Ordering::SeqCst)
+    );
+    assert_eq!(ok + refused, 10, "{results:?}");
+    assert!(
+        max_seen.load(Ordering::SeqCst) <= 2,
+        "never more than 2 connections"
+    );
+    assert!(refused > 0, "the rest fail fast instead of queueing");
+    assert_eq!(served.load(Ordering::SeqCst), ok as u64);
+    let rt = m.client.registry().get("v1").unwrap();
+    assert_eq!(rt.overflows(), refused as u64);
+    assert!(rt.open_connections() <= 2);
+}

@@ -112,6 +112,8 @@ pub struct ClusterRuntime {
     client: Client<MeshConnector, MeshBody>,
     /// Why requests cannot be sent (a TLS cluster without identity), if so.
     tls_error: Option<String>,
+    /// Open connections and `max_connections`.
+    connections: crate::tls::ConnectionLimit,
     protocol: UpstreamProtocol,
     tls: Option<mesh_core::config::UpstreamTls>,
     pub(crate) rr: AtomicUsize,
@@ -222,9 +224,16 @@ impl ClusterRuntime {
                 )
             }
         };
+        let limit = crate::tls::ConnectionLimit::default();
+        limit.max.store(
+            cluster.circuit_breakers.default.max_connections,
+            Ordering::Release,
+        );
+        let connector = connector.with_limit(limit.clone());
         Self {
             name: cluster.name.clone(),
             client: client_for(&cluster, connector),
+            connections: limit,
             tls_error,
             protocol: cluster.protocol,
             tls: cluster.tls.clone(),
@@ -270,6 +279,15 @@ impl ClusterRuntime {
     /// Requests in flight through this cluster.
     pub fn active_requests(&self) -> u32 {
         self.active_requests.load(Ordering::Acquire)
+    }
+
+    /// Connections open to the cluster's endpoints now.
+    pub fn open_connections(&self) -> u32 {
+        self.connections.open.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn count_overflow(&self) {
+        self.overflows.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Requests refused by the circuit breaker so far.
@@ -580,6 +598,10 @@ impl ClusterRuntime {
             _ => Vec::new(),
         };
         self.rings.store(Arc::new(rings));
+        self.connections.max.store(
+            cluster.circuit_breakers.default.max_connections,
+            Ordering::Release,
+        );
         self.levels.store(Arc::new(levels));
         self.endpoints.store(Arc::new(endpoints));
         self.config.store(cluster);

@@ -107,6 +107,24 @@ impl Future for ResponseFuture {
                     ep.stats.observe_latency(started.elapsed());
                 }
                 let endpoint = &ep.address;
+                if let Err(e) = &out {
+                    // A connection refused by max_connections is the breaker, not the endpoint.
+                    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+                    while let Some(err) = source {
+                        if let Some(limit) =
+                            err.downcast_ref::<crate::tls::ConnectionLimitReached>()
+                        {
+                            runtime.count_overflow();
+                            return Poll::Ready(Err(MeshError::Overloaded {
+                                cluster: cluster.to_string(),
+                                limit: "max_connections",
+                                max: limit.max,
+                            }
+                            .into()));
+                        }
+                        source = err.source();
+                    }
+                }
                 let outcome = match &out {
                     Ok(resp) => Outcome::Status(resp.status().as_u16()),
                     Err(_) => Outcome::LocalFailure,

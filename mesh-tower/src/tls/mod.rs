@@ -10,6 +10,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,33 +31,66 @@ pub use acceptor::{
     AcceptError, LocalAddr, MeshAcceptor, PeerIdentity, RemoteAddr, ServerStream, TlsMode,
 };
 
-/// A connection to an endpoint: plaintext or TLS.
+/// A connection to an endpoint: plaintext or TLS, counted against the cluster's
+/// `max_connections` while it lives.
+#[derive(Debug)]
+pub struct MeshStream {
+    io: Io,
+    _guard: Option<ConnectionGuard>,
+}
+
 // One per pooled connection, held in place for its life: the size difference costs nothing,
 // and boxing would add an indirection to every read and write.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
-pub enum MeshStream {
-    /// Plain TCP.
+enum Io {
     Plain(TokioIo<TcpStream>),
-    /// TLS over TCP.
     Tls(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Releases a connection slot when the connection is gone.
+#[derive(Debug)]
+struct ConnectionGuard(Arc<AtomicU32>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A cluster's connection limit: open connections and the maximum (updated with the config).
+#[derive(Clone, Debug, Default)]
+pub struct ConnectionLimit {
+    /// Connections open now.
+    pub open: Arc<AtomicU32>,
+    /// `max_connections`.
+    pub max: Arc<AtomicU32>,
+}
+
+/// The error of a connection refused by `max_connections` (mapped to
+/// [`MeshError::Overloaded`](crate::MeshError::Overloaded) by the cluster layer).
+#[derive(Debug, thiserror::Error)]
+#[error("max_connections limit of {max} reached")]
+pub struct ConnectionLimitReached {
+    /// The limit.
+    pub max: u32,
 }
 
 impl MeshStream {
     /// The server's certificate chain, for TLS connections.
     pub fn peer_certificates(&self) -> Option<&[rustls_pki_types::CertificateDer<'static>]> {
-        match self {
-            Self::Tls(t) => t.inner().get_ref().1.peer_certificates(),
-            Self::Plain(_) => None,
+        match &self.io {
+            Io::Tls(t) => t.inner().get_ref().1.peer_certificates(),
+            Io::Plain(_) => None,
         }
     }
 }
 
 impl Connection for MeshStream {
     fn connected(&self) -> Connected {
-        match self {
-            Self::Plain(s) => s.connected(),
-            Self::Tls(t) => {
+        match &self.io {
+            Io::Plain(s) => s.connected(),
+            Io::Tls(t) => {
                 let (_, tls) = t.inner().get_ref();
                 let connected = Connected::new();
                 if tls.alpn_protocol() == Some(b"h2") {
@@ -75,9 +109,9 @@ impl Read for MeshStream {
         cx: &mut Context<'_>,
         buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -88,23 +122,23 @@ impl Write for MeshStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s) => Pin::new(s).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -125,6 +159,7 @@ pub struct MeshConnector {
     tls: Option<tokio_rustls::TlsConnector>,
     handshake_timeout: Duration,
     sni: Option<ServerName<'static>>,
+    limit: Option<ConnectionLimit>,
 }
 
 impl MeshConnector {
@@ -144,7 +179,15 @@ impl MeshConnector {
             tls: tls.map(tokio_rustls::TlsConnector::from),
             handshake_timeout: connect_timeout,
             sni: sni.and_then(|s| ServerName::try_from(s).ok()),
+            limit: None,
         }
+    }
+
+    /// Counts connections against `limit`; over it, connecting fails at once with
+    /// [`ConnectionLimitReached`].
+    pub fn with_limit(mut self, limit: ConnectionLimit) -> Self {
+        self.limit = Some(limit);
+        self
     }
 }
 
@@ -184,10 +227,28 @@ impl Service<Uri> for MeshConnector {
         let tls = self.tls.clone();
         let timeout = self.handshake_timeout;
         let sni = self.sni.clone();
+        let guard = match &self.limit {
+            None => None,
+            Some(limit) => {
+                let max = limit.max.load(Ordering::Acquire);
+                // Correctness: take the slot first, check second, so racing connects cannot
+                // all pass.
+                if limit.open.fetch_add(1, Ordering::AcqRel) >= max {
+                    limit.open.fetch_sub(1, Ordering::AcqRel);
+                    return Box::pin(async move {
+                        Err(Box::new(ConnectionLimitReached { max }) as BoxError)
+                    });
+                }
+                Some(ConnectionGuard(limit.open.clone()))
+            }
+        };
         Box::pin(async move {
             let tcp = connecting.await?.into_inner();
             let Some(tls) = tls else {
-                return Ok(MeshStream::Plain(TokioIo::new(tcp)));
+                return Ok(MeshStream {
+                    io: Io::Plain(TokioIo::new(tcp)),
+                    _guard: guard,
+                });
             };
             let name = match sni {
                 Some(n) => n,
@@ -200,7 +261,10 @@ impl Service<Uri> for MeshConnector {
             let stream = tokio::time::timeout(timeout, tls.connect(name, tcp))
                 .await
                 .map_err(|_| format!("TLS handshake with {host} timed out after {timeout:?}"))??;
-            Ok(MeshStream::Tls(TokioIo::new(stream)))
+            Ok(MeshStream {
+                io: Io::Tls(TokioIo::new(stream)),
+                _guard: guard,
+            })
         })
     }
 }
