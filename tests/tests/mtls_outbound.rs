@@ -37,6 +37,11 @@ fn identity(ca: &DevCa, sa: &str) -> IdentityStore {
 /// A TLS backend (HTTP/1.1 and HTTP/2 by ALPN) that requires a client certificate and
 /// answers with the client's SPIFFE ID and the HTTP version.
 async fn tls_backend(id: IdentityStore) -> u16 {
+    tls_backend_slow_handshake(id, Duration::ZERO).await
+}
+
+/// As [`tls_backend`], waiting `delay` after accepting TCP before the TLS handshake.
+async fn tls_backend_slow_handshake(id: IdentityStore, delay: Duration) -> u16 {
     let config = server_config(&id, true, vec![b"h2".to_vec(), b"http/1.1".to_vec()]).unwrap();
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -48,6 +53,7 @@ async fn tls_backend(id: IdentityStore) -> u16 {
             };
             let acceptor = acceptor.clone();
             tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
                 };
@@ -191,4 +197,37 @@ async fn no_identity_no_plaintext_fallback() {
             .contains("requires mTLS but the client has no workload identity"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_pending_requests_bounds_requests_waiting_for_a_connection() {
+    let ca = DevCa::new("cluster.local").unwrap();
+    // Handshakes take 300 ms: requests wait for their connections that long.
+    let port =
+        tls_backend_slow_handshake(identity(&ca, "backend"), Duration::from_millis(300)).await;
+    // HTTP/1.1: each waiting request sets up its own connection (HTTP/2 requests share one).
+    let yaml = yaml(port, "backend").replace("protocol: HTTP2", "protocol: HTTP").replace(
+        "    tls: {mode: ISTIO_MUTUAL}\n",
+        "    tls: {mode: ISTIO_MUTUAL}\n    connectionPool: {http: {http1MaxPendingRequests: 1}}\n",
+    );
+    let addr = serve(&yaml).await;
+    let (mesh, _xds) = client(addr, Some(identity(&ca, "frontend"))).await;
+    let results = futures::future::join_all((0..5).map(|_| get(&mesh))).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let pending_refused = results
+        .iter()
+        .filter(|r| match r {
+            Err(e) => matches!(
+                e.downcast_ref::<MeshError>(),
+                Some(MeshError::Overloaded {
+                    limit: "max_pending_requests",
+                    max: 1,
+                    ..
+                })
+            ),
+            _ => false,
+        })
+        .count();
+    println!("max_pending_requests=1, 5 requests during a slow handshake: {ok} served, {pending_refused} failed fast");
+    assert_eq!((ok, pending_refused), (1, 4), "{results:?}");
 }

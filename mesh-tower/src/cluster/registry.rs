@@ -229,6 +229,10 @@ impl ClusterRuntime {
             cluster.circuit_breakers.default.max_connections,
             Ordering::Release,
         );
+        limit.max_pending.store(
+            cluster.circuit_breakers.default.max_pending_requests,
+            Ordering::Release,
+        );
         let connector = connector.with_limit(limit.clone());
         Self {
             name: cluster.name.clone(),
@@ -600,6 +604,10 @@ impl ClusterRuntime {
         self.rings.store(Arc::new(rings));
         self.connections.max.store(
             cluster.circuit_breakers.default.max_connections,
+            Ordering::Release,
+        );
+        self.connections.max_pending.store(
+            cluster.circuit_breakers.default.max_pending_requests,
             Ordering::Release,
         );
         self.levels.store(Arc::new(levels));

@@ -108,7 +108,8 @@ impl Future for ResponseFuture {
                 }
                 let endpoint = &ep.address;
                 if let Err(e) = &out {
-                    // A connection refused by max_connections is the breaker, not the endpoint.
+                    // A connection refused by max_connections / max_pending_requests is the breaker, not
+                    // the endpoint.
                     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
                     while let Some(err) = source {
                         if let Some(limit) =
@@ -117,7 +118,7 @@ impl Future for ResponseFuture {
                             runtime.count_overflow();
                             return Poll::Ready(Err(MeshError::Overloaded {
                                 cluster: cluster.to_string(),
-                                limit: "max_connections",
+                                limit: limit.limit,
                                 max: limit.max,
                             }
                             .into()));

@@ -58,21 +58,30 @@ impl Drop for ConnectionGuard {
     }
 }
 
-/// A cluster's connection limit: open connections and the maximum (updated with the config).
+/// A cluster's connection limits (updated with the config): open connections against
+/// `max_connections`, and requests waiting for a connection to be set up against
+/// `max_pending_requests` (requests never wait in a queue otherwise: over `max_connections`
+/// they fail fast).
 #[derive(Clone, Debug, Default)]
 pub struct ConnectionLimit {
     /// Connections open now.
     pub open: Arc<AtomicU32>,
     /// `max_connections`.
     pub max: Arc<AtomicU32>,
+    /// Connections being set up now (each for a request waiting on it).
+    pub connecting: Arc<AtomicU32>,
+    /// `max_pending_requests`.
+    pub max_pending: Arc<AtomicU32>,
 }
 
-/// The error of a connection refused by `max_connections` (mapped to
-/// [`MeshError::Overloaded`](crate::MeshError::Overloaded) by the cluster layer).
+/// The error of a connection refused by `max_connections` or `max_pending_requests` (mapped
+/// to [`MeshError::Overloaded`](crate::MeshError::Overloaded) by the cluster layer).
 #[derive(Debug, thiserror::Error)]
-#[error("max_connections limit of {max} reached")]
+#[error("{limit} limit of {max} reached")]
 pub struct ConnectionLimitReached {
-    /// The limit.
+    /// Which threshold.
+    pub limit: &'static str,
+    /// Its value.
     pub max: u32,
 }
 
@@ -227,22 +236,34 @@ impl Service<Uri> for MeshConnector {
         let tls = self.tls.clone();
         let timeout = self.handshake_timeout;
         let sni = self.sni.clone();
-        let guard = match &self.limit {
-            None => None,
+        let (guard, setting_up) = match &self.limit {
+            None => (None, None),
             Some(limit) => {
+                let refuse = |limit: &'static str, max: u32| -> Self::Future {
+                    Box::pin(async move {
+                        Err(Box::new(ConnectionLimitReached { limit, max }) as BoxError)
+                    })
+                };
+                // Correctness: take each slot first and check second, so racing connects
+                // cannot all pass.
                 let max = limit.max.load(Ordering::Acquire);
-                // Correctness: take the slot first, check second, so racing connects cannot
-                // all pass.
                 if limit.open.fetch_add(1, Ordering::AcqRel) >= max {
                     limit.open.fetch_sub(1, Ordering::AcqRel);
-                    return Box::pin(async move {
-                        Err(Box::new(ConnectionLimitReached { max }) as BoxError)
-                    });
+                    return refuse("max_connections", max);
                 }
-                Some(ConnectionGuard(limit.open.clone()))
+                let open = ConnectionGuard(limit.open.clone());
+                let max_pending = limit.max_pending.load(Ordering::Acquire);
+                if limit.connecting.fetch_add(1, Ordering::AcqRel) >= max_pending {
+                    limit.connecting.fetch_sub(1, Ordering::AcqRel);
+                    drop(open);
+                    return refuse("max_pending_requests", max_pending);
+                }
+                (Some(open), Some(ConnectionGuard(limit.connecting.clone())))
             }
         };
         Box::pin(async move {
+            // The request stops pending once its connection is up (or failed).
+            let _setting_up = setting_up;
             let tcp = connecting.await?.into_inner();
             let Some(tls) = tls else {
                 return Ok(MeshStream {
