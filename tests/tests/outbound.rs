@@ -1020,3 +1020,167 @@ async fn max_connections_fails_fast_and_caps_connections() {
     assert_eq!(rt.overflows(), refused as u64);
     assert!(rt.open_connections() <= 2);
 }
+
+/// A backend answering with its name, the path it saw and an optional header.
+async fn echo_backend(name: &'static str) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| async move {
+                        let tag = req
+                            .headers()
+                            .get("x-mesh")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned();
+                        let host = req
+                            .headers()
+                            .get("host")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned();
+                        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(format!(
+                            "{name} {} {tag} {host}",
+                            req.uri().path_and_query().map_or("/", |p| p.as_str())
+                        )))))
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_and_path_routing_with_rewrites() {
+    use mesh_control::istio::{self, Options};
+    let (a, b, c) = (
+        echo_backend("stable").await.port(),
+        echo_backend("canary").await.port(),
+        echo_backend("api").await.port(),
+    );
+    // Istio YAML: /api/ goes to the api service with a prefix rewrite and a header; requests
+    // with x-canary go to the canary subset; the rest to stable.
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: web, namespace: prod}}
+spec:
+  hosts: [web.prod.svc.cluster.local]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {a}}}, labels: {{version: stable}}}}
+  - {{address: 127.0.0.1, ports: {{http: {b}}}, labels: {{version: canary}}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: api, namespace: prod}}
+spec:
+  hosts: [api.prod.svc.cluster.local]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {c}}}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: web, namespace: prod}}
+spec:
+  host: web.prod.svc.cluster.local
+  trafficPolicy: {{tls: {{mode: DISABLE}}}}
+  subsets:
+  - {{name: stable, labels: {{version: stable}}}}
+  - {{name: canary, labels: {{version: canary}}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: api, namespace: prod}}
+spec:
+  host: api.prod.svc.cluster.local
+  trafficPolicy: {{tls: {{mode: DISABLE}}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: web, namespace: prod}}
+spec:
+  hosts: [web.prod.svc.cluster.local]
+  http:
+  - match: [{{uri: {{prefix: /api/}}}}]
+    rewrite: {{uri: /v2/, authority: api.internal}}
+    headers: {{request: {{set: {{x-mesh: rewritten}}}}}}
+    route: [{{destination: {{host: api.prod.svc.cluster.local}}}}]
+  - match: [{{headers: {{x-canary: {{exact: "yes"}}}}}}]
+    route: [{{destination: {{host: web.prod.svc.cluster.local, subset: canary}}}}]
+  - route: [{{destination: {{host: web.prod.svc.cluster.local, subset: stable}}}}]
+"#
+    );
+    let generated = istio::generate(
+        &istio::parse(&yaml, "web.yaml").unwrap(),
+        &Options::default(),
+    )
+    .unwrap();
+    let cache = ResourceCache::new();
+    cache.set_resources(generated.resources);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let xds_addr = listener.local_addr().unwrap();
+    tokio::spawn(AdsServer::new(cache).serve(listener, std::future::pending()));
+    let xds = XdsClient::builder(Bootstrap::new(xds_addr.to_string(), "web-client"))
+        .build()
+        .unwrap();
+    let target = "xds:///web.prod.svc.cluster.local:80";
+    xds.listener(target, PATIENCE).await.unwrap();
+    xds.store()
+        .wait_for(PATIENCE, |s| {
+            [
+                "outbound|80|stable|web.prod.svc.cluster.local",
+                "outbound|80|canary|web.prod.svc.cluster.local",
+                "outbound|80||api.prod.svc.cluster.local",
+            ]
+            .iter()
+            .all(|c| s.endpoints_for_cluster(c).is_some())
+        })
+        .await
+        .unwrap();
+    let client = MeshClient::builder(xds.store().clone())
+        .target(target)
+        .unwrap()
+        .build();
+    let call = |path: &'static str, canary: bool| {
+        let client = client.clone();
+        async move {
+            let mut req = http::Request::get(format!("http://web.prod.svc.cluster.local{path}"));
+            if canary {
+                req = req.header("x-canary", "yes");
+            }
+            let resp = client
+                .oneshot(req.body(Empty::<Bytes>::new()).unwrap())
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes())
+                .into_owned()
+        }
+    };
+    assert_eq!(
+        call("/index.html?x=1", false).await,
+        "stable /index.html?x=1 - web.prod.svc.cluster.local"
+    );
+    assert_eq!(
+        call("/index.html", true).await,
+        "canary /index.html - web.prod.svc.cluster.local"
+    );
+    assert_eq!(
+        call("/api/users?id=7", true).await,
+        "api /v2/users?id=7 rewritten api.internal",
+        "path first, then rewrites"
+    );
+}
