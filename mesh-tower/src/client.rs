@@ -16,6 +16,7 @@ use tower::{Layer, Service};
 use crate::cluster::{ClusterRegistry, ClusterService, MeshBody};
 use crate::error::{BoxError, MeshError};
 use crate::fault::{Fault, FaultLayer};
+use crate::metrics::{Direction, Metrics, MetricsLayer, MetricsService};
 use crate::retry::{Retry, RetryLayer};
 use crate::route::{Route, RouteLayer};
 use crate::timeout::{Timeout, TimeoutLayer};
@@ -43,7 +44,8 @@ use crate::timeout::{Timeout, TimeoutLayer};
 /// ```
 #[derive(Clone, Debug)]
 pub struct MeshClient {
-    inner: Route<Fault<Timeout<Retry<ClusterService>>>>,
+    inner: Route<MetricsService<Fault<Timeout<Retry<ClusterService>>>>>,
+    metrics: Metrics,
 }
 
 /// Configures a [`MeshClient`].
@@ -54,6 +56,7 @@ pub struct MeshClientBuilder {
     registry: Option<Arc<ClusterRegistry>>,
     peak_ewma: bool,
     identity: Option<mesh_core::identity::IdentityStore>,
+    metrics: Option<Metrics>,
 }
 
 impl MeshClientBuilder {
@@ -61,6 +64,12 @@ impl MeshClientBuilder {
     /// require TLS refuse requests with [`MeshError::Tls`]; there is no plaintext fallback.
     pub fn identity(mut self, identity: mesh_core::identity::IdentityStore) -> Self {
         self.identity = Some(identity);
+        self
+    }
+
+    /// Records into `metrics` (shared with other clients and the admin endpoint).
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -93,17 +102,26 @@ impl MeshClientBuilder {
         let listener = self
             .listener
             .expect("MeshClient needs a target: call .target(\"xds:///name\")");
+        let metrics = self.metrics.unwrap_or_default();
         let registry = self.registry.unwrap_or_else(|| {
-            ClusterRegistry::with_identity(self.store.clone(), self.identity.clone())
+            ClusterRegistry::build(
+                self.store.clone(),
+                self.identity.clone(),
+                Some(metrics.clone()),
+            )
         });
         let cluster =
             ClusterService::new(registry.clone()).with_picker(crate::cluster::balance::ByConfig {
                 peak_ewma: self.peak_ewma,
             });
-        let retry = RetryLayer::new(registry).layer(cluster);
+        let retry = RetryLayer::new(registry)
+            .metrics(metrics.clone())
+            .layer(cluster);
         let timeout = TimeoutLayer::new().layer(retry);
-        let inner = RouteLayer::new(self.store, listener).layer(FaultLayer::new().layer(timeout));
-        MeshClient { inner }
+        let fault = FaultLayer::new().layer(timeout);
+        let measured = MetricsLayer::new(metrics.clone(), Direction::Outbound).layer(fault);
+        let inner = RouteLayer::new(self.store, listener).layer(measured);
+        MeshClient { inner, metrics }
     }
 }
 
@@ -116,12 +134,19 @@ impl MeshClient {
             registry: None,
             peak_ewma: false,
             identity: None,
+            metrics: None,
         }
+    }
+
+    /// The golden-signal metrics of this client (serve them with [`crate::admin`]).
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// The cluster registry (for inspection: per-cluster counters, endpoints).
     pub fn registry(&self) -> &Arc<ClusterRegistry> {
         self.inner
+            .get_ref()
             .get_ref()
             .get_ref()
             .get_ref()
@@ -139,10 +164,12 @@ pin_project! {
     pub struct ResponseFuture {
         #[pin]
         inner: crate::route::ResponseFuture<
-            crate::fault::ResponseFuture<
-                Timeout<Retry<ClusterService>>,
-                MeshBody,
-                crate::timeout::ResponseFuture<crate::retry::ResponseFuture<ClusterService, crate::cluster::ResponseFuture>>,
+            crate::metrics::ResponseFuture<
+                crate::fault::ResponseFuture<
+                    Timeout<Retry<ClusterService>>,
+                    MeshBody,
+                    crate::timeout::ResponseFuture<crate::retry::ResponseFuture<ClusterService, crate::cluster::ResponseFuture>>,
+                >,
             >,
         >,
     }

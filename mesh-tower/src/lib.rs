@@ -21,11 +21,13 @@
     unreachable_pub
 )]
 
+pub mod admin;
 pub mod authz;
 mod client;
 pub mod cluster;
 mod error;
 pub mod fault;
+pub mod metrics;
 pub mod retry;
 pub mod route;
 pub mod server;

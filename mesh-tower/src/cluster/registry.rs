@@ -114,6 +114,7 @@ pub struct ClusterRuntime {
     tls_error: Option<String>,
     /// Open connections and `max_connections`.
     connections: crate::tls::ConnectionLimit,
+    metrics: Option<crate::metrics::Metrics>,
     protocol: UpstreamProtocol,
     tls: Option<mesh_core::config::UpstreamTls>,
     pub(crate) rr: AtomicUsize,
@@ -213,7 +214,11 @@ fn client_for(cluster: &Cluster, connector: MeshConnector) -> Client<MeshConnect
 }
 
 impl ClusterRuntime {
-    fn new(cluster: Arc<Cluster>, identity: Option<&IdentityStore>) -> Self {
+    fn new(
+        cluster: Arc<Cluster>,
+        identity: Option<&IdentityStore>,
+        metrics: Option<crate::metrics::Metrics>,
+    ) -> Self {
         let (connector, tls_error) = match connector_for(&cluster, identity) {
             Ok(c) => (c, None),
             Err(e) => {
@@ -238,6 +243,7 @@ impl ClusterRuntime {
             name: cluster.name.clone(),
             client: client_for(&cluster, connector),
             connections: limit,
+            metrics,
             tls_error,
             protocol: cluster.protocol,
             tls: cluster.tls.clone(),
@@ -451,6 +457,9 @@ impl ClusterRuntime {
         }
         let stats = &endpoint.stats;
         let n = stats.ejections.fetch_add(1, Ordering::AcqRel) + 1;
+        if let Some(m) = &self.metrics {
+            m.counters().ejections.fetch_add(1, Ordering::Relaxed);
+        }
         let time = od
             .base_ejection_time
             .saturating_mul(n)
@@ -622,6 +631,7 @@ pub struct ClusterRegistry {
     clusters: ArcSwap<HashMap<String, Arc<ClusterRuntime>>>,
     store: ConfigStore,
     identity: Option<IdentityStore>,
+    metrics: Option<crate::metrics::Metrics>,
     /// Serializes writers (the sync task and on-demand creation).
     write: Mutex<()>,
     /// The snapshot generation last applied.
@@ -643,10 +653,23 @@ impl ClusterRegistry {
     /// # Panics
     /// Outside a tokio runtime.
     pub fn with_identity(store: ConfigStore, identity: Option<IdentityStore>) -> Arc<Self> {
+        Self::build(store, identity, None)
+    }
+
+    /// A registry with a workload identity for TLS clusters and metrics for outlier ejections.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime.
+    pub fn build(
+        store: ConfigStore,
+        identity: Option<IdentityStore>,
+        metrics: Option<crate::metrics::Metrics>,
+    ) -> Arc<Self> {
         let registry = Arc::new(Self {
             clusters: ArcSwap::from_pointee(HashMap::new()),
             store: store.clone(),
             identity,
+            metrics,
             write: Mutex::new(()),
             generation: AtomicU64::new(0),
         });
@@ -691,7 +714,11 @@ impl ClusterRegistry {
                 // A change of protocol or TLS settings needs a new pool; everything else updates
                 // in place.
                 Some(rt) if rt.protocol == cluster.protocol && rt.tls == cluster.tls => rt.clone(),
-                _ => Arc::new(ClusterRuntime::new(cluster.clone(), self.identity.as_ref())),
+                _ => Arc::new(ClusterRuntime::new(
+                    cluster.clone(),
+                    self.identity.as_ref(),
+                    self.metrics.clone(),
+                )),
             };
             let cla = snapshot.endpoints_for_cluster(name);
             runtime.update(cluster.clone(), cla.as_deref());

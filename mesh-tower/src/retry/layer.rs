@@ -10,6 +10,7 @@ use crate::cluster::ClusterRegistry;
 pub struct RetryLayer {
     registry: Arc<ClusterRegistry>,
     max_buffer: usize,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl RetryLayer {
@@ -18,7 +19,14 @@ impl RetryLayer {
         Self {
             registry,
             max_buffer: 64 * 1024,
+            metrics: None,
         }
+    }
+
+    /// Counts retries into `metrics`.
+    pub fn metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The largest request body kept for replay (default 64 KiB); larger bodies are sent
@@ -37,6 +45,7 @@ impl<S> Layer<S> for RetryLayer {
             inner,
             registry: self.registry.clone(),
             max_buffer: self.max_buffer,
+            metrics: self.metrics.clone(),
         }
     }
 }

@@ -24,6 +24,7 @@ pub struct Retry<S> {
     pub(super) inner: S,
     pub(super) registry: Arc<ClusterRegistry>,
     pub(super) max_buffer: usize,
+    pub(super) metrics: Option<crate::metrics::Metrics>,
 }
 
 impl<S> Retry<S> {
@@ -55,6 +56,7 @@ struct Ctx<S> {
     attempt: Attempt,
     cluster: Option<Arc<ClusterRuntime>>,
     retry_guard: Option<RetryGuard>,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 pin_project! {
@@ -250,6 +252,11 @@ where
                         Some(g) => {
                             tracing::debug!(attempt = ctx.attempt.number + 1, ?reason, "retrying");
                             ctx.retry_guard = Some(g);
+                            if let Some(m) = &ctx.metrics {
+                                m.counters()
+                                    .retries
+                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
                             ctx.attempt.number += 1;
                             let wait = backoff(&ctx.policy, ctx.attempt.number - 1);
                             this.state.set(State::Backoff {
@@ -346,6 +353,7 @@ where
                         attempt: Attempt::default(),
                         cluster: None,
                         retry_guard: None,
+                        metrics: None,
                     })),
                 };
             }
@@ -370,6 +378,7 @@ where
             attempt,
             cluster,
             retry_guard: None,
+            metrics: self.metrics.clone(),
         });
         let state = if too_large {
             ctx.policy.num_retries = 0;

@@ -1,0 +1,446 @@
+//! Golden-signal metrics for both directions: requests by outcome, latency histogram,
+//! in-flight gauge, labelled by direction, route and cluster (each label can be turned off
+//! to bound cardinality; never raw paths or peer addresses).
+//!
+//! Recording is lock-free and allocation-free for label sets already seen: series live in an
+//! `ArcSwap`ped two-level map looked up by `&str`, and every value is an atomic. A new label
+//! set takes a lock once. Exposition uses prometheus-client's encoder (OpenMetrics text).
+//!
+//! # Example
+//!
+//! ```
+//! use mesh_tower::metrics::{Direction, Metrics, MetricsLayer};
+//! use tower::ServiceBuilder;
+//!
+//! let metrics = Metrics::default();
+//! let svc = ServiceBuilder::new()
+//!     .layer(MetricsLayer::new(metrics.clone(), Direction::Inbound))
+//!     .service_fn(|_req: http::Request<()>| async {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(()))
+//!     });
+//! # drop(svc);
+//! println!("{}", metrics.render());
+//! ```
+
+mod layer;
+
+pub use layer::{MetricsLayer, MetricsService, ResponseFuture};
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
+/// Which side of the service a request is on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Requests the service makes.
+    Outbound,
+    /// Requests the service serves.
+    Inbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
+}
+
+/// Which labels to keep (all on by default).
+#[derive(Clone, Copy, Debug)]
+pub struct LabelConfig {
+    /// The route name.
+    pub route: bool,
+    /// The cluster (service and subset).
+    pub cluster: bool,
+}
+
+impl Default for LabelConfig {
+    fn default() -> Self {
+        Self {
+            route: true,
+            cluster: true,
+        }
+    }
+}
+
+/// How a request ended, for the outcome label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// An HTTP status (its class is the label: `2xx`...).
+    Http(u16),
+    /// A gRPC status code (the label is its name).
+    Grpc(u32),
+    /// No response: connection failure, timeout, refusal by a breaker.
+    Error,
+}
+
+const GRPC_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+const HTTP_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+/// HTTP classes, gRPC codes, error.
+const OUTCOMES: usize = 5 + 17 + 1;
+
+impl Outcome {
+    fn index(self) -> usize {
+        match self {
+            Self::Http(s) => (usize::from(s / 100).clamp(1, 5)) - 1,
+            Self::Grpc(c) => 5 + (c as usize).min(16),
+            Self::Error => OUTCOMES - 1,
+        }
+    }
+
+    fn label(i: usize) -> &'static str {
+        if i < 5 {
+            HTTP_CLASSES[i]
+        } else if i < 22 {
+            GRPC_NAMES[i - 5]
+        } else {
+            "error"
+        }
+    }
+
+    /// Whether it counts as a success for the success rate (not 5xx, not a gRPC server
+    /// error, not a local error).
+    pub fn is_success(self) -> bool {
+        match self {
+            Self::Http(s) => s < 500,
+            Self::Grpc(c) => !matches!(c, 2 | 4 | 8 | 13 | 14 | 15),
+            Self::Error => false,
+        }
+    }
+}
+
+/// Latency buckets in seconds: 100 µs to 10 s, roughly ×2.5 apart.
+pub const BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// One label set's values.
+#[derive(Debug, Default)]
+pub struct Series {
+    outcomes: [AtomicU64; OUTCOMES],
+    buckets: [AtomicU64; BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+    in_flight: AtomicI64,
+}
+
+impl Series {
+    /// Records a finished request.
+    pub fn record(&self, outcome: Outcome, latency: Duration) {
+        self.outcomes[outcome.index()].fetch_add(1, Ordering::Relaxed);
+        let secs = latency.as_secs_f64();
+        let bucket = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(
+            latency.as_nanos().min(u128::from(u64::MAX)) as u64,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Requests by outcome label.
+    pub fn outcomes(&self) -> Vec<(&'static str, u64)> {
+        self.outcomes
+            .iter()
+            .enumerate()
+            .map(|(i, v)| (Outcome::label(i), v.load(Ordering::Relaxed)))
+            .filter(|(_, v)| *v > 0)
+            .collect()
+    }
+
+    /// All requests recorded.
+    pub fn total(&self) -> u64 {
+        self.outcomes
+            .iter()
+            .map(|v| v.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// Successes (see [`Outcome::is_success`]).
+    pub fn successes(&self) -> u64 {
+        let http_ok: u64 = self.outcomes[..4]
+            .iter()
+            .map(|v| v.load(Ordering::Relaxed))
+            .sum();
+        let grpc_ok: u64 = (0..17)
+            .filter(|c| Outcome::Grpc(*c).is_success())
+            .map(|c| self.outcomes[5 + c as usize].load(Ordering::Relaxed))
+            .sum();
+        http_ok + grpc_ok
+    }
+
+    /// Requests in flight now.
+    pub fn in_flight(&self) -> i64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The latency below which `q` (0..=1) of requests fell, from the histogram (the upper
+    /// bound of the bucket holding that rank).
+    pub fn quantile(&self, q: f64) -> Option<Duration> {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(Duration::from_secs_f64(
+                    *BUCKETS.get(i).unwrap_or(&BUCKETS[BUCKETS.len() - 1]),
+                ));
+            }
+        }
+        None
+    }
+}
+
+type RouteMap = HashMap<Arc<str>, Arc<Series>>;
+type ClusterMap = HashMap<Arc<str>, RouteMap>;
+
+#[derive(Debug)]
+struct Inner {
+    labels: LabelConfig,
+    series: [ArcSwap<ClusterMap>; 2],
+    write: Mutex<()>,
+    counters: Counters,
+}
+
+/// Event counters that are not per request.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Retries sent.
+    pub retries: AtomicU64,
+    /// Requests refused by circuit breakers.
+    pub overflows: AtomicU64,
+    /// Outlier ejections.
+    pub ejections: AtomicU64,
+    /// Faults injected.
+    pub faults: AtomicU64,
+    /// TLS handshakes that failed.
+    pub tls_failures: AtomicU64,
+    /// xDS updates applied.
+    pub xds_updates: AtomicU64,
+    /// xDS responses rejected.
+    pub xds_nacks: AtomicU64,
+}
+
+/// The metrics of a service: cheap to clone, shared by its layers and its admin endpoint.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new(LabelConfig::default())
+    }
+}
+
+impl Metrics {
+    /// Metrics with the given labels.
+    pub fn new(labels: LabelConfig) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                labels,
+                series: [
+                    ArcSwap::from_pointee(HashMap::new()),
+                    ArcSwap::from_pointee(HashMap::new()),
+                ],
+                write: Mutex::new(()),
+                counters: Counters::default(),
+            }),
+        }
+    }
+
+    /// Event counters.
+    pub fn counters(&self) -> &Counters {
+        &self.inner.counters
+    }
+
+    /// The series of a label set (created on first use). Allocation-free and lock-free when
+    /// it exists.
+    pub fn series(&self, direction: Direction, route: &str, cluster: &str) -> Arc<Series> {
+        let route = if self.inner.labels.route { route } else { "" };
+        let cluster = if self.inner.labels.cluster {
+            cluster
+        } else {
+            ""
+        };
+        let map = &self.inner.series[direction as usize];
+        if let Some(s) = map.load().get(cluster).and_then(|r| r.get(route)) {
+            return s.clone();
+        }
+        let _w = self.inner.write.lock().expect("metrics write lock");
+        let mut next = (**map.load()).clone();
+        let series = next
+            .entry(Arc::from(cluster))
+            .or_default()
+            .entry(Arc::from(route))
+            .or_default()
+            .clone();
+        map.store(Arc::new(next));
+        series
+    }
+
+    /// Every series of a direction: (cluster, route, series).
+    pub fn all(&self, direction: Direction) -> Vec<(String, String, Arc<Series>)> {
+        let map = self.inner.series[direction as usize].load();
+        let mut out: Vec<_> = map
+            .iter()
+            .flat_map(|(c, routes)| {
+                routes
+                    .iter()
+                    .map(move |(r, s)| (c.to_string(), r.to_string(), s.clone()))
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
+    }
+
+    /// Prometheus / OpenMetrics text.
+    pub fn render(&self) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(self.clone()));
+        let mut out = String::new();
+        // Correctness: encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
+impl prometheus_client::collector::Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let series: Vec<(Direction, String, String, Arc<Series>)> =
+            [Direction::Outbound, Direction::Inbound]
+                .into_iter()
+                .flat_map(|d| self.all(d).into_iter().map(move |(c, r, s)| (d, c, r, s)))
+                .collect();
+        {
+            let mut m = encoder.encode_descriptor(
+                "mesh_requests",
+                "Requests by outcome (HTTP status class or gRPC status).",
+                None,
+                MetricType::Counter,
+            )?;
+            for (d, c, r, s) in &series {
+                for (outcome, v) in s.outcomes() {
+                    let labels = [
+                        ("direction", d.as_str()),
+                        ("route", r.as_str()),
+                        ("cluster", c.as_str()),
+                        ("outcome", outcome),
+                    ];
+                    ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+                }
+            }
+        }
+        {
+            let mut m = encoder.encode_descriptor(
+                "mesh_request_duration_seconds",
+                "Request latency.",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (d, c, r, s) in &series {
+                let labels = [
+                    ("direction", d.as_str()),
+                    ("route", r.as_str()),
+                    ("cluster", c.as_str()),
+                ];
+                let mut cumulative = 0;
+                let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
+                for (i, b) in s.buckets.iter().enumerate() {
+                    cumulative += b.load(Ordering::Relaxed);
+                    buckets.push((BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), cumulative));
+                }
+                let sum = s.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+                m.encode_family(&labels)?
+                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                        sum, cumulative, &buckets, None,
+                    )?;
+            }
+        }
+        {
+            let mut m = encoder.encode_descriptor(
+                "mesh_requests_in_flight",
+                "Requests in flight.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (d, c, r, s) in &series {
+                let labels = [
+                    ("direction", d.as_str()),
+                    ("route", r.as_str()),
+                    ("cluster", c.as_str()),
+                ];
+                ConstGauge::new(s.in_flight()).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        let c = &self.inner.counters;
+        for (name, help, v) in [
+            ("mesh_retries", "Retries sent.", &c.retries),
+            (
+                "mesh_breaker_overflows",
+                "Requests refused by circuit breakers.",
+                &c.overflows,
+            ),
+            (
+                "mesh_outlier_ejections",
+                "Endpoints ejected by outlier detection.",
+                &c.ejections,
+            ),
+            ("mesh_faults_injected", "Faults injected.", &c.faults),
+            (
+                "mesh_tls_handshake_failures",
+                "TLS handshakes that failed.",
+                &c.tls_failures,
+            ),
+            ("mesh_xds_updates", "xDS updates applied.", &c.xds_updates),
+            ("mesh_xds_nacks", "xDS responses rejected.", &c.xds_nacks),
+        ] {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(v.load(Ordering::Relaxed)).encode(m)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,313 @@
+//! Golden signals and the admin endpoint, through real traffic configured from Istio YAML:
+//! a known mix of successes, 5xx with retries, and breaker overflows.
+
+mod support;
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use mesh_control::ads::{AdsServer, ResourceCache};
+use mesh_control::istio::{self, Options};
+use mesh_core::xds::{Bootstrap, XdsClient};
+use mesh_core::ConfigStore;
+use mesh_tower::metrics::Metrics;
+use mesh_tower::MeshClient;
+use tower::ServiceExt;
+
+async fn backend(status: u16, delay: Duration) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(
+                    move |_req: http::Request<hyper::body::Incoming>| async move {
+                        tokio::time::sleep(delay).await;
+                        let mut r = http::Response::new(Full::new(Bytes::from_static(b"x")));
+                        *r.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, Infallible>(r)
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+fn service(name: &str, port: u16, vs_http: &str, pool: &str) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: {name}, namespace: prod}}
+spec:
+  hosts: [{name}.prod.svc.cluster.local]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: {name}, namespace: prod}}
+spec:
+  host: {name}.prod.svc.cluster.local
+  trafficPolicy: {{tls: {{mode: DISABLE}}{pool}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: {name}, namespace: prod}}
+spec:
+  hosts: [{name}.prod.svc.cluster.local]
+  http:
+  - name: {name}-route
+    {vs_http}
+    route: [{{destination: {{host: {name}.prod.svc.cluster.local}}}}]
+---
+"#
+    )
+}
+
+async fn send(client: &MeshClient, host: &str) -> Result<u16, String> {
+    let req = http::Request::get(format!("http://{host}/"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    match client.clone().oneshot(req).await {
+        Ok(resp) => {
+            let status = resp.status().as_u16();
+            let _ = resp.into_body().collect().await;
+            Ok(status)
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    let client = support::client();
+    support::get(&client, addr, "admin", path).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_signals_and_admin_endpoint() {
+    let ok = backend(200, Duration::ZERO).await;
+    let flaky = backend(503, Duration::ZERO).await;
+    let slow = backend(200, Duration::from_millis(200)).await;
+    let yaml = service("ok", ok, "retries: {attempts: 0}", "")
+        + &service("flaky", flaky, "retries: {attempts: 1, retryOn: 5xx}", "")
+        + &service(
+            "slow",
+            slow,
+            "retries: {attempts: 0}",
+            ", connectionPool: {http: {http2MaxRequests: 1}}",
+        );
+    let generated = istio::generate(
+        &istio::parse(&yaml, "mix.yaml").unwrap(),
+        &Options::default(),
+    )
+    .unwrap();
+    let cache = ResourceCache::new();
+    cache.set_resources(generated.resources.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let xds_addr = listener.local_addr().unwrap();
+    tokio::spawn(AdsServer::new(cache.clone()).serve(listener, std::future::pending()));
+
+    let xds = XdsClient::builder(Bootstrap::new(xds_addr.to_string(), "observed"))
+        .build()
+        .unwrap();
+    let store = xds.store().clone();
+    // The admin endpoint is up before any configuration: /ready says 503.
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = admin_listener.local_addr().unwrap();
+    let metrics = Metrics::default();
+    tokio::spawn(mesh_tower::admin::serve(
+        admin_listener,
+        metrics.clone(),
+        store.clone(),
+        std::future::pending(),
+    ));
+    assert_eq!(http_get(admin, "/ready").await.0, 503);
+
+    let mut clients = Vec::new();
+    for name in ["ok", "flaky", "slow"] {
+        let target = format!("xds:///{name}.prod.svc.cluster.local:80");
+        xds.listener(&target, Duration::from_secs(15))
+            .await
+            .unwrap();
+        store
+            .wait_for(Duration::from_secs(15), |s| {
+                s.endpoints_for_cluster(&format!("outbound|80||{name}.prod.svc.cluster.local"))
+                    .is_some()
+            })
+            .await
+            .unwrap();
+        clients.push(
+            MeshClient::builder(store.clone())
+                .target(&target)
+                .unwrap()
+                .metrics(metrics.clone())
+                .build(),
+        );
+    }
+    assert_eq!(http_get(admin, "/ready").await.0, 200);
+
+    for _ in 0..20 {
+        assert_eq!(
+            send(&clients[0], "ok.prod.svc.cluster.local").await,
+            Ok(200)
+        );
+    }
+    for _ in 0..10 {
+        assert_eq!(
+            send(&clients[1], "flaky.prod.svc.cluster.local").await,
+            Ok(503)
+        );
+    }
+    let slow_results =
+        futures::future::join_all((0..3).map(|_| send(&clients[2], "slow.prod.svc.cluster.local")))
+            .await;
+    assert_eq!(
+        slow_results.iter().filter(|r| **r == Ok(200)).count(),
+        1,
+        "{slow_results:?}"
+    );
+
+    // The signals, as /stats reports them.
+    let (status, body) = http_get(admin, "/stats").await;
+    assert_eq!(status, 200);
+    let stats: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let series = |cluster: &str| {
+        stats["series"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["cluster"] == cluster)
+            .cloned()
+            .unwrap_or_else(|| panic!("no series for {cluster}: {stats}"))
+    };
+    let ok_s = series("outbound|80||ok.prod.svc.cluster.local");
+    assert_eq!(
+        (ok_s["requests"].as_u64(), ok_s["success_rate"].as_f64()),
+        (Some(20), Some(1.0))
+    );
+    assert_eq!(ok_s["route"], "ok-route");
+    let flaky_s = series("outbound|80||flaky.prod.svc.cluster.local");
+    assert_eq!(
+        (
+            flaky_s["requests"].as_u64(),
+            flaky_s["outcomes"]["5xx"].as_u64()
+        ),
+        (Some(10), Some(10))
+    );
+    assert_eq!(flaky_s["success_rate"].as_f64(), Some(0.0));
+    let slow_s = series("outbound|80||slow.prod.svc.cluster.local");
+    assert_eq!(
+        (
+            slow_s["outcomes"]["2xx"].as_u64(),
+            slow_s["outcomes"]["error"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+    assert!(
+        slow_s["latency_ms"]["p99"].as_f64().unwrap() >= 100.0,
+        "{slow_s}"
+    );
+
+    // The same in Prometheus text, which parses and carries only bounded labels.
+    let (_, text) = http_get(admin, "/metrics").await;
+    let parsed = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let counter = |name: &str| {
+        parsed
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => -1.0,
+            })
+    };
+    assert_eq!(
+        counter("mesh_retries_total"),
+        Some(10.0),
+        "one retry per flaky request"
+    );
+    assert_eq!(counter("mesh_breaker_overflows_total"), Some(2.0));
+    for s in &parsed.samples {
+        for (k, _) in s.labels.iter() {
+            assert!(
+                ["direction", "route", "cluster", "outcome", "le"].contains(&k.as_str()),
+                "unbounded label {k}"
+            );
+        }
+    }
+
+    // /config_dump: every resource ACKED; then a bad push is NACKED with its error.
+    let (_, dump) = http_get(admin, "/config_dump").await;
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert!(
+        dump["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["status"] == "ACKED"),
+        "{dump}"
+    );
+    let mut bad = generated.resources.clone();
+    for any in bad
+        .iter_mut()
+        .filter(|a| a.type_url.ends_with("RouteConfiguration"))
+    {
+        use prost::Message;
+        let mut rc = envoy_types::pb::envoy::config::route::v3::RouteConfiguration::decode(
+            any.value.as_slice(),
+        )
+        .unwrap();
+        if rc.name.starts_with("ok.") {
+            rc.virtual_hosts[0].domains = vec!["a*b".into()];
+            any.value = rc.encode_to_vec();
+        }
+    }
+    cache.set_resources(bad);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let nacked = loop {
+        let (_, dump) = http_get(admin, "/config_dump").await;
+        let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+        if let Some(r) = dump["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["status"] == "NACKED")
+        {
+            break r.clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no NACK in /config_dump"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(nacked["name"], "ok.prod.svc.cluster.local:80");
+    let details = nacked["error_state"]["details"].as_str().unwrap();
+    assert!(details.contains("virtual_hosts[0].domains[0]"), "{details}");
+    assert!(
+        nacked["resource"]["virtual_hosts"].is_array(),
+        "the last good resource is still shown"
+    );
+    // Ready flips only with the first configuration: a fresh store is not ready.
+    let fresh = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fresh_addr = fresh.local_addr().unwrap();
+    tokio::spawn(mesh_tower::admin::serve(
+        fresh,
+        Metrics::default(),
+        ConfigStore::new(),
+        std::future::pending(),
+    ));
+    assert_eq!(http_get(fresh_addr, "/ready").await.0, 503);
+}
