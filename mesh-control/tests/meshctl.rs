@@ -152,3 +152,61 @@ fn certs_issue_spiffe_svids() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("\"no-slash\": expected NS/SA"));
 }
+
+#[test]
+fn stat_prints_success_rates_of_running_services() {
+    use mesh_tower::metrics::{Direction, Metrics, Outcome};
+    use std::time::Duration;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Two services with a known mix: 9 of 10 and 4 of 4 successful.
+    let (a, b) = rt.block_on(async {
+        let mut addrs = Vec::new();
+        for (ok, failed) in [(9u32, 1u32), (4, 0)] {
+            let m = Metrics::default();
+            let s = m.series(
+                Direction::Outbound,
+                "r",
+                &format!("outbound|80||svc{}.prod.svc.cluster.local", addrs.len()),
+            );
+            for _ in 0..ok {
+                s.record(Outcome::Http(200), Duration::from_millis(2));
+            }
+            for _ in 0..failed {
+                s.record(Outcome::Http(503), Duration::from_millis(2));
+            }
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addrs.push(l.local_addr().unwrap().to_string());
+            tokio::spawn(mesh_tower::admin::serve(
+                l,
+                m,
+                mesh_core::ConfigStore::new(),
+                std::future::pending(),
+            ));
+        }
+        (addrs[0].clone(), addrs[1].clone())
+    });
+    let out = meshctl()
+        .args(["stat", "--window", "100ms", &a, &b])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let row = |svc: &str| {
+        text.lines()
+            .find(|l| l.contains(svc))
+            .unwrap_or_else(|| panic!("{svc} missing:\n{text}"))
+            .to_owned()
+    };
+    assert!(row("svc0.prod").contains("90.00%"), "{text}");
+    assert!(row("svc1.prod").contains("100.00%"), "{text}");
+    assert!(text.lines().next().unwrap().contains("SUCCESS"), "{text}");
+    drop(rt);
+}

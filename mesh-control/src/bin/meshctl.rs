@@ -26,7 +26,10 @@ const USAGE: &str = "usage:
   meshctl dump     [--server ADDR] [--node ID]   the xDS resources a server sends a node, as JSON
   meshctl dump     --config PATH                 the xDS resources generated from YAML, as JSON
   meshctl certs    --out DIR [--trust-domain TD] [--hours N] NS/SA...
-                   a development CA: DIR/root-cert.pem and DIR/NS/SA/{cert-chain,key}.pem";
+                   a development CA: DIR/root-cert.pem and DIR/NS/SA/{cert-chain,key}.pem
+  meshctl stat     [--window DUR] [--watch] [--by-route] ADMIN_ADDR...
+                   golden signals of running services (their admin endpoints): success rate,
+                   requests per second over the window (default 1s), latency p50/p95/p99";
 
 struct Args {
     rest: Vec<String>,
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
         "validate" => validate(args),
         "dump" => rt.block_on(dump(args)),
         "certs" => certs(args),
+        "stat" => stat(args),
         other => Err(format!("unknown command {other:?}\n{USAGE}")),
     };
     match result {
@@ -243,4 +247,119 @@ fn join(errors: Vec<istio::ConfigError>) -> String {
         .map(|e| e.to_string())
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// GET `path` from an admin endpoint (plain HTTP/1.0; the endpoint is local).
+fn admin_get(addr: &str, path: &str) -> Result<serde_json::Value, String> {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(addr)
+        .map_err(|e| format!("cannot reach admin endpoint {addr}: {e}"))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(tcp, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut raw = String::new();
+    tcp.read_to_string(&mut raw)
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .ok_or_else(|| format!("{addr}: malformed HTTP response"))?;
+    serde_json::from_str(body).map_err(|e| format!("{addr}{path}: not JSON: {e}"))
+}
+
+#[derive(Default)]
+struct Row {
+    requests: u64,
+    successes: u64,
+    p50: Option<f64>,
+    p95: Option<f64>,
+    p99: Option<f64>,
+}
+
+fn collect(
+    addrs: &[String],
+    by_route: bool,
+) -> Result<std::collections::BTreeMap<(String, String), Row>, String> {
+    let mut rows = std::collections::BTreeMap::new();
+    for addr in addrs {
+        let stats = admin_get(addr, "/stats")?;
+        for s in stats["series"].as_array().cloned().unwrap_or_default() {
+            let cluster = s["cluster"].as_str().unwrap_or_default();
+            let name = if by_route {
+                format!("{cluster} {}", s["route"].as_str().unwrap_or_default())
+            } else {
+                cluster.to_owned()
+            };
+            let row: &mut Row = rows.entry((addr.clone(), name)).or_default();
+            row.requests += s["requests"].as_u64().unwrap_or(0);
+            row.successes += s["successes"].as_u64().unwrap_or(0);
+            // Quantiles do not add up across routes: keep the worst.
+            let max = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            row.p50 = max(row.p50, s["latency_ms"]["p50"].as_f64());
+            row.p95 = max(row.p95, s["latency_ms"]["p95"].as_f64());
+            row.p99 = max(row.p99, s["latency_ms"]["p99"].as_f64());
+        }
+    }
+    Ok(rows)
+}
+
+fn stat(mut args: Args) -> Result<ExitCode, String> {
+    let window = args.flag("--window")?.unwrap_or_else(|| "1s".into());
+    let window = istio::generate::parse_duration(&window)
+        .ok_or_else(|| format!("--window {window:?}: use e.g. 1s, 500ms"))?;
+    let watch = match args.rest.iter().position(|a| a == "--watch") {
+        Some(i) => {
+            args.rest.remove(i);
+            true
+        }
+        None => false,
+    };
+    let by_route = match args.rest.iter().position(|a| a == "--by-route") {
+        Some(i) => {
+            args.rest.remove(i);
+            true
+        }
+        None => false,
+    };
+    let addrs = args.done()?;
+    if addrs.is_empty() {
+        return Err("stat needs at least one admin endpoint address".into());
+    }
+    let mut before = collect(&addrs, by_route)?;
+    loop {
+        std::thread::sleep(window);
+        let after = collect(&addrs, by_route)?;
+        println!(
+            "{:<22} {:<58} {:>8} {:>9} {:>12} {:>12} {:>12}",
+            "ADMIN", "NAME", "SUCCESS", "RPS", "LATENCY_P50", "LATENCY_P95", "LATENCY_P99"
+        );
+        for ((addr, name), row) in &after {
+            let prev = before.get(&(addr.clone(), name.clone()));
+            let delta = row.requests - prev.map_or(0, |p| p.requests.min(row.requests));
+            let success = if row.requests == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.2}%", 100.0 * row.successes as f64 / row.requests as f64)
+            };
+            let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v}ms"));
+            println!(
+                "{:<22} {:<58} {:>8} {:>9.1} {:>12} {:>12} {:>12}",
+                addr,
+                name,
+                success,
+                delta as f64 / window.as_secs_f64(),
+                ms(row.p50),
+                ms(row.p95),
+                ms(row.p99)
+            );
+        }
+        if !watch {
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!();
+        before = after;
+    }
 }
