@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::BodyExt;
 use mesh_core::xds::Target;
-use mesh_core::ConfigStore;
+use mesh_core::{ConfigStore, XdsError};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
@@ -33,8 +33,7 @@ use crate::timeout::{Timeout, TimeoutLayer};
 ///
 /// let xds = XdsClient::builder(Bootstrap::from_env()?).build()?;
 /// xds.listener("xds:///frontend.prod.svc.cluster.local:80", Duration::from_secs(10)).await?;
-/// let mut client = MeshClient::builder(xds.store().clone())
-///     .target("xds:///frontend.prod.svc.cluster.local:80")?
+/// let mut client = MeshClient::builder(xds.store().clone(), "xds:///frontend.prod.svc.cluster.local:80")?
 ///     .build();
 /// let req = http::Request::get("http://frontend.prod.svc.cluster.local/api")
 ///     .body(http_body_util::Empty::<bytes::Bytes>::new())?;
@@ -52,7 +51,7 @@ pub struct MeshClient {
 #[derive(Debug)]
 pub struct MeshClientBuilder {
     store: ConfigStore,
-    listener: Option<String>,
+    listener: String,
     registry: Option<Arc<ClusterRegistry>>,
     peak_ewma: bool,
     identity: Option<mesh_core::identity::IdentityStore>,
@@ -79,15 +78,6 @@ impl MeshClientBuilder {
         self
     }
 
-    /// The target to route by: `xds:///name` or a listener name.
-    ///
-    /// # Errors
-    /// An invalid target.
-    pub fn target(mut self, target: &str) -> Result<Self, mesh_core::XdsError> {
-        self.listener = Some(Target::parse(target)?.name().to_owned());
-        Ok(self)
-    }
-
     /// Shares a cluster registry (pools, breakers) with other clients of the same store.
     pub fn registry(mut self, registry: Arc<ClusterRegistry>) -> Self {
         self.registry = Some(registry);
@@ -97,11 +87,9 @@ impl MeshClientBuilder {
     /// Builds the client.
     ///
     /// # Panics
-    /// Outside a tokio runtime (the registry's sync task is spawned), or without a target.
+    /// Outside a tokio runtime (the registry's sync task is spawned).
     pub fn build(self) -> MeshClient {
-        let listener = self
-            .listener
-            .expect("MeshClient needs a target: call .target(\"xds:///name\")");
+        let listener = self.listener;
         let metrics = self.metrics.unwrap_or_default();
         let registry = self.registry.unwrap_or_else(|| {
             ClusterRegistry::build(
@@ -126,16 +114,20 @@ impl MeshClientBuilder {
 }
 
 impl MeshClient {
-    /// A builder reading configuration from `store`.
-    pub fn builder(store: ConfigStore) -> MeshClientBuilder {
-        MeshClientBuilder {
+    /// A builder for a client of `target` (`xds:///name` or a listener name), reading
+    /// configuration from `store`.
+    ///
+    /// # Errors
+    /// An invalid target.
+    pub fn builder(store: ConfigStore, target: &str) -> Result<MeshClientBuilder, XdsError> {
+        Ok(MeshClientBuilder {
             store,
-            listener: None,
+            listener: Target::parse(target)?.name().to_owned(),
             registry: None,
             peak_ewma: false,
             identity: None,
             metrics: None,
-        }
+        })
     }
 
     /// The golden-signal metrics of this client (serve them with [`crate::admin`]).

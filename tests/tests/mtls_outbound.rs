@@ -139,9 +139,7 @@ async fn client(addr: std::net::SocketAddr, id: Option<IdentityStore>) -> (MeshC
         })
         .await
         .unwrap();
-    let mut b = MeshClient::builder(xds.store().clone())
-        .target(&target)
-        .unwrap();
+    let mut b = MeshClient::builder(xds.store().clone(), &target).unwrap();
     if let Some(id) = id {
         b = b.identity(id);
     }

@@ -149,8 +149,7 @@ async fn golden_signals_and_admin_endpoint() {
             .await
             .unwrap();
         clients.push(
-            MeshClient::builder(store.clone())
-                .target(&target)
+            MeshClient::builder(store.clone(), &target)
                 .unwrap()
                 .metrics(metrics.clone())
                 .build(),

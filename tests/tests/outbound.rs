@@ -90,8 +90,7 @@ async fn mesh(resources: Vec<Any>, ready: impl FnMut(&Snapshot) -> bool) -> Mesh
         .wait_for(PATIENCE, ready)
         .await
         .expect("configuration arrives");
-    let client = MeshClient::builder(store.clone())
-        .target("xds:///svc")
+    let client = MeshClient::builder(store.clone(), "xds:///svc")
         .unwrap()
         .build();
     Mesh {
@@ -357,8 +356,7 @@ async fn unknown_cluster_and_missing_config_are_typed_errors() {
         err.to_string(),
         "cluster \"nope\" is not in the configuration"
     );
-    let mut other = MeshClient::builder(m.store.clone())
-        .target("xds:///elsewhere")
+    let mut other = MeshClient::builder(m.store.clone(), "xds:///elsewhere")
         .unwrap()
         .build();
     let req = http::Request::get("http://elsewhere/")
@@ -955,8 +953,7 @@ async fn peak_ewma_avoids_a_slow_endpoint_even_without_overlap() {
         pool_endpoints(&[slow.port(), fast.addr.port()]),
     ];
     let m = mesh(resources, |s| s.endpoints_for_cluster("pool").is_some()).await;
-    let ewma = MeshClient::builder(m.store.clone())
-        .target("xds:///svc")
+    let ewma = MeshClient::builder(m.store.clone(), "xds:///svc")
         .unwrap()
         .peak_ewma(true)
         .build();
@@ -1151,8 +1148,7 @@ spec:
         })
         .await
         .unwrap();
-    let client = MeshClient::builder(xds.store().clone())
-        .target(target)
+    let client = MeshClient::builder(xds.store().clone(), target)
         .unwrap()
         .build();
     let call = |path: &'static str, canary: bool| {

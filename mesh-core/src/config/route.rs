@@ -52,6 +52,13 @@ impl RouteConfig {
     /// tried again without the port (`ignore_port_in_host_matching` strips it up front), so
     /// a client calling `svc:8080` finds a virtual host that lists only `svc`.
     pub fn find_virtual_host(&self, authority: &str) -> Option<&VirtualHost> {
+        self.find_virtual_host_index(authority)
+            .map(|i| &self.virtual_hosts[i])
+    }
+
+    /// The position in [`RouteConfig::virtual_hosts`] of the virtual host
+    /// [`RouteConfig::find_virtual_host`] returns.
+    pub fn find_virtual_host_index(&self, authority: &str) -> Option<usize> {
         let without_port = strip_port(authority);
         if self.ignore_port_in_host_matching {
             return self.best_domain(without_port);
@@ -63,18 +70,18 @@ impl RouteConfig {
         })
     }
 
-    fn best_domain(&self, host: &str) -> Option<&VirtualHost> {
-        let mut best: Option<(DomainRank, &VirtualHost)> = None;
-        for vh in &self.virtual_hosts {
+    fn best_domain(&self, host: &str) -> Option<usize> {
+        let mut best: Option<(DomainRank, usize)> = None;
+        for (i, vh) in self.virtual_hosts.iter().enumerate() {
             for domain in &vh.domains {
                 if let Some(rank) = domain.rank(host) {
                     if best.as_ref().is_none_or(|(b, _)| rank > *b) {
-                        best = Some((rank, vh));
+                        best = Some((rank, i));
                     }
                 }
             }
         }
-        best.map(|(_, vh)| vh)
+        best.map(|(_, i)| i)
     }
 }
 
@@ -173,7 +180,12 @@ pub struct VirtualHost {
 impl VirtualHost {
     /// The first route matching the request.
     pub fn find_route(&self, req: &RequestInfo<'_>) -> Option<&Route> {
-        self.routes.iter().find(|r| r.matcher.matches(req))
+        self.find_route_index(req).map(|i| &self.routes[i])
+    }
+
+    /// The position in [`VirtualHost::routes`] of the first route matching the request.
+    pub fn find_route_index(&self, req: &RequestInfo<'_>) -> Option<usize> {
+        self.routes.iter().position(|r| r.matcher.matches(req))
     }
 }
 
@@ -368,18 +380,22 @@ impl WeightedClusters {
     /// The target for a uniformly random `draw`: each cluster is chosen with probability
     /// weight / total.
     pub fn pick(&self, draw: u64) -> &ClusterWeight {
+        &self.clusters[self.pick_index(draw)]
+    }
+
+    /// The position in [`WeightedClusters::clusters`] of the target [`WeightedClusters::pick`]
+    /// returns.
+    pub fn pick_index(&self, draw: u64) -> usize {
         let mut point = draw % self.total.max(1);
-        for c in &self.clusters {
+        for (i, c) in self.clusters.iter().enumerate() {
             if point < u64::from(c.weight) {
-                return c;
+                return i;
             }
             point -= u64::from(c.weight);
         }
         // Correctness: translation guarantees a non-empty list with `total` = sum of weights,
         // so the loop always returns; this is the last cluster for rounding safety.
-        self.clusters
-            .last()
-            .expect("weighted_clusters is never empty")
+        self.clusters.len().saturating_sub(1)
     }
 }
 

@@ -120,20 +120,12 @@ pub fn decide<B>(
         authority: info.authority.to_owned(),
         path: info.path.to_owned(),
     };
-    let vh = config
-        .find_virtual_host(info.authority)
-        .ok_or_else(no_route)?;
-    let route = vh.find_route(&info).ok_or_else(no_route)?;
     let vh_idx = config
-        .virtual_hosts
-        .iter()
-        .position(|v| std::ptr::eq(v, vh))
-        .expect("virtual host comes from this config");
-    let route_idx = vh
-        .routes
-        .iter()
-        .position(|r| std::ptr::eq(r, route))
-        .expect("route comes from this virtual host");
+        .find_virtual_host_index(info.authority)
+        .ok_or_else(no_route)?;
+    let vh = &config.virtual_hosts[vh_idx];
+    let route_idx = vh.find_route_index(&info).ok_or_else(no_route)?;
+    let route = &vh.routes[route_idx];
     let fwd = match &route.action {
         RouteAction::Forward(f) => f,
         RouteAction::DirectResponse { status, body } => {
@@ -160,13 +152,7 @@ pub fn decide<B>(
         ClusterSpecifier::Cluster(_) => Target::Single,
         // Hash the draw so the route match (runtime_fraction) and the split are independent.
         ClusterSpecifier::Weighted(w) => {
-            let pick = w.pick(draw.rotate_left(29).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            Target::Weighted(
-                w.clusters
-                    .iter()
-                    .position(|c| std::ptr::eq(c, pick))
-                    .expect("pick is one of the clusters"),
-            )
+            Target::Weighted(w.pick_index(draw.rotate_left(29).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
         }
         ClusterSpecifier::Header(h) => match info.headers.get(h) {
             Some(v) if !v.is_empty() => Target::Header(v.clone()),
@@ -192,7 +178,7 @@ pub fn decide<B>(
     }
     rewrite(req, route, fwd);
     Ok(RouteDecision {
-        config: config.clone(),
+        config,
         vh: vh_idx,
         route: route_idx,
         target,

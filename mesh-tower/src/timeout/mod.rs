@@ -76,7 +76,8 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         fut: F,
-        deadline: Option<(Pin<Box<Sleep>>, Duration, String)>,
+        // The route is named only when the timeout fires: no allocation on the common path.
+        deadline: Option<(Pin<Box<Sleep>>, Duration, RouteDecision)>,
     }
 }
 
@@ -92,10 +93,10 @@ where
         if let Poll::Ready(r) = this.fut.poll(cx) {
             return Poll::Ready(r.map_err(Into::into));
         }
-        if let Some((sleep, after, route)) = this.deadline {
+        if let Some((sleep, after, decision)) = this.deadline {
             if sleep.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Err(MeshError::Timeout {
-                    route: std::mem::take(route),
+                    route: decision.route_name().to_owned(),
                     after: *after,
                 }
                 .into()));
@@ -122,8 +123,8 @@ where
         let deadline = req
             .extensions()
             .get::<RouteDecision>()
-            .and_then(|d| d.forward().timeout.map(|t| (t, d.route_name().to_owned())))
-            .map(|(t, route)| (Box::pin(tokio::time::sleep(t)), t, route));
+            .and_then(|d| d.forward().timeout.map(|t| (t, d.clone())))
+            .map(|(t, decision)| (Box::pin(tokio::time::sleep(t)), t, decision));
         ResponseFuture {
             fut: self.inner.call(req),
             deadline,
