@@ -56,9 +56,17 @@ pub struct MeshClientBuilder {
     peak_ewma: bool,
     identity: Option<mesh_core::identity::IdentityStore>,
     metrics: Option<Metrics>,
+    access_log: Option<crate::metrics::AccessLog>,
 }
 
 impl MeshClientBuilder {
+    /// Logs each request as a structured event (off by default; see
+    /// [`AccessLog`](crate::metrics::AccessLog)).
+    pub fn access_log(mut self, config: crate::metrics::AccessLog) -> Self {
+        self.access_log = Some(config);
+        self
+    }
+
     /// The workload identity presented to TLS clusters (mTLS). Without it, clusters that
     /// require TLS refuse requests with [`MeshError::Tls`]; there is no plaintext fallback.
     pub fn identity(mut self, identity: mesh_core::identity::IdentityStore) -> Self {
@@ -107,7 +115,11 @@ impl MeshClientBuilder {
             .layer(cluster);
         let timeout = TimeoutLayer::new().layer(retry);
         let fault = FaultLayer::new().layer(timeout);
-        let measured = MetricsLayer::new(metrics.clone(), Direction::Outbound).layer(fault);
+        let mut measure = MetricsLayer::new(metrics.clone(), Direction::Outbound);
+        if let Some(a) = self.access_log {
+            measure = measure.access_log(a);
+        }
+        let measured = measure.layer(fault);
         let inner = RouteLayer::new(self.store, listener).layer(measured);
         MeshClient { inner, metrics }
     }
@@ -127,6 +139,7 @@ impl MeshClient {
             peak_ewma: false,
             identity: None,
             metrics: None,
+            access_log: None,
         })
     }
 

@@ -310,3 +310,127 @@ async fn golden_signals_and_admin_endpoint() {
     ));
     assert_eq!(http_get(fresh_addr, "/ready").await.0, 503);
 }
+
+/// Collects what a `tracing` JSON subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn access_logs_are_structured_and_filtered() {
+    use mesh_tower::metrics::AccessLog;
+    let ok = backend(200, Duration::ZERO).await;
+    let failing = backend(500, Duration::ZERO).await;
+    let yaml = service("ok", ok, "retries: {attempts: 0}", "")
+        + &service("bad", failing, "retries: {attempts: 0}", "");
+    let generated = istio::generate(
+        &istio::parse(&yaml, "log.yaml").unwrap(),
+        &Options::default(),
+    )
+    .unwrap();
+    let cache = ResourceCache::new();
+    cache.set_resources(generated.resources);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let xds_addr = listener.local_addr().unwrap();
+    tokio::spawn(AdsServer::new(cache).serve(listener, std::future::pending()));
+    let xds = XdsClient::builder(Bootstrap::new(xds_addr.to_string(), "logged"))
+        .build()
+        .unwrap();
+    let mut clients = Vec::new();
+    for (name, errors_only) in [("ok", false), ("bad", true)] {
+        let target = format!("xds:///{name}.prod.svc.cluster.local:80");
+        xds.listener(&target, Duration::from_secs(15))
+            .await
+            .unwrap();
+        xds.store()
+            .wait_for(Duration::from_secs(15), |s| {
+                s.endpoints_for_cluster(&format!("outbound|80||{name}.prod.svc.cluster.local"))
+                    .is_some()
+            })
+            .await
+            .unwrap();
+        clients.push(
+            MeshClient::builder(xds.store().clone(), &target)
+                .unwrap()
+                .access_log(AccessLog {
+                    sample: 1.0,
+                    errors_only,
+                })
+                .build(),
+        );
+    }
+    let unlogged = MeshClient::builder(xds.store().clone(), "xds:///ok.prod.svc.cluster.local:80")
+        .unwrap()
+        .build();
+    let ok_target = "xds:///ok.prod.svc.cluster.local:80";
+    let errors_only = MeshClient::builder(xds.store().clone(), ok_target)
+        .unwrap()
+        .access_log(AccessLog {
+            sample: 1.0,
+            errors_only: true,
+        })
+        .build();
+    let unsampled = MeshClient::builder(xds.store().clone(), ok_target)
+        .unwrap()
+        .access_log(AccessLog {
+            sample: 0.0,
+            errors_only: false,
+        })
+        .build();
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_writer(move || writer.clone())
+        .with_env_filter("mesh::access=info")
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    assert_eq!(
+        send(&clients[0], "ok.prod.svc.cluster.local").await,
+        Ok(200)
+    );
+    assert_eq!(
+        send(&clients[1], "bad.prod.svc.cluster.local").await,
+        Ok(500)
+    );
+    assert_eq!(send(&unlogged, "ok.prod.svc.cluster.local").await, Ok(200));
+    assert_eq!(
+        send(&errors_only, "ok.prod.svc.cluster.local").await,
+        Ok(200)
+    );
+    assert_eq!(send(&unsampled, "ok.prod.svc.cluster.local").await, Ok(200));
+    drop(_guard);
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "one line per logged request; off by default: {text}"
+    );
+    let f = &lines[0]["fields"];
+    assert_eq!(f["direction"], "outbound");
+    assert_eq!(f["method"], "GET");
+    assert_eq!(f["path"], "/");
+    assert_eq!(f["status"], 200);
+    assert_eq!(f["route"], "ok-route");
+    assert_eq!(f["cluster"], "outbound|80||ok.prod.svc.cluster.local");
+    assert!(f["duration_ms"].as_f64().is_some());
+    assert_eq!(f["endpoint"], format!("127.0.0.1:{ok}"));
+    assert_eq!(f["authority"], "ok.prod.svc.cluster.local");
+    assert_eq!(
+        lines[1]["fields"]["status"], 500,
+        "errors_only still logs failures"
+    );
+}

@@ -19,6 +19,17 @@ pub struct MetricsLayer {
     metrics: Metrics,
     direction: Direction,
     service: Arc<str>,
+    access_log: Option<AccessLog>,
+}
+
+/// Access logging: one structured `tracing` event per request (target `mesh::access`, level
+/// INFO; a JSON subscriber makes JSON lines). Off unless configured.
+#[derive(Clone, Copy, Debug)]
+pub struct AccessLog {
+    /// Fraction of requests logged (0.0..=1.0).
+    pub sample: f64,
+    /// Log only failed requests (5xx, gRPC server errors, local errors).
+    pub errors_only: bool,
 }
 
 impl MetricsLayer {
@@ -29,7 +40,14 @@ impl MetricsLayer {
             metrics,
             direction,
             service: Arc::from(""),
+            access_log: None,
         }
+    }
+
+    /// Logs requests (see [`AccessLog`]).
+    pub fn access_log(mut self, config: AccessLog) -> Self {
+        self.access_log = Some(config);
+        self
     }
 
     /// The cluster label of inbound requests (the service's own name).
@@ -79,6 +97,19 @@ impl Drop for InFlight {
     }
 }
 
+/// What an access log line needs from the request, captured only when it will be logged.
+#[derive(Debug)]
+struct LogEntry {
+    direction: Direction,
+    method: http::Method,
+    authority: String,
+    path: String,
+    route: String,
+    cluster: String,
+    peer: Option<String>,
+    errors_only: bool,
+}
+
 pin_project! {
     /// The future of [`MetricsService`].
     #[derive(Debug)]
@@ -88,6 +119,7 @@ pin_project! {
         in_flight: Option<InFlight>,
         start: Instant,
         metrics: Metrics,
+        log: Option<Box<LogEntry>>,
     }
 }
 
@@ -125,8 +157,41 @@ where
                 Outcome::Error
             }
         };
+        let elapsed = this.start.elapsed();
         if let Some(g) = this.in_flight.take() {
-            g.0.record(outcome, this.start.elapsed());
+            g.0.record(outcome, elapsed);
+        }
+        if let Some(e) = this.log.take() {
+            if !e.errors_only || !outcome.is_success() {
+                let (status, grpc_status) = match outcome {
+                    Outcome::Http(s) => (Some(s), None),
+                    Outcome::Grpc(c) => (Some(200), Some(c)),
+                    Outcome::Error => (None, None),
+                };
+                let error = out.as_ref().err().map(|e| e.to_string());
+                let endpoint = out
+                    .as_ref()
+                    .ok()
+                    .and_then(|r| r.extensions().get::<crate::retry::ServedBy>())
+                    .map(|s| s.0);
+                tracing::info!(
+                    target: "mesh::access",
+                    direction = e.direction.as_str(),
+                    method = %e.method,
+                    authority = %e.authority,
+                    path = %e.path,
+                    status,
+                    grpc_status,
+                    duration_ms = elapsed.as_secs_f64() * 1000.0,
+                    route = %e.route,
+                    cluster = %e.cluster,
+                    endpoint = endpoint.map(tracing::field::display),
+                    peer = e.peer.as_deref(),
+                    trace_id = tracing::field::Empty,
+                    error,
+                    "access"
+                );
+            }
         }
         Poll::Ready(out)
     }
@@ -157,11 +222,48 @@ where
                 .series(self.layer.direction, "", &self.layer.service),
         };
         series.in_flight.fetch_add(1, Ordering::Relaxed);
+        let log = self
+            .layer
+            .access_log
+            .filter(|a| a.sample >= 1.0 || fastrand::f64() < a.sample)
+            .map(|a| {
+                let decision = req.extensions().get::<RouteDecision>();
+                Box::new(LogEntry {
+                    direction: self.layer.direction,
+                    method: req.method().clone(),
+                    authority: req
+                        .uri()
+                        .authority()
+                        .map(|a| a.to_string())
+                        .or_else(|| {
+                            req.headers()
+                                .get(http::header::HOST)
+                                .and_then(|h| h.to_str().ok())
+                                .map(str::to_owned)
+                        })
+                        .unwrap_or_default(),
+                    path: req.uri().path().to_owned(),
+                    route: decision
+                        .map(|d| d.route_name().to_owned())
+                        .unwrap_or_default(),
+                    cluster: decision.map_or_else(
+                        || self.layer.service.to_string(),
+                        |d| d.cluster().to_owned(),
+                    ),
+                    peer: req
+                        .extensions()
+                        .get::<crate::tls::PeerIdentity>()
+                        .and_then(|p| p.0.as_ref())
+                        .map(|p| p.to_string()),
+                    errors_only: a.errors_only,
+                })
+            });
         ResponseFuture {
             fut: self.inner.call(req),
             in_flight: Some(InFlight(series)),
             start: Instant::now(),
             metrics: self.layer.metrics.clone(),
+            log,
         }
     }
 }

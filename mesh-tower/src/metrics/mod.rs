@@ -24,7 +24,7 @@
 
 mod layer;
 
-pub use layer::{MetricsLayer, MetricsService, ResponseFuture};
+pub use layer::{AccessLog, MetricsLayer, MetricsService, ResponseFuture};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
