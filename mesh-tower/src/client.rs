@@ -20,9 +20,10 @@ use crate::metrics::{Direction, Metrics, MetricsLayer, MetricsService};
 use crate::retry::{Retry, RetryLayer};
 use crate::route::{Route, RouteLayer};
 use crate::timeout::{Timeout, TimeoutLayer};
+use crate::trace::{Trace, TraceLayer};
 
-/// The outbound stack for one target: route, timeout, retry, then cluster (breaker,
-/// balance, endpoint pools). Put it where a hyper client would be; it is cheap to clone.
+/// The outbound stack for one target: trace, route, metrics, fault, timeout, retry, then
+/// cluster (breaker, balance, endpoint pools). Put it where a hyper client would be; it is cheap to clone.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -43,9 +44,11 @@ use crate::timeout::{Timeout, TimeoutLayer};
 /// ```
 #[derive(Clone, Debug)]
 pub struct MeshClient {
-    inner: Route<MetricsService<Fault<Timeout<Retry<ClusterService>>>>>,
+    inner: Trace<Answer<Route<Measured>>>,
     metrics: Metrics,
 }
+
+type Measured = MetricsService<Fault<Timeout<Retry<ClusterService>>>>;
 
 /// Configures a [`MeshClient`].
 #[derive(Debug)]
@@ -57,6 +60,7 @@ pub struct MeshClientBuilder {
     identity: Option<mesh_core::identity::IdentityStore>,
     metrics: Option<Metrics>,
     access_log: Option<crate::metrics::AccessLog>,
+    trace: Option<TraceLayer>,
 }
 
 impl MeshClientBuilder {
@@ -64,6 +68,13 @@ impl MeshClientBuilder {
     /// [`AccessLog`](crate::metrics::AccessLog)).
     pub fn access_log(mut self, config: crate::metrics::AccessLog) -> Self {
         self.access_log = Some(config);
+        self
+    }
+
+    /// Client spans and trace propagation (default: [`TraceLayer::client`], spans from the
+    /// global tracer provider, W3C headers written, W3C and B3 read).
+    pub fn trace(mut self, layer: TraceLayer) -> Self {
+        self.trace = Some(layer);
         self
     }
 
@@ -120,7 +131,11 @@ impl MeshClientBuilder {
             measure = measure.access_log(a);
         }
         let measured = measure.layer(fault);
-        let inner = RouteLayer::new(self.store, listener).layer(measured);
+        let routed = RouteLayer::new(self.store, listener).layer(measured);
+        let inner = self
+            .trace
+            .unwrap_or_else(TraceLayer::client)
+            .layer(Answer { inner: routed });
         MeshClient { inner, metrics }
     }
 }
@@ -140,6 +155,7 @@ impl MeshClient {
             identity: None,
             metrics: None,
             access_log: None,
+            trace: None,
         })
     }
 
@@ -152,6 +168,8 @@ impl MeshClient {
     pub fn registry(&self) -> &Arc<ClusterRegistry> {
         self.inner
             .get_ref()
+            .inner
+            .get_ref()
             .get_ref()
             .get_ref()
             .get_ref()
@@ -163,48 +181,64 @@ impl MeshClient {
 /// The response body of a [`MeshClient`].
 pub type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
-pin_project! {
-    /// The future of [`MeshClient`].
-    #[derive(Debug)]
-    pub struct ResponseFuture {
-        #[pin]
-        inner: crate::route::ResponseFuture<
-            crate::metrics::ResponseFuture<
-                crate::fault::ResponseFuture<
-                    Timeout<Retry<ClusterService>>,
-                    MeshBody,
-                    crate::timeout::ResponseFuture<crate::retry::ResponseFuture<ClusterService, crate::cluster::ResponseFuture>>,
-                >,
-            >,
-        >,
+/// Turns the errors that are answers (a route's direct response, an injected abort) into
+/// responses, below the trace layer so that spans see them as responses.
+#[derive(Clone, Debug)]
+struct Answer<S> {
+    inner: S,
+}
+
+type Answered<B> = http_body_util::Either<B, http_body_util::Full<Bytes>>;
+
+impl<S, B, ResB> Service<Request<B>> for Answer<S>
+where
+    S: Service<Request<B>, Response = Response<ResB>, Error = BoxError>,
+{
+    type Response = Response<Answered<ResB>>;
+    type Error = BoxError;
+    type Future = AnswerFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        AnswerFuture {
+            inner: self.inner.call(req),
+        }
     }
 }
 
-impl Future for ResponseFuture {
-    type Output = Result<Response<ResponseBody>, BoxError>;
+pin_project! {
+    /// The future of [`Answer`].
+    #[derive(Debug)]
+    pub struct AnswerFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, B> Future for AnswerFuture<F>
+where
+    F: Future<Output = Result<Response<B>, BoxError>>,
+{
+    type Output = Result<Response<Answered<B>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        use http_body_util::{Either, Full};
         match futures::ready!(self.project().inner.poll(cx)) {
-            Ok(resp) => Poll::Ready(Ok(resp.map(|b| b.map_err(Into::into).boxed_unsync()))),
+            Ok(resp) => Poll::Ready(Ok(resp.map(Either::Left))),
             Err(e) => match e.downcast::<MeshError>() {
                 // Routes that answer themselves answer here.
                 Ok(me) => match *me {
                     MeshError::DirectResponse { status, body, .. } => {
-                        let mut resp = Response::new(
-                            http_body_util::Full::new(Bytes::from(body))
-                                .map_err(|never| match never {})
-                                .boxed_unsync(),
-                        );
+                        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
                         *resp.status_mut() =
                             http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
                         Poll::Ready(Ok(resp))
                     }
                     MeshError::FaultAbort { status, grpc } => {
-                        let mut resp = Response::new(
-                            http_body_util::Empty::<Bytes>::new()
-                                .map_err(|never| match never {})
-                                .boxed_unsync(),
-                        );
+                        let mut resp = Response::new(Either::Right(Full::new(Bytes::new())));
                         *resp.status_mut() = http::StatusCode::from_u16(status)
                             .unwrap_or(http::StatusCode::SERVICE_UNAVAILABLE);
                         if let Some(code) = grpc {
@@ -227,6 +261,36 @@ impl Future for ResponseFuture {
                 Err(e) => Poll::Ready(Err(e)),
             },
         }
+    }
+}
+
+type Inner = crate::route::ResponseFuture<
+    crate::metrics::ResponseFuture<
+        crate::fault::ResponseFuture<
+            Timeout<Retry<ClusterService>>,
+            MeshBody,
+            crate::timeout::ResponseFuture<
+                crate::retry::ResponseFuture<ClusterService, crate::cluster::ResponseFuture>,
+            >,
+        >,
+    >,
+>;
+
+pin_project! {
+    /// The future of [`MeshClient`].
+    #[derive(Debug)]
+    pub struct ResponseFuture {
+        #[pin]
+        inner: crate::trace::ResponseFuture<AnswerFuture<Inner>>,
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<ResponseBody>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let resp = futures::ready!(self.project().inner.poll(cx))?;
+        Poll::Ready(Ok(resp.map(|b| b.map_err(Into::into).boxed_unsync())))
     }
 }
 

@@ -108,6 +108,24 @@ pub enum MeshError {
 }
 
 impl MeshError {
+    /// A short, stable name for the kind of error (for metrics and span `error.type`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::NoRouteConfig { .. } => "no_route_config",
+            Self::NoRoute { .. } => "no_route",
+            Self::DirectResponse { .. } => "direct_response",
+            Self::UnknownCluster { .. } => "unknown_cluster",
+            Self::NoHealthyEndpoint { .. } => "no_healthy_endpoint",
+            Self::Overloaded { .. } => "overloaded",
+            Self::Upstream { .. } => "upstream",
+            Self::Timeout { .. } => "timeout",
+            Self::PerTryTimeout { .. } => "per_try_timeout",
+            Self::FaultAbort { .. } => "fault_abort",
+            Self::Tls { .. } => "tls",
+            Self::MissingDecision => "missing_decision",
+        }
+    }
+
     /// The HTTP status a proxy would answer with.
     pub fn status(&self) -> StatusCode {
         match self {

@@ -23,6 +23,7 @@
 
 pub mod admin;
 pub mod authz;
+pub mod body;
 mod client;
 pub mod cluster;
 mod error;
@@ -33,6 +34,7 @@ pub mod route;
 pub mod server;
 pub mod timeout;
 pub mod tls;
+pub mod trace;
 
 pub use client::{MeshClient, MeshClientBuilder, ResponseBody, ResponseFuture};
 pub use error::{BoxError, MeshError};

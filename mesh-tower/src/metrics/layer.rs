@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use super::{Direction, Metrics, Outcome, Series};
+use crate::body::{grpc, End, Observed, OnEnd};
 use crate::error::{BoxError, MeshError};
 use crate::route::RouteDecision;
 
@@ -107,7 +108,61 @@ struct LogEntry {
     route: String,
     cluster: String,
     peer: Option<String>,
+    trace_id: Option<String>,
+    endpoint: Option<std::net::SocketAddr>,
     errors_only: bool,
+}
+
+/// A request not yet recorded: recorded once its outcome is known (at the response head, or
+/// for a gRPC response without a status in its head, at the end of its body).
+#[derive(Debug)]
+pub struct Pending {
+    in_flight: InFlight,
+    start: Instant,
+    log: Option<Box<LogEntry>>,
+}
+
+impl Pending {
+    fn finish(self, outcome: Outcome, error: Option<&dyn std::fmt::Display>) {
+        let elapsed = self.start.elapsed();
+        self.in_flight.0.record(outcome, elapsed);
+        let Some(e) = self.log else { return };
+        if e.errors_only && outcome.is_success() {
+            return;
+        }
+        let (status, grpc_status) = match outcome {
+            Outcome::Http(s) => (Some(s), None),
+            Outcome::Grpc(c) => (Some(200), Some(c)),
+            Outcome::Error => (None, None),
+        };
+        tracing::info!(
+            target: "mesh::access",
+            direction = e.direction.as_str(),
+            method = %e.method,
+            authority = %e.authority,
+            path = %e.path,
+            status,
+            grpc_status,
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            route = %e.route,
+            cluster = %e.cluster,
+            endpoint = e.endpoint.map(tracing::field::display),
+            peer = e.peer.as_deref(),
+            trace_id = e.trace_id.as_deref(),
+            error = error.map(tracing::field::display),
+            "access"
+        );
+    }
+}
+
+impl OnEnd for Pending {
+    fn on_end(self, end: End<'_>) {
+        let code = grpc::status_at_end(&end);
+        match end {
+            End::Failed(e) => self.finish(Outcome::Grpc(code), Some(e)),
+            _ => self.finish(Outcome::Grpc(code), None),
+        }
+    }
 }
 
 pin_project! {
@@ -116,10 +171,8 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         fut: F,
-        in_flight: Option<InFlight>,
-        start: Instant,
+        pending: Option<Pending>,
         metrics: Metrics,
-        log: Option<Box<LogEntry>>,
     }
 }
 
@@ -128,22 +181,37 @@ where
     F: Future<Output = Result<Response<B>, E>>,
     E: Into<BoxError>,
 {
-    type Output = Result<Response<B>, BoxError>;
+    type Output = Result<Response<Observed<B, Option<Pending>>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let out = futures::ready!(this.fut.poll(cx)).map_err(Into::into);
-        let outcome = match &out {
-            Ok(resp) => match resp
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse().ok())
-            {
-                // A trailers-only gRPC response carries its status in the headers.
-                Some(code) => Outcome::Grpc(code),
-                None => Outcome::Http(resp.status().as_u16()),
-            },
+        // Correctness: taken only here, when the future completes.
+        let mut pending = this.pending.take().expect("polled after completion");
+        match out {
+            Ok(resp) => {
+                if let Some(log) = pending.log.as_mut() {
+                    log.endpoint = resp
+                        .extensions()
+                        .get::<crate::retry::ServedBy>()
+                        .map(|s| s.0);
+                }
+                let head = match grpc::status(resp.headers()) {
+                    // A trailers-only gRPC response carries its status in the headers.
+                    Some(code) => Some(Outcome::Grpc(code)),
+                    // Other gRPC responses carry it in the trailers.
+                    None if grpc::is_grpc(resp.headers()) => None,
+                    None => Some(Outcome::Http(resp.status().as_u16())),
+                };
+                let deferred = match head {
+                    Some(outcome) => {
+                        pending.finish(outcome, None);
+                        None
+                    }
+                    None => Some(pending),
+                };
+                Poll::Ready(Ok(resp.map(|b| Observed::new(b, deferred))))
+            }
             Err(e) => {
                 if matches!(
                     e.downcast_ref::<MeshError>(),
@@ -154,46 +222,10 @@ where
                         .overflows
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                Outcome::Error
-            }
-        };
-        let elapsed = this.start.elapsed();
-        if let Some(g) = this.in_flight.take() {
-            g.0.record(outcome, elapsed);
-        }
-        if let Some(e) = this.log.take() {
-            if !e.errors_only || !outcome.is_success() {
-                let (status, grpc_status) = match outcome {
-                    Outcome::Http(s) => (Some(s), None),
-                    Outcome::Grpc(c) => (Some(200), Some(c)),
-                    Outcome::Error => (None, None),
-                };
-                let error = out.as_ref().err().map(|e| e.to_string());
-                let endpoint = out
-                    .as_ref()
-                    .ok()
-                    .and_then(|r| r.extensions().get::<crate::retry::ServedBy>())
-                    .map(|s| s.0);
-                tracing::info!(
-                    target: "mesh::access",
-                    direction = e.direction.as_str(),
-                    method = %e.method,
-                    authority = %e.authority,
-                    path = %e.path,
-                    status,
-                    grpc_status,
-                    duration_ms = elapsed.as_secs_f64() * 1000.0,
-                    route = %e.route,
-                    cluster = %e.cluster,
-                    endpoint = endpoint.map(tracing::field::display),
-                    peer = e.peer.as_deref(),
-                    trace_id = tracing::field::Empty,
-                    error,
-                    "access"
-                );
+                pending.finish(Outcome::Error, Some(&e));
+                Poll::Ready(Err(e))
             }
         }
-        Poll::Ready(out)
     }
 }
 
@@ -202,7 +234,7 @@ where
     S: Service<Request<B>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
 {
-    type Response = Response<ResB>;
+    type Response = Response<Observed<ResB, Option<Pending>>>;
     type Error = BoxError;
     type Future = ResponseFuture<S::Future>;
 
@@ -255,15 +287,19 @@ where
                         .get::<crate::tls::PeerIdentity>()
                         .and_then(|p| p.0.as_ref())
                         .map(|p| p.to_string()),
+                    trace_id: crate::trace::trace_id(&req).map(|t| t.to_string()),
+                    endpoint: None,
                     errors_only: a.errors_only,
                 })
             });
         ResponseFuture {
             fut: self.inner.call(req),
-            in_flight: Some(InFlight(series)),
-            start: Instant::now(),
+            pending: Some(Pending {
+                in_flight: InFlight(series),
+                start: Instant::now(),
+                log,
+            }),
             metrics: self.layer.metrics.clone(),
-            log,
         }
     }
 }

@@ -59,5 +59,10 @@ pub struct Attempt {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServedBy(pub SocketAddr);
 
+/// How many times the request was retried before the response returned (0: the first
+/// attempt answered), put on responses by the retry layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retries(pub u32);
+
 #[cfg(test)]
 mod tests;

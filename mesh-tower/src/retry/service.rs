@@ -265,8 +265,12 @@ where
                         }
                         None => {
                             this.state.set(State::Done);
+                            let retries = ctx.attempt.number;
                             this.ctx.take();
-                            return Poll::Ready(result);
+                            return Poll::Ready(result.map(|mut resp| {
+                                resp.extensions_mut().insert(super::Retries(retries));
+                                resp
+                            }));
                         }
                     }
                 }

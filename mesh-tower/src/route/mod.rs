@@ -5,7 +5,7 @@
 //! query pick the route, and a weighted draw picks the cluster (canary and A/B splits). The
 //! route's header changes and rewrites are applied, and the [`RouteDecision`] is put in the
 //! request extensions for the layers after it (fault, timeout, retry, cluster) and for
-//! metrics.
+//! metrics, and on the response's extensions for the layers before it (trace) and the caller.
 //!
 //! # Example
 //!

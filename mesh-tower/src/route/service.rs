@@ -59,7 +59,7 @@ pin_project! {
     #[project = StateProj]
     #[derive(Debug)]
     enum State<F> {
-        Inner { #[pin] fut: F },
+        Inner { #[pin] fut: F, decision: Option<super::RouteDecision> },
         Failed { error: Option<MeshError> },
     }
 }
@@ -72,16 +72,22 @@ impl<F> ResponseFuture<F> {
     }
 }
 
-impl<F, T, E> Future for ResponseFuture<F>
+impl<F, B, E> Future for ResponseFuture<F>
 where
-    F: Future<Output = Result<T, E>>,
+    F: Future<Output = Result<http::Response<B>, E>>,
     E: Into<BoxError>,
 {
-    type Output = Result<T, BoxError>;
+    type Output = Result<http::Response<B>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Inner { fut } => fut.poll(cx).map_err(Into::into),
+            StateProj::Inner { fut, decision } => {
+                let mut resp = futures::ready!(fut.poll(cx)).map_err(Into::into)?;
+                if let Some(d) = decision.take() {
+                    resp.extensions_mut().insert(d);
+                }
+                Poll::Ready(Ok(resp))
+            }
             StateProj::Failed { error } => {
                 Poll::Ready(Err(error.take().expect("polled after completion").into()))
             }
@@ -89,9 +95,9 @@ where
     }
 }
 
-impl<S, B> Service<Request<B>> for Route<S>
+impl<S, B, ResB> Service<Request<B>> for Route<S>
 where
-    S: Service<Request<B>>,
+    S: Service<Request<B>, Response = http::Response<ResB>>,
     S::Error: Into<BoxError>,
 {
     type Response = S::Response;
@@ -120,10 +126,11 @@ where
                 if let Some(h) = request_hash(&decision.forward().hash_policy, &req) {
                     req.extensions_mut().insert(h);
                 }
-                req.extensions_mut().insert(decision);
+                req.extensions_mut().insert(decision.clone());
                 ResponseFuture {
                     state: State::Inner {
                         fut: self.inner.call(req),
+                        decision: Some(decision),
                     },
                 }
             }

@@ -1,0 +1,343 @@
+//! OTLP export of the mesh's spans (feature `otlp`): a tracer provider with a batching
+//! exporter over gRPC or HTTP/protobuf, configured from the standard OpenTelemetry
+//! environment variables or in code.
+//!
+//! | Variable | Meaning | Default |
+//! |---|---|---|
+//! | `OTEL_EXPORTER_OTLP_ENDPOINT` | collector address | `http://localhost:4317` (gRPC), `http://localhost:4318` (HTTP) |
+//! | `OTEL_EXPORTER_OTLP_PROTOCOL` | `grpc` or `http/protobuf` | `http/protobuf` |
+//! | `OTEL_SERVICE_NAME` | the `service.name` resource attribute | `unknown_service` |
+//! | `OTEL_TRACES_SAMPLER_ARG` | sampling ratio for new traces (parents' decisions are kept) | `1.0` |
+//!
+//! Export runs on a background batch processor: a request never waits for it, and when the
+//! queue is full, spans are dropped rather than requests slowed.
+//!
+//! ```no_run
+//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Spans of every mesh layer built after this go to the collector.
+//! let _tracing = mesh_tower::trace::otlp::Otlp::from_env().install()?;
+//! # Ok(()) }
+//! ```
+
+use std::fmt;
+
+use opentelemetry::global::BoxedTracer;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::Resource;
+
+/// The wire protocol to the collector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// OTLP/gRPC (port 4317).
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (port 4318).
+    HttpProtobuf,
+}
+
+/// Why the exporter could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum OtlpError {
+    /// An environment variable has a value this exporter does not support.
+    #[error("{var}={value:?}: {reason}")]
+    Env {
+        /// The variable.
+        var: &'static str,
+        /// Its value.
+        value: String,
+        /// What is accepted.
+        reason: &'static str,
+    },
+    /// Built outside a tokio runtime (the exporter's connections run on it).
+    #[error("the OTLP exporter must be built within a tokio runtime")]
+    NoRuntime,
+    /// The exporter could not be built (e.g. an invalid endpoint).
+    #[error("OTLP exporter to {endpoint}: {source}")]
+    Build {
+        /// The endpoint, as configured.
+        endpoint: String,
+        /// The exporter's error.
+        source: opentelemetry_otlp::ExporterBuildError,
+    },
+}
+
+/// OTLP exporter settings (see the [module](self)).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Otlp {
+    endpoint: Option<String>,
+    protocol: Protocol,
+    service_name: Option<String>,
+    sampling_ratio: f64,
+}
+
+impl Default for Otlp {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            protocol: Protocol::HttpProtobuf,
+            service_name: None,
+            sampling_ratio: 1.0,
+        }
+    }
+}
+
+impl Otlp {
+    /// Settings from the environment (unset or invalid variables fall back to the defaults;
+    /// [`Otlp::try_from_env`] reports invalid ones).
+    pub fn from_env() -> Self {
+        Self::try_from_env().unwrap_or_else(|e| {
+            tracing::warn!("{e}; using the default");
+            Self::default()
+        })
+    }
+
+    /// Settings from the environment, failing on a value that is set but invalid.
+    ///
+    /// # Errors
+    /// An unsupported protocol or a sampling ratio outside 0..=1.
+    pub fn try_from_env() -> Result<Self, OtlpError> {
+        let mut o = Self::default();
+        if let Ok(v) = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT") {
+            if !v.is_empty() {
+                o.endpoint = Some(v);
+            }
+        }
+        if let Ok(v) = std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL") {
+            o.protocol = match v.as_str() {
+                "grpc" => Protocol::Grpc,
+                "http/protobuf" | "" => Protocol::HttpProtobuf,
+                _ => {
+                    return Err(OtlpError::Env {
+                        var: "OTEL_EXPORTER_OTLP_PROTOCOL",
+                        value: v,
+                        reason: "supported: grpc, http/protobuf",
+                    })
+                }
+            };
+        }
+        if let Ok(v) = std::env::var("OTEL_SERVICE_NAME") {
+            if !v.is_empty() {
+                o.service_name = Some(v);
+            }
+        }
+        if let Ok(v) = std::env::var("OTEL_TRACES_SAMPLER_ARG") {
+            match v.parse::<f64>() {
+                Ok(r) if (0.0..=1.0).contains(&r) => o.sampling_ratio = r,
+                _ => {
+                    return Err(OtlpError::Env {
+                        var: "OTEL_TRACES_SAMPLER_ARG",
+                        value: v,
+                        reason: "a ratio from 0.0 to 1.0",
+                    })
+                }
+            }
+        }
+        Ok(o)
+    }
+
+    /// The collector's address (e.g. `http://127.0.0.1:4317`; for HTTP, the base address:
+    /// `/v1/traces` is appended).
+    pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// The wire protocol.
+    pub fn protocol(mut self, protocol: Protocol) -> Self {
+        self.protocol = protocol;
+        self
+    }
+
+    /// The `service.name` of the spans.
+    pub fn service_name(mut self, name: impl Into<String>) -> Self {
+        self.service_name = Some(name.into());
+        self
+    }
+
+    /// The fraction of new traces sampled (clamped to 0..=1); a request with a remote
+    /// parent follows the parent's decision.
+    pub fn sampling_ratio(mut self, ratio: f64) -> Self {
+        self.sampling_ratio = ratio.clamp(0.0, 1.0);
+        self
+    }
+
+    /// A tracer provider exporting to the collector (not installed globally; pass
+    /// [`tracer`]`(&provider)` to [`TraceLayer::tracer`](super::TraceLayer::tracer)).
+    /// Call within a tokio runtime.
+    ///
+    /// # Errors
+    /// The exporter cannot be built.
+    pub fn build(&self) -> Result<SdkTracerProvider, OtlpError> {
+        let endpoint = self.endpoint.clone().unwrap_or_else(|| {
+            match self.protocol {
+                Protocol::Grpc => "http://localhost:4317",
+                Protocol::HttpProtobuf => "http://localhost:4318",
+            }
+            .to_owned()
+        });
+        let exporter = match self.protocol {
+            Protocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .build(),
+            Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_http_client(OnRuntime::new()?)
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+                .build(),
+        }
+        .map_err(|source| OtlpError::Build {
+            endpoint: endpoint.clone(),
+            source,
+        })?;
+        let mut resource = Resource::builder();
+        if let Some(name) = &self.service_name {
+            resource = resource.with_service_name(name.clone());
+        }
+        Ok(SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                self.sampling_ratio,
+            ))))
+            .with_resource(resource.build())
+            .build())
+    }
+
+    /// Builds the provider and installs it as the global one, which
+    /// [`TraceLayer::client`](super::TraceLayer::client) and
+    /// [`TraceLayer::server`](super::TraceLayer::server) use. Keep the guard: dropping it
+    /// flushes the spans still queued.
+    ///
+    /// # Errors
+    /// The exporter cannot be built.
+    pub fn install(&self) -> Result<TracingGuard, OtlpError> {
+        let provider = self.build()?;
+        opentelemetry::global::set_tracer_provider(provider.clone());
+        Ok(TracingGuard { provider })
+    }
+}
+
+/// A mesh tracer from `provider`, for [`TraceLayer::tracer`](super::TraceLayer::tracer).
+pub fn tracer(provider: &SdkTracerProvider) -> BoxedTracer {
+    BoxedTracer::new(Box::new(provider.tracer(super::SCOPE)))
+}
+
+/// Flushes and stops the exporter when dropped.
+pub struct TracingGuard {
+    provider: SdkTracerProvider,
+}
+
+impl TracingGuard {
+    /// The provider.
+    pub fn provider(&self) -> &SdkTracerProvider {
+        &self.provider
+    }
+}
+
+impl fmt::Debug for TracingGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TracingGuard").finish_non_exhaustive()
+    }
+}
+
+impl Drop for TracingGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.provider.shutdown() {
+            tracing::warn!("flushing spans at shutdown: {e}");
+        }
+    }
+}
+
+/// The HTTP exporter's client, run on the runtime it was built in: the batch processor
+/// exports from its own thread, where hyper's connections would find no reactor.
+#[derive(Debug)]
+struct OnRuntime {
+    client: std::sync::Arc<
+        opentelemetry_http::hyper::HyperClient<hyper_util::client::legacy::connect::HttpConnector>,
+    >,
+    runtime: tokio::runtime::Handle,
+}
+
+impl OnRuntime {
+    fn new() -> Result<Self, OtlpError> {
+        Ok(Self {
+            client: std::sync::Arc::new(
+                opentelemetry_http::hyper::HyperClient::with_default_connector(
+                    std::time::Duration::from_secs(10),
+                    None,
+                ),
+            ),
+            runtime: tokio::runtime::Handle::try_current().map_err(|_| OtlpError::NoRuntime)?,
+        })
+    }
+}
+
+type HttpResult = Result<http::Response<bytes::Bytes>, opentelemetry_http::HttpError>;
+
+impl opentelemetry_http::HttpClient for OnRuntime {
+    fn send_bytes<'a, 'f>(
+        &'a self,
+        request: http::Request<bytes::Bytes>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = HttpResult> + Send + 'f>>
+    where
+        'a: 'f,
+        Self: 'f,
+    {
+        let client = self.client.clone();
+        let task = self
+            .runtime
+            .spawn(async move { client.send_bytes(request).await });
+        Box::pin(async move {
+            task.await
+                .map_err(|e| Box::new(e) as opentelemetry_http::HttpError)?
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The only test in this crate that touches these variables.
+    #[test]
+    fn settings_from_the_standard_environment() {
+        let vars = [
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            "OTEL_SERVICE_NAME",
+            "OTEL_TRACES_SAMPLER_ARG",
+        ];
+        std::env::set_var(vars[0], "http://collector:4317");
+        std::env::set_var(vars[1], "grpc");
+        std::env::set_var(vars[2], "reviews");
+        std::env::set_var(vars[3], "0.25");
+        let o = Otlp::try_from_env().unwrap();
+        assert_eq!(
+            o,
+            Otlp::default()
+                .endpoint("http://collector:4317")
+                .protocol(Protocol::Grpc)
+                .service_name("reviews")
+                .sampling_ratio(0.25)
+        );
+        std::env::set_var(vars[1], "http/json");
+        let e = Otlp::try_from_env().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "OTEL_EXPORTER_OTLP_PROTOCOL=\"http/json\": supported: grpc, http/protobuf"
+        );
+        std::env::set_var(vars[1], "grpc");
+        std::env::set_var(vars[3], "2");
+        assert!(Otlp::try_from_env()
+            .unwrap_err()
+            .to_string()
+            .starts_with("OTEL_TRACES_SAMPLER_ARG=\"2\""));
+        assert_eq!(Otlp::from_env(), Otlp::default(), "invalid: the defaults");
+        for v in vars {
+            std::env::remove_var(v);
+        }
+        assert!(matches!(Otlp::default().build(), Err(OtlpError::NoRuntime)));
+    }
+}

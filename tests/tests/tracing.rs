@@ -1,0 +1,252 @@
+//! Distributed tracing across two services through the mesh, exported over OTLP (gRPC and
+//! HTTP) to a real OTLP receiver running in the test: a caller's B3 parent, the frontend's
+//! server span, its client span to the backend and the backend's server span form one trace.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty, Full};
+use mesh_control::ads::{AdsServer, ResourceCache};
+use mesh_control::istio::{self, Options};
+use mesh_core::xds::{Bootstrap, XdsClient};
+use mesh_tower::server::InboundLayer;
+use mesh_tower::tls::{MeshAcceptor, TlsMode};
+use mesh_tower::trace::otlp::{tracer, Otlp, Protocol};
+use mesh_tower::trace::TraceLayer;
+use mesh_tower::MeshClient;
+use mock_collector::MockServer;
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::common::v1::KeyValue;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
+use tower::{Layer, ServiceExt};
+
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const PARENT: &str = "00f067aa0ba902b7";
+
+fn backend_yaml(port: u16) -> String {
+    format!(
+        r#"apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: backend, namespace: prod}}
+spec:
+  hosts: [backend.prod.svc.cluster.local]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
+---
+apiVersion: networking.istio.io/v1beta1
+kind: DestinationRule
+metadata: {{name: backend, namespace: prod}}
+spec:
+  host: backend.prod.svc.cluster.local
+  trafficPolicy: {{tls: {{mode: DISABLE}}}}
+---
+apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {{name: backend, namespace: prod}}
+spec:
+  hosts: [backend.prod.svc.cluster.local]
+  http:
+  - name: backend-route
+    route: [{{destination: {{host: backend.prod.svc.cluster.local}}}}]
+"#
+    )
+}
+
+fn attr<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a Value> {
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .and_then(|v| v.value.as_ref())
+}
+
+fn string(attrs: &[KeyValue], key: &str) -> String {
+    match attr(attrs, key) {
+        Some(Value::StringValue(s)) => s.clone(),
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn one_trace_across_two_services(collector: mock_collector::Protocol, protocol: Protocol) {
+    let collector = MockServer::builder()
+        .protocol(collector)
+        .port(0)
+        .start()
+        .await
+        .unwrap();
+    let otlp = Otlp::default()
+        .protocol(protocol)
+        .endpoint(format!("http://{}", collector.addr()));
+    let backend_traces = otlp.clone().service_name("backend").build().unwrap();
+    let frontend_traces = otlp.service_name("frontend").build().unwrap();
+
+    // The backend: an inbound stack over a plain handler.
+    let app = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from("items"))))
+    });
+    let backend = InboundLayer::new("backend")
+        .trace(TraceLayer::server().tracer(tracer(&backend_traces)))
+        .layer(app);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend_port = listener.local_addr().unwrap().port();
+    let acceptor = MeshAcceptor::new(TlsMode::Disable, None).unwrap();
+    tokio::spawn(mesh_tower::server::serve(
+        listener,
+        acceptor.clone(),
+        backend,
+        std::future::pending(),
+    ));
+
+    // The frontend's mesh client, configured over xDS.
+    let generated = istio::generate(
+        &istio::parse(&backend_yaml(backend_port), "backend.yaml").unwrap(),
+        &Options::default(),
+    )
+    .unwrap();
+    let cache = ResourceCache::new();
+    cache.set_resources(generated.resources);
+    let xds_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let xds_addr = xds_listener.local_addr().unwrap();
+    tokio::spawn(AdsServer::new(cache).serve(xds_listener, std::future::pending()));
+    let xds = XdsClient::builder(Bootstrap::new(xds_addr.to_string(), "frontend"))
+        .build()
+        .unwrap();
+    let target = "xds:///backend.prod.svc.cluster.local:80";
+    xds.listener(target, Duration::from_secs(15)).await.unwrap();
+    xds.store()
+        .wait_for(Duration::from_secs(15), |s| {
+            s.endpoints_for_cluster("outbound|80||backend.prod.svc.cluster.local")
+                .is_some()
+        })
+        .await
+        .unwrap();
+    let client = MeshClient::builder(xds.store().clone(), target)
+        .unwrap()
+        .trace(TraceLayer::client().tracer(tracer(&frontend_traces)))
+        .build();
+
+    // The frontend: its handler calls the backend through the mesh client.
+    let app = tower::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+        let client = client.clone();
+        async move {
+            let req = http::Request::get("http://backend.prod.svc.cluster.local/items")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            let resp = client.oneshot(req).await?;
+            let body = resp.into_body().collect().await?.to_bytes();
+            Ok::<_, mesh_tower::BoxError>(http::Response::new(Full::new(body)))
+        }
+    });
+    let frontend = InboundLayer::new("frontend")
+        .trace(TraceLayer::server().tracer(tracer(&frontend_traces)))
+        .layer(app);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let frontend_addr = listener.local_addr().unwrap();
+    tokio::spawn(mesh_tower::server::serve(
+        listener,
+        acceptor,
+        frontend,
+        std::future::pending(),
+    ));
+
+    // A caller with a B3 parent.
+    let req = http::Request::get(format!("http://{frontend_addr}/"))
+        .header("host", "frontend")
+        .header("b3", format!("{TRACE}-{PARENT}-1"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = support::client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.into_body().collect().await.unwrap().to_bytes(),
+        "items"
+    );
+
+    for p in [backend_traces, frontend_traces] {
+        tokio::task::spawn_blocking(move || p.force_flush().unwrap())
+            .await
+            .unwrap();
+    }
+    collector
+        .wait_for_spans(3, Duration::from_secs(15))
+        .await
+        .unwrap();
+    let spans = collector.with_collector(|c| c.spans().to_vec()).await;
+    assert_eq!(spans.len(), 3, "{spans:#?}");
+    let find = |service: &str, kind: SpanKind| {
+        spans
+            .iter()
+            .find(|s| {
+                string(s.resource_attrs(), "service.name") == service
+                    && s.span().kind == kind as i32
+            })
+            .unwrap_or_else(|| panic!("no {kind:?} span of {service}: {spans:#?}"))
+            .span()
+    };
+    let frontend_server = find("frontend", SpanKind::Server);
+    let frontend_client = find("frontend", SpanKind::Client);
+    let backend_server = find("backend", SpanKind::Server);
+    for s in [frontend_server, frontend_client, backend_server] {
+        assert_eq!(hex(&s.trace_id), TRACE, "{}", s.name);
+    }
+    assert_eq!(
+        hex(&frontend_server.parent_span_id),
+        PARENT,
+        "the B3 parent"
+    );
+    assert_eq!(frontend_client.parent_span_id, frontend_server.span_id);
+    assert_eq!(backend_server.parent_span_id, frontend_client.span_id);
+
+    assert_eq!(frontend_server.name, "GET");
+    assert_eq!(
+        string(&frontend_server.attributes, "mesh.direction"),
+        "inbound"
+    );
+    assert_eq!(
+        string(&frontend_server.attributes, "client.address"),
+        "127.0.0.1"
+    );
+    let c = &frontend_client.attributes;
+    assert_eq!(string(c, "http.request.method"), "GET");
+    assert_eq!(
+        string(c, "server.address"),
+        "backend.prod.svc.cluster.local"
+    );
+    assert_eq!(string(c, "url.path"), "/items");
+    assert_eq!(
+        attr(c, "http.response.status_code"),
+        Some(&Value::IntValue(200))
+    );
+    assert_eq!(string(c, "mesh.route"), "backend-route");
+    assert_eq!(
+        string(c, "mesh.cluster"),
+        "outbound|80||backend.prod.svc.cluster.local"
+    );
+    assert_eq!(
+        string(c, "mesh.endpoint"),
+        format!("127.0.0.1:{backend_port}")
+    );
+    assert_eq!(attr(c, "mesh.retry.attempts"), Some(&Value::IntValue(1)));
+    assert_eq!(string(&backend_server.attributes, "url.path"), "/items");
+    assert!(frontend_client.start_time_unix_nano >= frontend_server.start_time_unix_nano);
+    assert!(frontend_client.end_time_unix_nano <= frontend_server.end_time_unix_nano);
+    collector.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_across_two_services_over_otlp_grpc() {
+    one_trace_across_two_services(mock_collector::Protocol::Grpc, Protocol::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_across_two_services_over_otlp_http() {
+    one_trace_across_two_services(mock_collector::Protocol::HttpBinary, Protocol::HttpProtobuf)
+        .await;
+}
