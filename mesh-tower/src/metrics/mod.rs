@@ -6,6 +6,12 @@
 //! `ArcSwap`ped two-level map looked up by `&str`, and every value is an atomic. A new label
 //! set takes a lock once. Exposition uses prometheus-client's encoder (OpenMetrics text).
 //!
+//! An HTTP response is judged and timed at its head. A gRPC response is judged by the
+//! `grpc-status` of its trailers and timed to its end (a trailers-only response at its head;
+//! a stream the caller abandons counts as CANCELLED, one that breaks as UNAVAILABLE), so
+//! the in-flight gauge covers the whole call. Structured access logs ([`AccessLog`]) are
+//! written at the same moment.
+//!
 //! # Example
 //!
 //! ```
@@ -24,7 +30,7 @@
 
 mod layer;
 
-pub use layer::{AccessLog, MetricsLayer, MetricsService, ResponseFuture};
+pub use layer::{AccessLog, MetricsLayer, MetricsService, Pending, ResponseFuture};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};

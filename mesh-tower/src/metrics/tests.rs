@@ -67,3 +67,76 @@ fn labels_can_be_turned_off() {
         "route label off: one series"
     );
 }
+
+/// A gRPC response is judged by the status in its trailers, once its body ends; a
+/// trailers-only response by its headers; an abandoned stream counts as CANCELLED.
+#[tokio::test]
+async fn grpc_outcomes_come_from_trailers() {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    use tower::{Layer, ServiceExt};
+
+    fn grpc_response(
+        head_status: Option<&'static str>,
+        trailer_status: &'static str,
+    ) -> http::Response<
+        http_body_util::StreamBody<
+            futures::stream::Iter<
+                std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::convert::Infallible>>,
+            >,
+        >,
+    > {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", trailer_status.parse().unwrap());
+        let frames = vec![
+            Ok(http_body::Frame::data(Bytes::from_static(b"\0\0\0\0\0"))),
+            Ok(http_body::Frame::trailers(trailers)),
+        ];
+        let mut resp = http::Response::new(http_body_util::StreamBody::new(futures::stream::iter(
+            frames,
+        )));
+        resp.headers_mut()
+            .insert("content-type", "application/grpc".parse().unwrap());
+        if let Some(s) = head_status {
+            resp.headers_mut().insert("grpc-status", s.parse().unwrap());
+        }
+        resp
+    }
+
+    let m = Metrics::default();
+    let layer = MetricsLayer::new(m.clone(), Direction::Inbound).service("greeter");
+    let series = m.series(Direction::Inbound, "", "greeter");
+    let call = |head, trailer| {
+        layer
+            .layer(tower::service_fn(
+                move |_req: http::Request<()>| async move {
+                    Ok::<_, std::convert::Infallible>(grpc_response(head, trailer))
+                },
+            ))
+            .oneshot(http::Request::new(()))
+    };
+    let resp = call(None, "14").await.unwrap();
+    assert_eq!(series.total(), 0, "not judged before the trailers");
+    assert_eq!(series.in_flight(), 1);
+    resp.into_body().collect().await.unwrap();
+    assert_eq!(series.in_flight(), 0);
+    let resp = call(None, "0").await.unwrap();
+    resp.into_body().collect().await.unwrap();
+    // Trailers-only: judged at once by its headers.
+    let resp = call(Some("8"), "0").await.unwrap();
+    assert_eq!(series.total(), 3);
+    drop(resp);
+    // The caller stops reading.
+    drop(call(None, "0").await.unwrap());
+    let outcomes: std::collections::HashMap<_, _> = series.outcomes().into_iter().collect();
+    assert_eq!(outcomes["UNAVAILABLE"], 1);
+    assert_eq!(outcomes["OK"], 1);
+    assert_eq!(outcomes["RESOURCE_EXHAUSTED"], 1);
+    assert_eq!(outcomes["CANCELLED"], 1);
+    assert_eq!(series.total(), 4);
+    assert_eq!(
+        series.successes(),
+        2,
+        "UNAVAILABLE and RESOURCE_EXHAUSTED count as failures"
+    );
+}
