@@ -76,16 +76,16 @@ async fn grpc_outcomes_come_from_trailers() {
     use http_body_util::BodyExt;
     use tower::{Layer, ServiceExt};
 
+    type GrpcBody = http_body_util::StreamBody<
+        futures::stream::Iter<
+            std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::convert::Infallible>>,
+        >,
+    >;
+
     fn grpc_response(
         head_status: Option<&'static str>,
         trailer_status: &'static str,
-    ) -> http::Response<
-        http_body_util::StreamBody<
-            futures::stream::Iter<
-                std::vec::IntoIter<Result<http_body::Frame<Bytes>, std::convert::Infallible>>,
-            >,
-        >,
-    > {
+    ) -> http::Response<GrpcBody> {
         let mut trailers = http::HeaderMap::new();
         trailers.insert("grpc-status", trailer_status.parse().unwrap());
         let frames = vec![
