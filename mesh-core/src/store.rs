@@ -65,6 +65,8 @@ pub struct ConfigDump {
     pub connected: bool,
     /// The last connection error, if any.
     pub last_error: Option<String>,
+    /// The node the client identifies as (for CSDS).
+    pub node: Option<envoy_types::pb::envoy::config::core::v3::Node>,
 }
 
 impl ConfigDump {

@@ -299,6 +299,79 @@ async fn golden_signals_and_admin_endpoint() {
         nacked["resource"]["virtual_hosts"].is_array(),
         "the last good resource is still shown"
     );
+    // The same state over CSDS (gRPC on the admin port), unary and streaming.
+    {
+        use envoy_types::pb::envoy::admin::v3::ClientResourceStatus;
+        use envoy_types::pb::envoy::service::status::v3::client_status_discovery_service_client::ClientStatusDiscoveryServiceClient;
+        use envoy_types::pb::envoy::service::status::v3::ClientStatusRequest;
+        let mut csds = ClientStatusDiscoveryServiceClient::connect(format!("http://{admin}"))
+            .await
+            .unwrap();
+        let resp = csds
+            .fetch_client_status(ClientStatusRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.config.len(), 1);
+        let config = &resp.config[0];
+        assert_eq!(config.node.as_ref().unwrap().id, "observed");
+        let nacked = config
+            .generic_xds_configs
+            .iter()
+            .find(|c| c.client_status == ClientResourceStatus::Nacked as i32)
+            .expect("a NACKED resource");
+        assert_eq!(nacked.name, "ok.prod.svc.cluster.local:80");
+        assert!(nacked.type_url.ends_with("RouteConfiguration"));
+        let error = nacked.error_state.as_ref().unwrap();
+        assert!(
+            error.details.contains("virtual_hosts[0].domains[0]"),
+            "{error:?}"
+        );
+        assert!(!error.version_info.is_empty());
+        assert!(
+            nacked
+                .xds_config
+                .as_ref()
+                .unwrap()
+                .type_url
+                .ends_with("RouteConfiguration"),
+            "the last good resource"
+        );
+        let acked = config
+            .generic_xds_configs
+            .iter()
+            .filter(|c| c.client_status == ClientResourceStatus::Acked as i32)
+            .count();
+        assert!(acked >= 3, "{config:?}");
+        // Streaming: one response per request; contents excluded on request.
+        let requests = futures::stream::iter([ClientStatusRequest {
+            exclude_resource_contents: true,
+            ..Default::default()
+        }]);
+        let mut stream = csds
+            .stream_client_status(requests)
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        assert_eq!(
+            first.config[0].generic_xds_configs.len(),
+            config.generic_xds_configs.len()
+        );
+        assert!(first.config[0]
+            .generic_xds_configs
+            .iter()
+            .all(|c| c.xds_config.is_none()));
+        // Node matchers are refused with a clear status.
+        let err = csds
+            .fetch_client_status(ClientStatusRequest {
+                node_matchers: vec![Default::default()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
     // Ready flips only with the first configuration: a fresh store is not ready.
     let fresh = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let fresh_addr = fresh.local_addr().unwrap();

@@ -287,6 +287,7 @@ impl AdsState {
             server: server.to_owned(),
             connected: self.connected,
             last_error,
+            node: Some(self.node.clone()),
         }
     }
 

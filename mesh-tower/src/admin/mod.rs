@@ -1,7 +1,8 @@
 //! The admin endpoint a service starts on a local port: `/metrics` (Prometheus/OpenMetrics
 //! text), `/stats` (golden signals as JSON), `/config_dump` (every xDS resource held, with
 //! version, ACKED / NACKED / DOES_NOT_EXIST status and last error), `/ready` (200 once the
-//! first configuration has arrived).
+//! first configuration has arrived), and over gRPC on the same port the xDS Client Status
+//! Discovery Service ([`Csds`], `envoy.service.status.v3.ClientStatusDiscoveryService`).
 //!
 //! ```no_run
 //! # async fn run(client: mesh_tower::MeshClient, store: mesh_core::ConfigStore) -> std::io::Result<()> {
@@ -19,7 +20,14 @@ use http_body_util::Full;
 use mesh_core::ConfigStore;
 use serde_json::json;
 
+use crate::error::BoxError;
 use crate::metrics::{Direction, Metrics};
+
+mod csds;
+
+pub use csds::Csds;
+
+type AdminBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 use crate::tls::{MeshAcceptor, TlsMode};
 
 fn respond(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -91,10 +99,28 @@ pub async fn serve(
     store: ConfigStore,
     shutdown: impl Future<Output = ()>,
 ) {
+    let csds = Csds::new(store.clone()).into_service();
     let app = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
         let metrics = metrics.clone();
         let store = store.clone();
+        let mut csds = csds.clone();
         async move {
+            use http_body_util::BodyExt;
+            use tower::Service;
+            if req
+                .uri()
+                .path()
+                .starts_with("/envoy.service.status.v3.ClientStatusDiscoveryService/")
+            {
+                // Correctness: tonic's generated server is always ready and never fails.
+                let resp = match csds.call(req).await {
+                    Ok(r) => r,
+                    Err(never) => match never {},
+                };
+                return Ok::<Response<AdminBody>, Infallible>(
+                    resp.map(|b| b.map_err(BoxError::from).boxed_unsync()),
+                );
+            }
             let resp = match req.uri().path() {
                 "/metrics" => respond(
                     StatusCode::OK,
@@ -125,7 +151,7 @@ pub async fn serve(
                     "try /metrics, /stats, /config_dump, /ready\n".into(),
                 ),
             };
-            Ok::<_, Infallible>(resp)
+            Ok(resp.map(|b| b.map_err(|never| match never {}).boxed_unsync()))
         }
     });
     // Correctness: DISABLE needs no identity, so this cannot fail.
