@@ -33,5 +33,5 @@ mod store;
 pub mod xds;
 
 pub use error::{BootstrapError, Error, XdsError};
-pub use store::{ConfigDump, ConfigStore, ResourceDump, ResourceStatus};
+pub use store::{ConfigDump, ConfigStore, ResourceDump, ResourceStatus, XdsCounts};
 pub use xds::translate::TranslateError;

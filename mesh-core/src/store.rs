@@ -1,6 +1,7 @@
 //! The live configuration: an atomically swapped [`Snapshot`] plus change notification and
 //! per-resource status for config dumps.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -83,6 +84,17 @@ struct Inner {
     snapshot: ArcSwap<Snapshot>,
     dump: ArcSwap<ConfigDump>,
     changed: watch::Sender<u64>,
+    acks: AtomicU64,
+    nacks: AtomicU64,
+}
+
+/// How many xDS responses the client accepted and rejected.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XdsCounts {
+    /// Responses ACKed (updates applied).
+    pub acked: u64,
+    /// Responses NACKed (rejected; the last good configuration kept serving).
+    pub nacked: u64,
 }
 
 /// The live configuration shared by the xDS client (the one writer) and every request.
@@ -118,8 +130,27 @@ impl ConfigStore {
                 snapshot: ArcSwap::from_pointee(Snapshot::default()),
                 dump: ArcSwap::from_pointee(ConfigDump::default()),
                 changed,
+                acks: AtomicU64::new(0),
+                nacks: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Responses accepted and rejected so far.
+    pub fn xds_counts(&self) -> XdsCounts {
+        XdsCounts {
+            acked: self.inner.acks.load(Ordering::Relaxed),
+            nacked: self.inner.nacks.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn count_response(&self, acked: bool) {
+        let c = if acked {
+            &self.inner.acks
+        } else {
+            &self.inner.nacks
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The current snapshot.

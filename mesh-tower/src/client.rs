@@ -110,6 +110,7 @@ impl MeshClientBuilder {
     pub fn build(self) -> MeshClient {
         let listener = self.listener;
         let metrics = self.metrics.unwrap_or_default();
+        metrics.observe_xds(&self.store);
         let registry = self.registry.unwrap_or_else(|| {
             ClusterRegistry::build(
                 self.store.clone(),
@@ -125,7 +126,7 @@ impl MeshClientBuilder {
             .metrics(metrics.clone())
             .layer(cluster);
         let timeout = TimeoutLayer::new().layer(retry);
-        let fault = FaultLayer::new().layer(timeout);
+        let fault = FaultLayer::new().metrics(metrics.clone()).layer(timeout);
         let mut measure = MetricsLayer::new(metrics.clone(), Direction::Outbound);
         if let Some(a) = self.access_log {
             measure = measure.access_log(a);

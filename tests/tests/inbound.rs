@@ -38,11 +38,21 @@ async fn start(
     id: Option<&IdentityStore>,
     authz: Option<AuthzLayer>,
 ) -> std::net::SocketAddr {
+    start_measured(mode, id, authz, mesh_tower::metrics::Metrics::default()).await
+}
+
+async fn start_measured(
+    mode: TlsMode,
+    id: Option<&IdentityStore>,
+    authz: Option<AuthzLayer>,
+    metrics: mesh_tower::metrics::Metrics,
+) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = MeshAcceptor::new(mode, id)
         .unwrap()
-        .handshake_timeout(Duration::from_secs(2));
+        .handshake_timeout(Duration::from_secs(2))
+        .with_metrics(metrics);
     let app = tower::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
         let peer = req
             .extensions()
@@ -113,7 +123,8 @@ async fn permissive_serves_plaintext_and_mtls_on_one_port() {
 async fn strict_refuses_plaintext_and_foreign_clients() {
     let ca = DevCa::new("cluster.local").unwrap();
     let server = identity(&ca, "prod", "backend");
-    let addr = start(TlsMode::Strict, Some(&server), None).await;
+    let metrics = mesh_tower::metrics::Metrics::default();
+    let addr = start_measured(TlsMode::Strict, Some(&server), None, metrics.clone()).await;
     assert!(
         get(addr, None, "/").await.is_err(),
         "plaintext client refused"
@@ -140,6 +151,17 @@ async fn strict_refuses_plaintext_and_foreign_clients() {
         get(addr, Some(&client), "/").await.unwrap(),
         (200, FRONTEND.into())
     );
+    assert_eq!(
+        metrics
+            .counters()
+            .tls_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        2,
+        "the plaintext client and the foreign one, not the good one"
+    );
+    assert!(metrics
+        .render()
+        .contains("mesh_tls_handshake_failures_total 2"));
     // DISABLE: plaintext only.
     let plain = start(TlsMode::Disable, None, None).await;
     assert_eq!(
@@ -203,7 +225,8 @@ async fn openssl_s_client_interop() {
     }
     let ca = DevCa::new("cluster.local").unwrap();
     let server = identity(&ca, "prod", "backend");
-    let addr = start(TlsMode::Strict, Some(&server), None).await;
+    let metrics = mesh_tower::metrics::Metrics::default();
+    let addr = start_measured(TlsMode::Strict, Some(&server), None, metrics.clone()).await;
     let dir = std::env::temp_dir().join(format!("mesh-openssl-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let svid = ca

@@ -179,6 +179,12 @@ async fn wrong_server_identity_is_refused_with_both_ids() {
         text.contains("server presented spiffe://cluster.local/ns/prod/sa/impostor, expected Exact(\"spiffe://cluster.local/ns/prod/sa/backend\")"),
         "{text}"
     );
+    let failures = mesh
+        .metrics()
+        .counters()
+        .tls_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(failures >= 1, "handshake failures are counted: {failures}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

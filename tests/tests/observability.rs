@@ -293,6 +293,19 @@ async fn golden_signals_and_admin_endpoint() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     assert_eq!(nacked["name"], "ok.prod.svc.cluster.local:80");
+    let (_, text) = http_get(admin, "/metrics").await;
+    let counter = |name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} in {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(counter("mesh_xds_nacks_total"), 1.0, "{text}");
+    assert!(
+        counter("mesh_xds_updates_total") >= 4.0,
+        "LDS, RDS, CDS, EDS at least"
+    );
     let details = nacked["error_state"]["details"].as_str().unwrap();
     assert!(details.contains("virtual_hosts[0].domains[0]"), "{details}");
     assert!(

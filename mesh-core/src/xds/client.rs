@@ -521,6 +521,17 @@ impl Task {
                         }
                     };
                     received = true;
+                    for o in &out {
+                        // The reply to a response carries its nonce; ACK or NACK by the
+                        // error detail. Other requests are subscription changes.
+                        let (nonce, error) = match o {
+                            Outbound::Sotw(r) => (&r.response_nonce, r.error_detail.is_some()),
+                            Outbound::Delta(r) => (&r.response_nonce, r.error_detail.is_some()),
+                        };
+                        if !nonce.is_empty() {
+                            self.store.count_response(!error);
+                        }
+                    }
                     for o in out {
                         let _ = tx.send(o);
                     }

@@ -99,6 +99,7 @@ pub async fn serve(
     store: ConfigStore,
     shutdown: impl Future<Output = ()>,
 ) {
+    metrics.observe_xds(&store);
     let csds = Csds::new(store.clone()).into_service();
     let app = tower::service_fn(move |req: Request<hyper::body::Incoming>| {
         let metrics = metrics.clone();

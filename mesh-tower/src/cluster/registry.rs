@@ -238,7 +238,10 @@ impl ClusterRuntime {
             cluster.circuit_breakers.default.max_pending_requests,
             Ordering::Release,
         );
-        let connector = connector.with_limit(limit.clone());
+        let mut connector = connector.with_limit(limit.clone());
+        if let Some(m) = &metrics {
+            connector = connector.with_metrics(m.clone());
+        }
         Self {
             name: cluster.name.clone(),
             client: client_for(&cluster, connector),

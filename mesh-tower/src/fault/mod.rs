@@ -33,12 +33,19 @@ use crate::route::RouteDecision;
 #[derive(Clone, Debug, Default)]
 pub struct FaultLayer {
     active: Arc<AtomicU32>,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl FaultLayer {
     /// The layer.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Counts injected faults in `metrics` (`mesh_faults_injected_total`).
+    pub fn metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 }
 
@@ -49,6 +56,7 @@ impl<S> Layer<S> for FaultLayer {
         Fault {
             inner,
             active: self.active.clone(),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -58,6 +66,7 @@ impl<S> Layer<S> for FaultLayer {
 pub struct Fault<S> {
     inner: S,
     active: Arc<AtomicU32>,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl<S> Fault<S> {
@@ -213,6 +222,9 @@ where
             },
         });
         tracing::debug!(delay = ?delay.map(|d| d.duration), abort = abort.is_some(), "fault injected");
+        if let Some(m) = &self.metrics {
+            m.counters().faults.fetch_add(1, Ordering::Relaxed);
+        }
         match delay {
             Some(d) => {
                 // Correctness: move the ready service into the future; a clone takes its place.
@@ -301,7 +313,8 @@ mod tests {
     async fn aborts_a_percentage_of_requests() {
         let rc = config(abort(AbortKind::Http(503), 25.0));
         let (mock, mut handle) = tower_test::mock::pair::<Request<()>, Response<()>>();
-        let mut svc = FaultLayer::new().layer(mock);
+        let metrics = crate::metrics::Metrics::default();
+        let mut svc = FaultLayer::new().metrics(metrics.clone()).layer(mock);
         handle.allow(100_000);
         let answer = tokio::spawn(async move {
             while let Some((_, send)) = handle.next_request().await {
@@ -326,6 +339,11 @@ mod tests {
         }
         // 25% of 4000, standard deviation 27.
         assert!((880..=1120).contains(&aborted), "{aborted}");
+        assert_eq!(
+            metrics.counters().faults.load(Ordering::Relaxed),
+            aborted,
+            "every injected fault counted"
+        );
         drop(svc);
         answer.abort();
     }

@@ -246,6 +246,7 @@ struct Inner {
     series: [ArcSwap<ClusterMap>; 2],
     write: Mutex<()>,
     counters: Counters,
+    xds: std::sync::OnceLock<mesh_core::ConfigStore>,
 }
 
 /// Event counters that are not per request.
@@ -261,10 +262,6 @@ pub struct Counters {
     pub faults: AtomicU64,
     /// TLS handshakes that failed.
     pub tls_failures: AtomicU64,
-    /// xDS updates applied.
-    pub xds_updates: AtomicU64,
-    /// xDS responses rejected.
-    pub xds_nacks: AtomicU64,
 }
 
 /// The metrics of a service: cheap to clone, shared by its layers and its admin endpoint.
@@ -291,8 +288,15 @@ impl Metrics {
                 ],
                 write: Mutex::new(()),
                 counters: Counters::default(),
+                xds: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Reports the xDS responses `store`'s client accepts and rejects
+    /// (`mesh_xds_updates_total`, `mesh_xds_nacks_total`). The first store given is kept.
+    pub fn observe_xds(&self, store: &mesh_core::ConfigStore) {
+        let _ = self.inner.xds.set(store.clone());
     }
 
     /// Event counters.
@@ -438,11 +442,30 @@ impl prometheus_client::collector::Collector for Metrics {
                 "TLS handshakes that failed.",
                 &c.tls_failures,
             ),
-            ("mesh_xds_updates", "xDS updates applied.", &c.xds_updates),
-            ("mesh_xds_nacks", "xDS responses rejected.", &c.xds_nacks),
         ] {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(v.load(Ordering::Relaxed)).encode(m)?;
+        }
+        let xds = self
+            .inner
+            .xds
+            .get()
+            .map(|s| s.xds_counts())
+            .unwrap_or_default();
+        for (name, help, v) in [
+            (
+                "mesh_xds_updates",
+                "xDS responses accepted (ACKed).",
+                xds.acked,
+            ),
+            (
+                "mesh_xds_nacks",
+                "xDS responses rejected (NACKed); the last good configuration kept serving.",
+                xds.nacked,
+            ),
+        ] {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(v).encode(m)?;
         }
         Ok(())
     }

@@ -157,6 +157,7 @@ pub struct MeshAcceptor {
     mode: TlsMode,
     tls: Option<tokio_rustls::TlsAcceptor>,
     handshake_timeout: Duration,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl std::fmt::Debug for MeshAcceptor {
@@ -193,7 +194,15 @@ impl MeshAcceptor {
             mode,
             tls,
             handshake_timeout: Duration::from_secs(10),
+            metrics: None,
         })
+    }
+
+    /// Counts refused and failed handshakes (plaintext on STRICT, TLS errors, timeouts) in
+    /// `metrics` (`mesh_tls_handshake_failures_total`).
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Bounds the wait for the first byte and the handshake (default 10 s).
@@ -249,11 +258,20 @@ impl MeshAcceptor {
                 .and_then(peer_spiffe_id);
             Ok((ServerStream::Tls(Box::new(stream)), PeerIdentity(id)))
         };
-        tokio::time::timeout(timeout, work)
+        let out = tokio::time::timeout(timeout, work)
             .await
             .map_err(|_| AcceptError::Timeout {
                 peer,
                 after: timeout,
-            })?
+            })
+            .and_then(|r| r);
+        if let (Err(e), Some(m)) = (&out, &self.metrics) {
+            if !matches!(e, AcceptError::Io { .. }) {
+                m.counters()
+                    .tls_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        out
     }
 }

@@ -169,6 +169,7 @@ pub struct MeshConnector {
     handshake_timeout: Duration,
     sni: Option<ServerName<'static>>,
     limit: Option<ConnectionLimit>,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl MeshConnector {
@@ -189,7 +190,14 @@ impl MeshConnector {
             handshake_timeout: connect_timeout,
             sni: sni.and_then(|s| ServerName::try_from(s).ok()),
             limit: None,
+            metrics: None,
         }
+    }
+
+    /// Counts failed TLS handshakes in `metrics` (`mesh_tls_handshake_failures_total`).
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Counts connections against `limit`; over it, connecting fails at once with
@@ -236,6 +244,7 @@ impl Service<Uri> for MeshConnector {
         let tls = self.tls.clone();
         let timeout = self.handshake_timeout;
         let sni = self.sni.clone();
+        let metrics = self.metrics.clone();
         let (guard, setting_up) = match &self.limit {
             None => (None, None),
             Some(limit) => {
@@ -279,9 +288,19 @@ impl Service<Uri> for MeshConnector {
                         .map_err(|e| format!("invalid server name {host:?}: {e}"))?,
                 },
             };
-            let stream = tokio::time::timeout(timeout, tls.connect(name, tcp))
+            let handshake = tokio::time::timeout(timeout, tls.connect(name, tcp))
                 .await
-                .map_err(|_| format!("TLS handshake with {host} timed out after {timeout:?}"))??;
+                .map_err(|_| format!("TLS handshake with {host} timed out after {timeout:?}"))
+                .and_then(|r| r.map_err(|e| format!("TLS handshake with {host}: {e}")));
+            let stream = match handshake {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(m) = &metrics {
+                        m.counters().tls_failures.fetch_add(1, Ordering::Relaxed);
+                    }
+                    return Err(e.into());
+                }
+            };
             Ok(MeshStream {
                 io: Io::Tls(TokioIo::new(stream)),
                 _guard: guard,
