@@ -18,7 +18,7 @@ use mesh_core::config::{
 use mesh_core::identity::{client_config, Identity, IdentityStore};
 use mesh_tower::authz::AuthzLayer;
 use mesh_tower::tls::{MeshAcceptor, MeshConnector, PeerIdentity, TlsMode};
-use tower::ServiceBuilder;
+use tower::Layer;
 
 fn identity(ca: &DevCa, ns: &str, sa: &str) -> IdentityStore {
     let svid = ca.issue(ns, sa, Duration::from_secs(3600)).unwrap();
@@ -52,7 +52,7 @@ async fn start_measured(
     let acceptor = MeshAcceptor::new(mode, id)
         .unwrap()
         .handshake_timeout(Duration::from_secs(2))
-        .with_metrics(metrics);
+        .with_metrics(metrics.clone());
     let app = tower::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
         let peer = req
             .extensions()
@@ -61,7 +61,10 @@ async fn start_measured(
         let text = peer.map_or_else(|| "anonymous".to_string(), |p| p.to_string());
         Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(text))))
     });
-    let svc = ServiceBuilder::new().option_layer(authz).service(app);
+    let svc = mesh_tower::server::InboundLayer::new("backend")
+        .metrics(metrics)
+        .authz(authz.unwrap_or_else(|| AuthzLayer::new(Vec::new())))
+        .layer(app);
     tokio::spawn(mesh_tower::server::serve(
         listener,
         acceptor,
@@ -162,6 +165,12 @@ async fn strict_refuses_plaintext_and_foreign_clients() {
     assert!(metrics
         .render()
         .contains("mesh_tls_handshake_failures_total 2"));
+    // The inbound stack labels the served request with the authenticated peer.
+    let served = metrics.all(mesh_tower::metrics::Direction::Inbound);
+    assert_eq!(served.len(), 1, "{served:?}");
+    assert_eq!(served[0].cluster, "backend");
+    assert_eq!(served[0].peer, FRONTEND);
+    assert_eq!(served[0].series.total(), 1);
     // DISABLE: plaintext only.
     let plain = start(TlsMode::Disable, None, None).await;
     assert_eq!(

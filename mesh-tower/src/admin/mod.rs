@@ -40,18 +40,20 @@ fn respond(status: StatusCode, content_type: &'static str, body: String) -> Resp
     r
 }
 
-/// The golden signals as JSON: per direction, cluster and route: requests, successes,
+/// The golden signals as JSON: per direction, cluster, route and peer: requests, successes,
 /// success rate, in flight, p50 / p95 / p99 latency in milliseconds.
 pub fn stats_json(metrics: &Metrics) -> serde_json::Value {
     let mut out = Vec::new();
     for d in [Direction::Outbound, Direction::Inbound] {
-        for (cluster, route, s) in metrics.all(d) {
+        for l in metrics.all(d) {
+            let s = &l.series;
             let total = s.total();
             let ms = |q: f64| s.quantile(q).map(|d| d.as_secs_f64() * 1000.0);
             out.push(json!({
                 "direction": match d { Direction::Outbound => "outbound", Direction::Inbound => "inbound" },
-                "cluster": cluster,
-                "route": route,
+                "cluster": l.cluster,
+                "route": l.route,
+                "peer": l.peer,
                 "requests": total,
                 "successes": s.successes(),
                 "success_rate": if total == 0 { serde_json::Value::Null } else { json!(s.successes() as f64 / total as f64) },

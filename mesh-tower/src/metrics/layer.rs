@@ -248,10 +248,25 @@ where
                 .layer
                 .metrics
                 .series(self.layer.direction, d.route_name(), d.cluster()),
-            None => self
-                .layer
-                .metrics
-                .series(self.layer.direction, "", &self.layer.service),
+            None => {
+                let peer = req
+                    .extensions()
+                    .get::<crate::tls::PeerIdentity>()
+                    .and_then(|p| p.0.as_ref());
+                match peer {
+                    Some(id) => self.layer.metrics.series_with_peer(
+                        self.layer.direction,
+                        "",
+                        &self.layer.service,
+                        id.as_str(),
+                    ),
+                    None => {
+                        self.layer
+                            .metrics
+                            .series(self.layer.direction, "", &self.layer.service)
+                    }
+                }
+            }
         };
         series.in_flight.fetch_add(1, Ordering::Relaxed);
         let log = self

@@ -1,6 +1,6 @@
 //! Golden-signal metrics for both directions: requests by outcome, latency histogram,
-//! in-flight gauge, labelled by direction, route and cluster (each label can be turned off
-//! to bound cardinality; never raw paths or peer addresses).
+//! in-flight gauge, labelled by direction, route, cluster and peer identity (each label can
+//! be turned off to bound cardinality; never raw paths or peer addresses).
 //!
 //! Recording is lock-free and allocation-free for label sets already seen: series live in an
 //! `ArcSwap`ped two-level map looked up by `&str`, and every value is an atomic. A new label
@@ -69,6 +69,9 @@ pub struct LabelConfig {
     pub route: bool,
     /// The cluster (service and subset).
     pub cluster: bool,
+    /// The peer's SPIFFE identity (inbound: the authenticated client). Identities are as
+    /// many as the workloads calling, not as many as their addresses.
+    pub peer: bool,
 }
 
 impl Default for LabelConfig {
@@ -76,6 +79,7 @@ impl Default for LabelConfig {
         Self {
             route: true,
             cluster: true,
+            peer: true,
         }
     }
 }
@@ -237,7 +241,8 @@ impl Series {
     }
 }
 
-type RouteMap = HashMap<Arc<str>, Arc<Series>>;
+type PeerMap = HashMap<Arc<str>, Arc<Series>>;
+type RouteMap = HashMap<Arc<str>, PeerMap>;
 type ClusterMap = HashMap<Arc<str>, RouteMap>;
 
 #[derive(Debug)]
@@ -247,6 +252,19 @@ struct Inner {
     write: Mutex<()>,
     counters: Counters,
     xds: std::sync::OnceLock<mesh_core::ConfigStore>,
+}
+
+/// A series and its labels.
+#[derive(Clone, Debug)]
+pub struct Labelled {
+    /// The cluster label.
+    pub cluster: String,
+    /// The route label.
+    pub route: String,
+    /// The peer label (empty when unknown or turned off).
+    pub peer: String,
+    /// The values.
+    pub series: Arc<Series>,
 }
 
 /// Event counters that are not per request.
@@ -304,17 +322,32 @@ impl Metrics {
         &self.inner.counters
     }
 
-    /// The series of a label set (created on first use). Allocation-free and lock-free when
-    /// it exists.
+    /// The series of a label set without a peer (created on first use). Allocation-free and
+    /// lock-free when it exists.
     pub fn series(&self, direction: Direction, route: &str, cluster: &str) -> Arc<Series> {
-        let route = if self.inner.labels.route { route } else { "" };
-        let cluster = if self.inner.labels.cluster {
-            cluster
-        } else {
-            ""
-        };
+        self.series_with_peer(direction, route, cluster, "")
+    }
+
+    /// The series of a full label set (created on first use). Allocation-free and lock-free
+    /// when it exists.
+    pub fn series_with_peer(
+        &self,
+        direction: Direction,
+        route: &str,
+        cluster: &str,
+        peer: &str,
+    ) -> Arc<Series> {
+        let labels = &self.inner.labels;
+        let route = if labels.route { route } else { "" };
+        let cluster = if labels.cluster { cluster } else { "" };
+        let peer = if labels.peer { peer } else { "" };
         let map = &self.inner.series[direction as usize];
-        if let Some(s) = map.load().get(cluster).and_then(|r| r.get(route)) {
+        if let Some(s) = map
+            .load()
+            .get(cluster)
+            .and_then(|r| r.get(route))
+            .and_then(|p| p.get(peer))
+        {
             return s.clone();
         }
         let _w = self.inner.write.lock().expect("metrics write lock");
@@ -324,23 +357,30 @@ impl Metrics {
             .or_default()
             .entry(Arc::from(route))
             .or_default()
+            .entry(Arc::from(peer))
+            .or_default()
             .clone();
         map.store(Arc::new(next));
         series
     }
 
-    /// Every series of a direction: (cluster, route, series).
-    pub fn all(&self, direction: Direction) -> Vec<(String, String, Arc<Series>)> {
+    /// Every series of a direction, sorted by cluster, route and peer.
+    pub fn all(&self, direction: Direction) -> Vec<Labelled> {
         let map = self.inner.series[direction as usize].load();
-        let mut out: Vec<_> = map
-            .iter()
-            .flat_map(|(c, routes)| {
-                routes
-                    .iter()
-                    .map(move |(r, s)| (c.to_string(), r.to_string(), s.clone()))
-            })
-            .collect();
-        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        let mut out: Vec<Labelled> = Vec::new();
+        for (c, routes) in map.iter() {
+            for (r, peers) in routes {
+                for (p, s) in peers {
+                    out.push(Labelled {
+                        cluster: c.to_string(),
+                        route: r.to_string(),
+                        peer: p.to_string(),
+                        series: s.clone(),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.cluster, &a.route, &a.peer).cmp(&(&b.cluster, &b.route, &b.peer)));
         out
     }
 
@@ -357,11 +397,10 @@ impl Metrics {
 
 impl prometheus_client::collector::Collector for Metrics {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let series: Vec<(Direction, String, String, Arc<Series>)> =
-            [Direction::Outbound, Direction::Inbound]
-                .into_iter()
-                .flat_map(|d| self.all(d).into_iter().map(move |(c, r, s)| (d, c, r, s)))
-                .collect();
+        let series: Vec<(Direction, Labelled)> = [Direction::Outbound, Direction::Inbound]
+            .into_iter()
+            .flat_map(|d| self.all(d).into_iter().map(move |l| (d, l)))
+            .collect();
         {
             let mut m = encoder.encode_descriptor(
                 "mesh_requests",
@@ -369,12 +408,13 @@ impl prometheus_client::collector::Collector for Metrics {
                 None,
                 MetricType::Counter,
             )?;
-            for (d, c, r, s) in &series {
-                for (outcome, v) in s.outcomes() {
+            for (d, l) in &series {
+                for (outcome, v) in l.series.outcomes() {
                     let labels = [
                         ("direction", d.as_str()),
-                        ("route", r.as_str()),
-                        ("cluster", c.as_str()),
+                        ("route", l.route.as_str()),
+                        ("cluster", l.cluster.as_str()),
+                        ("peer", l.peer.as_str()),
                         ("outcome", outcome),
                     ];
                     ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
@@ -388,11 +428,13 @@ impl prometheus_client::collector::Collector for Metrics {
                 None,
                 MetricType::Histogram,
             )?;
-            for (d, c, r, s) in &series {
+            for (d, l) in &series {
+                let s = &l.series;
                 let labels = [
                     ("direction", d.as_str()),
-                    ("route", r.as_str()),
-                    ("cluster", c.as_str()),
+                    ("route", l.route.as_str()),
+                    ("cluster", l.cluster.as_str()),
+                    ("peer", l.peer.as_str()),
                 ];
                 let mut cumulative = 0;
                 let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
@@ -414,13 +456,14 @@ impl prometheus_client::collector::Collector for Metrics {
                 None,
                 MetricType::Gauge,
             )?;
-            for (d, c, r, s) in &series {
+            for (d, l) in &series {
                 let labels = [
                     ("direction", d.as_str()),
-                    ("route", r.as_str()),
-                    ("cluster", c.as_str()),
+                    ("route", l.route.as_str()),
+                    ("cluster", l.cluster.as_str()),
+                    ("peer", l.peer.as_str()),
                 ];
-                ConstGauge::new(s.in_flight()).encode(m.encode_family(&labels)?)?;
+                ConstGauge::new(l.series.in_flight()).encode(m.encode_family(&labels)?)?;
             }
         }
         let c = &self.inner.counters;

@@ -47,7 +47,7 @@ fn records_and_renders_parseable_prometheus_text() {
     for s in &parsed.samples {
         for (k, _) in s.labels.iter() {
             assert!(
-                ["direction", "route", "cluster", "outcome", "le"].contains(&k.as_str()),
+                ["direction", "route", "cluster", "peer", "outcome", "le"].contains(&k.as_str()),
                 "unexpected label {k}"
             );
         }
@@ -59,6 +59,7 @@ fn labels_can_be_turned_off() {
     let m = Metrics::new(LabelConfig {
         route: false,
         cluster: true,
+        peer: false,
     });
     let a = m.series(Direction::Inbound, "r1", "c");
     let b = m.series(Direction::Inbound, "r2", "c");
@@ -66,6 +67,16 @@ fn labels_can_be_turned_off() {
         std::sync::Arc::ptr_eq(&a, &b),
         "route label off: one series"
     );
+    let c = m.series_with_peer(Direction::Inbound, "r1", "c", "spiffe://td/ns/a/sa/b");
+    assert!(std::sync::Arc::ptr_eq(&a, &c), "peer label off: one series");
+    let on = Metrics::default();
+    let p1 = on.series_with_peer(Direction::Inbound, "", "c", "spiffe://td/ns/a/sa/b");
+    let p2 = on.series_with_peer(Direction::Inbound, "", "c", "spiffe://td/ns/a/sa/c");
+    assert!(!std::sync::Arc::ptr_eq(&p1, &p2));
+    p1.record(Outcome::Http(200), Duration::from_millis(1));
+    assert!(on
+        .render()
+        .contains(r#"peer="spiffe://td/ns/a/sa/b",outcome="2xx"} 1"#));
 }
 
 /// A gRPC response is judged by the status in its trailers, once its body ends; a
