@@ -239,11 +239,15 @@ async fn golden_signals_and_admin_endpoint() {
     );
     assert_eq!(counter("mesh_breaker_overflows_total"), Some(2.0));
     for s in &parsed.samples {
-        for (k, _) in s.labels.iter() {
+        for (k, v) in s.labels.iter() {
             assert!(
-                ["direction", "route", "cluster", "outcome", "le"].contains(&k.as_str()),
+                ["direction", "route", "cluster", "peer", "outcome", "le"].contains(&k.as_str()),
                 "unbounded label {k}"
             );
+            // Peers are workload identities, never addresses.
+            if k == "peer" {
+                assert!(v.is_empty() || v.starts_with("spiffe://"), "peer {v:?}");
+            }
         }
     }
 
