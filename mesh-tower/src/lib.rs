@@ -29,6 +29,8 @@ pub mod cluster;
 mod error;
 pub mod fault;
 pub mod metrics;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod retry;
 pub mod route;
 pub mod server;

@@ -54,7 +54,8 @@ pub enum Direction {
 }
 
 impl Direction {
-    fn as_str(self) -> &'static str {
+    /// `outbound` or `inbound`.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Outbound => "outbound",
             Self::Inbound => "inbound",
@@ -197,6 +198,11 @@ impl Series {
             .sum()
     }
 
+    /// The sum of all recorded latencies.
+    pub fn latency_sum(&self) -> Duration {
+        Duration::from_nanos(self.sum_nanos.load(Ordering::Relaxed))
+    }
+
     /// Successes (see [`Outcome::is_success`]).
     pub fn successes(&self) -> u64 {
         let http_ok: u64 = self.outcomes[..4]
@@ -315,6 +321,16 @@ impl Metrics {
     /// (`mesh_xds_updates_total`, `mesh_xds_nacks_total`). The first store given is kept.
     pub fn observe_xds(&self, store: &mesh_core::ConfigStore) {
         let _ = self.inner.xds.set(store.clone());
+    }
+
+    /// The xDS responses accepted and rejected by the client of the store given to
+    /// [`Metrics::observe_xds`] (zero without one).
+    pub fn xds_counts(&self) -> mesh_core::XdsCounts {
+        self.inner
+            .xds
+            .get()
+            .map(|s| s.xds_counts())
+            .unwrap_or_default()
     }
 
     /// Event counters.
@@ -489,12 +505,7 @@ impl prometheus_client::collector::Collector for Metrics {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(v.load(Ordering::Relaxed)).encode(m)?;
         }
-        let xds = self
-            .inner
-            .xds
-            .get()
-            .map(|s| s.xds_counts())
-            .unwrap_or_default();
+        let xds = self.xds_counts();
         for (name, help, v) in [
             (
                 "mesh_xds_updates",

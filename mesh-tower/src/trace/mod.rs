@@ -17,7 +17,7 @@
 //! Spans end when the response body ends, so streamed responses are timed whole and a gRPC
 //! status in the trailers is recorded (`rpc.grpc.status_code`). Unsampled requests cost a
 //! span-context and no attributes. Spans go to whatever tracer provider is installed;
-//! [`otlp`] (feature `otlp`) installs one exporting over OTLP.
+//! `mesh_tower::otlp` (feature `otlp`) installs one exporting over OTLP.
 //!
 //! # Example
 //!
@@ -56,8 +56,6 @@ use tower::{Layer, Service};
 use crate::body::{grpc, End, Observed, OnEnd};
 use crate::error::BoxError;
 
-#[cfg(feature = "otlp")]
-pub mod otlp;
 mod propagate;
 
 pub use propagate::{extract, inject, parse_b3_single, parse_traceparent, Formats, Propagation};
@@ -90,7 +88,7 @@ impl fmt::Debug for TraceLayer {
 
 impl TraceLayer {
     /// Client spans for outbound requests, from the global tracer provider as it is now
-    /// (install the provider first, e.g. with [`otlp`]).
+    /// (install the provider first, e.g. with `mesh_tower::otlp`).
     pub fn client() -> Self {
         Self::new(Side::Client)
     }

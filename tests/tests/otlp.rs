@@ -1,6 +1,7 @@
-//! Distributed tracing across two services through the mesh, exported over OTLP (gRPC and
-//! HTTP) to a real OTLP receiver running in the test: a caller's B3 parent, the frontend's
+//! OTLP export to a real OTLP receiver running in the test (mock-collector), over gRPC and
+//! HTTP. Traces: across two services through the mesh, a caller's B3 parent, the frontend's
 //! server span, its client span to the backend and the backend's server span form one trace.
+//! Metrics: the golden signals and event counters arrive with their labels and values.
 
 mod support;
 
@@ -11,9 +12,9 @@ use http_body_util::{BodyExt, Empty, Full};
 use mesh_control::ads::{AdsServer, ResourceCache};
 use mesh_control::istio::{self, Options};
 use mesh_core::xds::{Bootstrap, XdsClient};
+use mesh_tower::otlp::{tracer, Otlp, Protocol};
 use mesh_tower::server::InboundLayer;
 use mesh_tower::tls::{MeshAcceptor, TlsMode};
-use mesh_tower::trace::otlp::{tracer, Otlp, Protocol};
 use mesh_tower::trace::TraceLayer;
 use mesh_tower::MeshClient;
 use mock_collector::MockServer;
@@ -249,4 +250,104 @@ async fn one_trace_across_two_services_over_otlp_grpc() {
 async fn one_trace_across_two_services_over_otlp_http() {
     one_trace_across_two_services(mock_collector::Protocol::HttpBinary, Protocol::HttpProtobuf)
         .await;
+}
+
+async fn golden_signals_over_otlp(collector: mock_collector::Protocol, protocol: Protocol) {
+    use mesh_tower::metrics::{Direction, Metrics, Outcome};
+    let collector = MockServer::builder()
+        .protocol(collector)
+        .port(0)
+        .start()
+        .await
+        .unwrap();
+    let metrics = Metrics::default();
+    let s = metrics.series(
+        Direction::Outbound,
+        "reviews-route",
+        "outbound|80|v2|reviews",
+    );
+    for _ in 0..3 {
+        s.record(Outcome::Http(200), Duration::from_millis(4));
+    }
+    s.record(Outcome::Http(503), Duration::from_millis(40));
+    let inbound = metrics.series_with_peer(
+        Direction::Inbound,
+        "",
+        "reviews",
+        "spiffe://cluster.local/ns/prod/sa/frontend",
+    );
+    inbound.record(Outcome::Grpc(14), Duration::from_millis(2));
+    metrics
+        .counters()
+        .retries
+        .fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+    let guard = Otlp::default()
+        .protocol(protocol)
+        .endpoint(format!("http://{}", collector.addr()))
+        .service_name("reviews")
+        .export_metrics(&metrics, Duration::from_secs(3600))
+        .unwrap();
+    let provider = guard.provider().clone();
+    tokio::task::spawn_blocking(move || provider.force_flush().unwrap())
+        .await
+        .unwrap();
+    collector
+        .wait_for_metrics(1, Duration::from_secs(15))
+        .await
+        .unwrap();
+    collector
+        .with_collector(|c| {
+            c.expect_metric_with_name("mesh.requests")
+                .with_attributes([
+                    ("direction", "outbound"),
+                    ("route", "reviews-route"),
+                    ("cluster", "outbound|80|v2|reviews"),
+                    ("outcome", "2xx"),
+                ])
+                .with_resource_attributes([("service.name", "reviews")])
+                .with_value_eq(3)
+                .assert_exists();
+            c.expect_metric_with_name("mesh.requests")
+                .with_attributes([("cluster", "outbound|80|v2|reviews"), ("outcome", "5xx")])
+                .with_value_eq(1)
+                .assert_exists();
+            c.expect_metric_with_name("mesh.requests")
+                .with_attributes([
+                    ("direction", "inbound"),
+                    ("peer", "spiffe://cluster.local/ns/prod/sa/frontend"),
+                    ("outcome", "UNAVAILABLE"),
+                ])
+                .with_value_eq(1)
+                .assert_exists();
+            c.expect_metric_with_name("mesh.request.duration.count")
+                .with_attributes([("cluster", "outbound|80|v2|reviews")])
+                .with_value_eq(4)
+                .assert_exists();
+            c.expect_metric_with_name("mesh.request.duration.sum")
+                .with_attributes([("cluster", "outbound|80|v2|reviews")])
+                .with_value_eq(0.052)
+                .assert_exists();
+            c.expect_metric_with_name("mesh.request.duration.p99")
+                .with_attributes([("cluster", "outbound|80|v2|reviews")])
+                .assert_exists();
+            c.expect_metric_with_name("mesh.retries")
+                .with_value_eq(2)
+                .assert_exists();
+            c.expect_metric_with_name("mesh.requests")
+                .with_attributes([("outcome", "OK")])
+                .assert_not_exists();
+        })
+        .await;
+    drop(guard);
+    collector.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_signals_over_otlp_grpc() {
+    golden_signals_over_otlp(mock_collector::Protocol::Grpc, Protocol::Grpc).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn golden_signals_over_otlp_http() {
+    golden_signals_over_otlp(mock_collector::Protocol::HttpBinary, Protocol::HttpProtobuf).await;
 }
