@@ -134,10 +134,16 @@ pub(crate) mod grpc {
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
     }
 
+    /// `grpc-status`, as a constant: looking up by `&str` parses the name on every call.
+    pub(crate) const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
     /// The `grpc-status` in `headers` (trailers, or the headers of a trailers-only response).
     pub(crate) fn status(headers: &HeaderMap) -> Option<u32> {
+        if headers.is_empty() {
+            return None;
+        }
         headers
-            .get("grpc-status")
+            .get(GRPC_STATUS)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
     }

@@ -32,7 +32,7 @@ mod layer;
 
 pub use layer::{AccessLog, MetricsLayer, MetricsService, Pending, ResponseFuture};
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -247,9 +247,11 @@ impl Series {
     }
 }
 
-type PeerMap = HashMap<Arc<str>, Arc<Series>>;
-type RouteMap = HashMap<Arc<str>, PeerMap>;
-type ClusterMap = HashMap<Arc<str>, RouteMap>;
+// Label values are short strings looked up on every request: FxHash, not SipHash (the
+// keys come from configuration and authenticated identities, not from request bytes).
+type PeerMap = FxHashMap<Arc<str>, Arc<Series>>;
+type RouteMap = FxHashMap<Arc<str>, PeerMap>;
+type ClusterMap = FxHashMap<Arc<str>, RouteMap>;
 
 #[derive(Debug)]
 struct Inner {
@@ -307,8 +309,8 @@ impl Metrics {
             inner: Arc::new(Inner {
                 labels,
                 series: [
-                    ArcSwap::from_pointee(HashMap::new()),
-                    ArcSwap::from_pointee(HashMap::new()),
+                    ArcSwap::from_pointee(FxHashMap::default()),
+                    ArcSwap::from_pointee(FxHashMap::default()),
                 ],
                 write: Mutex::new(()),
                 counters: Counters::default(),

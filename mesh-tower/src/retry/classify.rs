@@ -36,11 +36,7 @@ pub fn classify<B>(
                 return Some(RetryReason::Status(status));
             }
             // gRPC: a trailers-only response carries grpc-status in its headers.
-            let code = resp
-                .headers()
-                .get("grpc-status")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u32>().ok())?;
+            let code = crate::body::grpc::status(resp.headers())?;
             let grpc = match code {
                 1 => RetryOn::GRPC_CANCELLED,
                 4 => RetryOn::GRPC_DEADLINE_EXCEEDED,

@@ -62,6 +62,11 @@ impl RouteDecision {
         }
     }
 
+    /// Whether the cluster was named by a request header (`cluster_header`).
+    pub(crate) fn cluster_from_header(&self) -> bool {
+        matches!(self.target, Target::Header(_))
+    }
+
     /// The decision for a copy of the request sent to the route's `index`th mirror.
     ///
     /// # Panics

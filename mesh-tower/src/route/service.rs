@@ -117,6 +117,16 @@ where
             });
         };
         match decide(config, &self.listener, &mut req, fastrand::u64(..)) {
+            // A cluster named by a request header must exist: the name is the caller's
+            // input, and must not reach labels or pools unchecked.
+            Ok(decision)
+                if decision.cluster_from_header()
+                    && snapshot.cluster(decision.cluster()).is_none() =>
+            {
+                ResponseFuture::failed(MeshError::UnknownCluster {
+                    cluster: decision.cluster().to_owned(),
+                })
+            }
             Ok(decision) => {
                 tracing::debug!(
                     route = decision.route_name(),

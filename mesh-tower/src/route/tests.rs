@@ -253,3 +253,65 @@ async fn a_new_snapshot_applies_to_the_next_request() {
         "v3"
     );
 }
+
+/// `cluster_header` routes only to clusters that exist: the header is the caller's input.
+#[tokio::test]
+async fn a_cluster_named_by_a_header_must_exist() {
+    let store = store();
+    let mut snap = (*store.load()).clone();
+    let mut l = (**snap.listener("svc:80").unwrap()).clone();
+    if let ListenerKind::Api(hcm) = &mut l.kind {
+        let RouteSource::Inline(rc) = &hcm.routes else {
+            unreachable!()
+        };
+        let mut rc = (**rc).clone();
+        rc.virtual_hosts[0].routes = vec![route(
+            "by-header",
+            RouteMatch::prefix("/"),
+            RouteAction::Forward(fwd(ClusterSpecifier::Header(
+                http::HeaderName::from_static("x-cluster"),
+            ))),
+        )];
+        hcm.routes = RouteSource::Inline(Arc::new(rc));
+    }
+    snap.set_listener(Arc::new(l));
+    snap.set_cluster(Arc::new(Cluster {
+        name: "known".into(),
+        discovery: Discovery::Eds {
+            service_name: "known".into(),
+        },
+        lb_policy: LbPolicy::RoundRobin,
+        locality_weighted: false,
+        circuit_breakers: CircuitBreakers::default(),
+        outlier_detection: None,
+        connect_timeout: std::time::Duration::from_secs(1),
+        protocol: UpstreamProtocol::Http1,
+        http2: None,
+        max_requests_per_connection: None,
+        tls: None,
+    }));
+    store.publish(snap);
+    let (mut svc, mut handle) = svc(store);
+    handle.allow(10);
+    let mut known = get("/");
+    known
+        .headers_mut()
+        .insert("x-cluster", "known".parse().unwrap());
+    let req = routed(&mut svc, &mut handle, known).await;
+    assert_eq!(
+        req.extensions().get::<RouteDecision>().unwrap().cluster(),
+        "known"
+    );
+    let mut unknown = get("/");
+    unknown
+        .headers_mut()
+        .insert("x-cluster", "attacker-chosen-1".parse().unwrap());
+    let err = svc.ready().await.unwrap().call(unknown).await.unwrap_err();
+    assert!(
+        matches!(
+            err.downcast_ref::<MeshError>(),
+            Some(MeshError::UnknownCluster { cluster }) if cluster == "attacker-chosen-1"
+        ),
+        "{err}"
+    );
+}

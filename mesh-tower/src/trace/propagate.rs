@@ -111,13 +111,18 @@ pub fn inject(sc: &SpanContext, headers: &mut HeaderMap, formats: Formats) {
     }
     let sampled = sc.is_sampled();
     if formats.w3c {
-        let v = format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8() & 1
-        );
-        insert(headers, TRACEPARENT, v);
+        // `00-{32 hex}-{16 hex}-{2 hex}`, written without formatting machinery.
+        let mut buf = [0u8; 55];
+        buf[..3].copy_from_slice(b"00-");
+        hex_into(&mut buf[3..35], &sc.trace_id().to_bytes());
+        buf[35] = b'-';
+        hex_into(&mut buf[36..52], &sc.span_id().to_bytes());
+        buf[52] = b'-';
+        buf[53] = b'0';
+        buf[54] = if sampled { b'1' } else { b'0' };
+        if let Ok(v) = HeaderValue::from_bytes(&buf) {
+            headers.insert(TRACEPARENT, v);
+        }
         let state = sc.trace_state().header();
         if state.is_empty() {
             headers.remove(TRACESTATE);
@@ -154,21 +159,46 @@ fn is_lower_hex(s: &str) -> bool {
     s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
-fn trace_id(s: &str) -> Option<TraceId> {
-    // B3 allows 64-bit trace ids; they are the low half of a 128-bit one.
-    if !(s.len() == 32 || s.len() == 16) || !is_lower_hex(s) {
+fn hex_into(out: &mut [u8], bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
+    }
+}
+
+/// Lowercase hex digits only (W3C requires lowercase), at most 32 of them.
+fn parse_hex(s: &str) -> Option<u128> {
+    if s.is_empty() || s.len() > 32 {
         return None;
     }
-    let id = TraceId::from_hex(s).ok()?;
-    (id != TraceId::INVALID).then_some(id)
+    let mut v: u128 = 0;
+    for b in s.bytes() {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => return None,
+        };
+        v = (v << 4) | u128::from(d);
+    }
+    Some(v)
+}
+
+fn trace_id(s: &str) -> Option<TraceId> {
+    // B3 allows 64-bit trace ids; they are the low half of a 128-bit one.
+    if !(s.len() == 32 || s.len() == 16) {
+        return None;
+    }
+    let v = parse_hex(s)?;
+    (v != 0).then(|| TraceId::from_bytes(v.to_be_bytes()))
 }
 
 fn span_id(s: &str) -> Option<SpanId> {
-    if s.len() != 16 || !is_lower_hex(s) {
+    if s.len() != 16 {
         return None;
     }
-    let id = SpanId::from_hex(s).ok()?;
-    (id != SpanId::INVALID).then_some(id)
+    let v = u64::try_from(parse_hex(s)?).ok()?;
+    (v != 0).then(|| SpanId::from_bytes(v.to_be_bytes()))
 }
 
 /// `version-traceid-spanid-flags` (W3C Trace Context level 1; later versions may append

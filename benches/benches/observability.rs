@@ -1,0 +1,157 @@
+//! Per-request cost of the metrics and trace layers over a `service_fn` baseline, and of
+//! trace-context parsing and writing.
+//!
+//! `cargo bench -p mesh-benches --bench observability`
+
+#![allow(missing_docs)] // criterion_group! generates an undocumented function
+use std::convert::Infallible;
+use std::hint::black_box;
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, Criterion};
+use futures::FutureExt;
+use http::{HeaderMap, Request, Response};
+use http_body_util::Empty;
+use mesh_tower::metrics::{AccessLog, Direction, Metrics, MetricsLayer};
+use mesh_tower::trace::{extract, inject, Formats, TraceLayer};
+use opentelemetry::global::BoxedTracer;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tower::{Layer, Service};
+
+type Body = Empty<Bytes>;
+
+fn app() -> impl Service<
+    Request<Body>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = std::future::Ready<Result<Response<Body>, Infallible>>,
+> + Clone {
+    tower::service_fn(|_req: Request<Body>| std::future::ready(Ok(Response::new(Body::new()))))
+}
+
+/// A request that costs next to nothing to build and drop (no allocation), so that the
+/// timing is the layer's.
+fn request() -> Request<Body> {
+    Request::new(Body::new())
+}
+
+/// A request carrying a W3C parent (its header map allocates; compare with its own baseline).
+fn request_with_parent() -> Request<Body> {
+    Request::get("http://reviews.prod.svc.cluster.local/api/items")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .body(Body::new())
+        .unwrap()
+}
+
+/// Calls `svc` once per iteration; the futures are ready at once, so this is the layer's
+/// own cost plus the baseline's (the request and the response are built and dropped inside
+/// the iteration).
+fn run<S>(c: &mut Criterion, name: &str, make: fn() -> Request<Body>, mut svc: S)
+where
+    S: Service<Request<Body>>,
+    S::Future: FutureExt,
+{
+    c.bench_function(name, |b| {
+        b.iter(|| {
+            let fut = svc.call(black_box(make()));
+            black_box(fut.now_or_never());
+        })
+    });
+}
+
+fn tracer(sampler: Sampler) -> BoxedTracer {
+    // No span processor: spans are built and recorded, and exporting costs nothing here.
+    let provider = SdkTracerProvider::builder().with_sampler(sampler).build();
+    BoxedTracer::new(Box::new(provider.tracer("mesh")))
+}
+
+fn layers(c: &mut Criterion) {
+    run(c, "baseline/service_fn", request, app());
+    run(
+        c,
+        "baseline/service_fn+traceparent",
+        request_with_parent,
+        app(),
+    );
+    let metrics = Metrics::default();
+    run(
+        c,
+        "metrics/record",
+        request,
+        MetricsLayer::new(metrics.clone(), Direction::Inbound)
+            .service("reviews")
+            .layer(app()),
+    );
+    run(
+        c,
+        "metrics/record+access_log_unsampled",
+        request,
+        MetricsLayer::new(metrics, Direction::Inbound)
+            .service("reviews")
+            .access_log(AccessLog {
+                sample: 0.0,
+                errors_only: false,
+            })
+            .layer(app()),
+    );
+    run(
+        c,
+        "trace/client/no_provider",
+        request,
+        TraceLayer::client().layer(app()),
+    );
+    run(
+        c,
+        "trace/client/unsampled",
+        request,
+        TraceLayer::client()
+            .tracer(tracer(Sampler::AlwaysOff))
+            .layer(app()),
+    );
+    run(
+        c,
+        "trace/client/sampled",
+        request,
+        TraceLayer::client()
+            .tracer(tracer(Sampler::AlwaysOn))
+            .layer(app()),
+    );
+    run(
+        c,
+        "trace/server/sampled",
+        request,
+        TraceLayer::server()
+            .tracer(tracer(Sampler::AlwaysOn))
+            .layer(app()),
+    );
+    run(
+        c,
+        "trace/server/sampled+traceparent",
+        request_with_parent,
+        TraceLayer::server()
+            .tracer(tracer(Sampler::AlwaysOn))
+            .layer(app()),
+    );
+}
+
+fn propagation(c: &mut Criterion) {
+    let headers = request_with_parent().headers().clone();
+    c.bench_function("traceparent/extract", |b| {
+        b.iter(|| black_box(extract(black_box(&headers), Formats::ALL)))
+    });
+    let sc = extract(&headers, Formats::ALL).unwrap();
+    c.bench_function("traceparent/inject", |b| {
+        b.iter(|| {
+            let mut h = HeaderMap::new();
+            inject(black_box(&sc), &mut h, Formats::W3C);
+            black_box(h)
+        })
+    });
+}
+
+criterion_group!(benches, layers, propagation);
+criterion_main!(benches);
