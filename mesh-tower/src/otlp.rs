@@ -40,10 +40,13 @@ use opentelemetry::global::BoxedTracer;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
-use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::metrics::PeriodicReader;
+use opentelemetry_sdk::trace::Sampler;
 
 use crate::metrics::{Direction, Metrics};
+
+pub use opentelemetry_sdk::metrics::SdkMeterProvider;
+pub use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 
 /// The wire protocol to the collector.
