@@ -129,6 +129,24 @@ pub async fn serve<S, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    let (_keep, config) = tokio::sync::watch::channel((acceptor, service));
+    serve_with(listener, config, shutdown).await;
+}
+
+/// Like [`serve`], with the acceptor and service taken from `config` for each new
+/// connection: when the server's configuration changes (its TLS mode or authorization from
+/// xDS), new connections get the new pair while open ones finish with the one they had.
+pub async fn serve_with<S, B>(
+    listener: TcpListener,
+    config: tokio::sync::watch::Receiver<(MeshAcceptor, S)>,
+    shutdown: impl Future<Output = ()>,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     let graceful = GracefulShutdown::new();
     let local = listener.local_addr().ok();
     tokio::pin!(shutdown);
@@ -143,8 +161,7 @@ pub async fn serve<S, B>(
             },
             () = &mut shutdown => break,
         };
-        let acceptor = acceptor.clone();
-        let service = service.clone();
+        let (acceptor, service) = config.borrow().clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let (stream, peer) = match acceptor.accept(tcp).await {

@@ -567,6 +567,100 @@ async fn outlier_detection_ejects_a_failing_endpoint() {
     assert_eq!(rt.ejected(tokio::time::Instant::now()), 1);
 }
 
+/// An HTTP/2 backend answering like a gRPC server: HTTP 200, a message, then
+/// `grpc-status: code` in the trailers (the status is not in the head).
+async fn grpc_trailers_backend(code: u32) -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let h = h.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                    h.fetch_add(1, Ordering::Relaxed);
+                    async move {
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", code.into());
+                        let frames: Vec<Result<hyper::body::Frame<Bytes>, Infallible>> = vec![
+                            Ok(hyper::body::Frame::data(Bytes::from_static(b"\0\0\0\0\0"))),
+                            Ok(hyper::body::Frame::trailers(trailers)),
+                        ];
+                        let mut r = http::Response::new(http_body_util::StreamBody::new(
+                            futures::stream::iter(frames),
+                        ));
+                        r.headers_mut()
+                            .insert("content-type", "application/grpc".parse().unwrap());
+                        Ok::<_, Infallible>(r)
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, hits)
+}
+
+/// Outlier detection judges a gRPC endpoint by the status in its trailers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_reads_grpc_trailers() {
+    let (good, _) = grpc_trailers_backend(0).await;
+    let (bad, bad_hits) = grpc_trailers_backend(14).await;
+    let outlier = cpb::OutlierDetection {
+        consecutive_5xx: Some(UInt32Value { value: 3 }),
+        base_ejection_time: Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: 30,
+            nanos: 0,
+        }),
+        max_ejection_percent: Some(UInt32Value { value: 50 }),
+        ..Default::default()
+    };
+    let mut c = cpb::Cluster::decode_from(cluster("pool", None, true));
+    c.lb_policy = cpb::cluster::LbPolicy::RoundRobin as i32;
+    c.outlier_detection = Some(outlier);
+    let resources = vec![
+        support::xds::listener("svc", "svc-routes"),
+        plain_routes(),
+        support::xds::any(&c),
+        pool_endpoints(&[bad.port(), good.port()]),
+    ];
+    let m = mesh(resources, |s| s.endpoints_for_cluster("pool").is_some()).await;
+    let mut codes = Vec::new();
+    for _ in 0..40 {
+        let req = http::Request::post("http://svc/helloworld.Greeter/SayHello")
+            .header("content-type", "application/grpc")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = m.client.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), 200, "gRPC failures are 200 with a status");
+        let body = resp.into_body().collect().await.unwrap();
+        let code = body
+            .trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .map(|v| v.to_str().unwrap().to_owned());
+        codes.push(code.unwrap());
+    }
+    let failed = codes.iter().filter(|c| *c == "14").count();
+    println!("gRPC outlier detection: {failed} of 40 calls reached the UNAVAILABLE endpoint before its ejection");
+    assert_eq!(
+        failed, 3,
+        "ejected after 3 consecutive UNAVAILABLE: {codes:?}"
+    );
+    assert_eq!(bad_hits.load(Ordering::Relaxed), 3);
+    let rt = m.client.registry().get("pool").unwrap();
+    assert_eq!(rt.ejected(tokio::time::Instant::now()), 1);
+    // The client's metrics count the calls by their gRPC status, from the trailers.
+    let text = m.client.metrics().render();
+    assert!(text.contains(r#"outcome="UNAVAILABLE"} 3"#), "{text}");
+    assert!(text.contains(r#"outcome="OK"} 37"#), "{text}");
+}
+
 /// Share of requests that went to a slow endpoint (50 ms) next to a fast one.
 async fn slow_share(lb: cpb::cluster::LbPolicy) -> f64 {
     let (slow, _, slow_served) = slow_backend().await;

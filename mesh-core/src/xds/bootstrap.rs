@@ -128,6 +128,13 @@ impl Bootstrap {
         self
     }
 
+    /// Names this node's server listeners with `template` (`%s`: the listening address),
+    /// e.g. Istio's `xds.istio.io/grpc/lds/inbound/%s`.
+    pub fn with_server_listener_template(mut self, template: impl Into<String>) -> Self {
+        self.server_listener_resource_name_template = Some(template.into());
+        self
+    }
+
     /// Sets the node's cluster.
     pub fn with_node_cluster(mut self, cluster: impl Into<String>) -> Self {
         self.node.cluster = cluster.into();

@@ -38,7 +38,7 @@ mod service;
 pub use registry::{
     ClusterRegistry, ClusterRuntime, EndpointRuntime, Outcome, RequestGuard, RetryGuard,
 };
-pub use service::{ClusterService, MeshBody, ResponseFuture};
+pub use service::{ClusterBody, ClusterService, GrpcEnd, MeshBody, ResponseFuture};
 
 #[cfg(test)]
 mod tests;

@@ -11,6 +11,7 @@ use tower::Service;
 
 use super::balance::{ByConfig, PickEndpoint};
 use super::{ClusterRegistry, ClusterRuntime, EndpointRuntime, Outcome, RequestGuard};
+use crate::body::{grpc, End, Observed, OnEnd};
 use crate::error::{BoxError, MeshError};
 use crate::route::RouteDecision;
 
@@ -59,6 +60,47 @@ pin_project! {
     }
 }
 
+/// The body of a cluster's responses: a gRPC response is judged by its trailers.
+pub type ClusterBody = Observed<Incoming, Option<GrpcEnd>>;
+
+/// Records a gRPC response's status for outlier detection when its body ends.
+#[derive(Debug)]
+pub struct GrpcEnd {
+    runtime: Arc<ClusterRuntime>,
+    ep: Arc<EndpointRuntime>,
+}
+
+impl OnEnd for GrpcEnd {
+    fn on_end(self, end: End<'_>) {
+        let outcome = match end {
+            End::Complete(_) => Outcome::Status(grpc_as_http(grpc::status_at_end(&end))),
+            End::Failed(_) => Outcome::LocalFailure,
+            // The caller stopped reading: nothing to say about the endpoint.
+            End::Dropped => return,
+        };
+        self.runtime
+            .record(&self.ep, outcome, tokio::time::Instant::now());
+    }
+}
+
+/// The HTTP status Envoy maps a gRPC status to (for outlier detection).
+fn grpc_as_http(code: u32) -> u16 {
+    match code {
+        0 => 200,
+        1 => 499,
+        3 | 9 | 11 => 400,
+        4 => 504,
+        5 => 404,
+        6 | 10 => 409,
+        7 => 403,
+        8 => 429,
+        12 => 501,
+        14 => 503,
+        16 => 401,
+        _ => 500,
+    }
+}
+
 pin_project! {
     #[project = StateProj]
     enum State {
@@ -89,7 +131,7 @@ impl std::fmt::Debug for ResponseFuture {
 }
 
 impl Future for ResponseFuture {
-    type Output = Result<http::Response<Incoming>, BoxError>;
+    type Output = Result<http::Response<ClusterBody>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
@@ -126,16 +168,34 @@ impl Future for ResponseFuture {
                         source = err.source();
                     }
                 }
-                let outcome = match &out {
-                    Ok(resp) => Outcome::Status(resp.status().as_u16()),
-                    Err(_) => Outcome::LocalFailure,
-                };
-                runtime.record(ep, outcome, tokio::time::Instant::now());
+                // gRPC answers carry their status in the trailers (or, trailers-only, in the
+                // head); outlier detection judges them by it, as Envoy does.
+                let mut deferred = None;
+                let now = tokio::time::Instant::now();
+                match &out {
+                    Ok(resp) => match grpc::status(resp.headers()) {
+                        Some(code) => {
+                            runtime.record(ep, Outcome::Status(grpc_as_http(code)), now);
+                        }
+                        None if grpc::is_grpc(resp.headers()) => {
+                            deferred = Some(GrpcEnd {
+                                runtime: runtime.clone(),
+                                ep: ep.clone(),
+                            });
+                        }
+                        None => {
+                            runtime.record(ep, Outcome::Status(resp.status().as_u16()), now);
+                        }
+                    },
+                    Err(_) => {
+                        runtime.record(ep, Outcome::LocalFailure, now);
+                    }
+                }
                 Poll::Ready(
                     out.map(|mut resp| {
                         resp.extensions_mut()
                             .insert(crate::retry::ServedBy(*endpoint));
-                        resp
+                        resp.map(|b| Observed::new(b, deferred))
                     })
                     .map_err(|e| {
                         MeshError::Upstream {
@@ -156,7 +216,7 @@ impl Future for ResponseFuture {
 }
 
 impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
-    type Response = http::Response<Incoming>;
+    type Response = http::Response<ClusterBody>;
     type Error = BoxError;
     type Future = ResponseFuture;
 

@@ -114,19 +114,25 @@ struct LogEntry {
 }
 
 /// A request not yet recorded: recorded once its outcome is known (at the response head, or
-/// for a gRPC response without a status in its head, at the end of its body).
+/// for a gRPC response without a status in its head, at the end of its body). Dropped
+/// before that, the caller gave up: CANCELLED for gRPC, 499 for HTTP.
 #[derive(Debug)]
 pub struct Pending {
-    in_flight: InFlight,
+    in_flight: Option<InFlight>,
     start: Instant,
     log: Option<Box<LogEntry>>,
+    grpc: bool,
 }
 
 impl Pending {
-    fn finish(self, outcome: Outcome, error: Option<&dyn std::fmt::Display>) {
+    fn finish(&mut self, outcome: Outcome, error: Option<&dyn std::fmt::Display>) {
+        let Some(in_flight) = self.in_flight.take() else {
+            return;
+        };
         let elapsed = self.start.elapsed();
-        self.in_flight.0.record(outcome, elapsed);
-        let Some(e) = self.log else { return };
+        in_flight.0.record(outcome, elapsed);
+        drop(in_flight);
+        let Some(e) = self.log.take() else { return };
         if e.errors_only && outcome.is_success() {
             return;
         }
@@ -153,10 +159,35 @@ impl Pending {
             "access"
         );
     }
+
+    /// The outcome of a request that failed locally: for gRPC, the status the caller gets.
+    fn failed(&self, e: &BoxError) -> Outcome {
+        if !self.grpc {
+            return Outcome::Error;
+        }
+        Outcome::Grpc(match e.downcast_ref::<MeshError>() {
+            Some(MeshError::Timeout { .. }) | Some(MeshError::PerTryTimeout { .. }) => 4,
+            Some(MeshError::NoRoute { .. }) => 12,
+            _ => 14,
+        })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.in_flight.is_some() {
+            let outcome = if self.grpc {
+                Outcome::Grpc(1)
+            } else {
+                Outcome::Http(499)
+            };
+            self.finish(outcome, Some(&"cancelled by the caller"));
+        }
+    }
 }
 
 impl OnEnd for Pending {
-    fn on_end(self, end: End<'_>) {
+    fn on_end(mut self, end: End<'_>) {
         let code = grpc::status_at_end(&end);
         match end {
             End::Failed(e) => self.finish(Outcome::Grpc(code), Some(e)),
@@ -222,7 +253,8 @@ where
                         .overflows
                         .fetch_add(1, Ordering::Relaxed);
                 }
-                pending.finish(Outcome::Error, Some(&e));
+                let outcome = pending.failed(&e);
+                pending.finish(outcome, Some(&e));
                 Poll::Ready(Err(e))
             }
         }
@@ -243,6 +275,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
+        let is_grpc = grpc::is_grpc(req.headers());
         let series = match req.extensions().get::<RouteDecision>() {
             Some(d) => self
                 .layer
@@ -310,9 +343,10 @@ where
         ResponseFuture {
             fut: self.inner.call(req),
             pending: Some(Pending {
-                in_flight: InFlight(series),
+                in_flight: Some(InFlight(series)),
                 start: Instant::now(),
                 log,
+                grpc: is_grpc,
             }),
             metrics: self.layer.metrics.clone(),
         }

@@ -1,5 +1,6 @@
 //! The route's overall timeout, across all attempts (`RouteAction.timeout`; per-try timeouts
-//! are the retry layer's).
+//! are the retry layer's). A gRPC request's own deadline (`grpc-timeout`) bounds it too:
+//! the shorter one applies, and the header goes on to the server unchanged.
 //!
 //! # Example
 //!
@@ -25,6 +26,24 @@ use tower::{Layer, Service};
 
 use crate::error::{BoxError, MeshError};
 use crate::route::RouteDecision;
+
+/// Parses a `grpc-timeout` value: up to 8 digits and a unit (`H`, `M`, `S`, `m`, `u`, `n`).
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
 
 /// Applies each request's route timeout.
 #[derive(Clone, Copy, Debug, Default)]
@@ -120,11 +139,18 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let deadline = req
-            .extensions()
-            .get::<RouteDecision>()
-            .and_then(|d| d.forward().timeout.map(|t| (t, d.clone())))
-            .map(|(t, decision)| (Box::pin(tokio::time::sleep(t)), t, decision));
+        let grpc = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        let deadline = req.extensions().get::<RouteDecision>().and_then(|d| {
+            let t = match (d.forward().timeout, grpc) {
+                (Some(r), Some(g)) => r.min(g),
+                (r, g) => r.or(g)?,
+            };
+            Some((Box::pin(tokio::time::sleep(t)), t, d.clone()))
+        });
         ResponseFuture {
             fut: self.inner.call(req),
             deadline,
