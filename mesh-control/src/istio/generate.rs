@@ -627,11 +627,11 @@ impl Ctx<'_> {
             lb.and_then(|l| l.consistent_hash.as_ref()),
         ) {
             (_, Some(_)) => cpb::cluster::LbPolicy::RingHash,
-            (Some("ROUND_ROBIN"), _) => cpb::cluster::LbPolicy::RoundRobin,
+            // Without a choice, what Istio's generator for proxyless gRPC sends: gRPC clients
+            // reject a Cluster whose legacy `lb_policy` is LEAST_REQUEST.
+            (Some("ROUND_ROBIN") | None, _) => cpb::cluster::LbPolicy::RoundRobin,
             (Some("RANDOM"), _) => cpb::cluster::LbPolicy::Random,
-            (Some("LEAST_REQUEST") | Some("LEAST_CONN") | None, _) => {
-                cpb::cluster::LbPolicy::LeastRequest
-            }
+            (Some("LEAST_REQUEST") | Some("LEAST_CONN"), _) => cpb::cluster::LbPolicy::LeastRequest,
             (Some(other), _) => {
                 if let Some(o) = &origin {
                     self.errors.push(o.at(
