@@ -31,6 +31,9 @@ pub enum MeshError {
         /// What is wrong.
         reason: String,
     },
+    /// The server could not start (see [`mesh_tower::server::ServeError`]).
+    #[error(transparent)]
+    Serve(#[from] mesh_tower::server::ServeError),
     /// The server could not be set up.
     #[error("server on {address}: {reason}")]
     Server {

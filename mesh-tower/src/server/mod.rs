@@ -2,7 +2,8 @@
 //! peer's identity and addresses in every request's extensions, HTTP/1.1 and HTTP/2,
 //! graceful drain on shutdown), and [`InboundLayer`] puts the inbound stack in front of the
 //! application: a server span (trace context extracted from the caller), golden-signal
-//! metrics and access logs, then RBAC authorization.
+//! metrics and access logs, then RBAC authorization. [`serve_xds`] does both, with the TLS
+//! mode and authorization rules taken from the server's xDS listener.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,6 +21,10 @@ use crate::error::BoxError;
 use crate::metrics::{AccessLog, Direction, Metrics, MetricsLayer, MetricsService};
 use crate::tls::{LocalAddr, MeshAcceptor, RemoteAddr};
 use crate::trace::{Trace, TraceLayer};
+
+mod xds;
+
+pub use xds::{listener_policy, serve_xds, ServeError, XdsServe};
 
 /// The inbound stack over an application service `S`.
 pub type Inbound<S> = Trace<MetricsService<Authz<S>>>;

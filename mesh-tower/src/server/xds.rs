@@ -1,0 +1,294 @@
+//! A server configured by its xDS server listener (see [`serve_xds`]).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use mesh_core::config::{HttpFilterKind, Listener, ListenerKind, RbacConfig};
+use mesh_core::identity::IdentityStore;
+use mesh_core::xds::XdsClient;
+use tokio::net::TcpListener;
+use tower::{Layer, Service};
+
+use super::{Inbound, InboundLayer};
+use crate::authz::AuthzLayer;
+use crate::error::BoxError;
+use crate::metrics::{AccessLog, Metrics};
+use crate::tls::{MeshAcceptor, TlsMode};
+use crate::trace::TraceLayer;
+
+/// Why an xDS-configured server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The listening socket has no address.
+    #[error("listening socket: {0}")]
+    Io(#[from] std::io::Error),
+    /// The bootstrap names no server listeners and no mode was given.
+    #[error("server on {address}: the bootstrap has no server_listener_resource_name_template (set one, or choose a mode with XdsServe::tls_mode)")]
+    NoTemplate {
+        /// The listening address.
+        address: String,
+    },
+    /// The server listener did not arrive in time.
+    #[error("server on {address}: listener {name:?} did not arrive within {waited:?} ({status}; xDS server {server}, connected: {connected})")]
+    NotDelivered {
+        /// The listening address.
+        address: String,
+        /// The listener's name.
+        name: String,
+        /// How long it waited.
+        waited: Duration,
+        /// The resource's status (`REQUESTED`, `NACKED: why`, `DOES_NOT_EXIST`).
+        status: String,
+        /// The xDS server.
+        server: String,
+        /// Whether the stream was up.
+        connected: bool,
+    },
+    /// The listener asks for TLS and the server has no identity.
+    #[error("server on {address}: {reason}")]
+    Tls {
+        /// The listening address.
+        address: String,
+        /// What is missing.
+        reason: String,
+    },
+    /// The xDS client stopped.
+    #[error(transparent)]
+    Xds(#[from] mesh_core::XdsError),
+}
+
+/// How [`serve_xds`] runs a server.
+#[derive(Clone, Debug)]
+pub struct XdsServe {
+    service: String,
+    identity: Option<IdentityStore>,
+    metrics: Metrics,
+    trace: Option<TraceLayer>,
+    access_log: Option<AccessLog>,
+    tls_mode: Option<TlsMode>,
+    wait: Duration,
+}
+
+impl XdsServe {
+    /// A server for the service called `service` (the cluster label of its metrics).
+    pub fn new(service: &str) -> Self {
+        Self {
+            service: service.to_owned(),
+            identity: None,
+            metrics: Metrics::default(),
+            trace: None,
+            access_log: None,
+            tls_mode: None,
+            wait: Duration::from_secs(10),
+        }
+    }
+
+    /// The workload identity (needed when the listener asks for TLS).
+    pub fn identity(mut self, identity: IdentityStore) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// Records into `metrics`.
+    pub fn metrics(mut self, metrics: Metrics) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Server spans with this layer (default: [`TraceLayer::server`]).
+    pub fn trace(mut self, layer: TraceLayer) -> Self {
+        self.trace = Some(layer);
+        self
+    }
+
+    /// Logs each request (see [`AccessLog`]).
+    pub fn access_log(mut self, config: AccessLog) -> Self {
+        self.access_log = Some(config);
+        self
+    }
+
+    /// Serve in this mode without an xDS server listener (and without RBAC).
+    pub fn tls_mode(mut self, mode: TlsMode) -> Self {
+        self.tls_mode = Some(mode);
+        self
+    }
+
+    /// How long to wait for the server listener (default 10 s).
+    pub fn wait_for_config(mut self, timeout: Duration) -> Self {
+        self.wait = timeout;
+        self
+    }
+
+    fn build<A>(
+        &self,
+        app: &A,
+        mode: TlsMode,
+        rbac: Vec<RbacConfig>,
+        address: &str,
+    ) -> Result<(MeshAcceptor, Inbound<A>), ServeError>
+    where
+        A: Clone,
+    {
+        let acceptor = MeshAcceptor::new(mode, self.identity.as_ref())
+            .map_err(|reason| ServeError::Tls {
+                address: address.to_owned(),
+                reason,
+            })?
+            .with_metrics(self.metrics.clone());
+        let mut layer = InboundLayer::new(&self.service)
+            .metrics(self.metrics.clone())
+            .trace(self.trace.clone().unwrap_or_else(TraceLayer::server))
+            .authz(AuthzLayer::new(rbac));
+        if let Some(a) = self.access_log {
+            layer = layer.access_log(a);
+        }
+        Ok((acceptor, layer.layer(app.clone())))
+    }
+}
+
+/// What a server listener says: the TLS mode and the RBAC filters of its HTTP chains.
+pub fn listener_policy(listener: &Listener) -> Option<(TlsMode, Vec<RbacConfig>)> {
+    let ListenerKind::Server(server) = &listener.kind else {
+        return None;
+    };
+    let rbac = server
+        .filter_chains
+        .iter()
+        .chain(server.default_filter_chain.iter())
+        .find_map(|c| c.http.as_ref())
+        .map(|hcm| {
+            hcm.http_filters
+                .iter()
+                .filter_map(|f| match &f.kind {
+                    HttpFilterKind::Rbac(r) => Some(r.clone()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((TlsMode::from_listener(server), rbac))
+}
+
+/// Serves `app` on `listener` behind the inbound stack until `shutdown`, then drains.
+///
+/// The server's configuration is its xDS listener: the bootstrap's
+/// `server_listener_resource_name_template` with `0.0.0.0:PORT` (Istio's
+/// `xds.istio.io/grpc/lds/inbound/%s`). Its filter chains give the TLS mode (mTLS only,
+/// mTLS and plaintext, or plaintext) and its RBAC filters the authorization rules. Like a
+/// proxyless gRPC server, nothing is served until the listener arrives; a later version
+/// applies to new connections, and a listener that is removed or rejected leaves the last
+/// good one in force.
+///
+/// ```no_run
+/// # async fn run(xds: mesh_core::xds::XdsClient, id: mesh_core::identity::IdentityStore) -> Result<(), mesh_tower::server::ServeError> {
+/// use mesh_tower::server::{serve_xds, XdsServe};
+/// let listener = tokio::net::TcpListener::bind("0.0.0.0:8080").await?;
+/// let app = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+///     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from("hi"))))
+/// });
+/// serve_xds(&xds, listener, app, XdsServe::new("reviews").identity(id), std::future::pending()).await
+/// # }
+/// ```
+///
+/// # Errors
+/// No server listener name and no explicit mode, the listener not arriving in time, or a
+/// mode that needs an identity the server does not have.
+pub async fn serve_xds<A, B>(
+    xds: &XdsClient,
+    listener: TcpListener,
+    app: A,
+    options: XdsServe,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError>
+where
+    A: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    A::Future: Send + 'static,
+    A::Error: Into<BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Default + Send + 'static,
+    B::Error: Into<BoxError> + std::fmt::Display,
+{
+    let port = listener.local_addr()?.port();
+    let address = format!("0.0.0.0:{port}");
+    if let Some(mode) = options.tls_mode {
+        let config = options.build(&app, mode, Vec::new(), &address)?;
+        let (_keep, rx) = tokio::sync::watch::channel(config);
+        super::serve_with(listener, rx, shutdown).await;
+        return Ok(());
+    }
+    let name = xds
+        .bootstrap()
+        .server_listener_name(&address)
+        .ok_or_else(|| ServeError::NoTemplate {
+            address: address.clone(),
+        })?;
+    xds.watch_listener(&name)?;
+    let store = xds.store().clone();
+    let first = store
+        .wait_for(options.wait, |s| {
+            s.listener(&name)
+                .is_some_and(|l| matches!(l.kind, ListenerKind::Server(_)))
+        })
+        .await
+        .map_err(|_| {
+            let dump = store.dump();
+            let status = dump
+                .get(mesh_core::xds::ResourceType::Listener, &name)
+                .map(|r| match &r.error {
+                    Some((_, e)) => format!("{}: {e}", r.status.as_str()),
+                    None => r.status.as_str().to_owned(),
+                })
+                .unwrap_or_else(|| "not received".into());
+            ServeError::NotDelivered {
+                address: address.clone(),
+                name: name.clone(),
+                waited: options.wait,
+                status,
+                server: dump.server.clone(),
+                connected: dump.connected,
+            }
+        })?;
+    // Correctness: wait_for above saw a server listener under this name.
+    let current: Arc<Listener> = first.listener(&name).cloned().expect("server listener");
+    let (mode, rbac) = listener_policy(&current).expect("a server listener");
+    tracing::info!(listener = %name, ?mode, rbac_filters = rbac.len(), "serving");
+    let (tx, rx) = tokio::sync::watch::channel(options.build(&app, mode, rbac, &address)?);
+
+    // Follow the listener: new connections get the new mode and rules.
+    let follow = {
+        let mut changes = store.subscribe();
+        async move {
+            let mut current = current;
+            while changes.changed().await.is_ok() {
+                let snap = store.load();
+                let Some(next) = snap.listener(&name) else {
+                    tracing::warn!(listener = %name, "server listener removed; keeping the last one");
+                    continue;
+                };
+                if Arc::ptr_eq(next, &current) {
+                    continue;
+                }
+                current = next.clone();
+                let Some((mode, rbac)) = listener_policy(&current) else {
+                    continue;
+                };
+                match options.build(&app, mode, rbac, &address) {
+                    Ok(c) => {
+                        tracing::info!(listener = %name, ?mode, "server listener updated");
+                        let _ = tx.send(c);
+                    }
+                    Err(e) => tracing::warn!("{e}; keeping the last server configuration"),
+                }
+            }
+            // The store outlives the server; should it not, keep serving what we have.
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        () = super::serve_with(listener, rx, shutdown) => {}
+        () = follow => {}
+    }
+    Ok(())
+}
