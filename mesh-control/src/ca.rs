@@ -104,6 +104,21 @@ impl DevCa {
     /// # Errors
     /// A namespace or service account that cannot be in a SPIFFE ID, or a signing failure.
     pub fn issue(&self, ns: &str, sa: &str, ttl: Duration) -> Result<Svid, CaError> {
+        self.issue_with_dns(ns, sa, &[], ttl)
+    }
+
+    /// Like [`issue`](Self::issue), with DNS names beside the SPIFFE ID, for peers that check
+    /// host names rather than SPIFFE IDs (plain TLS clients, proxies without SPIFFE support).
+    ///
+    /// # Errors
+    /// As [`issue`](Self::issue), or a DNS name that is not valid in a certificate.
+    pub fn issue_with_dns(
+        &self,
+        ns: &str,
+        sa: &str,
+        dns: &[&str],
+        ttl: Duration,
+    ) -> Result<Svid, CaError> {
         let ok = |s: &str| {
             !s.is_empty()
                 && s.chars()
@@ -118,6 +133,11 @@ impl DevCa {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.subject_alt_names = vec![SanType::URI(spiffe_id.clone().try_into()?)];
+        for name in dns {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName((*name).try_into()?));
+        }
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "mesh");
         params.distinguished_name = dn;

@@ -1195,7 +1195,8 @@ spec:
         std::fs::create_dir_all(&dir)?;
         let ca = mesh_control::ca::DevCa::new(TRUST_DOMAIN)?;
         for sa in ["server", "client"] {
-            let svid = ca.issue("bench", sa, Duration::from_secs(24 * 3600))?;
+            // A DNS name too, for the nginx pair (nginx checks host names, not SPIFFE IDs).
+            let svid = ca.issue_with_dns("bench", sa, &["localhost"], Duration::from_secs(24 * 3600))?;
             std::fs::write(dir.join(format!("{sa}.pem")), &svid.cert_pem)?;
             std::fs::write(dir.join(format!("{sa}-key.pem")), &svid.key_pem)?;
         }

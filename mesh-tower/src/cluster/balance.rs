@@ -33,6 +33,11 @@ pub struct ByConfig {
 }
 
 fn weighted_random(candidates: &[Arc<EndpointRuntime>]) -> &Arc<EndpointRuntime> {
+    // Equal weights (the common case): an index, O(1). Any subset of a uniform level
+    // (a locality's run) is uniform too.
+    if candidates[0].uniform.load(Ordering::Relaxed) {
+        return &candidates[fastrand::usize(..candidates.len())];
+    }
     let total: u64 = candidates.iter().map(|e| u64::from(e.weight.max(1))).sum();
     let mut point = fastrand::u64(..total.max(1));
     for e in candidates {
@@ -146,6 +151,12 @@ pub fn levels(endpoints: &[Arc<EndpointRuntime>]) -> Vec<Vec<Arc<EndpointRuntime
         }
     }
     levels.sort_by_key(|(p, _)| *p);
+    for (_, level) in &levels {
+        let uniform = level.iter().all(|e| e.weight == level[0].weight);
+        for e in level {
+            e.uniform.store(uniform, Ordering::Relaxed);
+        }
+    }
     levels.into_iter().map(|(_, l)| l).collect()
 }
 
@@ -163,6 +174,7 @@ mod tests {
             locality: 0,
             health,
             stats: Default::default(),
+            uniform: Default::default(),
         })
     }
 

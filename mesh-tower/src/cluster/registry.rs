@@ -74,6 +74,9 @@ pub struct EndpointRuntime {
     /// Health from EDS.
     pub health: HealthStatus,
     pub(crate) stats: Arc<EndpointStats>,
+    /// Every routable endpoint of its priority level has the same weight, so a weighted draw
+    /// is a uniform index (set when the levels are built; no per-request weight sum).
+    pub(crate) uniform: std::sync::atomic::AtomicBool,
 }
 
 impl EndpointRuntime {
@@ -126,7 +129,12 @@ pub struct ClusterRuntime {
     /// When the next interval sweep of outlier detection is due (nanos after `epoch`; 0: not
     /// started).
     next_sweep: AtomicU64,
+    /// The config and assignment last applied: a snapshot that changes another cluster
+    /// leaves this one untouched (same `Arc`s, nothing rebuilt).
+    applied: Mutex<Applied>,
 }
+
+type Applied = Option<(Arc<Cluster>, Option<Arc<EndpointAssignment>>)>;
 
 /// Holds one unit of the cluster's retry allowance; released on drop.
 #[derive(Debug)]
@@ -261,6 +269,7 @@ impl ClusterRuntime {
             retry_overflows: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
             next_sweep: AtomicU64::new(0),
+            applied: Mutex::new(None),
         }
     }
 
@@ -592,6 +601,7 @@ impl ClusterRuntime {
                             locality: li,
                             health: e.health,
                             stats: old.get(&e.address).cloned().unwrap_or_default(),
+                            uniform: Default::default(),
                         })
                     })
                     .collect()
@@ -724,7 +734,21 @@ impl ClusterRegistry {
                 )),
             };
             let cla = snapshot.endpoints_for_cluster(name);
-            runtime.update(cluster.clone(), cla.as_deref());
+            {
+                let mut applied = runtime.applied.lock().expect("applied lock");
+                let same = applied.as_ref().is_some_and(|(c, a)| {
+                    Arc::ptr_eq(c, cluster)
+                        && match (a, &cla) {
+                            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                            (None, None) => true,
+                            _ => false,
+                        }
+                });
+                if !same {
+                    runtime.update(cluster.clone(), cla.as_deref());
+                    *applied = Some((cluster.clone(), cla));
+                }
+            }
             next.insert(name.clone(), runtime);
         }
         self.clusters.store(Arc::new(next));

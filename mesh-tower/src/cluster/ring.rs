@@ -87,6 +87,7 @@ mod tests {
                     locality: 0,
                     health: HealthStatus::Healthy,
                     stats: Default::default(),
+                    uniform: Default::default(),
                 })
             })
             .collect()

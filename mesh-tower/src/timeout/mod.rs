@@ -95,8 +95,11 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         fut: F,
-        // The route is named only when the timeout fires: no allocation on the common path.
-        deadline: Option<(Pin<Box<Sleep>>, Duration, RouteDecision)>,
+        // Inline, not boxed: no allocation per request.
+        #[pin]
+        sleep: Option<Sleep>,
+        // The route is named only when the timeout fires.
+        deadline: Option<(Duration, RouteDecision)>,
     }
 }
 
@@ -112,8 +115,8 @@ where
         if let Poll::Ready(r) = this.fut.poll(cx) {
             return Poll::Ready(r.map_err(Into::into));
         }
-        if let Some((sleep, after, decision)) = this.deadline {
-            if sleep.as_mut().poll(cx).is_ready() {
+        if let (Some(sleep), Some((after, decision))) = (this.sleep.as_pin_mut(), this.deadline) {
+            if sleep.poll(cx).is_ready() {
                 return Poll::Ready(Err(MeshError::Timeout {
                     route: decision.route_name().to_owned(),
                     after: *after,
@@ -149,10 +152,11 @@ where
                 (Some(r), Some(g)) => r.min(g),
                 (r, g) => r.or(g)?,
             };
-            Some((Box::pin(tokio::time::sleep(t)), t, d.clone()))
+            Some((t, d.clone()))
         });
         ResponseFuture {
             fut: self.inner.call(req),
+            sleep: deadline.as_ref().map(|(t, _)| tokio::time::sleep(*t)),
             deadline,
         }
     }

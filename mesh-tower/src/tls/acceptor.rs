@@ -127,6 +127,24 @@ impl AsyncWrite for ServerStream {
         }
     }
 
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(s) => s.is_write_vectored(),
+            Self::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(s) => Pin::new(s).poll_flush(cx),
@@ -229,6 +247,9 @@ impl MeshAcceptor {
             peer: ([0, 0, 0, 0], 0).into(),
             source,
         })?;
+        // Responses are written whole; waiting for ACKs of small segments (Nagle) only adds
+        // latency, as every proxy knows.
+        let _ = tcp.set_nodelay(true);
         let timeout = self.handshake_timeout;
         let work = async {
             let Some(tls) = &self.tls else {

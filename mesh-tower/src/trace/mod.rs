@@ -233,7 +233,7 @@ where
     S: Service<Request<B>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
 {
-    type Response = Response<Observed<ResB, SpanEnd>>;
+    type Response = Response<Observed<ResB, Option<SpanEnd>>>;
     type Error = BoxError;
     type Future = ResponseFuture<S::Future>;
 
@@ -276,6 +276,15 @@ where
             .span_builder(span_name(&req))
             .with_kind(kind)
             .start_with_context(self.layer.tracer.as_ref(), &parent);
+        if !opentelemetry::trace::Span::span_context(&span).is_valid() {
+            // No tracer provider and no incoming trace: nothing to record or propagate, so
+            // nothing is put on the request and the response passes through (the common
+            // case of a service that does not trace costs a span handle, no more).
+            return ResponseFuture {
+                fut: self.inner.call(req),
+                span: None,
+            };
+        }
         let cx = parent.with_span(span);
         let span = cx.span();
         if span.is_recording() {
@@ -386,7 +395,7 @@ where
     F: Future<Output = Result<Response<B>, E>>,
     E: Into<BoxError>,
 {
-    type Output = Result<Response<Observed<B, SpanEnd>>, BoxError>;
+    type Output = Result<Response<Observed<B, Option<SpanEnd>>>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
@@ -397,8 +406,13 @@ where
             }
             None => futures::ready!(this.fut.poll(cx)),
         };
-        // Correctness: the span is taken only here, when the future completes.
-        let mut end = this.span.take().expect("polled after completion");
+        // The span is taken only here, when the future completes; none: not traced.
+        let Some(mut end) = this.span.take() else {
+            return Poll::Ready(
+                out.map(|resp| resp.map(|b| Observed::new(b, None)))
+                    .map_err(Into::into),
+            );
+        };
         match out {
             Ok(resp) => {
                 let span = end.cx.span();
@@ -414,7 +428,7 @@ where
                     end.grpc = false;
                     end.status = 0;
                 }
-                Poll::Ready(Ok(resp.map(|b| Observed::new(b, end))))
+                Poll::Ready(Ok(resp.map(|b| Observed::new(b, Some(end)))))
             }
             Err(e) => {
                 let e: BoxError = e.into();
