@@ -13,7 +13,9 @@ use bytes::Bytes;
 use futures::FutureExt;
 use http::{Request, Response, Uri};
 use http_body_util::Empty;
-use mesh_benches::{routes_yaml, service_yaml, service_yaml_with, snapshot, CLUSTER, HOST, LISTENER};
+use mesh_benches::{
+    routes_yaml, service_yaml, service_yaml_with, snapshot, CLUSTER, HOST, LISTENER,
+};
 use mesh_core::ConfigStore;
 use mesh_tower::cluster::balance::{ByConfig, PickEndpoint};
 use mesh_tower::cluster::ClusterRegistry;
@@ -113,12 +115,10 @@ fn main() {
         black_box(timeout.call(request()).now_or_never());
     });
     let metrics = mesh_tower::metrics::Metrics::default();
-    let mut measured = mesh_tower::metrics::MetricsLayer::new(
-        metrics,
-        mesh_tower::metrics::Direction::Inbound,
-    )
-    .service("svc")
-    .layer(app());
+    let mut measured =
+        mesh_tower::metrics::MetricsLayer::new(metrics, mesh_tower::metrics::Direction::Inbound)
+            .service("svc")
+            .layer(app());
     per_call("layer: metrics (series exists)", || {
         black_box(measured.call(request()).now_or_never());
     });

@@ -54,13 +54,16 @@ fn route_match(c: &mut Criterion) {
         let rc = snap.routes_for_listener(LISTENER).expect("routes");
         // The last route: a full scan of the list, the worst case.
         let uri: Uri = format!("http://{HOST}/r{}", n - 1).parse().expect("uri");
-        c.bench_function(&format!("route/decide/{n}_routes (last matches, 90/10 split)"), |b| {
-            b.iter_batched(
-                || request(&uri),
-                |mut req| black_box(decide(rc.clone(), LISTENER, &mut req, fastrand::u64(..))),
-                BatchSize::SmallInput,
-            )
-        });
+        c.bench_function(
+            &format!("route/decide/{n}_routes (last matches, 90/10 split)"),
+            |b| {
+                b.iter_batched(
+                    || request(&uri),
+                    |mut req| black_box(decide(rc.clone(), LISTENER, &mut req, fastrand::u64(..))),
+                    BatchSize::SmallInput,
+                )
+            },
+        );
     }
 }
 
@@ -104,8 +107,9 @@ fn eds(c: &mut Criterion) {
     let b = b_cla.encode_to_vec();
     let mut flip = false;
     let apply = |store: &ConfigStore, registry: &ClusterRegistry, bytes: &[u8]| {
-        let proto = envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(bytes)
-            .expect("decode");
+        let proto =
+            envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(bytes)
+                .expect("decode");
         let assignment = EndpointAssignment::try_from(&proto).expect("translate");
         let mut next = (*store.load()).clone();
         next.set_endpoints(Arc::new(assignment));
@@ -115,12 +119,15 @@ fn eds(c: &mut Criterion) {
         let levels = cluster.levels();
         black_box(ByConfig::default().pick(&cluster, &levels[0]).address);
     };
-    c.bench_function("eds/update_10k_endpoints (decode, translate, publish, first pick)", |bench| {
-        bench.iter(|| {
-            flip = !flip;
-            apply(&store, &registry, if flip { &a } else { &b });
-        })
-    });
+    c.bench_function(
+        "eds/update_10k_endpoints (decode, translate, publish, first pick)",
+        |bench| {
+            bench.iter(|| {
+                flip = !flip;
+                apply(&store, &registry, if flip { &a } else { &b });
+            })
+        },
+    );
 
     // 1 000 clusters × 10 endpoints; one cluster's endpoints change.
     let mut yaml = String::new();
@@ -134,19 +141,25 @@ fn eds(c: &mut Criterion) {
     let a = cla(&name, 10).encode_to_vec();
     let b = cla(&name, 11).encode_to_vec();
     let mut flip = false;
-    c.bench_function("eds/update_1_of_1000_clusters (10 endpoints each)", |bench| {
-        bench.iter(|| {
-            flip = !flip;
-            let proto = envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(
-                if flip { &a[..] } else { &b[..] },
-            )
-            .expect("decode");
-            let mut next = (*store.load()).clone();
-            next.set_endpoints(Arc::new(EndpointAssignment::try_from(&proto).expect("translate")));
-            store.publish(next);
-            black_box(registry.get(&name).expect("cluster"));
-        })
-    });
+    c.bench_function(
+        "eds/update_1_of_1000_clusters (10 endpoints each)",
+        |bench| {
+            bench.iter(|| {
+                flip = !flip;
+                let proto =
+                    envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment::decode(
+                        if flip { &a[..] } else { &b[..] },
+                    )
+                    .expect("decode");
+                let mut next = (*store.load()).clone();
+                next.set_endpoints(Arc::new(
+                    EndpointAssignment::try_from(&proto).expect("translate"),
+                ));
+                store.publish(next);
+                black_box(registry.get(&name).expect("cluster"));
+            })
+        },
+    );
 }
 
 fn translation(c: &mut Criterion) {
@@ -154,15 +167,18 @@ fn translation(c: &mut Criterion) {
         .into_iter()
         .find(|a| a.type_url.ends_with("RouteConfiguration"))
         .expect("a RouteConfiguration");
-    c.bench_function("translate/route_configuration/10k_routes (decode + validate)", |b| {
-        b.iter(|| {
-            let p = envoy_types::pb::envoy::config::route::v3::RouteConfiguration::decode(
-                any.value.as_slice(),
-            )
-            .expect("decode");
-            black_box(RouteConfig::try_from(&p).expect("translate"))
-        })
-    });
+    c.bench_function(
+        "translate/route_configuration/10k_routes (decode + validate)",
+        |b| {
+            b.iter(|| {
+                let p = envoy_types::pb::envoy::config::route::v3::RouteConfiguration::decode(
+                    any.value.as_slice(),
+                )
+                .expect("decode");
+                black_box(RouteConfig::try_from(&p).expect("translate"))
+            })
+        },
+    );
 }
 
 fn layers(c: &mut Criterion) {
@@ -173,23 +189,51 @@ fn layers(c: &mut Criterion) {
     let uri: Uri = format!("http://{HOST}/r0").parse().expect("uri");
     let run = |c: &mut Criterion, name: &str, mut svc: Box<dyn FnMut(Request<Body>) -> bool>| {
         c.bench_function(name, |b| {
-            b.iter_batched(|| request(&uri), |req| black_box(svc(req)), BatchSize::SmallInput)
+            b.iter_batched(
+                || request(&uri),
+                |req| black_box(svc(req)),
+                BatchSize::SmallInput,
+            )
         });
     };
     let mut base = app();
-    run(c, "layer/baseline/service_fn", Box::new(move |r| base.call(r).now_or_never().is_some()));
+    run(
+        c,
+        "layer/baseline/service_fn",
+        Box::new(move |r| base.call(r).now_or_never().is_some()),
+    );
     let mut route = RouteLayer::new(store.clone(), LISTENER).layer(app());
-    run(c, "layer/route", Box::new(move |r| route.call(r).now_or_never().is_some()));
+    run(
+        c,
+        "layer/route",
+        Box::new(move |r| route.call(r).now_or_never().is_some()),
+    );
     let mut fault = RouteLayer::new(store.clone(), LISTENER)
         .layer(mesh_tower::fault::FaultLayer::new().layer(app()));
-    run(c, "layer/route+fault", Box::new(move |r| fault.call(r).now_or_never().is_some()));
+    run(
+        c,
+        "layer/route+fault",
+        Box::new(move |r| fault.call(r).now_or_never().is_some()),
+    );
     let mut timeout = RouteLayer::new(store.clone(), LISTENER)
         .layer(mesh_tower::timeout::TimeoutLayer::new().layer(app()));
-    run(c, "layer/route+timeout (5 s route timeout)", Box::new(move |r| timeout.call(r).now_or_never().is_some()));
+    run(
+        c,
+        "layer/route+timeout (5 s route timeout)",
+        Box::new(move |r| timeout.call(r).now_or_never().is_some()),
+    );
     let mut authz = mesh_tower::authz::AuthzLayer::new(Vec::new()).layer(app());
-    run(c, "layer/authz (no rules)", Box::new(move |r| authz.call(r).now_or_never().is_some()));
+    run(
+        c,
+        "layer/authz (no rules)",
+        Box::new(move |r| authz.call(r).now_or_never().is_some()),
+    );
     let mut inbound = mesh_tower::server::InboundLayer::new("svc").layer(app());
-    run(c, "stack/inbound (trace, metrics, authz) in process", Box::new(move |r| inbound.call(r).now_or_never().is_some()));
+    run(
+        c,
+        "stack/inbound (trace, metrics, authz) in process",
+        Box::new(move |r| inbound.call(r).now_or_never().is_some()),
+    );
 }
 
 /// The outbound stack against a hyper client, both calling the same HTTP/2 server over
@@ -197,18 +241,26 @@ fn layers(c: &mut Criterion) {
 fn outbound_loopback(c: &mut Criterion) {
     let rt = runtime();
     let port = rt.block_on(async {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         tokio::spawn(async move {
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
                 tokio::spawn(
                     hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                         .serve_connection(
                             hyper_util::rt::TokioIo::new(tcp),
-                            hyper::service::service_fn(|_req: Request<hyper::body::Incoming>| async {
-                                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
-                            }),
+                            hyper::service::service_fn(
+                                |_req: Request<hyper::body::Incoming>| async {
+                                    Ok::<_, Infallible>(Response::new(Full::new(
+                                        Bytes::from_static(b"ok"),
+                                    )))
+                                },
+                            ),
                         ),
                 );
             }
@@ -237,7 +289,8 @@ spec: {{host: {HOST}, trafficPolicy: {{tls: {{mode: DISABLE}}}}}}
     let mesh = mesh_tower::MeshClient::builder(store, &format!("xds:///{LISTENER}"))
         .expect("target")
         .build();
-    let mut builder = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
+    let mut builder =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
     builder.http2_only(true);
     let plain = builder.build_http::<Full<Bytes>>();
     let mesh_uri: Uri = format!("http://{HOST}/").parse().expect("uri");
@@ -270,5 +323,13 @@ spec: {{host: {HOST}, trafficPolicy: {{tls: {{mode: DISABLE}}}}}}
     });
 }
 
-criterion_group!(benches, route_match, balance, eds, translation, layers, outbound_loopback);
+criterion_group!(
+    benches,
+    route_match,
+    balance,
+    eds,
+    translation,
+    layers,
+    outbound_loopback
+);
 criterion_main!(benches);

@@ -31,9 +31,10 @@ pub fn snapshot(yaml: &str) -> Snapshot {
     let config = mesh_control::istio::parse(yaml, "bench.yaml")
         .map_err(show)
         .expect("bench YAML parses");
-    let generated = mesh_control::istio::generate(&config, &mesh_control::istio::Options::default())
-        .map_err(show)
-        .expect("bench YAML generates");
+    let generated =
+        mesh_control::istio::generate(&config, &mesh_control::istio::Options::default())
+            .map_err(show)
+            .expect("bench YAML generates");
     mesh_core::xds::file::snapshot_from_resources(&generated.resources)
         .expect("generated resources translate")
 }
@@ -171,12 +172,16 @@ pub fn cla(cluster: &str, n: usize) -> eds::ClusterLoadAssignment {
                                 ..Default::default()
                             },
                         )),
-                        load_balancing_weight: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 1 }),
+                        load_balancing_weight: Some(
+                            envoy_types::pb::google::protobuf::UInt32Value { value: 1 },
+                        ),
                         ..Default::default()
                     }
                 })
                 .collect(),
-            load_balancing_weight: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 1 }),
+            load_balancing_weight: Some(envoy_types::pb::google::protobuf::UInt32Value {
+                value: 1,
+            }),
             ..Default::default()
         })
         .collect();

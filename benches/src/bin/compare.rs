@@ -1196,7 +1196,8 @@ spec:
         let ca = mesh_control::ca::DevCa::new(TRUST_DOMAIN)?;
         for sa in ["server", "client"] {
             // A DNS name too, for the nginx pair (nginx checks host names, not SPIFFE IDs).
-            let svid = ca.issue_with_dns("bench", sa, &["localhost"], Duration::from_secs(24 * 3600))?;
+            let svid =
+                ca.issue_with_dns("bench", sa, &["localhost"], Duration::from_secs(24 * 3600))?;
             std::fs::write(dir.join(format!("{sa}.pem")), &svid.cert_pem)?;
             std::fs::write(dir.join(format!("{sa}-key.pem")), &svid.key_pem)?;
         }
@@ -1367,10 +1368,18 @@ spec:
                         {
                             for s in ["S3", "S4"] {
                                 if let (Some(c), Some(p)) = (cpu(s), p50(s)) {
+                                    // A ratio over a difference within the noise means nothing.
+                                    let ratio = |sidecar: f64, mesh: f64| {
+                                        if mesh >= 1.0 {
+                                            format!("{:.1}×", sidecar / mesh)
+                                        } else {
+                                            format!("n/a (S2 adds {mesh:.1})")
+                                        }
+                                    };
                                     ratios.push(format!(
-                                        "added CPU {s}/S2 = {:.1}×, added p50 {s}/S2 = {:.1}×",
-                                        (c - b) / (s2 - b).max(0.01),
-                                        (p - b50) / (s2p - b50).max(0.01)
+                                        "added CPU {s}/S2 = {}, added p50 {s}/S2 = {}",
+                                        ratio(c - b, s2 - b),
+                                        ratio(p - b50, s2p - b50)
                                     ));
                                 }
                             }

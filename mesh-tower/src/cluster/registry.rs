@@ -105,6 +105,7 @@ impl EndpointRuntime {
 #[derive(Debug)]
 pub struct ClusterRuntime {
     name: String,
+    shared_name: Arc<str>,
     config: ArcSwap<Cluster>,
     endpoints: ArcSwap<Vec<Arc<EndpointRuntime>>>,
     /// Routable endpoints by priority, highest first (precomputed: nothing is allocated or
@@ -252,6 +253,7 @@ impl ClusterRuntime {
         }
         Self {
             name: cluster.name.clone(),
+            shared_name: cluster.name.as_str().into(),
             client: client_for(&cluster, connector),
             connections: limit,
             metrics,
@@ -273,7 +275,12 @@ impl ClusterRuntime {
         }
     }
 
-    /// The cluster name.
+    /// The name, shared (no allocation per request).
+    pub(crate) fn shared_name(&self) -> Arc<str> {
+        self.shared_name.clone()
+    }
+
+    /// The cluster's name.
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -101,6 +101,23 @@ fn grpc_as_http(code: u32) -> u16 {
     }
 }
 
+/// Counts an attempt abandoned after the route's per-try timeout against its endpoint: a
+/// hung endpoint never answers, so without this outlier detection would never see it fail.
+struct Overdue {
+    runtime: Arc<ClusterRuntime>,
+    ep: Arc<EndpointRuntime>,
+    deadline: tokio::time::Instant,
+}
+
+impl Drop for Overdue {
+    fn drop(&mut self) {
+        let now = tokio::time::Instant::now();
+        if now >= self.deadline {
+            self.runtime.record(&self.ep, Outcome::LocalFailure, now);
+        }
+    }
+}
+
 pin_project! {
     #[project = StateProj]
     enum State {
@@ -111,6 +128,7 @@ pin_project! {
             runtime: Arc<ClusterRuntime>,
             ep: Arc<EndpointRuntime>,
             started: tokio::time::Instant,
+            overdue: Option<Overdue>,
         },
         Failed { error: Option<MeshError> },
     }
@@ -142,9 +160,14 @@ impl Future for ResponseFuture {
                 runtime,
                 ep,
                 started,
+                overdue,
             } => {
                 let out = futures::ready!(fut.poll(cx));
                 drop(guard.take());
+                // Answered: judged by the answer below, not by the clock.
+                if let Some(o) = overdue.take() {
+                    std::mem::forget(o);
+                }
                 if out.is_ok() {
                     ep.stats.observe_latency(started.elapsed());
                 }
@@ -324,7 +347,16 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
                 })
             }
         }
-        let cluster_name: Arc<str> = cluster.name().into();
+        let overdue = req
+            .extensions()
+            .get::<crate::retry::Attempt>()
+            .and_then(|a| a.per_try_timeout)
+            .map(|t| Overdue {
+                runtime: cluster.clone(),
+                ep: endpoint.clone(),
+                deadline: now + t,
+            });
+        let cluster_name = cluster.shared_name();
         let fut = cluster.client().request(req);
         ResponseFuture {
             state: State::Sending {
@@ -334,6 +366,7 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
                 runtime: cluster.clone(),
                 ep: endpoint.clone(),
                 started: now,
+                overdue,
             },
         }
     }

@@ -51,6 +51,9 @@ pub struct Attempt {
     pub tried: Vec<SocketAddr>,
     /// Avoid `tried` when picking (previous_hosts).
     pub avoid_tried: bool,
+    /// The route's per-try timeout: an attempt still unanswered after it is counted against
+    /// its endpoint by outlier detection (as a gateway failure, as Envoy counts timeouts).
+    pub per_try_timeout: Option<std::time::Duration>,
     /// How many picks to make to avoid a tried host.
     pub host_selection_max_attempts: u32,
 }

@@ -371,6 +371,7 @@ where
             tried: Vec::new(),
             avoid_tried: policy.previous_hosts,
             host_selection_max_attempts: policy.host_selection_max_attempts,
+            per_try_timeout: policy.per_try_timeout,
         };
         let mut ctx = Box::new(Ctx {
             svc,

@@ -7,10 +7,11 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
@@ -138,6 +139,34 @@ pub async fn serve<S, B>(
     serve_with(listener, config, shutdown).await;
 }
 
+/// What a server holds against abusive or broken clients. The defaults are on in [`serve`],
+/// [`serve_with`] and [`serve_xds`]; [`serve_with_limits`] takes others.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Open connections at most; beyond it, a new connection is closed at once (and logged).
+    /// Default 10 000.
+    pub max_connections: usize,
+    /// Time a client has to send a whole HTTP/1.1 request head (slowloris defence); the
+    /// connection is closed after it. Default 10 s.
+    pub header_read_timeout: Duration,
+    /// Largest request head in bytes: HTTP/1.1 heads beyond it get 431, HTTP/2 header lists
+    /// beyond it reset the stream. Default 64 KiB (at least 8 KiB).
+    pub max_header_bytes: usize,
+    /// Concurrent HTTP/2 streams per connection. Default 256.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
 /// Like [`serve`], with the acceptor and service taken from `config` for each new
 /// connection: when the server's configuration changes (its TLS mode or authorization from
 /// xDS), new connections get the new pair while open ones finish with the one they had.
@@ -152,6 +181,48 @@ pub async fn serve_with<S, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    serve_with_limits(listener, config, Limits::default(), shutdown).await;
+}
+
+/// [`serve_with`] under `limits`.
+///
+/// ```no_run
+/// # async fn run(app: mesh_tower::server::Inbound<tower::util::ServiceFn<fn(http::Request<hyper::body::Incoming>) -> std::future::Ready<Result<http::Response<http_body_util::Empty<bytes::Bytes>>, std::convert::Infallible>>>>) {
+/// use std::time::Duration;
+/// use mesh_tower::server::{serve_with_limits, Limits};
+/// use mesh_tower::tls::{MeshAcceptor, TlsMode};
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await.unwrap();
+/// let acceptor = MeshAcceptor::new(TlsMode::Disable, None).unwrap();
+/// let (_keep, config) = tokio::sync::watch::channel((acceptor, app));
+/// let limits = Limits { max_connections: 1_000, header_read_timeout: Duration::from_secs(5), ..Limits::default() };
+/// serve_with_limits(listener, config, limits, std::future::pending()).await;
+/// # }
+/// ```
+pub async fn serve_with_limits<S, B>(
+    listener: TcpListener,
+    config: tokio::sync::watch::Receiver<(MeshAcceptor, S)>,
+    limits: Limits,
+    shutdown: impl Future<Output = ()>,
+) where
+    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let mut shed = 0u64;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.max_concurrent_streams);
     let graceful = GracefulShutdown::new();
     let local = listener.local_addr().ok();
     tokio::pin!(shutdown);
@@ -166,9 +237,23 @@ pub async fn serve_with<S, B>(
             },
             () = &mut shutdown => break,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            // At the limit: shed the newcomer rather than fall over.
+            shed += 1;
+            if shed.is_power_of_two() {
+                tracing::warn!(
+                    "connection from {remote} refused: {} connections open (max_connections); {shed} refused so far",
+                    limits.max_connections
+                );
+            }
+            drop(tcp);
+            continue;
+        };
         let (acceptor, service) = config.borrow().clone();
         let watcher = graceful.watcher();
+        let builder = builder.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let (stream, peer) = match acceptor.accept(tcp).await {
                 Ok(s) => s,
                 Err(e) => {
@@ -206,7 +291,6 @@ pub async fn serve_with<S, B>(
                     }
                 }
             });
-            let builder = auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(stream), hyper_svc);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
                 tracing::debug!("connection ended: {e}");

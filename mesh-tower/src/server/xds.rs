@@ -70,6 +70,7 @@ pub struct XdsServe {
     access_log: Option<AccessLog>,
     tls_mode: Option<TlsMode>,
     wait: Duration,
+    limits: super::Limits,
 }
 
 impl XdsServe {
@@ -83,6 +84,7 @@ impl XdsServe {
             access_log: None,
             tls_mode: None,
             wait: Duration::from_secs(10),
+            limits: super::Limits::default(),
         }
     }
 
@@ -113,6 +115,12 @@ impl XdsServe {
     /// Serve in this mode without an xDS server listener (and without RBAC).
     pub fn tls_mode(mut self, mode: TlsMode) -> Self {
         self.tls_mode = Some(mode);
+        self
+    }
+
+    /// Connection, header and stream limits (default [`Limits::default`](super::Limits)).
+    pub fn limits(mut self, limits: super::Limits) -> Self {
+        self.limits = limits;
         self
     }
 
@@ -215,7 +223,7 @@ where
     if let Some(mode) = options.tls_mode {
         let config = options.build(&app, mode, Vec::new(), &address)?;
         let (_keep, rx) = tokio::sync::watch::channel(config);
-        super::serve_with(listener, rx, shutdown).await;
+        super::serve_with_limits(listener, rx, options.limits, shutdown).await;
         return Ok(());
     }
     let name = xds
@@ -254,6 +262,7 @@ where
     let current: Arc<Listener> = first.listener(&name).cloned().expect("server listener");
     let (mode, rbac) = listener_policy(&current).expect("a server listener");
     tracing::info!(listener = %name, ?mode, rbac_filters = rbac.len(), "serving");
+    let limits = options.limits;
     let (tx, rx) = tokio::sync::watch::channel(options.build(&app, mode, rbac, &address)?);
 
     // Follow the listener: new connections get the new mode and rules.
@@ -287,7 +296,7 @@ where
         }
     };
     tokio::select! {
-        () = super::serve_with(listener, rx, shutdown) => {}
+        () = super::serve_with_limits(listener, rx, limits, shutdown) => {}
         () = follow => {}
     }
     Ok(())
