@@ -41,6 +41,9 @@ async fn soak_under_config_and_endpoint_churn() {
     let duration = Duration::from_secs(secs);
     let epoch = Instant::now();
     let mut b = backends(5, None, epoch).await;
+    for x in &b {
+        x.track.store(false, Ordering::Relaxed);
+    }
     let all = ports(&b);
     let cp = ControlPlane::start(&yaml(&all[..4], false)).await;
     let (xds, client) = client(&cp, None).await;
@@ -74,6 +77,7 @@ async fn soak_under_config_and_endpoint_churn() {
                 b[victim].kill();
                 tokio::time::sleep(Duration::from_millis(300)).await;
                 b[victim] = Backend::start(port, None, epoch).await;
+                b[victim].track.store(false, Ordering::Relaxed);
             }
         }
         step += 1;

@@ -181,7 +181,10 @@ mod tests {
     fn grpc_timeout_values() {
         assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
         assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
         for bad in ["", "m", "100", "123456789m", "1x", "-1S", "1 S"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
