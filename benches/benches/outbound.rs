@@ -222,6 +222,37 @@ fn layers(c: &mut Criterion) {
         "layer/route+timeout (5 s route timeout)",
         Box::new(move |r| timeout.call(r).now_or_never().is_some()),
     );
+    // The retry layer takes the mesh's body type (the request is kept for a replay), so it
+    // has its own baseline: the route layer over the same body.
+    type MeshBody = mesh_tower::cluster::MeshBody;
+    let mesh_app = || {
+        tower::service_fn(|_req: Request<MeshBody>| {
+            std::future::ready(Ok::<_, mesh_tower::BoxError>(Response::new(Body::new())))
+        })
+    };
+    let mesh_request = |uri: &Uri| {
+        let mut r = Request::new(Body::new().map_err(|e| match e {}).boxed_unsync());
+        *r.uri_mut() = uri.clone();
+        r
+    };
+    c.bench_function("layer/route (mesh body)", |b| {
+        let mut svc = RouteLayer::new(store.clone(), LISTENER).layer(mesh_app());
+        b.iter_batched(
+            || mesh_request(&uri),
+            |req| black_box(svc.call(req).now_or_never().is_some()),
+            BatchSize::SmallInput,
+        )
+    });
+    let registry = ClusterRegistry::new(store.clone());
+    c.bench_function("layer/route+retry (2 retries on 5xx, none needed)", |b| {
+        let mut svc = RouteLayer::new(store.clone(), LISTENER)
+            .layer(mesh_tower::retry::RetryLayer::new(registry.clone()).layer(mesh_app()));
+        b.iter_batched(
+            || mesh_request(&uri),
+            |req| black_box(svc.call(req).now_or_never().is_some()),
+            BatchSize::SmallInput,
+        )
+    });
     let mut authz = mesh_tower::authz::AuthzLayer::new(Vec::new()).layer(app());
     run(
         c,
