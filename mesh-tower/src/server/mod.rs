@@ -147,7 +147,10 @@ pub struct Limits {
     /// Default 10 000.
     pub max_connections: usize,
     /// Time a client has to send a whole HTTP/1.1 request head (slowloris defence); the
-    /// connection is closed after it. Default 10 s.
+    /// connection is closed after it. hyper starts this timer whenever it waits for a head,
+    /// so it also closes HTTP/1.1 keep-alive connections idle that long: the default, 60 s,
+    /// is above the mesh client's 30 s pool idle timeout, so a pooled connection is never
+    /// closed under a request being sent on it.
     pub header_read_timeout: Duration,
     /// Largest request head in bytes: HTTP/1.1 heads beyond it get 431, HTTP/2 header lists
     /// beyond it reset the stream. Default 64 KiB (at least 8 KiB).
@@ -160,7 +163,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 10_000,
-            header_read_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
             max_concurrent_streams: 256,
         }
