@@ -21,6 +21,91 @@ pub struct MetricsLayer {
     direction: Direction,
     service: Arc<str>,
     access_log: Option<AccessLog>,
+    cache: Arc<SeriesCache>,
+}
+
+/// The series this layer used last, by the key it was found for, so that recording does not
+/// look labels up in the metrics' maps (hashing and comparing every label) on each request.
+/// Direct-mapped: a miss only costs the lookup it saves. A route key holds its route
+/// configuration, so the address it is known by cannot be reused while the slot names it.
+#[derive(Debug, Default)]
+struct SeriesCache {
+    slots: [arc_swap::ArcSwapOption<Slot>; 8],
+}
+
+#[derive(Debug)]
+struct Slot {
+    key: Key,
+    series: Arc<Series>,
+}
+
+#[derive(Debug)]
+enum Key {
+    Route {
+        config: Arc<mesh_core::config::RouteConfig>,
+        vh: usize,
+        route: usize,
+        target: usize,
+    },
+    Peer(Box<str>),
+}
+
+impl SeriesCache {
+    fn get(
+        &self,
+        index: usize,
+        hit: impl Fn(&Key) -> bool,
+        key: impl FnOnce() -> Key,
+        lookup: impl FnOnce() -> Arc<Series>,
+    ) -> Arc<Series> {
+        let slot = &self.slots[index % self.slots.len()];
+        if let Some(s) = &*slot.load() {
+            if hit(&s.key) {
+                return s.series.clone();
+            }
+        }
+        let series = lookup();
+        slot.store(Some(Arc::new(Slot {
+            key: key(),
+            series: series.clone(),
+        })));
+        series
+    }
+
+    fn route(&self, d: &RouteDecision, lookup: impl FnOnce() -> Arc<Series>) -> Arc<Series> {
+        let Some((config, vh, route, target)) = d.cache_key() else {
+            return lookup();
+        };
+        let ptr = Arc::as_ptr(config) as usize;
+        let index = (ptr >> 6) ^ vh.wrapping_mul(31) ^ route.wrapping_mul(17) ^ target;
+        self.get(
+            index,
+            |k| {
+                matches!(k, Key::Route { config: c, vh: v, route: r, target: t }
+                    if Arc::as_ptr(c) as usize == ptr && *v == vh && *r == route && *t == target)
+            },
+            || Key::Route {
+                config: config.clone(),
+                vh,
+                route,
+                target,
+            },
+            lookup,
+        )
+    }
+
+    fn peer(&self, peer: &str, lookup: impl FnOnce() -> Arc<Series>) -> Arc<Series> {
+        let b = peer.as_bytes();
+        let index = b.len()
+            ^ b.last().map_or(0, |x| usize::from(*x))
+            ^ b.get(b.len() / 2).map_or(0, |x| usize::from(*x) << 1);
+        self.get(
+            index,
+            |k| matches!(k, Key::Peer(p) if &**p == peer),
+            || Key::Peer(peer.into()),
+            lookup,
+        )
+    }
 }
 
 /// Access logging: one structured `tracing` event per request (target `mesh::access`, level
@@ -42,6 +127,7 @@ impl MetricsLayer {
             direction,
             service: Arc::from(""),
             access_log: None,
+            cache: Arc::default(),
         }
     }
 
@@ -54,6 +140,8 @@ impl MetricsLayer {
     /// The cluster label of inbound requests (the service's own name).
     pub fn service(mut self, name: &str) -> Self {
         self.service = Arc::from(name);
+        // Inbound series are keyed by peer alone: a layer for another service has its own.
+        self.cache = Arc::default();
         self
     }
 }
@@ -276,29 +364,22 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let is_grpc = grpc::is_grpc(req.headers());
+        let (metrics, direction) = (&self.layer.metrics, self.layer.direction);
         let series = match req.extensions().get::<RouteDecision>() {
             Some(d) => self
                 .layer
-                .metrics
-                .series(self.layer.direction, d.route_name(), d.cluster()),
+                .cache
+                .route(d, || metrics.series(direction, d.route_name(), d.cluster())),
             None => {
                 let peer = req
                     .extensions()
                     .get::<crate::tls::PeerIdentity>()
-                    .and_then(|p| p.0.as_ref());
-                match peer {
-                    Some(id) => self.layer.metrics.series_with_peer(
-                        self.layer.direction,
-                        "",
-                        &self.layer.service,
-                        id.as_str(),
-                    ),
-                    None => {
-                        self.layer
-                            .metrics
-                            .series(self.layer.direction, "", &self.layer.service)
-                    }
-                }
+                    .and_then(|p| p.0.as_ref())
+                    .map_or("", |id| id.as_str());
+                let service = &self.layer.service;
+                self.layer.cache.peer(peer, || {
+                    metrics.series_with_peer(direction, "", service, peer)
+                })
             }
         };
         series.in_flight.fetch_add(1, Ordering::Relaxed);

@@ -151,3 +151,50 @@ async fn grpc_outcomes_come_from_trailers() {
         "UNAVAILABLE and RESOURCE_EXHAUSTED count as failures"
     );
 }
+
+/// The layer's series cache must never record into another label set's series: alternating
+/// peers, and two services made from one layer, each keep their own counts.
+#[test]
+fn cached_series_follow_their_labels() {
+    use futures::FutureExt;
+    use tower::{Layer, Service};
+    let m = Metrics::default();
+    let base = MetricsLayer::new(m.clone(), Direction::Inbound);
+    let app = || {
+        tower::service_fn(|_req: http::Request<()>| {
+            std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(())))
+        })
+    };
+    let mut a = base.clone().service("a").layer(app());
+    let mut b = base.service("b").layer(app());
+    let peer = |id: Option<&str>| {
+        let mut r = http::Request::new(());
+        if let Some(id) = id {
+            r.extensions_mut().insert(crate::tls::PeerIdentity(Some(
+                id.parse::<mesh_core::identity::SpiffeId>().unwrap(),
+            )));
+        }
+        r
+    };
+    let x = "spiffe://cluster.local/ns/default/sa/x";
+    let y = "spiffe://cluster.local/ns/default/sa/y";
+    for i in 0..30 {
+        let id = match i % 3 {
+            0 => Some(x),
+            1 => Some(y),
+            _ => None,
+        };
+        drop(a.call(peer(id)).now_or_never());
+        if i % 2 == 0 {
+            drop(b.call(peer(id)).now_or_never());
+        }
+    }
+    let count = |cluster: &str, p: &str| {
+        m.all(Direction::Inbound)
+            .into_iter()
+            .find(|l| l.cluster == cluster && l.peer == p)
+            .map_or(0, |l| l.series.total())
+    };
+    assert_eq!((count("a", x), count("a", y), count("a", "")), (10, 10, 10));
+    assert_eq!((count("b", x), count("b", y), count("b", "")), (5, 5, 5));
+}

@@ -62,6 +62,18 @@ impl RouteDecision {
         }
     }
 
+    /// What identifies this decision's labels cheaply: the route configuration, virtual
+    /// host, route and target (none for a cluster named by a header).
+    pub(crate) fn cache_key(&self) -> Option<(&Arc<RouteConfig>, usize, usize, usize)> {
+        let target = match self.target {
+            Target::Single => 0,
+            Target::Weighted(i) => i + 1,
+            Target::Mirror(i) => usize::MAX - i,
+            Target::Header(_) => return None,
+        };
+        Some((&self.config, self.vh, self.route, target))
+    }
+
     /// Whether the cluster was named by a request header (`cluster_header`).
     pub(crate) fn cluster_from_header(&self) -> bool {
         matches!(self.target, Target::Header(_))
