@@ -34,7 +34,7 @@ use mesh_control::ads::{AdsServer, ResourceCache};
 use mesh_control::ca::DevCa;
 use mesh_control::istio::{self, Options};
 use mesh_core::config::{ClusterSpecifier, RouteAction, Snapshot};
-use mesh_core::identity::{Identity, IdentityStore};
+use mesh_core::identity::IdentityStore;
 use mesh_core::xds::{Bootstrap, ProtocolMode, XdsClient};
 use mesh_tower::otlp::{tracer, Otlp, SdkTracerProvider};
 use mesh_tower::server::{serve_xds, XdsServe};
@@ -135,11 +135,10 @@ fn weights(s: &Snapshot) -> Option<Vec<(String, u32)>> {
 }
 
 fn identity(ca: &DevCa, sa: &str) -> Result<IdentityStore> {
-    let svid = ca.issue("prod", sa, Duration::from_secs(3600))?;
-    Ok(IdentityStore::new(Identity::from_pem(
-        svid.cert_pem.as_bytes(),
-        svid.key_pem.as_bytes(),
-        ca.root_pem().as_bytes(),
+    Ok(IdentityStore::new(ca.workload_identity(
+        "prod",
+        sa,
+        Duration::from_secs(3600),
     )?))
 }
 

@@ -6,15 +6,12 @@
 
 #![allow(missing_docs)]
 use std::alloc::System;
-use std::convert::Infallible;
 use std::hint::black_box;
 
-use bytes::Bytes;
 use futures::FutureExt;
-use http::{Request, Response, Uri};
-use http_body_util::Empty;
+use http::Uri;
 use mesh_benches::{
-    routes_yaml, service_yaml, service_yaml_with, snapshot, CLUSTER, HOST, LISTENER,
+    app, routes_yaml, service_yaml, service_yaml_with, snapshot, CLUSTER, HOST, LISTENER,
 };
 use mesh_core::ConfigStore;
 use mesh_tower::cluster::balance::{ByConfig, PickEndpoint};
@@ -25,8 +22,6 @@ use tower::{Layer, Service};
 
 #[global_allocator]
 static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
-
-type Body = Empty<Bytes>;
 
 const N: usize = 10_000;
 
@@ -46,15 +41,6 @@ fn per_call(name: &str, mut f: impl FnMut()) -> f64 {
     per
 }
 
-fn app() -> impl Service<
-    Request<Body>,
-    Response = Response<Body>,
-    Error = Infallible,
-    Future = std::future::Ready<Result<Response<Body>, Infallible>>,
-> + Clone {
-    tower::service_fn(|_req: Request<Body>| std::future::ready(Ok(Response::new(Body::new()))))
-}
-
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -66,11 +52,7 @@ fn main() {
     let registry = ClusterRegistry::new(store.clone());
     let rc = store.load().routes_for_listener(LISTENER).expect("routes");
     let uri: Uri = format!("http://{HOST}/r99").parse().expect("uri");
-    let request = || {
-        let mut r = Request::new(Body::new());
-        *r.uri_mut() = uri.clone();
-        r
-    };
+    let request = || mesh_benches::request(&uri);
     println!("(requests built outside the counted region where possible; the request's own");
     println!(" allocations are counted where a layer needs one built per call)\n");
 

@@ -4,31 +4,18 @@
 //! `cargo bench -p mesh-benches --bench observability`
 
 #![allow(missing_docs)] // criterion_group! generates an undocumented function
-use std::convert::Infallible;
 use std::hint::black_box;
 
-use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion};
 use futures::FutureExt;
-use http::{HeaderMap, Request, Response};
-use http_body_util::Empty;
+use http::{HeaderMap, Request};
+use mesh_benches::{app, Body};
 use mesh_tower::metrics::{AccessLog, Direction, Metrics, MetricsLayer};
 use mesh_tower::trace::{extract, inject, Formats, TraceLayer};
 use opentelemetry::global::BoxedTracer;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tower::{Layer, Service};
-
-type Body = Empty<Bytes>;
-
-fn app() -> impl Service<
-    Request<Body>,
-    Response = Response<Body>,
-    Error = Infallible,
-    Future = std::future::Ready<Result<Response<Body>, Infallible>>,
-> + Clone {
-    tower::service_fn(|_req: Request<Body>| std::future::ready(Ok(Response::new(Body::new()))))
-}
 
 /// A request that costs next to nothing to build and drop (no allocation), so that the
 /// timing is the layer's.

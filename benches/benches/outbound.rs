@@ -14,8 +14,11 @@ use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use futures::FutureExt;
 use http::{Request, Response, Uri};
-use http_body_util::{BodyExt, Empty, Full};
-use mesh_benches::{cla, resources, routes_yaml, service_yaml, snapshot, CLUSTER, HOST, LISTENER};
+use http_body_util::{BodyExt, Full};
+use mesh_benches::{
+    app, cla, request, resources, routes_yaml, service_yaml, snapshot, Body, CLUSTER, HOST,
+    LISTENER,
+};
 use mesh_core::config::{EndpointAssignment, RouteConfig};
 use mesh_core::ConfigStore;
 use mesh_tower::cluster::balance::{ByConfig, PickEndpoint};
@@ -23,23 +26,6 @@ use mesh_tower::cluster::ClusterRegistry;
 use mesh_tower::route::{decide, RouteLayer};
 use prost::Message;
 use tower::{Layer, Service, ServiceExt};
-
-type Body = Empty<Bytes>;
-
-fn app() -> impl Service<
-    Request<Body>,
-    Response = Response<Body>,
-    Error = Infallible,
-    Future = std::future::Ready<Result<Response<Body>, Infallible>>,
-> + Clone {
-    tower::service_fn(|_req: Request<Body>| std::future::ready(Ok(Response::new(Body::new()))))
-}
-
-fn request(uri: &Uri) -> Request<Body> {
-    let mut r = Request::new(Body::new());
-    *r.uri_mut() = uri.clone();
-    r
-}
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

@@ -4,11 +4,35 @@
 //! way a user makes them: Istio YAML through the control plane's generator, then the xDS
 //! client's translation.
 
+use std::convert::Infallible;
 use std::net::{Ipv4Addr, SocketAddr};
+
+use bytes::Bytes;
+use http::{Request, Response};
 
 use envoy_types::pb::envoy::config::core::v3 as core_pb;
 use envoy_types::pb::envoy::config::endpoint::v3 as eds;
 use mesh_core::config::Snapshot;
+
+/// The body of every bench request and response: empty, allocation-free to build and drop.
+pub type Body = http_body_util::Empty<Bytes>;
+
+/// The baseline every layer is measured over: a `service_fn` that answers at once.
+pub fn app() -> impl tower::Service<
+    Request<Body>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = std::future::Ready<Result<Response<Body>, Infallible>>,
+> + Clone {
+    tower::service_fn(|_req: Request<Body>| std::future::ready(Ok(Response::new(Body::new()))))
+}
+
+/// A request for `uri` that allocates nothing (no headers; extensions not yet allocated).
+pub fn request(uri: &http::Uri) -> Request<Body> {
+    let mut r = Request::new(Body::new());
+    *r.uri_mut() = uri.clone();
+    r
+}
 
 /// The service every bench calls.
 pub const HOST: &str = "svc.bench.svc.cluster.local";

@@ -107,6 +107,37 @@ impl DevCa {
         self.issue_with_dns(ns, sa, &[], ttl)
     }
 
+    /// A workload identity for `ns`/`sa`, ready for an
+    /// [`IdentityStore`](mesh_core::identity::IdentityStore): an SVID from [`issue`](Self::issue)
+    /// with this CA's root as its trust bundle.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use mesh_control::ca::DevCa;
+    /// use mesh_core::identity::IdentityStore;
+    /// let ca = DevCa::new("cluster.local")?;
+    /// let store = IdentityStore::new(ca.workload_identity("prod", "reviews", Duration::from_secs(3600))?);
+    /// # drop(store);
+    /// # Ok::<(), mesh_control::ca::CaError>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`issue`](Self::issue).
+    pub fn workload_identity(
+        &self,
+        ns: &str,
+        sa: &str,
+        ttl: Duration,
+    ) -> Result<mesh_core::identity::Identity, CaError> {
+        let svid = self.issue(ns, sa, ttl)?;
+        mesh_core::identity::Identity::from_pem(
+            svid.cert_pem.as_bytes(),
+            svid.key_pem.as_bytes(),
+            self.cert_pem.as_bytes(),
+        )
+        .map_err(|e| CaError(format!("SVID for {}: {e}", svid.spiffe_id)))
+    }
+
     /// Like [`issue`](Self::issue), with DNS names beside the SPIFFE ID, for peers that check
     /// host names rather than SPIFFE IDs (plain TLS clients, proxies without SPIFFE support).
     ///

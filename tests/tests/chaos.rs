@@ -119,6 +119,27 @@ async fn wait_dump(
     Err(format!("timed out after {timeout:?}"))
 }
 
+/// Waits until the client holds `n` endpoints for the service.
+async fn wait_endpoints(
+    store: &mesh_core::ConfigStore,
+    n: usize,
+    timeout: Duration,
+) -> Result<(), String> {
+    store
+        .wait_for(timeout, |s| {
+            s.endpoints_for_cluster(CLUSTER).is_some_and(|c| {
+                c.localities
+                    .iter()
+                    .map(|l| l.endpoints.len())
+                    .sum::<usize>()
+                    == n
+            })
+        })
+        .await
+        .map(drop)
+        .map_err(|_| format!("{n} endpoints did not arrive within {timeout:?}"))
+}
+
 fn resource_names(s: &Snapshot) -> Vec<String> {
     let mut v: Vec<String> = s
         .listeners()
@@ -165,16 +186,7 @@ async fn control_plane_restart_loses_no_request_and_no_resource() {
     // Updates resume: the third endpoint leaves.
     cp.cache
         .set_resources(generate(&yaml(&ports(&b[..2]), false)));
-    xds.store()
-        .wait_for(Duration::from_secs(10), |s| {
-            s.endpoints_for_cluster(CLUSTER).is_some_and(|c| {
-                c.localities
-                    .iter()
-                    .map(|l| l.endpoints.len())
-                    .sum::<usize>()
-                    == 2
-            })
-        })
+    wait_endpoints(xds.store(), 2, Duration::from_secs(10))
         .await
         .expect("an update after the reconnect applies");
     let f = run.await.unwrap();
@@ -232,16 +244,7 @@ async fn a_bad_resource_is_nacked_and_the_last_good_config_keeps_serving() {
     // The next good push applies (one endpoint fewer).
     cp.cache
         .set_resources(generate(&yaml(&ports(&b[..2]), false)));
-    xds.store()
-        .wait_for(Duration::from_secs(5), |s| {
-            s.endpoints_for_cluster(CLUSTER).is_some_and(|c| {
-                c.localities
-                    .iter()
-                    .map(|l| l.endpoints.len())
-                    .sum::<usize>()
-                    == 2
-            })
-        })
+    wait_endpoints(xds.store(), 2, Duration::from_secs(5))
         .await
         .expect("the next good push applies");
     wait_dump(xds.store(), Duration::from_secs(5), |d| {
@@ -305,16 +308,7 @@ async fn removing_an_endpoint_from_eds_drains_it_under_load() {
     let before = b[2].hits();
     cp.cache
         .set_resources(generate(&yaml(&ports(&b[..2]), false)));
-    xds.store()
-        .wait_for(Duration::from_secs(5), |s| {
-            s.endpoints_for_cluster(CLUSTER).is_some_and(|c| {
-                c.localities
-                    .iter()
-                    .map(|l| l.endpoints.len())
-                    .sum::<usize>()
-                    == 2
-            })
-        })
+    wait_endpoints(xds.store(), 2, Duration::from_secs(5))
         .await
         .expect("the removal applies");
     let applied = epoch.elapsed();

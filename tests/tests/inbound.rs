@@ -21,14 +21,9 @@ use mesh_tower::tls::{MeshAcceptor, MeshConnector, PeerIdentity, TlsMode};
 use tower::Layer;
 
 fn identity(ca: &DevCa, ns: &str, sa: &str) -> IdentityStore {
-    let svid = ca.issue(ns, sa, Duration::from_secs(3600)).unwrap();
     IdentityStore::new(
-        Identity::from_pem(
-            svid.cert_pem.as_bytes(),
-            svid.key_pem.as_bytes(),
-            ca.root_pem().as_bytes(),
-        )
-        .unwrap(),
+        ca.workload_identity(ns, sa, Duration::from_secs(3600))
+            .unwrap(),
     )
 }
 

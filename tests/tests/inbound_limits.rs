@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use mesh_control::ca::DevCa;
-use mesh_core::identity::{Identity, IdentityStore};
+use mesh_core::identity::IdentityStore;
 use mesh_tower::metrics::Metrics;
 use mesh_tower::server::{serve_with_limits, InboundLayer, Limits};
 use mesh_tower::tls::{MeshAcceptor, MeshConnector, TlsMode};
@@ -169,14 +169,9 @@ async fn a_connection_flood_is_shed_beyond_max_connections() {
 }
 
 fn svid(ca: &DevCa, sa: &str) -> IdentityStore {
-    let s = ca.issue("test", sa, Duration::from_secs(3600)).unwrap();
     IdentityStore::new(
-        Identity::from_pem(
-            s.cert_pem.as_bytes(),
-            s.key_pem.as_bytes(),
-            ca.root_pem().as_bytes(),
-        )
-        .unwrap(),
+        ca.workload_identity("test", sa, Duration::from_secs(3600))
+            .unwrap(),
     )
 }
 

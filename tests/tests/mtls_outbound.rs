@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use mesh_control::ads::{AdsServer, ResourceCache};
 use mesh_control::ca::DevCa;
 use mesh_control::istio::{self, Options};
-use mesh_core::identity::{peer_spiffe_id, server_config, Identity, IdentityStore};
+use mesh_core::identity::{peer_spiffe_id, server_config, IdentityStore};
 use mesh_core::xds::{Bootstrap, XdsClient};
 use mesh_tower::{MeshClient, MeshError};
 use tower::ServiceExt;
@@ -23,14 +23,9 @@ use tower::ServiceExt;
 const HOST: &str = "backend.prod.svc.cluster.local";
 
 fn identity(ca: &DevCa, sa: &str) -> IdentityStore {
-    let svid = ca.issue("prod", sa, Duration::from_secs(3600)).unwrap();
     IdentityStore::new(
-        Identity::from_pem(
-            svid.cert_pem.as_bytes(),
-            svid.key_pem.as_bytes(),
-            ca.root_pem().as_bytes(),
-        )
-        .unwrap(),
+        ca.workload_identity("prod", sa, Duration::from_secs(3600))
+            .unwrap(),
     )
 }
 

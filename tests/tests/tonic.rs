@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use mesh_control::ads::{AdsServer, ResourceCache};
 use mesh_control::ca::DevCa;
 use mesh_control::istio::{self, Options};
-use mesh_core::identity::{Identity, IdentityStore};
+use mesh_core::identity::IdentityStore;
 use mesh_core::xds::{Bootstrap, XdsClient};
 use mesh_examples::helloworld::greeter_client::GreeterClient;
 use mesh_examples::helloworld::greeter_server::{Greeter, GreeterServer};
@@ -21,14 +21,9 @@ const HOST: &str = "greeter.default.svc.cluster.local";
 const TEMPLATE: &str = "xds.istio.io/grpc/lds/inbound/%s";
 
 fn identity(ca: &DevCa, sa: &str) -> IdentityStore {
-    let svid = ca.issue("default", sa, Duration::from_secs(3600)).unwrap();
     IdentityStore::new(
-        Identity::from_pem(
-            svid.cert_pem.as_bytes(),
-            svid.key_pem.as_bytes(),
-            ca.root_pem().as_bytes(),
-        )
-        .unwrap(),
+        ca.workload_identity("default", sa, Duration::from_secs(3600))
+            .unwrap(),
     )
 }
 

@@ -762,28 +762,57 @@ Exits non-zero if any request failed.";
         )
     }
 
-    async fn envoy(
+    /// Which sidecar binary, and how it takes its config file.
+    #[derive(Clone, Copy)]
+    enum Sidecar {
+        Envoy,
+        Nginx,
+    }
+
+    /// Writes `config` beside the run's certificates and starts the sidecar on it.
+    async fn sidecar(
+        kind: Sidecar,
         bin: &Path,
         name: &str,
         config: &str,
         dir: &Path,
         pin: Option<u8>,
     ) -> Result<Proc> {
-        let file = dir.join(format!("{name}.yaml"));
+        // Envoy reads the format from the extension.
+        let ext = match kind {
+            Sidecar::Envoy => "yaml",
+            Sidecar::Nginx => "conf",
+        };
+        let file = dir.join(format!("{name}.{ext}"));
         std::fs::write(&file, config)?;
         let mut cmd = Command::new(bin);
-        cmd.arg("-c")
-            .arg(&file)
-            .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error"])
-            .arg("--log-path")
-            .arg(dir.join(format!("{name}.log")));
+        cmd.arg("-c").arg(&file);
+        match kind {
+            Sidecar::Envoy => cmd
+                .args(["--concurrency", "1", "--disable-hot-restart", "-l", "error"])
+                .arg("--log-path")
+                .arg(dir.join(format!("{name}.log"))),
+            Sidecar::Nginx => cmd
+                .arg("-p")
+                .arg(dir)
+                .arg("-e")
+                .arg(dir.join(format!("{name}.err"))),
+        };
         spawn(name, cmd, pin).await
     }
 
     /// nginx pair: HTTP/1.1 only (nginx's proxy module speaks HTTP/1.1 upstream). nginx checks
     /// the peer's chain against the root but cannot match a SPIFFE URI SAN.
-    fn nginx_conf(dir: &Path, listen: &str, upstream: &str, tls_up: bool) -> String {
+    fn nginx_conf(dir: &Path, listen: u16, upstream: u16, tls_down: bool, tls_up: bool) -> String {
         let d = dir.display();
+        let down_tls = if tls_down {
+            format!(
+                " ssl; ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server-key.pem;
+    ssl_client_certificate {d}/root.pem; ssl_verify_client on"
+            )
+        } else {
+            String::new()
+        };
         let up_tls = if tls_up {
             format!(
                 "proxy_ssl_certificate {d}/client.pem; proxy_ssl_certificate_key {d}/client-key.pem;
@@ -802,9 +831,9 @@ http {{
   access_log off;
   client_body_temp_path {d}/nginx-body; proxy_temp_path {d}/nginx-proxy;
   fastcgi_temp_path {d}/nginx-fcgi; uwsgi_temp_path {d}/nginx-uwsgi; scgi_temp_path {d}/nginx-scgi;
-  upstream up {{ server {upstream}; keepalive 64; }}
+  upstream up {{ server 127.0.0.1:{upstream}; keepalive 64; }}
   server {{
-    listen 127.0.0.1:{listen};
+    listen 127.0.0.1:{listen}{down_tls};
     keepalive_requests 1000000;
     location / {{
       proxy_pass {scheme}://up; proxy_http_version 1.1; proxy_set_header Connection \"\";
@@ -816,44 +845,14 @@ http {{
         )
     }
 
-    fn nginx_in_conf(dir: &Path, listen: u16, app: u16) -> String {
-        let d = dir.display();
-        nginx_conf(dir, &listen.to_string(), &format!("127.0.0.1:{app}"), false).replace(
-            &format!("listen 127.0.0.1:{listen};"),
-            &format!(
-                "listen 127.0.0.1:{listen} ssl; ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server-key.pem;
-    ssl_client_certificate {d}/root.pem; ssl_verify_client on;"
-            ),
-        )
-    }
-
-    async fn nginx(
-        bin: &Path,
-        name: &str,
-        config: &str,
-        dir: &Path,
-        pin: Option<u8>,
-    ) -> Result<Proc> {
-        let file = dir.join(format!("{name}.conf"));
-        std::fs::write(&file, config)?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("-c")
-            .arg(&file)
-            .arg("-p")
-            .arg(dir)
-            .arg("-e")
-            .arg(dir.join(format!("{name}.err")));
-        spawn(name, cmd, pin).await
-    }
-
     /// How a scenario is reached, and which processes serve it.
-    struct Path_ {
+    struct Scenario {
         target: Vec<String>,
         procs: Vec<Proc>,
     }
 
     struct Scenarios {
-        by_name: BTreeMap<String, Path_>,
+        by_name: BTreeMap<String, Scenario>,
         skipped: Vec<String>,
         _ads: tokio::task::JoinHandle<()>,
     }
@@ -896,7 +895,7 @@ spec:
             let (p, port) = echo_server("plain", dir, server_cpu).await?;
             by_name.insert(
                 "S0".into(),
-                Path_ {
+                Scenario {
                     target: vec!["--addr".into(), format!("127.0.0.1:{port}")],
                     procs: vec![p],
                 },
@@ -910,7 +909,7 @@ spec:
                 yaml_hosts.push((format!("{tag}-h2"), port, "HTTP2", mtls));
                 by_name.insert(
                     s.to_owned(),
-                    Path_ {
+                    Scenario {
                         target: Vec::new(),
                         procs: vec![p],
                     },
@@ -962,7 +961,8 @@ spec:
                 Some(bin) => {
                     let (app, app_port) = echo_server("plain", dir, server_cpu).await?;
                     let (inb, h1, h2) = (free_port()?, free_port()?, free_port()?);
-                    let e_in = envoy(
+                    let e_in = sidecar(
+                        Sidecar::Envoy,
                         bin,
                         "envoy-in",
                         &envoy_in(inb, app_port, dir),
@@ -970,7 +970,8 @@ spec:
                         server_cpu,
                     )
                     .await?;
-                    let e_out = envoy(
+                    let e_out = sidecar(
+                        Sidecar::Envoy,
                         bin,
                         "envoy-out",
                         &envoy_out(h1, h2, inb, dir),
@@ -983,7 +984,7 @@ spec:
                     }
                     by_name.insert(
                         "S3".into(),
-                        Path_ {
+                        Scenario {
                             target: vec!["--sidecar".into(), h1.to_string(), h2.to_string()],
                             procs: vec![app, e_out, e_in],
                         },
@@ -1000,18 +1001,20 @@ spec:
                 Some(bin) => {
                     let (app, app_port) = echo_server("plain", dir, server_cpu).await?;
                     let (inb, out) = (free_port()?, free_port()?);
-                    let n_in = nginx(
+                    let n_in = sidecar(
+                        Sidecar::Nginx,
                         bin,
                         "nginx-in",
-                        &nginx_in_conf(dir, inb, app_port),
+                        &nginx_conf(dir, inb, app_port, true, false),
                         dir,
                         server_cpu,
                     )
                     .await?;
-                    let n_out = nginx(
+                    let n_out = sidecar(
+                        Sidecar::Nginx,
                         bin,
                         "nginx-out",
-                        &nginx_conf(dir, &out.to_string(), &format!("127.0.0.1:{inb}"), true),
+                        &nginx_conf(dir, out, inb, false, true),
                         dir,
                         client_cpu,
                     )
@@ -1021,7 +1024,7 @@ spec:
                     }
                     by_name.insert(
                         "S4".into(),
-                        Path_ {
+                        Scenario {
                             target: vec!["--sidecar".into(), out.to_string(), String::new()],
                             procs: vec![app, n_out, n_in],
                         },
@@ -1067,7 +1070,7 @@ spec:
 
     async fn measure(
         o: &Opts,
-        path: &Path_,
+        path: &Scenario,
         proto: &str,
         payload: usize,
         rate: u64,

@@ -104,8 +104,7 @@ impl EndpointRuntime {
 /// A cluster's live state: its config, endpoints, pool and breaker counters.
 #[derive(Debug)]
 pub struct ClusterRuntime {
-    name: String,
-    shared_name: Arc<str>,
+    name: Arc<str>,
     config: ArcSwap<Cluster>,
     endpoints: ArcSwap<Vec<Arc<EndpointRuntime>>>,
     /// Routable endpoints by priority, highest first (precomputed: nothing is allocated or
@@ -252,8 +251,7 @@ impl ClusterRuntime {
             connector = connector.with_metrics(m.clone());
         }
         Self {
-            name: cluster.name.clone(),
-            shared_name: cluster.name.as_str().into(),
+            name: cluster.name.as_str().into(),
             client: client_for(&cluster, connector),
             connections: limit,
             metrics,
@@ -277,7 +275,7 @@ impl ClusterRuntime {
 
     /// The name, shared (no allocation per request).
     pub(crate) fn shared_name(&self) -> Arc<str> {
-        self.shared_name.clone()
+        self.name.clone()
     }
 
     /// The cluster's name.
@@ -346,7 +344,7 @@ impl ClusterRuntime {
             self.active_requests.fetch_sub(1, Ordering::AcqRel);
             self.overflows.fetch_add(1, Ordering::Relaxed);
             return Err(MeshError::Overloaded {
-                cluster: self.name.clone(),
+                cluster: self.name.to_string(),
                 limit: "max_requests",
                 max,
             });
@@ -742,14 +740,15 @@ impl ClusterRegistry {
             };
             let cla = snapshot.endpoints_for_cluster(name);
             {
-                let mut applied = runtime.applied.lock().expect("applied lock");
+                // Only this function writes `applied`, under `write`: a poisoned lock still
+                // holds a consistent value.
+                let mut applied = runtime
+                    .applied
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 let same = applied.as_ref().is_some_and(|(c, a)| {
                     Arc::ptr_eq(c, cluster)
-                        && match (a, &cla) {
-                            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                            (None, None) => true,
-                            _ => false,
-                        }
+                        && a.as_ref().map(Arc::as_ptr) == cla.as_ref().map(Arc::as_ptr)
                 });
                 if !same {
                     runtime.update(cluster.clone(), cla.as_deref());

@@ -107,12 +107,14 @@ struct Overdue {
     runtime: Arc<ClusterRuntime>,
     ep: Arc<EndpointRuntime>,
     deadline: tokio::time::Instant,
+    /// Cleared when the attempt is answered: the answer is judged, not the clock.
+    armed: bool,
 }
 
 impl Drop for Overdue {
     fn drop(&mut self) {
         let now = tokio::time::Instant::now();
-        if now >= self.deadline {
+        if self.armed && now >= self.deadline {
             self.runtime.record(&self.ep, Outcome::LocalFailure, now);
         }
     }
@@ -164,9 +166,8 @@ impl Future for ResponseFuture {
             } => {
                 let out = futures::ready!(fut.poll(cx));
                 drop(guard.take());
-                // Answered: judged by the answer below, not by the clock.
-                if let Some(o) = overdue.take() {
-                    std::mem::forget(o);
+                if let Some(o) = overdue.as_mut() {
+                    o.armed = false;
                 }
                 if out.is_ok() {
                     ep.stats.observe_latency(started.elapsed());
@@ -355,6 +356,7 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
                 runtime: cluster.clone(),
                 ep: endpoint.clone(),
                 deadline: now + t,
+                armed: true,
             });
         let cluster_name = cluster.shared_name();
         let fut = cluster.client().request(req);

@@ -95,10 +95,12 @@ impl SeriesCache {
     }
 
     fn peer(&self, peer: &str, lookup: impl FnOnce() -> Arc<Series>) -> Arc<Series> {
-        let b = peer.as_bytes();
-        let index = b.len()
-            ^ b.last().map_or(0, |x| usize::from(*x))
-            ^ b.get(b.len() / 2).map_or(0, |x| usize::from(*x) << 1);
+        let index = {
+            use std::hash::{Hash, Hasher};
+            let mut h = rustc_hash::FxHasher::default();
+            peer.hash(&mut h);
+            (h.finish() >> 32) as usize
+        };
         self.get(
             index,
             |k| matches!(k, Key::Peer(p) if &**p == peer),

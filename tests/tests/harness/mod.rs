@@ -256,13 +256,8 @@ impl ControlPlane {
 }
 
 pub fn svid(ca: &DevCa, sa: &str) -> Identity {
-    let svid = ca.issue("test", sa, Duration::from_secs(3600)).unwrap();
-    Identity::from_pem(
-        svid.cert_pem.as_bytes(),
-        svid.key_pem.as_bytes(),
-        ca.root_pem().as_bytes(),
-    )
-    .unwrap()
+    ca.workload_identity("test", sa, Duration::from_secs(3600))
+        .unwrap()
 }
 
 pub async fn client(cp: &ControlPlane, id: Option<IdentityStore>) -> (XdsClient, MeshClient) {
