@@ -17,7 +17,7 @@ mod support;
 fn fixtures() -> std::path::PathBuf {
     std::env::var_os("MESH_FIXTURES")
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/fixtures/xds").into())
+        .unwrap_or_else(|| concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/xds").into())
 }
 
 /// Resources under the names the captured clients asked for.
