@@ -232,10 +232,16 @@ where
             Err(e) => match e.downcast::<MeshError>() {
                 // Routes that answer themselves answer here.
                 Ok(me) => match *me {
-                    MeshError::DirectResponse { status, body, .. } => {
-                        let mut resp = Response::new(Either::Right(Full::new(Bytes::from(body))));
+                    MeshError::DirectResponse {
+                        status,
+                        body,
+                        headers,
+                        ..
+                    } => {
+                        let mut resp = Response::new(Either::Right(Full::new(body)));
                         *resp.status_mut() =
                             http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::OK);
+                        *resp.headers_mut() = *headers;
                         Poll::Ready(Ok(resp))
                     }
                     MeshError::FaultAbort { status, grpc } => {

@@ -32,8 +32,10 @@ pub enum MeshError {
         route: String,
         /// Status.
         status: u16,
-        /// Body (for redirects, the location).
-        body: String,
+        /// Body.
+        body: bytes::Bytes,
+        /// Headers of the answer (`content-type` of a body, `location` of a redirect).
+        headers: Box<http::HeaderMap>,
     },
     /// The route names a cluster the configuration does not have.
     #[error("cluster {cluster:?} is not in the configuration")]

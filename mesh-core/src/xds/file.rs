@@ -53,8 +53,57 @@ pub struct FileError {
 pub fn descriptors() -> &'static DescriptorPool {
     static POOL: OnceLock<DescriptorPool> = OnceLock::new();
     POOL.get_or_init(|| {
-        DescriptorPool::decode(DESCRIPTOR_SET).expect("embedded descriptor set decodes")
+        let mut pool =
+            DescriptorPool::decode(DESCRIPTOR_SET).expect("embedded descriptor set decodes");
+        for package in ["udpa.type.v1", "xds.type.v3"] {
+            if pool
+                .get_message_by_name(&format!("{package}.TypedStruct"))
+                .is_none()
+            {
+                pool.add_file_descriptor_proto(typed_struct(package))
+                    .expect("TypedStruct's descriptor only refers to google.protobuf.Struct");
+            }
+        }
+        pool
     })
+}
+
+/// `TypedStruct` (`udpa.type.v1` and `xds.type.v3`): an extension's config as a JSON-like
+/// `Struct` with the extension's type URL. Control planes (Istio, Envoy Gateway) write it in
+/// YAML and JSON; the generated protos do not carry it, so its two fields are declared here.
+fn typed_struct(package: &str) -> prost_reflect::prost_types::FileDescriptorProto {
+    use prost_reflect::prost_types::{
+        field_descriptor_proto::{Label, Type},
+        DescriptorProto, FieldDescriptorProto, FileDescriptorProto,
+    };
+    let field = |name: &str, number, kind: Type, type_name: Option<&str>| FieldDescriptorProto {
+        name: Some(name.to_owned()),
+        number: Some(number),
+        label: Some(Label::Optional as i32),
+        r#type: Some(kind as i32),
+        type_name: type_name.map(str::to_owned),
+        json_name: Some(if name == "type_url" {
+            "typeUrl".to_owned()
+        } else {
+            name.to_owned()
+        }),
+        ..Default::default()
+    };
+    FileDescriptorProto {
+        name: Some(format!("{}/typed_struct.proto", package.replace('.', "/"))),
+        package: Some(package.to_owned()),
+        dependency: vec!["google/protobuf/struct.proto".to_owned()],
+        syntax: Some("proto3".to_owned()),
+        message_type: vec![DescriptorProto {
+            name: Some("TypedStruct".to_owned()),
+            field: vec![
+                field("type_url", 1, Type::String, None),
+                field("value", 2, Type::Message, Some(".google.protobuf.Struct")),
+            ],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
 }
 
 fn descriptor<M: Name>(origin: &str) -> Result<prost_reflect::MessageDescriptor, FileError> {

@@ -135,11 +135,16 @@ where
             let mut req = self.request();
             req.extensions_mut().insert(decision.mirror(i));
             req.extensions_mut().remove::<Attempt>();
-            // Envoy's convention: the mirror sees the authority with a `-shadow` suffix.
-            if let Some(host) = req
-                .headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
+            // Envoy's convention: the mirror sees the authority with a `-shadow` suffix,
+            // unless the policy says `disable_shadow_host_suffix_append`.
+            if let Some(host) = m
+                .shadow_suffix
+                .then(|| {
+                    req.headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                })
+                .flatten()
             {
                 if let Ok(v) = http::HeaderValue::from_str(&format!("{host}-shadow")) {
                     req.headers_mut().insert(http::header::HOST, v);

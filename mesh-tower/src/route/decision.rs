@@ -145,23 +145,48 @@ pub fn decide<B>(
     let route = &vh.routes[route_idx];
     let fwd = match &route.action {
         RouteAction::Forward(f) => f,
-        RouteAction::DirectResponse { status, body } => {
+        RouteAction::DirectResponse {
+            status,
+            body,
+            content_type,
+        } => {
+            let mut headers = http::HeaderMap::new();
+            if let Some(ct) = content_type {
+                headers.insert(http::header::CONTENT_TYPE, ct.clone());
+            }
             return Err(MeshError::DirectResponse {
                 route: route.name.clone(),
                 status: *status,
                 body: body.clone(),
-            })
+                headers: Box::new(headers),
+            });
         }
-        RouteAction::Redirect { status, host, path } => {
+        RouteAction::Redirect(r) => {
+            let scheme = req.uri().scheme_str().unwrap_or("http");
+            let path_and_query = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/");
+            let prefix = match &route.matcher.path {
+                mesh_core::config::PathMatch::Prefix(p)
+                | mesh_core::config::PathMatch::SeparatedPrefix(p) => Some(p.as_str()),
+                _ => None,
+            };
+            let location = r.location(scheme, info.authority, path_and_query, prefix);
+            let mut headers = http::HeaderMap::new();
+            match http::HeaderValue::try_from(location) {
+                Ok(v) => {
+                    headers.insert(http::header::LOCATION, v);
+                }
+                Err(_) => return Err(no_route()),
+            }
             return Err(MeshError::DirectResponse {
                 route: route.name.clone(),
-                status: *status,
-                body: format!(
-                    "{}{}",
-                    host.as_deref().unwrap_or(info.authority),
-                    path.as_deref().unwrap_or(info.path)
-                ),
-            })
+                status: r.status,
+                body: bytes::Bytes::new(),
+                headers: Box::new(headers),
+            });
         }
         RouteAction::NonForwarding => return Err(no_route()),
     };

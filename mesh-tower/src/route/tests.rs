@@ -61,11 +61,24 @@ fn store() -> ConfigStore {
                     RouteAction::Forward(fwd(ClusterSpecifier::Cluster("v2".into()))),
                 ),
                 route(
+                    "moved",
+                    RouteMatch::prefix("/old/"),
+                    RouteAction::Redirect(Redirect {
+                        status: 308,
+                        scheme: Some("https".into()),
+                        host: None,
+                        port: None,
+                        path: RedirectPath::Prefix("/new/".into()),
+                        strip_query: false,
+                    }),
+                ),
+                route(
                     "gone",
                     RouteMatch::prefix("/gone"),
                     RouteAction::DirectResponse {
                         status: 410,
-                        body: "gone".into(),
+                        body: bytes::Bytes::from_static(b"gone\xff"),
+                        content_type: None,
                     },
                 ),
                 route(
@@ -185,10 +198,28 @@ async fn errors_without_calling_inner() {
         .await
         .unwrap_err();
     let e = e.downcast::<MeshError>().unwrap();
+    // The body is kept as bytes: a non-UTF-8 byte survives.
     assert!(
-        matches!(*e, MeshError::DirectResponse { status: 410, .. }),
+        matches!(&*e, MeshError::DirectResponse { status: 410, body, .. } if body.as_ref() == b"gone\xff"),
         "{e}"
     );
+    // A redirect answers with its status and a location built as Envoy builds it.
+    let e = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(get("/old/page?x=1"))
+        .await
+        .unwrap_err();
+    let e = e.downcast::<MeshError>().unwrap();
+    let MeshError::DirectResponse {
+        status, headers, ..
+    } = &*e
+    else {
+        panic!("{e}")
+    };
+    assert_eq!(*status, 308);
+    assert_eq!(headers[http::header::LOCATION], "https://svc/new/page?x=1");
     let e = svc
         .ready()
         .await

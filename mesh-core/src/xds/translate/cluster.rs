@@ -21,7 +21,9 @@ impl TryFrom<&pb::Cluster> for Cluster {
     type Error = TranslateError;
 
     fn try_from(c: &pb::Cluster) -> Result<Self, Self::Error> {
-        cluster(c).map_err(|e| e.into_error(ResourceType::Cluster, &c.name))
+        cluster(c)
+            .and_then(|x| super::ledger::check_resource(c).map(|()| x))
+            .map_err(|e| e.into_error(ResourceType::Cluster, &c.name))
     }
 }
 
@@ -427,6 +429,15 @@ fn h2_options(o: &envoy_types::pb::envoy::config::core::v3::Http2ProtocolOptions
 
 fn protocol(c: &pb::Cluster) -> Result<Protocol, FieldError> {
     const KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+    for (key, any) in &c.typed_extension_protocol_options {
+        if key != KEY || type_name(any) != HttpProtocolOptions::full_name() {
+            return err(format!(
+                "protocol options {key:?} of type {} are not supported (only {KEY})",
+                type_name(any)
+            ))
+            .at_key("typed_extension_protocol_options", key);
+        }
+    }
     if let Some(any) = c.typed_extension_protocol_options.get(KEY) {
         let opts: HttpProtocolOptions =
             decode_any(any).at_key("typed_extension_protocol_options", KEY)?;

@@ -12,6 +12,7 @@ impl TryFrom<&pb::ClusterLoadAssignment> for EndpointAssignment {
 
     fn try_from(cla: &pb::ClusterLoadAssignment) -> Result<Self, Self::Error> {
         assignment(cla)
+            .and_then(|a| super::ledger::check_resource(cla).map(|()| a))
             .map_err(|e| e.into_error(ResourceType::ClusterLoadAssignment, &cla.cluster_name))
     }
 }

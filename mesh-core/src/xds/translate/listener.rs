@@ -24,7 +24,9 @@ impl TryFrom<&pb::Listener> for Listener {
     type Error = TranslateError;
 
     fn try_from(l: &pb::Listener) -> Result<Self, Self::Error> {
-        listener(l).map_err(|e| e.into_error(ResourceType::Listener, &l.name))
+        listener(l)
+            .and_then(|x| super::ledger::check_resource(l).map(|()| x))
+            .map_err(|e| e.into_error(ResourceType::Listener, &l.name))
     }
 }
 
@@ -49,6 +51,7 @@ fn listener(l: &pb::Listener) -> Result<Listener, FieldError> {
         let manager: hcm::HttpConnectionManager =
             decode_any(any).at("api_listener").at("api_listener")?;
         let manager = http_connection_manager(&manager)
+            .and_then(client_side)
             .at("api_listener")
             .at("api_listener")?;
         return Ok(Listener {
@@ -56,12 +59,38 @@ fn listener(l: &pb::Listener) -> Result<Listener, FieldError> {
             kind: ListenerKind::Api(manager),
         });
     }
+    if matches!(
+        l.listener_specifier,
+        Some(pb::listener::ListenerSpecifier::InternalListener(_))
+    ) {
+        return err("internal listeners are not supported").at("internal_listener");
+    }
     let address = socket_address(
         l.address
             .as_ref()
-            .ok_or_else(|| FieldError::new("a listener needs api_listener or address"))?,
+            .ok_or_else(|| FieldError::new("a listener needs api_listener or address"))
+            .at("address")?,
     )
     .at("address")?;
+    for (i, f) in l.listener_filters.iter().enumerate() {
+        // The mesh's acceptor reads the first bytes of every connection itself (TLS or
+        // plaintext, SNI and ALPN), which is what these two filters do for Envoy.
+        const INSPECTORS: [&str; 2] = [
+            "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector",
+            "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector",
+        ];
+        match &f.config_type {
+            Some(pb::listener_filter::ConfigType::TypedConfig(any))
+                if INSPECTORS.contains(&type_name(any)) => {}
+            _ => {
+                return err(format!(
+                    "listener filter {:?} is not supported (only the TLS and HTTP inspectors, which the mesh's acceptor does itself)",
+                    f.name
+                ))
+                .at_index("listener_filters", i)
+            }
+        }
+    }
     if l.filter_chains.is_empty() && l.default_filter_chain.is_none() {
         return err("at least one filter chain is required").at("filter_chains");
     }
@@ -157,6 +186,7 @@ fn filter_chain(fc: &pb::FilterChain) -> Result<FilterChain, FieldError> {
             decode_any(any).at("typed_config").at_index("filters", i)?;
         http = Some(
             http_connection_manager(&m)
+                .and_then(server_side)
                 .at("typed_config")
                 .at_index("filters", i)?,
         );
@@ -203,6 +233,46 @@ fn chain_match(m: &pb::FilterChainMatch) -> Result<FilterChainMatch, FieldError>
     })
 }
 
+/// What a client (API listener) cannot act on: an RBAC filter guards a server.
+fn client_side(m: HttpConnectionManager) -> Result<HttpConnectionManager, FieldError> {
+    if let Some(i) = m
+        .http_filters
+        .iter()
+        .position(|f| matches!(f.kind, HttpFilterKind::Rbac(_)))
+    {
+        return err("an RBAC filter on a client (API) listener is not supported; RBAC belongs on the server's listener")
+            .at_index("http_filters", i);
+    }
+    Ok(m)
+}
+
+/// What a server listener cannot act on: the mesh's server authorizes (RBAC) and hands the
+/// request to the application; it neither injects faults nor routes. Its routes must be
+/// `non_forwarding_action` (as proxyless gRPC servers' are).
+fn server_side(m: HttpConnectionManager) -> Result<HttpConnectionManager, FieldError> {
+    if let Some(i) = m
+        .http_filters
+        .iter()
+        .position(|f| matches!(f.kind, HttpFilterKind::Fault(_)))
+    {
+        return err("fault injection on a server listener is not supported; inject faults on the client's routes")
+            .at_index("http_filters", i);
+    }
+    if let RouteSource::Inline(rc) = &m.routes {
+        for (v, vh) in rc.virtual_hosts.iter().enumerate() {
+            for (r, route) in vh.routes.iter().enumerate() {
+                if route.action != RouteAction::NonForwarding {
+                    return err("a server listener's routes must be non_forwarding_action: the mesh's server hands every authorized request to the application and does not route")
+                        .at_index("routes", r)
+                        .at_index("virtual_hosts", v)
+                        .at("route_config");
+                }
+            }
+        }
+    }
+    Ok(m)
+}
+
 pub(crate) fn http_connection_manager(
     m: &hcm::HttpConnectionManager,
 ) -> Result<HttpConnectionManager, FieldError> {
@@ -235,6 +305,17 @@ pub(crate) fn http_connection_manager(
         }
         None => return err("one of rds or route_config is required"),
     };
+    // The mesh never rewrites the `server` header: that is PASS_THROUGH. Envoy's default
+    // (OVERWRITE with "envoy") is not something a proxyless service should do.
+    match m.server_header_transformation {
+        0 | 2 => {}
+        other => {
+            return err(format!(
+                "server_header_transformation {other} is not supported (the mesh passes the server header through)"
+            ))
+            .at("server_header_transformation")
+        }
+    }
     let mut http_filters = Vec::with_capacity(m.http_filters.len());
     for (i, f) in m.http_filters.iter().enumerate() {
         if let Some(kind) = http_filter(f).at_index("http_filters", i)? {

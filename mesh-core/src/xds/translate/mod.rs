@@ -18,6 +18,7 @@ use super::ResourceType;
 mod cluster;
 mod endpoint;
 mod fault;
+pub mod ledger;
 mod listener;
 mod matcher;
 mod rbac;
@@ -75,6 +76,18 @@ impl FieldError {
         out
     }
 
+    /// Adds a list index to the path (the field's name is added after it).
+    pub(crate) fn index(mut self, i: usize) -> Self {
+        self.segments.push(Cow::Owned(format!("[{i}]")));
+        self
+    }
+
+    /// Adds a map key to the path (the field's name is added after it).
+    pub(crate) fn key(mut self, key: &str) -> Self {
+        self.segments.push(Cow::Owned(format!("[{key:?}]")));
+        self
+    }
+
     pub(crate) fn into_error(self, resource_type: ResourceType, name: &str) -> TranslateError {
         TranslateError {
             resource_type,
@@ -87,15 +100,15 @@ impl FieldError {
 
 /// Adds path segments to errors on their way out.
 pub(crate) trait At<T> {
-    fn at(self, field: &'static str) -> Result<T, FieldError>;
+    fn at(self, field: impl Into<Cow<'static, str>>) -> Result<T, FieldError>;
     fn at_index(self, field: &'static str, index: usize) -> Result<T, FieldError>;
     fn at_key(self, field: &'static str, key: &str) -> Result<T, FieldError>;
 }
 
 impl<T> At<T> for Result<T, FieldError> {
-    fn at(self, field: &'static str) -> Result<T, FieldError> {
+    fn at(self, field: impl Into<Cow<'static, str>>) -> Result<T, FieldError> {
         self.map_err(|mut e| {
-            e.segments.push(Cow::Borrowed(field));
+            e.segments.push(field.into());
             e
         })
     }

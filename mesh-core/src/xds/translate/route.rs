@@ -25,7 +25,9 @@ impl TryFrom<&pb::RouteConfiguration> for RouteConfig {
     type Error = TranslateError;
 
     fn try_from(rc: &pb::RouteConfiguration) -> Result<Self, Self::Error> {
-        route_config(rc).map_err(|e| e.into_error(ResourceType::RouteConfiguration, &rc.name))
+        route_config(rc)
+            .and_then(|x| super::ledger::check_resource(rc).map(|()| x))
+            .map_err(|e| e.into_error(ResourceType::RouteConfiguration, &rc.name))
     }
 }
 
@@ -123,29 +125,7 @@ fn route(r: &pb::Route, vh_retry: Option<&RetryPolicy>) -> Result<Route, FieldEr
     let action = match &r.action {
         Some(Action::Route(ra)) => RouteAction::Forward(forward(ra, vh_retry).at("route")?),
         Some(Action::Redirect(rd)) => redirect(rd).at("redirect")?,
-        Some(Action::DirectResponse(dr)) => {
-            if !(200..600).contains(&dr.status) {
-                return err(format!("status {} is outside 200..600", dr.status))
-                    .at("status")
-                    .at("direct_response");
-            }
-            let body = match dr.body.as_ref().and_then(|b| b.specifier.as_ref()) {
-                None => String::new(),
-                Some(core::data_source::Specifier::InlineString(s)) => s.clone(),
-                Some(core::data_source::Specifier::InlineBytes(b)) => {
-                    String::from_utf8_lossy(b).into_owned()
-                }
-                Some(_) => {
-                    return err("only inline bodies are supported")
-                        .at("body")
-                        .at("direct_response")
-                }
-            };
-            RouteAction::DirectResponse {
-                status: dr.status as u16,
-                body,
-            }
-        }
+        Some(Action::DirectResponse(dr)) => direct_response(dr).at("direct_response")?,
         Some(Action::NonForwardingAction(_)) => RouteAction::NonForwarding,
         Some(Action::FilterAction(_)) => {
             return err("filter_action is not supported").at("filter_action")
@@ -226,8 +206,77 @@ fn route_match(m: &pb::RouteMatch) -> Result<RouteMatch, FieldError> {
     })
 }
 
+fn direct_response(dr: &pb::DirectResponseAction) -> Result<RouteAction, FieldError> {
+    if !(200..600).contains(&dr.status) {
+        return err(format!("status {} is outside 200..600", dr.status)).at("status");
+    }
+    if dr.body.is_some() && dr.body_format.is_some() {
+        // Envoy reads body_format's text_format_source only when body is unset.
+        return err("body and body_format.text_format_source are mutually exclusive here")
+            .at("body_format");
+    }
+    let mut content_type = None;
+    let body = if let Some(b) = &dr.body {
+        data_source(b).at("body")?
+    } else if let Some(f) = &dr.body_format {
+        use core::substitution_format_string::Format;
+        let text = match &f.format {
+            Some(Format::TextFormatSource(src)) => data_source(src).at("text_format_source")?,
+            Some(_) => {
+                return err("only text_format_source is supported (no text_format or json_format)")
+                    .at("body_format")
+            }
+            None => bytes::Bytes::new(),
+        };
+        // Envoy substitutes %COMMAND% operators in a format string; the mesh does not, so a
+        // body with one is refused rather than sent with the operator in it.
+        if text.contains(&b'%') {
+            return err("format operators (%...%) are not supported; write the body literally")
+                .at("text_format_source")
+                .at("body_format");
+        }
+        if !f.content_type.is_empty() {
+            content_type = Some(
+                http::HeaderValue::from_str(&f.content_type)
+                    .map_err(|_| {
+                        FieldError::new(format!("{:?} is not a header value", f.content_type))
+                    })
+                    .at("content_type")
+                    .at("body_format")?,
+            );
+        }
+        text
+    } else {
+        bytes::Bytes::new()
+    };
+    if content_type.is_none() && !body.is_empty() {
+        content_type = Some(http::HeaderValue::from_static("text/plain"));
+    }
+    Ok(RouteAction::DirectResponse {
+        status: dr.status as u16,
+        body,
+        content_type,
+    })
+}
+
+/// An inline body (`inline_bytes` or `inline_string`); files and variables are refused.
+fn data_source(d: &core::DataSource) -> Result<bytes::Bytes, FieldError> {
+    use core::data_source::Specifier as S;
+    match &d.specifier {
+        None => Ok(bytes::Bytes::new()),
+        Some(S::InlineString(s)) => Ok(bytes::Bytes::from(s.clone().into_bytes())),
+        Some(S::InlineBytes(b)) => Ok(bytes::Bytes::from(b.clone())),
+        Some(S::Filename(_)) => {
+            err("bodies from files are not supported; inline the body").at("filename")
+        }
+        Some(S::EnvironmentVariable(_)) => {
+            err("bodies from environment variables are not supported").at("environment_variable")
+        }
+    }
+}
+
 fn redirect(rd: &pb::RedirectAction) -> Result<RouteAction, FieldError> {
-    use pb::redirect_action::PathRewriteSpecifier as P;
+    use pb::redirect_action::{PathRewriteSpecifier as P, SchemeRewriteSpecifier as S};
     let status = match rd.response_code {
         0 => 301,
         1 => 302,
@@ -236,20 +285,47 @@ fn redirect(rd: &pb::RedirectAction) -> Result<RouteAction, FieldError> {
         4 => 308,
         other => return err(format!("unknown response_code {other}")).at("response_code"),
     };
-    let path = match &rd.path_rewrite_specifier {
-        Some(P::PathRedirect(p)) => Some(p.clone()),
-        Some(P::PrefixRewrite(p)) => Some(p.clone()),
-        Some(_) => {
-            return err("only path_redirect and prefix_rewrite are supported")
-                .at("path_rewrite_specifier")
-        }
-        None => None,
+    let scheme = match &rd.scheme_rewrite_specifier {
+        Some(S::HttpsRedirect(true)) => Some("https".to_owned()),
+        Some(S::HttpsRedirect(false)) | None => None,
+        Some(S::SchemeRedirect(s)) if s.is_empty() => None,
+        Some(S::SchemeRedirect(s)) => Some(s.to_ascii_lowercase()),
     };
-    Ok(RouteAction::Redirect {
+    let path = match &rd.path_rewrite_specifier {
+        Some(P::PathRedirect(p)) => RedirectPath::Replace(p.clone()),
+        Some(P::PrefixRewrite(p)) => RedirectPath::Prefix(p.clone()),
+        Some(P::RegexRewrite(rr)) => RedirectPath::Regex(RegexRewrite {
+            pattern: regex(
+                rr.pattern
+                    .as_ref()
+                    .ok_or_else(|| FieldError::new("pattern is required"))
+                    .at("regex_rewrite")?,
+            )
+            .at("pattern")
+            .at("regex_rewrite")?,
+            substitution: rr.substitution.clone(),
+        }),
+        Some(P::PathRewrite(_)) => {
+            return err("path_rewrite (URI templates) is not supported").at("path_rewrite")
+        }
+        None => RedirectPath::Keep,
+    };
+    let port = match rd.port_redirect {
+        0 => None,
+        p => Some(
+            u16::try_from(p)
+                .map_err(|_| FieldError::new(format!("{p} is not a port")))
+                .at("port_redirect")?,
+        ),
+    };
+    Ok(RouteAction::Redirect(Redirect {
         status,
+        scheme,
         host: (!rd.host_redirect.is_empty()).then(|| rd.host_redirect.clone()),
+        port,
         path,
-    })
+        strip_query: rd.strip_query,
+    }))
 }
 
 fn forward(
@@ -308,6 +384,7 @@ fn forward(
                 )
                 .at("runtime_fraction")
                 .at_index("request_mirror_policies", i)?,
+                shadow_suffix: !m.disable_shadow_host_suffix_append,
             })
         })
         .collect::<Result<_, _>>()?;
@@ -332,16 +409,24 @@ fn forward(
         Some(H::HostRewriteLiteral(h)) if !h.is_empty() => Some(h.clone()),
         _ => None,
     };
+    let max_stream_duration = opt_nonzero_duration(
+        ra.max_stream_duration
+            .as_ref()
+            .and_then(|m| m.max_stream_duration.as_ref()),
+    )
+    .at("max_stream_duration")
+    .at("max_stream_duration")?;
+    // The stream may not outlive max_stream_duration, whatever the route timeout says; the
+    // timeout layer bounds the whole exchange, so the smaller of the two is the bound.
+    let timeout = match (timeout, max_stream_duration) {
+        (Some(t), Some(m)) => Some(t.min(m)),
+        (t, m) => t.or(m),
+    };
     Ok(ForwardAction {
         cluster,
         timeout,
-        idle_timeout: opt_nonzero_duration(ra.idle_timeout.as_ref()).at("idle_timeout")?,
-        max_stream_duration: opt_nonzero_duration(
-            ra.max_stream_duration
-                .as_ref()
-                .and_then(|m| m.max_stream_duration.as_ref()),
-        )
-        .at("max_stream_duration")?,
+        idle_timeout: None,
+        max_stream_duration,
         retry_policy,
         hash_policy,
         mirrors,
@@ -433,11 +518,22 @@ pub(crate) fn retry_policy(rp: &pb::RetryPolicy) -> Result<RetryPolicy, FieldErr
         })
         .collect::<Result<_, _>>()
         .at("retriable_status_codes")?;
-    let previous_hosts = rp.retry_host_predicate.iter().any(|p| {
-        p.name == "envoy.retry_host_predicates.previous_hosts"
-            || matches!(&p.config_type, Some(pb::retry_policy::retry_host_predicate::ConfigType::TypedConfig(a))
-                if type_name(a).ends_with("PreviousHostsPredicate"))
-    });
+    let mut previous_hosts = false;
+    for (i, p) in rp.retry_host_predicate.iter().enumerate() {
+        use pb::retry_policy::retry_host_predicate::ConfigType;
+        let known = match &p.config_type {
+            Some(ConfigType::TypedConfig(a)) => type_name(a).ends_with(".PreviousHostsPredicate"),
+            None => p.name == "envoy.retry_host_predicates.previous_hosts",
+        };
+        if !known {
+            return err(format!(
+                "retry host predicate {:?} is not supported (only previous_hosts)",
+                p.name
+            ))
+            .at_index("retry_host_predicate", i);
+        }
+        previous_hosts = true;
+    }
     Ok(RetryPolicy {
         retry_on,
         num_retries: rp.num_retries.map(|v| v.value).unwrap_or(1),
@@ -531,25 +627,41 @@ fn header_name(name: &str) -> Result<HeaderName, FieldError> {
         .map_err(|_| FieldError::new(format!("{name:?} is not a valid header name")))
 }
 
-/// The fault filter's entry in `typed_per_filter_config`, if any. Overrides for other filters
-/// are ignored: a listener can only run the filters the mesh implements (router, fault,
-/// rbac), so an override for anything else configures nothing.
+/// The fault filter's entry in `typed_per_filter_config`, if any.
+///
+/// Entries for other filters are refused, since the route would lose what they configure
+/// (per-route RBAC, authentication, rate limits, session persistence...), unless the entry is
+/// a `FilterConfig` marked `is_optional` or `disabled` (Envoy skips or switches off those too).
 fn fault_override(cfg: &HashMap<String, Any>) -> Result<Option<FaultConfig>, FieldError> {
-    for (name, any) in cfg {
-        let any = if type_name(any) == pb::FilterConfig::full_name() {
+    let mut names: Vec<&String> = cfg.keys().collect();
+    names.sort();
+    let mut out = None;
+    for name in names {
+        let any = &cfg[name];
+        let (any, optional) = if type_name(any) == pb::FilterConfig::full_name() {
             let fc: pb::FilterConfig = decode_any(any).at_key("typed_per_filter_config", name)?;
+            if fc.disabled {
+                // The filter is off on this route; its config (if any) is not used.
+                continue;
+            }
             match fc.config {
-                Some(c) if !fc.disabled => c,
-                _ => continue,
+                Some(c) => (c, fc.is_optional),
+                None => continue,
             }
         } else {
-            any.clone()
+            (any.clone(), false)
         };
         if type_name(&any) == HttpFault::full_name() || FAULT_FILTER_NAMES.contains(&name.as_str())
         {
             let f: HttpFault = decode_any(&any).at_key("typed_per_filter_config", name)?;
-            return fault(&f).map(Some).at_key("typed_per_filter_config", name);
+            out = Some(fault(&f).at_key("typed_per_filter_config", name)?);
+        } else if !optional {
+            return err(format!(
+                "per-route config of type {} is not supported (the mesh implements per-route fault injection only); mark it is_optional in a FilterConfig if the route may run without it",
+                type_name(&any)
+            ))
+            .at_key("typed_per_filter_config", name);
         }
     }
-    Ok(None)
+    Ok(out)
 }

@@ -1,5 +1,5 @@
 //! Translation tests, most against resources made by real control planes
-//! (`../shared/fixtures/xds`).
+//! (`fixtures/xds`, vendored from real control planes).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -8,7 +8,7 @@ use envoy_types::pb::envoy::config::cluster::v3 as cpb;
 use envoy_types::pb::envoy::config::listener::v3 as lpb;
 use envoy_types::pb::envoy::config::route::v3 as rpb;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
-use envoy_types::pb::google::protobuf::UInt32Value;
+use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use prost::Message;
 
 use crate::config::*;
@@ -17,32 +17,56 @@ use crate::xds::file;
 pub(crate) fn fixtures() -> PathBuf {
     std::env::var_os("MESH_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../shared/fixtures/xds"
-            ))
-        })
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/xds")))
 }
 
-fn gateway(case: &str, kind: &str) -> Snapshot {
+#[path = "../../../tests/support/unhonoured.rs"]
+mod unhonoured;
+use unhonoured::{without_unhonoured, NOT_HONOURED};
+
+fn gateway_resources(case: &str, kind: &str) -> Vec<Any> {
     let path = fixtures().join(format!("envoy-gateway/{case}.{kind}.pb"));
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let resp = DiscoveryResponse::decode(bytes.as_slice()).unwrap();
     assert_eq!(resp.version_info, "fixture");
     assert!(!resp.resources.is_empty());
-    file::snapshot_from_resources(&resp.resources).unwrap_or_else(|e| panic!("{case}.{kind}: {e}"))
+    resp.resources
+}
+
+/// A fixture as the mesh holds it: the resources with the [`NOT_HONOURED`] fields cleared.
+fn gateway(case: &str, kind: &str) -> Snapshot {
+    let resources: Vec<Any> = gateway_resources(case, kind)
+        .iter()
+        .map(without_unhonoured)
+        .collect();
+    file::snapshot_from_resources(&resources).unwrap_or_else(|e| panic!("{case}.{kind}: {e}"))
 }
 
 #[test]
 fn every_envoy_gateway_fixture_translates() {
     let dir = fixtures().join("envoy-gateway");
     let mut n = 0;
+    let mut refused = std::collections::BTreeMap::<String, usize>::new();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "pb") {
             let resp = DiscoveryResponse::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
-            let snap = file::snapshot_from_resources(&resp.resources)
+            // As generated: every resource is accepted, or refused naming a field the mesh
+            // does not honour.
+            for any in &resp.resources {
+                if let Err(e) = file::snapshot_from_resources(std::slice::from_ref(any)) {
+                    let field = NOT_HONOURED
+                        .iter()
+                        .find(|f| e.contains(&format!("{f}: ")))
+                        .unwrap_or_else(|| {
+                            panic!("{}: refused for another reason: {e}", path.display())
+                        });
+                    *refused.entry((*field).to_owned()).or_default() += 1;
+                }
+            }
+            // Without them, everything translates.
+            let cleared: Vec<Any> = resp.resources.iter().map(without_unhonoured).collect();
+            let snap = file::snapshot_from_resources(&cleared)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let held = snap.listeners().len()
                 + snap.route_configs().len()
@@ -53,6 +77,15 @@ fn every_envoy_gateway_fixture_translates() {
         }
     }
     assert_eq!(n, 20, "five cases of four kinds");
+    // Every listener and route configuration of these cases is refused as generated (Envoy
+    // Gateway turns on path normalization and WebSocket upgrades everywhere).
+    assert!(refused.contains_key("upgrade_configs"), "{refused:?}");
+    assert!(refused.contains_key("normalize_path"), "{refused:?}");
+    assert!(
+        refused.contains_key("per_host_thresholds")
+            || refused.contains_key("max_requests_per_connection"),
+        "{refused:?}"
+    );
 }
 
 #[test]
@@ -70,6 +103,14 @@ fn yaml_and_pb_fixtures_agree() {
             file::list_from_yaml(&text, &path.display().to_string()).unwrap();
         let from_pb = gateway(case, "routes");
         for rc in from_yaml {
+            let any = Any {
+                type_url: crate::xds::ResourceType::RouteConfiguration
+                    .type_url()
+                    .into(),
+                value: rc.encode_to_vec(),
+            };
+            let rc =
+                rpb::RouteConfiguration::decode(without_unhonoured(&any).value.as_slice()).unwrap();
             let ours = RouteConfig::try_from(&rc).unwrap();
             assert_eq!(
                 Some(&ours),
@@ -201,8 +242,16 @@ fn circuit_breaker_thresholds() {
     let budget = t.retry_budget.as_ref().unwrap();
     assert_eq!(budget.budget_percent, 10.0);
     assert_eq!(budget.min_retry_concurrency, 1);
-    assert_eq!(c.circuit_breakers.per_host_max_connections, Some(1));
-    assert_eq!(c.max_requests_per_connection, Some(10));
+    // per_host_thresholds (max_connections 1) and max_requests_per_connection (10) are set
+    // in this case and not honoured by the mesh: the cluster as generated is refused.
+    let raw = gateway_resources("circuit-breaker", "clusters");
+    let e = file::snapshot_from_resources(&raw).unwrap_err();
+    assert!(
+        e.contains("per_host_thresholds") || e.contains("max_requests_per_connection"),
+        "{e}"
+    );
+    assert_eq!(c.circuit_breakers.per_host_max_connections, None);
+    assert_eq!(c.max_requests_per_connection, None);
     assert_eq!(c.protocol, UpstreamProtocol::Http1);
 }
 
@@ -212,7 +261,14 @@ fn route_timeouts() {
     let rc = &snap.route_configs()["first-listener"];
     let first = forward(rc, 0, 0);
     assert_eq!(first.timeout, Some(Duration::from_secs(5)));
-    assert_eq!(first.idle_timeout, Some(Duration::from_secs(20)));
+    // The route's idle_timeout (20 s) is not honoured by the mesh: as generated, refused.
+    let raw = gateway_resources("http-route-timeout", "routes");
+    let e = file::snapshot_from_resources(&raw).unwrap_err();
+    assert!(
+        e.contains("idle_timeout") || e.contains("upgrade_configs"),
+        "{e}"
+    );
+    assert_eq!(first.idle_timeout, None);
     assert_eq!(first.max_stream_duration, Some(Duration::from_secs(30)));
     assert_eq!(forward(rc, 0, 1).timeout, Some(Duration::from_secs(4000)));
     assert_eq!(forward(rc, 0, 1).max_stream_duration, None, "0s disables");
@@ -286,17 +342,17 @@ fn envoy_example_without_typed_config_is_rejected() {
         "listener \"listener_0\": filter_chains[0].filters[0].typed_config.http_filters[0].typed_config: \
          filter \"envoy.filters.http.router\" has no typed_config"
     );
-    // The current example (filters written as a mapping, as Envoy accepts) translates.
+    // The current example (filters written as a mapping, as Envoy accepts) loads, and is
+    // refused: it is a proxy's listener whose routes forward to a cluster, and the mesh's
+    // server does not route (its routes must be non_forwarding_action).
     let path = fixtures().join("envoy-examples/dynamic-config-fs.lds.yaml");
-    let snap = file::load_snapshot(&path).unwrap();
-    let ListenerKind::Server(s) = &snap.listeners()["listener_0"].kind else {
-        panic!()
-    };
-    let hcm = s.filter_chains[0].http.as_ref().unwrap();
-    let RouteSource::Inline(rc) = &hcm.routes else {
-        panic!()
-    };
-    assert_eq!(rc.cluster_names(), vec!["example_proxy_cluster"]);
+    let err = file::load_snapshot(&path).unwrap_err();
+    assert!(
+        err.message.contains(
+            "listener \"listener_0\": filter_chains[0].filters[0].typed_config.route_config.virtual_hosts[0].routes[0]: a server listener's routes must be non_forwarding_action"
+        ),
+        "{err}"
+    );
     // Its cluster is STRICT_DNS, which a proxyless client cannot use: a clear rejection.
     let err = file::load_snapshot(&fixtures().join("envoy-examples/dynamic-config-fs.cds.yaml"))
         .unwrap_err();

@@ -101,6 +101,23 @@ type Common = (
 
 #[allow(deprecated)]
 fn common_ctx(c: &pb::CommonTlsContext) -> Result<Common, FieldError> {
+    if let Some(p) = &c.tls_params {
+        // The mesh speaks TLS 1.2 and 1.3 (rustls). A range that is exactly that, or open on
+        // either side, is honoured; anything narrower or older is refused.
+        use pb::tls_parameters::TlsProtocol as V;
+        if ![V::TlsAuto as i32, V::TlSv12 as i32].contains(&p.tls_minimum_protocol_version) {
+            return err("the mesh speaks TLS 1.2 and 1.3: a minimum of 1.2 (or AUTO) is supported, not older versions and not 1.3 alone")
+                .at("tls_minimum_protocol_version")
+                .at("tls_params");
+        }
+        if ![V::TlsAuto as i32, V::TlSv13 as i32].contains(&p.tls_maximum_protocol_version) {
+            return err(
+                "only TLS 1.2 and 1.3 together are supported; a maximum below TLS 1.3 is not",
+            )
+            .at("tls_maximum_protocol_version")
+            .at("tls_params");
+        }
+    }
     use pb::common_tls_context::ValidationContextType as V;
     let identity = if let Some(p) = &c.tls_certificate_provider_instance {
         Some(CertSource::Provider {
