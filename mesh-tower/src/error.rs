@@ -110,6 +110,38 @@ pub enum MeshError {
 }
 
 impl MeshError {
+    /// The answer a listener's request policy gives (400 for a path or header it rejects,
+    /// 307 to the unescaped path), as a direct response.
+    pub fn from_policy<B>(answer: mesh_core::config::PolicyAnswer, req: &http::Request<B>) -> Self {
+        use mesh_core::config::PolicyAnswer;
+        let mut headers = http::HeaderMap::new();
+        let (status, body) = match answer {
+            PolicyAnswer::BadRequest(why) => {
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain"),
+                );
+                (400, bytes::Bytes::from(why))
+            }
+            PolicyAnswer::Redirect(path) => {
+                let location = match req.uri().query() {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path,
+                };
+                if let Ok(v) = http::HeaderValue::try_from(location) {
+                    headers.insert(http::header::LOCATION, v);
+                }
+                (307, bytes::Bytes::new())
+            }
+        };
+        Self::DirectResponse {
+            route: "(request policy)".to_owned(),
+            status,
+            body,
+            headers: Box::new(headers),
+        }
+    }
+
     /// A short, stable name for the kind of error (for metrics and span `error.type`).
     pub fn kind(&self) -> &'static str {
         match self {

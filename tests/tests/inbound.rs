@@ -596,3 +596,113 @@ async fn graceful_shutdown_drains_in_flight_requests() {
         .expect("drained")
         .unwrap();
 }
+
+/// A server listener (as xDS YAML) whose RBAC denies `/admin` and whose connection manager
+/// normalizes paths: encoded, doubled, dotted and escaped-slash variants of `/admin` cannot
+/// slip past the DENY rule, and the application sees the normalized path. The same listener
+/// without normalization lets `/public/../admin` through, which is what the options are for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn normalized_paths_cannot_slip_past_a_deny_rule() {
+    use envoy_types::pb::envoy::config::listener::v3::Listener as PbListener;
+    let yaml = |options: &str| {
+        format!(
+            r#"
+name: inbound|8080
+address: {{socket_address: {{address: 0.0.0.0, port_value: 8080}}}}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: inbound
+{options}
+      route_config:
+        name: inbound
+        virtual_hosts:
+        - {{name: inbound, domains: ["*"], routes: [{{match: {{prefix: /}}, non_forwarding_action: {{}}}}]}}
+      http_filters:
+      - name: envoy.filters.http.rbac
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+          rules:
+            action: DENY
+            policies:
+              admin:
+                permissions: [{{url_path: {{path: {{prefix: /admin}}}}}}]
+                principals: [{{any: true}}]
+      - name: envoy.filters.http.router
+        typed_config: {{"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}}
+"#
+        )
+    };
+    let start_from = |text: String| async move {
+        let pb: PbListener = mesh_core::xds::file::from_yaml(&text, "inbound.yaml").unwrap();
+        let listener = mesh_core::config::Listener::try_from(&pb).unwrap();
+        let policy = mesh_tower::server::listener_policy(&listener).unwrap();
+        assert_eq!(policy.tls_mode, TlsMode::Disable);
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let app = tower::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+            let seen = req.uri().path_and_query().unwrap().as_str().to_owned();
+            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(seen))))
+        });
+        let svc = mesh_tower::server::InboundLayer::new("backend")
+            .authz(AuthzLayer::new(policy.rbac).with_request_policy(policy.request))
+            .layer(app);
+        let acceptor = MeshAcceptor::new(TlsMode::Disable, None).unwrap();
+        tokio::spawn(mesh_tower::server::serve(
+            tcp,
+            acceptor,
+            svc,
+            std::future::pending(),
+        ));
+        addr
+    };
+    let normalized = start_from(yaml(
+        "      normalize_path: true\n      merge_slashes: true\n      path_with_escaped_slashes_action: UNESCAPE_AND_FORWARD\n",
+    ))
+    .await;
+    for path in [
+        "/admin",
+        "//admin",
+        "/public/../admin",
+        "/./admin/x",
+        "/%61dmin",
+        "/public/..%2Fadmin",
+        "/public/%2e%2e/admin",
+        "/public\\..\\admin",
+    ] {
+        assert_eq!(
+            get(normalized, None, path).await.unwrap().0,
+            403,
+            "{path} must be denied"
+        );
+    }
+    assert_eq!(
+        get(normalized, None, "/api//v1/./items?q=%2F..")
+            .await
+            .unwrap(),
+        (200, "/api/v1/items?q=%2F..".into()),
+        "the application sees the normalized path, and the query untouched"
+    );
+
+    let plain = start_from(yaml("")).await;
+    assert_eq!(get(plain, None, "/admin").await.unwrap().0, 403);
+    assert_eq!(
+        get(plain, None, "/public/../admin").await.unwrap(),
+        (200, "/public/../admin".into()),
+        "without normalize_path the dotted path is not /admin to RBAC"
+    );
+
+    let rejecting = start_from(yaml(
+        "      path_with_escaped_slashes_action: REJECT_REQUEST\n      common_http_protocol_options: {headers_with_underscores_action: REJECT_REQUEST}\n",
+    ))
+    .await;
+    assert_eq!(get(rejecting, None, "/a%2Fb").await.unwrap().0, 400);
+    assert_eq!(get(rejecting, None, "/a/b").await.unwrap().0, 200);
+    let redirecting = start_from(yaml(
+        "      path_with_escaped_slashes_action: UNESCAPE_AND_REDIRECT\n",
+    ))
+    .await;
+    assert_eq!(get(redirecting, None, "/a%2Fb?x=1").await.unwrap().0, 307);
+}

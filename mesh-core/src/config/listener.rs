@@ -71,6 +71,9 @@ pub struct HttpConnectionManager {
     pub http_filters: Vec<HttpFilter>,
     /// `common_http_protocol_options.max_stream_duration` (gRPC's default deadline).
     pub max_stream_duration: Option<Duration>,
+    /// What happens to a request before routing and RBAC (path normalization, escaped
+    /// slashes, underscore headers).
+    pub request: super::RequestPolicy,
 }
 
 impl HttpConnectionManager {

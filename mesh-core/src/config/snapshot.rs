@@ -79,7 +79,12 @@ impl Snapshot {
 
     /// The route configuration an API listener uses, inline or by RDS.
     pub fn routes_for_listener(&self, listener: &str) -> Option<Arc<RouteConfig>> {
-        match &self.listener(listener)?.api()?.routes {
+        self.routes_for(self.listener(listener)?.api()?)
+    }
+
+    /// The routes of an HTTP connection manager: inline, or its RDS resource.
+    pub fn routes_for(&self, hcm: &super::HttpConnectionManager) -> Option<Arc<RouteConfig>> {
+        match &hcm.routes {
             RouteSource::Inline(rc) => Some(rc.clone()),
             RouteSource::Rds(name) => self.route_config(name).cloned(),
         }

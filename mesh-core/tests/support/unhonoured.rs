@@ -9,10 +9,6 @@ use envoy_types::pb::google::protobuf::Any;
 /// refuses: each case is refused naming one of them, and translates once they are cleared.
 /// Shrinking this list is work on the data path, never on this test.
 pub const NOT_HONOURED: &[&str] = &[
-    "normalize_path",
-    "merge_slashes",
-    "path_with_escaped_slashes_action",
-    "headers_with_underscores_action",
     "stream_idle_timeout",
     "upgrade_configs",
     "idle_timeout",
@@ -42,13 +38,7 @@ pub fn without_unhonoured(any: &Any) -> Any {
                     if let Some(lpb::filter::ConfigType::TypedConfig(a)) = &mut f.config_type {
                         if a.type_url.ends_with(&Hcm::full_name()) {
                             let mut m = Hcm::decode(a.value.as_slice()).unwrap();
-                            m.normalize_path = None;
-                            m.merge_slashes = false;
-                            m.path_with_escaped_slashes_action = 0;
                             m.stream_idle_timeout = None;
-                            if let Some(o) = &mut m.common_http_protocol_options {
-                                o.headers_with_underscores_action = 0;
-                            }
                             a.value = m.encode_to_vec();
                         }
                     }

@@ -39,7 +39,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response, StatusCode};
-use mesh_core::config::{Permission, Principal, RbacAction, RbacConfig, RbacRules};
+use mesh_core::config::{
+    Permission, PolicyAnswer, Principal, RbacAction, RbacConfig, RbacRules, RequestPolicy,
+};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
@@ -109,6 +111,7 @@ pub struct AuthzLayer {
     enforced: Arc<Vec<RbacRules>>,
     shadow: Arc<Vec<RbacRules>>,
     denied: Arc<AtomicU64>,
+    request: RequestPolicy,
 }
 
 impl AuthzLayer {
@@ -130,7 +133,16 @@ impl AuthzLayer {
             enforced: Arc::new(enforced),
             shadow: Arc::new(shadow),
             denied: Arc::new(AtomicU64::new(0)),
+            request: RequestPolicy::default(),
         }
+    }
+
+    /// Applies the listener's request policy (path normalization, escaped slashes, underscore
+    /// headers) before the rules see the request, as Envoy's connection manager does: the
+    /// path RBAC checks is the path the application gets.
+    pub fn with_request_policy(mut self, policy: RequestPolicy) -> Self {
+        self.request = policy;
+        self
     }
 
     /// Requests refused so far.
@@ -216,7 +228,29 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        if let Err(answer) = self.layer.request.apply(&mut req) {
+            let mut resp = Response::new(ResB::default());
+            match answer {
+                PolicyAnswer::BadRequest(why) => {
+                    tracing::debug!(path = %req.uri().path(), why, "request refused by the listener's request policy");
+                    *resp.status_mut() = StatusCode::BAD_REQUEST;
+                }
+                PolicyAnswer::Redirect(path) => {
+                    *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+                    let location = match req.uri().query() {
+                        Some(q) => format!("{path}?{q}"),
+                        None => path,
+                    };
+                    if let Ok(v) = http::HeaderValue::try_from(location) {
+                        resp.headers_mut().insert(http::header::LOCATION, v);
+                    }
+                }
+            }
+            return ResponseFuture {
+                state: State::Denied { resp: Some(resp) },
+            };
+        }
         let peer = req
             .extensions()
             .get::<PeerIdentity>()

@@ -111,11 +111,16 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // One load per request; the decision keeps its route config alive.
         let snapshot = self.store.load();
-        let Some(config) = snapshot.routes_for_listener(&self.listener) else {
+        let hcm = snapshot.listener(&self.listener).and_then(|l| l.api());
+        let Some((hcm, config)) = hcm.and_then(|h| Some((h, snapshot.routes_for(h)?))) else {
             return ResponseFuture::failed(MeshError::NoRouteConfig {
                 listener: self.listener.to_string(),
             });
         };
+        // What routing sees is the path after the listener's normalization.
+        if let Err(answer) = hcm.request.apply(&mut req) {
+            return ResponseFuture::failed(MeshError::from_policy(answer, &req));
+        }
         match decide(config, &self.listener, &mut req, fastrand::u64(..)) {
             // A cluster named by a request header must exist: the name is the caller's
             // input, and must not reach labels or pools unchecked.

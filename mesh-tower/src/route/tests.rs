@@ -29,6 +29,10 @@ fn route(name: &str, matcher: RouteMatch, action: RouteAction) -> mesh_core::con
 }
 
 fn store() -> ConfigStore {
+    store_with(RequestPolicy::default())
+}
+
+fn store_with(request: RequestPolicy) -> ConfigStore {
     let mut canary = RouteMatch::prefix("/");
     canary.headers.push(HeaderMatcher {
         name: "x-canary".into(),
@@ -115,6 +119,7 @@ fn store() -> ConfigStore {
             routes: RouteSource::Inline(Arc::new(rc)),
             http_filters: vec![],
             max_stream_duration: None,
+            request,
         }),
     };
     let store = ConfigStore::new();
@@ -344,5 +349,53 @@ async fn a_cluster_named_by_a_header_must_exist() {
             Some(MeshError::UnknownCluster { cluster }) if cluster == "attacker-chosen-1"
         ),
         "{err}"
+    );
+}
+
+/// The client listener's request policy runs before routing: a dotted path routes as the
+/// path it stands for, and the upstream gets the normalized path.
+#[tokio::test]
+async fn the_listener_request_policy_runs_before_routing() {
+    let policy = RequestPolicy {
+        normalize_path: true,
+        merge_slashes: true,
+        ..Default::default()
+    };
+    let (mut svc, mut handle) = svc(store_with(policy));
+    let e = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(get("/api/..//gone"))
+        .await
+        .unwrap_err();
+    let e = e.downcast::<MeshError>().unwrap();
+    assert!(
+        matches!(&*e, MeshError::DirectResponse { status: 410, .. }),
+        "{e}"
+    );
+    let req = routed(&mut svc, &mut handle, get("/x/../api//items")).await;
+    assert_eq!(
+        req.uri().path(),
+        "/v2/items",
+        "normalized, then the route's prefix rewrite"
+    );
+
+    let reject = RequestPolicy {
+        escaped_slashes: EscapedSlashes::Reject,
+        ..Default::default()
+    };
+    let (mut svc, _handle) = self::svc(store_with(reject));
+    let e = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(get("/api%2Fitems"))
+        .await
+        .unwrap_err();
+    let e = e.downcast::<MeshError>().unwrap();
+    assert!(
+        matches!(&*e, MeshError::DirectResponse { status: 400, .. }),
+        "{e}"
     );
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use mesh_core::config::{HttpFilterKind, Listener, ListenerKind, RbacConfig};
+use mesh_core::config::{HttpFilterKind, Listener, ListenerKind, RbacConfig, RequestPolicy};
 use mesh_core::identity::IdentityStore;
 use mesh_core::xds::XdsClient;
 use tokio::net::TcpListener;
@@ -133,8 +133,11 @@ impl XdsServe {
     fn build<A>(
         &self,
         app: &A,
-        mode: TlsMode,
-        rbac: Vec<RbacConfig>,
+        ServerPolicy {
+            tls_mode: mode,
+            rbac,
+            request,
+        }: ServerPolicy,
         address: &str,
     ) -> Result<(MeshAcceptor, Inbound<A>), ServeError>
     where
@@ -149,7 +152,7 @@ impl XdsServe {
         let mut layer = InboundLayer::new(&self.service)
             .metrics(self.metrics.clone())
             .trace(self.trace.clone().unwrap_or_else(TraceLayer::server))
-            .authz(AuthzLayer::new(rbac));
+            .authz(AuthzLayer::new(rbac).with_request_policy(request));
         if let Some(a) = self.access_log {
             layer = layer.access_log(a);
         }
@@ -157,16 +160,31 @@ impl XdsServe {
     }
 }
 
-/// What a server listener says: the TLS mode and the RBAC filters of its HTTP chains.
-pub fn listener_policy(listener: &Listener) -> Option<(TlsMode, Vec<RbacConfig>)> {
+/// What a server listener asks of the server.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub struct ServerPolicy {
+    /// mTLS only, mTLS and plaintext, or plaintext.
+    pub tls_mode: TlsMode,
+    /// The RBAC filters of its HTTP chain, in order.
+    pub rbac: Vec<RbacConfig>,
+    /// Its connection manager's request policy (path normalization, escaped slashes,
+    /// underscore headers), applied before RBAC.
+    pub request: RequestPolicy,
+}
+
+/// What a server listener says: the TLS mode, and the RBAC filters and request policy of its
+/// HTTP chain.
+pub fn listener_policy(listener: &Listener) -> Option<ServerPolicy> {
     let ListenerKind::Server(server) = &listener.kind else {
         return None;
     };
-    let rbac = server
+    let hcm = server
         .filter_chains
         .iter()
         .chain(server.default_filter_chain.iter())
-        .find_map(|c| c.http.as_ref())
+        .find_map(|c| c.http.as_ref());
+    let rbac = hcm
         .map(|hcm| {
             hcm.http_filters
                 .iter()
@@ -177,7 +195,11 @@ pub fn listener_policy(listener: &Listener) -> Option<(TlsMode, Vec<RbacConfig>)
                 .collect()
         })
         .unwrap_or_default();
-    Some((TlsMode::from_listener(server), rbac))
+    Some(ServerPolicy {
+        tls_mode: TlsMode::from_listener(server),
+        rbac,
+        request: hcm.map(|h| h.request).unwrap_or_default(),
+    })
 }
 
 /// Serves `app` on `listener` behind the inbound stack until `shutdown`, then drains.
@@ -221,7 +243,12 @@ where
     let port = listener.local_addr()?.port();
     let address = format!("0.0.0.0:{port}");
     if let Some(mode) = options.tls_mode {
-        let config = options.build(&app, mode, Vec::new(), &address)?;
+        let policy = ServerPolicy {
+            tls_mode: mode,
+            rbac: Vec::new(),
+            request: RequestPolicy::default(),
+        };
+        let config = options.build(&app, policy, &address)?;
         let (_keep, rx) = tokio::sync::watch::channel(config);
         super::serve_with_limits(listener, rx, options.limits, shutdown).await;
         return Ok(());
@@ -260,10 +287,10 @@ where
         })?;
     // Correctness: wait_for above saw a server listener under this name.
     let current: Arc<Listener> = first.listener(&name).cloned().expect("server listener");
-    let (mode, rbac) = listener_policy(&current).expect("a server listener");
-    tracing::info!(listener = %name, ?mode, rbac_filters = rbac.len(), "serving");
+    let policy = listener_policy(&current).expect("a server listener");
+    tracing::info!(listener = %name, mode = ?policy.tls_mode, rbac_filters = policy.rbac.len(), "serving");
     let limits = options.limits;
-    let (tx, rx) = tokio::sync::watch::channel(options.build(&app, mode, rbac, &address)?);
+    let (tx, rx) = tokio::sync::watch::channel(options.build(&app, policy, &address)?);
 
     // Follow the listener: new connections get the new mode and rules.
     let follow = {
@@ -280,10 +307,11 @@ where
                     continue;
                 }
                 current = next.clone();
-                let Some((mode, rbac)) = listener_policy(&current) else {
+                let Some(policy) = listener_policy(&current) else {
                     continue;
                 };
-                match options.build(&app, mode, rbac, &address) {
+                let mode = policy.tls_mode;
+                match options.build(&app, policy, &address) {
                     Ok(c) => {
                         tracing::info!(listener = %name, ?mode, "server listener updated");
                         let _ = tx.send(c);

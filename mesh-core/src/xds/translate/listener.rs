@@ -335,9 +335,38 @@ pub(crate) fn http_connection_manager(
         }
         Some(_) => {}
     }
+    let request = RequestPolicy {
+        normalize_path: m.normalize_path.map(|b| b.value).unwrap_or(false),
+        merge_slashes: m.merge_slashes,
+        escaped_slashes: match m.path_with_escaped_slashes_action {
+            0 | 1 => EscapedSlashes::Keep,
+            2 => EscapedSlashes::Reject,
+            3 => EscapedSlashes::UnescapeAndRedirect,
+            4 => EscapedSlashes::UnescapeAndForward,
+            other => {
+                return err(format!("unknown path_with_escaped_slashes_action {other}"))
+                    .at("path_with_escaped_slashes_action")
+            }
+        },
+        underscore_headers: match m
+            .common_http_protocol_options
+            .as_ref()
+            .map_or(0, |o| o.headers_with_underscores_action)
+        {
+            0 => UnderscoreHeaders::Allow,
+            1 => UnderscoreHeaders::Reject,
+            2 => UnderscoreHeaders::Drop,
+            other => {
+                return err(format!("unknown headers_with_underscores_action {other}"))
+                    .at("headers_with_underscores_action")
+                    .at("common_http_protocol_options")
+            }
+        },
+    };
     Ok(HttpConnectionManager {
         routes,
         http_filters,
+        request,
         max_stream_duration: opt_nonzero_duration(
             m.common_http_protocol_options
                 .as_ref()

@@ -78,9 +78,9 @@ fn every_envoy_gateway_fixture_translates() {
     }
     assert_eq!(n, 20, "five cases of four kinds");
     // Every listener and route configuration of these cases is refused as generated (Envoy
-    // Gateway turns on path normalization and WebSocket upgrades everywhere).
+    // Gateway turns on WebSocket upgrades everywhere).
     assert!(refused.contains_key("upgrade_configs"), "{refused:?}");
-    assert!(refused.contains_key("normalize_path"), "{refused:?}");
+    assert!(refused.contains_key("stream_idle_timeout"), "{refused:?}");
     assert!(
         refused.contains_key("per_host_thresholds")
             || refused.contains_key("max_requests_per_connection"),
