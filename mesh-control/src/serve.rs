@@ -13,6 +13,7 @@ pub struct ConfigSource {
     path: PathBuf,
     opts: Options,
     cache: ResourceCache,
+    envoy_cache: Option<ResourceCache>,
     fingerprint: Option<Vec<(PathBuf, u64)>>,
 }
 
@@ -34,8 +35,15 @@ impl ConfigSource {
             path: path.into(),
             opts,
             cache,
+            envoy_cache: None,
             fingerprint: None,
         }
+    }
+
+    /// Also publishes the Envoy flavour of the resources (TLS over SDS) into `cache`.
+    pub fn with_envoy_cache(mut self, cache: ResourceCache) -> Self {
+        self.envoy_cache = Some(cache);
+        self
     }
 
     /// File names and content hashes: robust to edits within the mtime granularity and
@@ -75,10 +83,26 @@ impl ConfigSource {
 
     /// Loads unconditionally.
     pub fn reload(&mut self) -> Reload {
-        let result = istio::load(&self.path).and_then(|c| istio::generate(&c, &self.opts));
+        let result = istio::load(&self.path).and_then(|c| {
+            let envoy = match &self.envoy_cache {
+                Some(_) => {
+                    let opts = Options {
+                        flavour: istio::Flavour::Envoy,
+                        ..self.opts.clone()
+                    };
+                    Some(istio::generate(&c, &opts)?)
+                }
+                None => None,
+            };
+            istio::generate(&c, &self.opts).map(|g| (g, envoy))
+        });
         match result {
-            Ok(generated) => {
+            Ok((generated, envoy)) => {
                 let n = generated.resources.len();
+                // Envoy's flavour first: streams wake on the main cache.
+                if let (Some(cache), Some(envoy)) = (&self.envoy_cache, envoy) {
+                    cache.set_resources(envoy.resources);
+                }
                 self.cache.set_resources(generated.resources);
                 tracing::info!(path = %self.path.display(), resources = n, listeners = ?generated.listeners, "configuration applied");
                 Reload::Applied(n)
@@ -128,7 +152,9 @@ pub async fn serve_with_sds(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<AdsServer, String> {
     let cache = ResourceCache::new();
-    let mut source = ConfigSource::new(path, opts, cache.clone());
+    let envoy_cache = ResourceCache::new();
+    let mut source =
+        ConfigSource::new(path, opts, cache.clone()).with_envoy_cache(envoy_cache.clone());
     if let Reload::Rejected(errors) = source.poll() {
         return Err(errors
             .iter()
@@ -136,7 +162,7 @@ pub async fn serve_with_sds(
             .collect::<Vec<_>>()
             .join("\n"));
     }
-    let mut server = AdsServer::new(cache);
+    let mut server = AdsServer::new(cache).with_envoy_cache(envoy_cache);
     if let Some(issuer) = sds {
         server = server.with_sds(issuer);
     }

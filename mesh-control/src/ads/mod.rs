@@ -116,8 +116,18 @@ pub(crate) async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
 /// What a stream serves: the shared cache, plus per-node secrets when SDS is on.
 #[derive(Clone, Debug)]
 pub(crate) struct Source {
+    /// The resources for proxyless gRPC clients, whose changes wake every stream.
     pub(crate) cache: ResourceCache,
+    /// The resources for Envoy nodes, if they differ (published before `cache`, so a stream
+    /// woken by `cache` sees both updated).
+    envoy_cache: Option<ResourceCache>,
     sds: Option<Arc<sds::SdsIssuer>>,
+}
+
+/// Whether a node is Envoy (which takes TLS certificates over SDS) rather than a proxyless
+/// gRPC client (which takes them from its bootstrap's certificate providers).
+pub fn is_envoy(node: &envoy_types::pb::envoy::config::core::v3::Node) -> bool {
+    node.user_agent_name == "envoy"
 }
 
 impl Source {
@@ -145,7 +155,11 @@ impl Source {
                 .join("-");
             return (version, secrets, renew);
         }
-        self.cache.with_state(|s| {
+        let cache = match (&self.envoy_cache, node) {
+            (Some(envoy), Some(n)) if is_envoy(n) => envoy,
+            _ => &self.cache,
+        };
+        cache.with_state(|s| {
             let resources = s
                 .resources(type_url)
                 .map(|m| {
@@ -164,6 +178,7 @@ impl Source {
 #[derive(Clone, Debug)]
 pub struct AdsServer {
     cache: ResourceCache,
+    envoy_cache: Option<ResourceCache>,
     sds: Option<Arc<sds::SdsIssuer>>,
     events: EventLog,
     /// Flipped to `true` when the server shuts down, ending every open stream.
@@ -177,6 +192,7 @@ impl AdsServer {
     pub fn new(cache: ResourceCache) -> Self {
         Self {
             cache,
+            envoy_cache: None,
             sds: None,
             events: EventLog::default(),
             stopping: tokio::sync::watch::channel(false).0,
@@ -189,9 +205,17 @@ impl AdsServer {
         self
     }
 
+    /// Serves Envoy nodes (see [`is_envoy`]) from `cache` instead. Publish into it before
+    /// the main cache: streams wake on the main cache's changes.
+    pub fn with_envoy_cache(mut self, cache: ResourceCache) -> Self {
+        self.envoy_cache = Some(cache);
+        self
+    }
+
     fn source(&self) -> Source {
         Source {
             cache: self.cache.clone(),
+            envoy_cache: self.envoy_cache.clone(),
             sds: self.sds.clone(),
         }
     }

@@ -44,6 +44,22 @@ pub struct Options {
     pub server_listener_template: String,
     /// Bootstrap certificate provider instance holding the workload certificate and roots.
     pub cert_provider_instance: String,
+    /// Who the resources are for: proxyless gRPC clients take certificates from their
+    /// bootstrap's certificate provider instances, Envoy takes them over SDS.
+    pub flavour: Flavour,
+}
+
+/// The kind of client resources are generated for (they differ only in where TLS
+/// certificates come from, as with Istio's generators).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Flavour {
+    /// Proxyless gRPC (and the mesh's own client): `tls_certificate_provider_instance` /
+    /// `ca_certificate_provider_instance` naming the bootstrap's instance.
+    #[default]
+    ProxylessGrpc,
+    /// Envoy: the SDS secrets `default` (workload certificate) and `ROOTCA` over ADS, as
+    /// istiod serves sidecars.
+    Envoy,
 }
 
 impl Default for Options {
@@ -52,6 +68,7 @@ impl Default for Options {
             trust_domain: "cluster.local".into(),
             server_listener_template: "xds.istio.io/grpc/lds/inbound/%s".into(),
             cert_provider_instance: "default".into(),
+            flavour: Flavour::ProxylessGrpc,
         }
     }
 }
@@ -596,19 +613,12 @@ impl Ctx<'_> {
         format!("spiffe://{}/ns/{ns}/sa/{sa}", self.opts.trust_domain)
     }
 
-    fn mtls_on(&self, svc: &Service, policy: &TrafficPolicy) -> bool {
-        match policy.tls.as_ref().and_then(|t| t.mode.as_deref()) {
-            Some("ISTIO_MUTUAL") => true,
-            Some(_) => false,
-            // Auto mTLS: as the destination workloads accept it.
-            None => {
-                !svc.workloads.is_empty()
-                    && svc
-                        .workloads
-                        .iter()
-                        .all(|w| peer_mode(self.config, &w.namespace, &w.labels) != "DISABLE")
-            }
-        }
+    /// Istio's generator for proxyless gRPC applies TLS only when the DestinationRule asks
+    /// for it (`tls.mode: ISTIO_MUTUAL`): it cannot know whether a client or server uses xDS
+    /// credentials, so there is no auto mTLS. `meshctl validate` warns when a STRICT server
+    /// would then refuse such clients.
+    fn mtls_on(&self, policy: &TrafficPolicy) -> bool {
+        policy.tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("ISTIO_MUTUAL")
     }
 
     fn cluster(
@@ -735,7 +745,7 @@ impl Ctx<'_> {
                 any(&opts),
             );
         }
-        let transport_socket = self.mtls_on(svc, policy).then(|| {
+        let transport_socket = self.mtls_on(policy).then(|| {
             let sans: BTreeSet<String> = workloads
                 .iter()
                 .map(|w| self.spiffe(&w.namespace, &w.service_account))
@@ -776,36 +786,72 @@ impl Ctx<'_> {
 
     fn common_tls(&self, sans: Vec<matcher::StringMatcher>, h2: bool) -> tls::CommonTlsContext {
         let instance = &self.opts.cert_provider_instance;
-        #[allow(deprecated)]
-        let validation = tls::CertificateValidationContext {
-            ca_certificate_provider_instance: Some(tls::CertificateProviderPluginInstance {
-                instance_name: instance.clone(),
-                certificate_name: "ROOTCA".into(),
-            }),
-            match_typed_subject_alt_names: sans
-                .into_iter()
-                .map(|m| tls::SubjectAltNameMatcher {
-                    san_type: tls::subject_alt_name_matcher::SanType::Uri as i32,
-                    matcher: Some(m),
-                    oid: String::new(),
-                })
-                .collect(),
-            ..Default::default()
+        let sans = sans
+            .into_iter()
+            .map(|m| tls::SubjectAltNameMatcher {
+                san_type: tls::subject_alt_name_matcher::SanType::Uri as i32,
+                matcher: Some(m),
+                oid: String::new(),
+            })
+            .collect();
+        let alpn_protocols = if h2 {
+            vec!["h2".into()]
+        } else {
+            vec!["h2".into(), "http/1.1".into()]
         };
-        tls::CommonTlsContext {
-            tls_certificate_provider_instance: Some(tls::CertificateProviderPluginInstance {
-                instance_name: instance.clone(),
-                certificate_name: "default".into(),
-            }),
-            validation_context_type: Some(
-                tls::common_tls_context::ValidationContextType::ValidationContext(validation),
-            ),
-            alpn_protocols: if h2 {
-                vec!["h2".into()]
-            } else {
-                vec!["h2".into(), "http/1.1".into()]
-            },
-            ..Default::default()
+        match self.opts.flavour {
+            Flavour::ProxylessGrpc => {
+                let validation = tls::CertificateValidationContext {
+                    ca_certificate_provider_instance: Some(
+                        tls::CertificateProviderPluginInstance {
+                            instance_name: instance.clone(),
+                            certificate_name: "ROOTCA".into(),
+                        },
+                    ),
+                    match_typed_subject_alt_names: sans,
+                    ..Default::default()
+                };
+                tls::CommonTlsContext {
+                    tls_certificate_provider_instance: Some(
+                        tls::CertificateProviderPluginInstance {
+                            instance_name: instance.clone(),
+                            certificate_name: "default".into(),
+                        },
+                    ),
+                    validation_context_type: Some(
+                        tls::common_tls_context::ValidationContextType::ValidationContext(
+                            validation,
+                        ),
+                    ),
+                    alpn_protocols,
+                    ..Default::default()
+                }
+            }
+            Flavour::Envoy => {
+                let sds = |name: &str| tls::SdsSecretConfig {
+                    name: name.into(),
+                    sds_config: Some(ads_source()),
+                };
+                tls::CommonTlsContext {
+                    tls_certificate_sds_secret_configs: vec![sds("default")],
+                    validation_context_type: Some(
+                        tls::common_tls_context::ValidationContextType::CombinedValidationContext(
+                            tls::common_tls_context::CombinedCertificateValidationContext {
+                                default_validation_context: Some(
+                                    tls::CertificateValidationContext {
+                                        match_typed_subject_alt_names: sans,
+                                        ..Default::default()
+                                    },
+                                ),
+                                validation_context_sds_secret_config: Some(sds("ROOTCA")),
+                                ..Default::default()
+                            },
+                        ),
+                    ),
+                    alpn_protocols,
+                    ..Default::default()
+                }
+            }
         }
     }
 

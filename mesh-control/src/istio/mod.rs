@@ -17,7 +17,7 @@ pub mod generate;
 pub mod model;
 pub mod validate;
 
-pub use generate::{generate, Generated, Options};
+pub use generate::{generate, Flavour, Generated, Options};
 pub use model::*;
 
 /// Where a document came from.

@@ -146,14 +146,14 @@ spec:
         methods: ["GET"]
         paths: ["/api/*"]
 "#;
-    let seed = SEED.replace("    tls:\n      mode: DISABLE\n", "").replace(
+    let seed = SEED.replace("    tls:\n      mode: DISABLE\n", "    tls:\n      mode: ISTIO_MUTUAL\n").replace(
         "  - route:\n    - destination:\n        host: frontend.prod.svc.cluster.local\n        subset: v1\n      weight: 90",
         "  - match:\n    - uri:\n        prefix: /api\n      headers:\n        x-canary:\n          exact: \"1\"\n    route:\n    - destination:\n        host: frontend.prod.svc.cluster.local\n        subset: v2\n    timeout: 3s\n    retries:\n      attempts: 4\n      perTryTimeout: 500ms\n      retryOn: 5xx,reset\n    fault:\n      abort:\n        httpStatus: 503\n        percentage:\n          value: 25\n    mirror:\n      host: frontend.prod.svc.cluster.local\n      subset: v1\n    mirrorPercentage:\n      value: 10\n    rewrite:\n      uri: /v2/api\n    headers:\n      request:\n        set:\n          x-mesh: \"yes\"\n  - route:\n    - destination:\n        host: frontend.prod.svc.cluster.local\n        subset: v1\n      weight: 90",
     );
     let config = parse(&format!("{seed}{extra}"), "all.yaml").unwrap();
     let out = generate(&config, &Options::default()).unwrap();
     let snap = file::snapshot_from_resources(&out.resources).unwrap();
-    // mTLS on (auto mTLS with STRICT peers): SPIFFE SAN of the endpoints' service account.
+    // mTLS on (ISTIO_MUTUAL): SPIFFE SAN of the endpoints' service account.
     let v1 = snap
         .cluster("outbound|80|v1|frontend.prod.svc.cluster.local")
         .unwrap();
@@ -371,4 +371,71 @@ fn server_listener_modes_map_to_tls_modes() {
             _ => assert_eq!(chains, vec![Some(true), None]),
         }
     }
+}
+
+/// As Istio's generator for proxyless gRPC: TLS only when a DestinationRule asks for it
+/// (no auto mTLS, even towards STRICT workloads, which `validate` warns about); for Envoy
+/// nodes the same TLS comes over SDS instead of certificate-provider instances.
+#[test]
+fn mtls_only_when_asked_and_envoy_gets_sds() {
+    let strict = r#"
+---
+apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata: {name: default, namespace: istio-system}
+spec: {mtls: {mode: STRICT}}
+"#;
+    let seed = SEED.replace("    tls:\n      mode: DISABLE\n", "");
+    let config = parse(&format!("{seed}{strict}"), "all.yaml").unwrap();
+    let out = generate(&config, &Options::default()).unwrap();
+    let snap = file::snapshot_from_resources(&out.resources).unwrap();
+    let v1 = snap
+        .cluster("outbound|80|v1|frontend.prod.svc.cluster.local")
+        .unwrap();
+    assert!(v1.tls.is_none(), "no DestinationRule tls: plaintext");
+    let findings = crate::istio::validate::validate(&config, &Options::default());
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.severity == crate::istio::validate::Severity::Warning
+                && f.error.message.contains("STRICT")
+                && f.error.message.contains("ISTIO_MUTUAL")),
+        "{findings:#?}"
+    );
+
+    let mutual = SEED.replace(
+        "    tls:\n      mode: DISABLE\n",
+        "    tls:\n      mode: ISTIO_MUTUAL\n",
+    );
+    let config = parse(&format!("{mutual}{strict}"), "all.yaml").unwrap();
+    assert!(
+        crate::istio::validate::validate(&config, &Options::default())
+            .iter()
+            .all(|f| !f.error.message.contains("STRICT"))
+    );
+    let envoy = Options {
+        flavour: crate::istio::Flavour::Envoy,
+        ..Options::default()
+    };
+    let out = generate(&config, &envoy).unwrap();
+    let snap = file::snapshot_from_resources(&out.resources).unwrap();
+    let tls = snap
+        .cluster("outbound|80|v1|frontend.prod.svc.cluster.local")
+        .unwrap()
+        .tls
+        .clone()
+        .unwrap();
+    assert_eq!(
+        tls.identity,
+        Some(mesh_core::config::CertSource::Sds {
+            name: "default".into()
+        })
+    );
+    assert_eq!(
+        tls.validation,
+        Some(mesh_core::config::CertSource::Sds {
+            name: "ROOTCA".into()
+        })
+    );
+    assert!(!tls.san_matchers.is_empty(), "SANs stay with the SDS roots");
 }

@@ -172,7 +172,50 @@ pub fn validate(config: &Config, opts: &Options) -> Vec<Finding> {
     }
     // Conflicting TLS: the client is told to use mTLS where the server refuses it.
     for svc in &svcs {
-        if let Some(dr) = destination_rule(config, &svcs, &svc.host) {
+        let dr = destination_rule(config, &svcs, &svc.host);
+        let istio_mutual = dr.is_some_and(|dr| {
+            dr.spec
+                .traffic_policy
+                .as_ref()
+                .and_then(|p| p.tls.as_ref())
+                .and_then(|t| t.mode.as_deref())
+                == Some("ISTIO_MUTUAL")
+        });
+        let strict = svc
+            .workloads
+            .iter()
+            .any(|w| peer_mode(config, &w.namespace, &w.labels) == "STRICT");
+        // Proxyless clients use mTLS only when a DestinationRule says ISTIO_MUTUAL (there is
+        // no auto mTLS), so a STRICT server refuses them otherwise.
+        if strict && !istio_mutual {
+            let (origin, path, what) = match dr {
+                Some(dr) => (
+                    &dr.origin,
+                    vec![Seg::Key("spec"), Seg::Key("trafficPolicy")],
+                    format!("DestinationRule {}", dr.meta.name),
+                ),
+                None => match config
+                    .service_entries
+                    .iter()
+                    .find(|se| se.spec.hosts.contains(&svc.host))
+                {
+                    Some(se) => (
+                        &se.origin,
+                        vec![Seg::Key("spec"), Seg::Key("hosts")],
+                        format!("ServiceEntry {}: no DestinationRule", se.meta.name),
+                    ),
+                    None => continue,
+                },
+            };
+            out.push(warn(origin.at(
+                &path,
+                format!(
+                    "{what}: the workloads of {} are STRICT (mTLS only), but clients are not told to use mTLS; add trafficPolicy.tls.mode: ISTIO_MUTUAL or every call is refused",
+                    svc.host
+                ),
+            )));
+        }
+        if let Some(dr) = dr {
             let wants_mtls = dr
                 .spec
                 .traffic_policy
