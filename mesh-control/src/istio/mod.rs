@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 pub mod generate;
+pub mod ledger;
 pub mod model;
 pub mod validate;
 
@@ -291,6 +292,22 @@ pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
                     &[Seg::Key("apiVersion")],
                     format!("{kind}: unsupported apiVersion {api:?}"),
                 ));
+                continue;
+            }
+        }
+        // Every field is honoured or refused by the ledger before the document is read.
+        if ledger::knows_kind(&kind) {
+            let raw: serde_yaml_ng::Value = match serde_yaml_ng::from_str(&doc) {
+                Ok(v) => v,
+                Err(e) => {
+                    errors.push(yaml_error(file, line, &e));
+                    continue;
+                }
+            };
+            let name = raw["metadata"]["name"].as_str().unwrap_or_default();
+            let refused = ledger::check(&kind, name, &raw["spec"], &origin);
+            if !refused.is_empty() {
+                errors.extend(refused);
                 continue;
             }
         }
