@@ -143,6 +143,9 @@ pub(crate) struct Service {
     pub(crate) port: u32,
     pub(crate) protocol: String,
     pub(crate) workloads: Vec<Workload>,
+    /// `resolution: DNS` (`Some(false)`: STRICT_DNS, every address an endpoint) or
+    /// `DNS_ROUND_ROBIN` (`Some(true)`: LOGICAL_DNS, the first address), as Istio maps them.
+    pub(crate) dns: Option<bool>,
 }
 
 impl Service {
@@ -163,17 +166,21 @@ pub(crate) fn services(config: &Config, errors: &mut Vec<ConfigError>) -> Vec<Se
     let mut out = Vec::new();
     for se in &config.service_entries {
         let ns = se.meta.ns().to_owned();
-        if let Some(r) = &se.spec.resolution {
-            if r != "STATIC" && r != "NONE" {
+        let dns = match se.spec.resolution.as_deref() {
+            None | Some("STATIC") | Some("NONE") => None,
+            Some("DNS") => Some(false),
+            Some("DNS_ROUND_ROBIN") => Some(true),
+            Some(r) => {
                 errors.push(se.origin.at(
                     &[Seg::Key("spec"), Seg::Key("resolution")],
                     format!(
-                        "ServiceEntry {}: resolution {r} is not supported (use STATIC)",
+                        "ServiceEntry {}: resolution {r} is not supported (STATIC, DNS or DNS_ROUND_ROBIN)",
                         se.meta.name
                     ),
                 ));
+                None
             }
-        }
+        };
         // Workloads: inline endpoints plus WorkloadEntries chosen by the selector.
         let mut entries: Vec<(
             &WorkloadEntrySpec,
@@ -228,11 +235,36 @@ pub(crate) fn services(config: &Config, errors: &mut Vec<ConfigError>) -> Vec<Se
                 continue;
             }
             let mut workloads = Vec::new();
-            for (e, ns, path, origin) in &entries {
-                if e.address.parse::<std::net::IpAddr>().is_err() {
+            // A DNS service without endpoints resolves its hosts (Istio's rule).
+            let hosts_as_endpoints: Vec<WorkloadEntrySpec> = if dns.is_some() && entries.is_empty()
+            {
+                se.spec
+                    .hosts
+                    .iter()
+                    .map(|h| WorkloadEntrySpec {
+                        address: h.clone(),
+                        ..Default::default()
+                    })
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            let host_paths: Vec<_> = hosts_as_endpoints
+                .iter()
+                .map(|e| {
+                    (
+                        e,
+                        ns.clone(),
+                        vec![Seg::Key("spec"), Seg::Key("hosts")],
+                        &se.origin,
+                    )
+                })
+                .collect();
+            for (e, ns, path, origin) in entries.iter().chain(host_paths.iter()) {
+                if dns.is_none() && e.address.parse::<std::net::IpAddr>().is_err() {
                     errors.push(origin.at(
                         path,
-                        format!("endpoint address {:?} is not an IP address (DNS resolution is not supported)", e.address),
+                        format!("endpoint address {:?} is not an IP address (with resolution STATIC; use DNS or DNS_ROUND_ROBIN for host names)", e.address),
                     ));
                     continue;
                 }
@@ -262,6 +294,7 @@ pub(crate) fn services(config: &Config, errors: &mut Vec<ConfigError>) -> Vec<Se
                     port: port.number,
                     protocol: port.protocol.clone(),
                     workloads: workloads.clone(),
+                    dns,
                 });
             }
         }
@@ -399,9 +432,42 @@ pub fn generate(config: &Config, opts: &Options) -> Result<Generated, Vec<Config
                 .filter(|w| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
                 .collect();
             let name = cluster_name(svc.port, subset, &svc.host);
-            let cluster = ctx.cluster(svc, &name, &policy, &workloads, dr);
-            out.resources.push(any(&cluster));
-            out.resources.push(any(&assignment(&name, &workloads)));
+            let mut cluster = ctx.cluster(svc, &name, &policy, &workloads, dr);
+            match svc.dns {
+                // DNS services: the names go in the cluster, resolved by the client.
+                Some(logical) => {
+                    if logical && workloads.len() > 1 {
+                        if let Some(se) = config
+                            .service_entries
+                            .iter()
+                            .find(|se| se.spec.hosts.contains(&svc.host))
+                        {
+                            ctx.errors.push(se.origin.at(
+                                &[Seg::Key("spec"), Seg::Key("resolution")],
+                                format!(
+                                    "ServiceEntry {}: resolution DNS_ROUND_ROBIN needs exactly one endpoint (it has {})",
+                                    se.meta.name,
+                                    workloads.len()
+                                ),
+                            ));
+                        }
+                    }
+                    let kind = if logical {
+                        cpb::cluster::DiscoveryType::LogicalDns
+                    } else {
+                        cpb::cluster::DiscoveryType::StrictDns
+                    };
+                    cluster.cluster_discovery_type =
+                        Some(cpb::cluster::ClusterDiscoveryType::Type(kind as i32));
+                    cluster.eds_cluster_config = None;
+                    cluster.load_assignment = Some(assignment(&name, &workloads));
+                    out.resources.push(any(&cluster));
+                }
+                None => {
+                    out.resources.push(any(&cluster));
+                    out.resources.push(any(&assignment(&name, &workloads)));
+                }
+            }
         }
         let listener_name = format!("{}:{}", svc.host, svc.port);
         out.resources.push(any(&client_listener(&listener_name)));
@@ -411,7 +477,8 @@ pub fn generate(config: &Config, opts: &Options) -> Result<Generated, Vec<Config
     }
     // Server listeners, one per workload port.
     let mut ports: BTreeMap<u32, Vec<&Service>> = BTreeMap::new();
-    for svc in &services {
+    // DNS services are outside the mesh's workloads: they get no server listener.
+    for svc in services.iter().filter(|s| s.dns.is_none()) {
         for w in &svc.workloads {
             ports.entry(w.port).or_default().push(svc);
         }

@@ -498,3 +498,70 @@ spec:
         .replace("  colour: blue\n", "");
     parse(&se, "se.yaml").unwrap();
 }
+
+/// ServiceEntry `resolution: DNS` / `DNS_ROUND_ROBIN` become STRICT_DNS / LOGICAL_DNS clusters
+/// with the names inline (no EDS), as Istio generates them; the mesh's client resolves them.
+#[test]
+fn dns_service_entries_become_dns_clusters() {
+    let text = r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin, namespace: prod}
+spec:
+  hosts: [httpbin.example.com]
+  location: MESH_EXTERNAL
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: prod}
+spec:
+  hosts: [api.internal]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  resolution: DNS_ROUND_ROBIN
+  endpoints: [{address: api-0.internal}]
+"#;
+    let config = parse(text, "dns.yaml").unwrap();
+    let out = generate(&config, &Options::default()).unwrap();
+    let snap = file::snapshot_from_resources(&out.resources).unwrap();
+    let strict = snap.cluster("outbound|80||httpbin.example.com").unwrap();
+    let mesh_core::config::Discovery::Dns(d) = &strict.discovery else {
+        panic!("{:?}", strict.discovery)
+    };
+    assert!(!d.logical);
+    assert_eq!(d.hosts(), vec!["httpbin.example.com"]);
+    assert_eq!(d.localities[0].targets[0].port, 80);
+    let logical = snap.cluster("outbound|8080||api.internal").unwrap();
+    let mesh_core::config::Discovery::Dns(d) = &logical.discovery else {
+        panic!()
+    };
+    assert!(d.logical);
+    assert_eq!(d.hosts(), vec!["api-0.internal"]);
+    assert!(
+        snap.endpoint_assignments().is_empty(),
+        "no EDS for DNS clusters"
+    );
+    assert!(
+        out.server_listeners.is_empty(),
+        "external names get no server listener"
+    );
+    let findings = crate::istio::validate::validate(&config, &Options::default());
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.error.line == 8 && f.error.message.contains("STRICT_DNS")),
+        "{findings:#?}"
+    );
+
+    let two = text.replace(
+        "endpoints: [{address: api-0.internal}]",
+        "endpoints: [{address: api-0.internal}, {address: api-1.internal}]",
+    );
+    let errors = generate(&parse(&two, "dns.yaml").unwrap(), &Options::default()).unwrap_err();
+    assert!(
+        errors.iter().any(|e| e
+            .to_string()
+            .contains("DNS_ROUND_ROBIN needs exactly one endpoint")),
+        "{errors:?}"
+    );
+}

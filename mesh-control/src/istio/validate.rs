@@ -238,6 +238,18 @@ pub fn validate(config: &Config, opts: &Options) -> Vec<Finding> {
             }
         }
     }
+    // What would make a proxyless gRPC client NACK.
+    for se in &config.service_entries {
+        if se.spec.resolution.as_deref() == Some("DNS") {
+            out.push(warn(se.origin.at(
+                &[Seg::Key("spec"), Seg::Key("resolution")],
+                format!(
+                    "ServiceEntry {}: resolution DNS becomes STRICT_DNS clusters, which the mesh's client and Envoy resolve but proxyless gRPC clients (grpcio, grpc-js) NACK; DNS_ROUND_ROBIN (LOGICAL_DNS) is closer to what they accept",
+                    se.meta.name
+                ),
+            )));
+        }
+    }
     for pa in &config.peer_authentications {
         if let Some(mode) = pa.spec.mtls.as_ref().and_then(|m| m.mode.as_deref()) {
             if !matches!(mode, "STRICT" | "PERMISSIVE" | "DISABLE" | "UNSET") {

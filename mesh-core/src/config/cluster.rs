@@ -16,6 +16,121 @@ pub enum Discovery {
     },
     /// Listed in the cluster itself.
     Static(Arc<EndpointAssignment>),
+    /// Host names resolved by DNS (`STRICT_DNS`, `LOGICAL_DNS`, or the `envoy.clusters.dns`
+    /// extension).
+    Dns(Arc<DnsDiscovery>),
+}
+
+/// A DNS cluster: its host names, and how and how often to resolve them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DnsDiscovery {
+    /// `LOGICAL_DNS` (or `all_addresses_in_single_endpoint`): one endpoint, at the first
+    /// address resolved; otherwise (`STRICT_DNS`) every address is an endpoint.
+    pub logical: bool,
+    /// The names, with the locality, weight and priority of the load assignment.
+    pub localities: Vec<DnsLocality>,
+    /// How often to resolve (`dns_refresh_rate`, default 5 s).
+    pub refresh_rate: Duration,
+    /// Resolve again when the records' TTL runs out instead (`respect_dns_ttl`).
+    pub respect_ttl: bool,
+    /// Which address families (`dns_lookup_family`).
+    pub family: DnsLookupFamily,
+    /// Name servers to ask (from `typed_dns_resolver_config`); empty: the system's
+    /// (`/etc/resolv.conf`).
+    pub nameservers: Vec<std::net::SocketAddr>,
+}
+
+/// One locality of a DNS cluster's load assignment.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DnsLocality {
+    /// Where.
+    pub locality: super::endpoint::Locality,
+    /// Locality weight.
+    pub weight: u32,
+    /// Priority.
+    pub priority: u32,
+    /// Names to resolve, with their port, endpoint weight and health.
+    pub targets: Vec<DnsTarget>,
+}
+
+/// One name of a DNS cluster.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DnsTarget {
+    /// Host name (or an IP literal).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Weight of each endpoint it resolves to.
+    pub weight: u32,
+    /// Reported health.
+    pub health: super::endpoint::HealthStatus,
+}
+
+/// `dns_lookup_family`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DnsLookupFamily {
+    /// IPv6 if there is any, else IPv4 (Envoy's `AUTO`).
+    #[default]
+    Auto,
+    /// IPv4 only.
+    V4Only,
+    /// IPv6 only.
+    V6Only,
+    /// IPv4 if there is any, else IPv6.
+    V4Preferred,
+    /// Both.
+    All,
+}
+
+impl DnsDiscovery {
+    /// The endpoints for the addresses each host resolved to (hosts not resolved yet have
+    /// none). A logical cluster has one endpoint, at the first address of its one host.
+    pub fn assignment(
+        &self,
+        cluster_name: &str,
+        resolved: &std::collections::HashMap<String, Vec<std::net::IpAddr>>,
+    ) -> EndpointAssignment {
+        use super::endpoint::{Endpoint, LocalityEndpoints};
+        let mut localities = Vec::with_capacity(self.localities.len());
+        for l in &self.localities {
+            let mut endpoints = Vec::new();
+            for t in &l.targets {
+                let addrs = resolved.get(&t.host).map(Vec::as_slice).unwrap_or_default();
+                let take = if self.logical { 1 } else { addrs.len() };
+                for ip in addrs.iter().take(take) {
+                    endpoints.push(Endpoint {
+                        address: std::net::SocketAddr::new(*ip, t.port),
+                        weight: t.weight,
+                        health: t.health,
+                        hostname: t.host.clone(),
+                    });
+                }
+            }
+            localities.push(LocalityEndpoints {
+                locality: l.locality.clone(),
+                weight: l.weight,
+                priority: l.priority,
+                endpoints,
+            });
+        }
+        EndpointAssignment {
+            cluster_name: cluster_name.to_owned(),
+            localities,
+            drop_overloads: Vec::new(),
+        }
+    }
+
+    /// Every distinct host name.
+    pub fn hosts(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self
+            .localities
+            .iter()
+            .flat_map(|l| l.targets.iter().map(|t| t.host.as_str()))
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
 }
 
 /// How an endpoint is chosen inside the cluster.
@@ -219,7 +334,7 @@ impl Cluster {
     pub fn eds_service_name(&self) -> Option<&str> {
         match &self.discovery {
             Discovery::Eds { service_name } => Some(service_name),
-            Discovery::Static(_) => None,
+            Discovery::Static(_) | Discovery::Dns(_) => None,
         }
     }
 }

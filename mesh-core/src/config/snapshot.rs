@@ -95,6 +95,8 @@ impl Snapshot {
         match &self.cluster(cluster)?.discovery {
             Discovery::Static(cla) => Some(cla.clone()),
             Discovery::Eds { service_name } => self.endpoints.get(service_name).cloned(),
+            // Resolved by the data path (see mesh-tower's cluster registry).
+            Discovery::Dns(_) => None,
         }
     }
 

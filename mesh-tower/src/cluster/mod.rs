@@ -31,6 +31,7 @@
 //! ```
 
 pub mod balance;
+mod dns;
 mod registry;
 pub mod ring;
 mod service;

@@ -7,7 +7,9 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use mesh_core::config::{Cluster, EndpointAssignment, HealthStatus, Snapshot, UpstreamProtocol};
+use mesh_core::config::{
+    Cluster, Discovery, EndpointAssignment, HealthStatus, Snapshot, UpstreamProtocol,
+};
 use mesh_core::identity::IdentityStore;
 use mesh_core::ConfigStore;
 
@@ -132,6 +134,9 @@ pub struct ClusterRuntime {
     /// The config and assignment last applied: a snapshot that changes another cluster
     /// leaves this one untouched (same `Arc`s, nothing rebuilt).
     applied: Mutex<Applied>,
+    /// DNS clusters: the task resolving the names, and its latest answer as endpoints.
+    dns: Mutex<Option<super::dns::DnsTask>>,
+    resolved: arc_swap::ArcSwapOption<EndpointAssignment>,
 }
 
 type Applied = Option<(Arc<Cluster>, Option<Arc<EndpointAssignment>>)>;
@@ -270,7 +275,45 @@ impl ClusterRuntime {
             epoch: tokio::time::Instant::now(),
             next_sweep: AtomicU64::new(0),
             applied: Mutex::new(None),
+            dns: Mutex::new(None),
+            resolved: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// Keeps a DNS cluster's resolving task in line with its config (started, replaced when
+    /// the names or settings change, stopped when the cluster is no longer DNS).
+    fn follow_dns(self: &Arc<Self>, cluster: &Cluster) {
+        let mut dns = self
+            .dns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &cluster.discovery {
+            Discovery::Dns(d) => {
+                if dns.as_ref().is_none_or(|t| t.discovery != *d) {
+                    *dns = Some(super::dns::DnsTask::spawn(Arc::downgrade(self), d.clone()));
+                }
+            }
+            _ => {
+                *dns = None;
+                self.resolved.store(None);
+            }
+        }
+    }
+
+    /// A DNS answer: the cluster's endpoints from now on (nothing changes when the answer
+    /// is the same).
+    pub(crate) fn apply_resolved(&self, cla: Arc<EndpointAssignment>) {
+        if self.resolved.load().as_deref() == Some(&*cla) {
+            return;
+        }
+        self.resolved.store(Some(cla.clone()));
+        let mut applied = self
+            .applied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cluster = self.config.load_full();
+        self.update(cluster.clone(), Some(&cla));
+        *applied = Some((cluster, Some(cla)));
     }
 
     /// The name, shared (no allocation per request).
@@ -738,7 +781,11 @@ impl ClusterRegistry {
                     self.metrics.clone(),
                 )),
             };
-            let cla = snapshot.endpoints_for_cluster(name);
+            runtime.follow_dns(cluster);
+            let cla = match &cluster.discovery {
+                Discovery::Dns(_) => runtime.resolved.load_full(),
+                _ => snapshot.endpoints_for_cluster(name),
+            };
             {
                 // Only this function writes `applied`, under `write`: a poisoned lock still
                 // holds a consistent value.

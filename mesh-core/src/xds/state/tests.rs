@@ -298,7 +298,7 @@ fn sotw_nack_keeps_last_good_and_applies_the_good_ones() {
     assert_eq!(detail.code, 3);
     assert_eq!(
         detail.message,
-        "cluster \"v2\": type: cluster type STRICT_DNS is not supported; use EDS or STATIC"
+        "cluster \"v2\": load_assignment: a DNS cluster needs load_assignment"
     );
     let snap = ads.snapshot();
     assert_eq!(

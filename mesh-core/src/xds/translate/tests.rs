@@ -353,15 +353,16 @@ fn envoy_example_without_typed_config_is_rejected() {
         ),
         "{err}"
     );
-    // Its cluster is STRICT_DNS, which a proxyless client cannot use: a clear rejection.
-    let err = file::load_snapshot(&fixtures().join("envoy-examples/dynamic-config-fs.cds.yaml"))
-        .unwrap_err();
-    assert!(
-        err.message.contains(
-            "cluster \"example_proxy_cluster\": type: cluster type STRICT_DNS is not supported"
-        ),
-        "{err}"
-    );
+    // Its cluster is STRICT_DNS: each address `service1` resolves to becomes an endpoint.
+    let snap =
+        file::load_snapshot(&fixtures().join("envoy-examples/dynamic-config-fs.cds.yaml")).unwrap();
+    let Discovery::Dns(dns) = &snap.clusters()["example_proxy_cluster"].discovery else {
+        panic!("a DNS cluster")
+    };
+    assert!(!dns.logical);
+    assert_eq!(dns.hosts(), vec!["service1"]);
+    assert_eq!(dns.localities[0].targets[0].port, 8080);
+    assert_eq!(dns.refresh_rate, Duration::from_secs(5));
 }
 
 fn weighted_route(weights: &[(&str, u32)]) -> rpb::RouteConfiguration {

@@ -39,7 +39,7 @@ const RUNTIME: &str =
     "the mesh has no runtime layer; the default value applies, as in proxyless gRPC";
 const VALIDATE: &str =
     "checks cluster names when loading; a request for an unknown cluster fails either way";
-const DNS_ONLY: &str = "read only by DNS cluster types";
+const JITTER: &str = "spreads re-resolutions in time; which addresses are used does not change";
 const NO_ACTIVE_HC: &str =
     "only meaningful with active health checking, which the mesh refuses (health_checks)";
 const CLEANUP: &str = "cleanup of ORIGINAL_DST hosts, a cluster type the mesh refuses";
@@ -1017,7 +1017,7 @@ pub(super) static ENTRIES: &[Entry] = &[
             ("alt_stat_name", Ignored(STATS)),
             ("stats_matcher", Ignored(STATS)),
             ("type", H),
-            ("cluster_type", R),
+            ("cluster_type", H),
             ("eds_cluster_config", H),
             ("connect_timeout", H),
             ("per_connection_buffer_limit_bytes", Ignored(BUFFER)),
@@ -1032,15 +1032,15 @@ pub(super) static ENTRIES: &[Entry] = &[
             ("http_protocol_options", R),
             ("http2_protocol_options", H),
             ("typed_extension_protocol_options", H),
-            ("dns_refresh_rate", R),
-            ("dns_jitter", R),
+            ("dns_refresh_rate", H),
+            ("dns_jitter", Ignored(JITTER)),
             ("dns_failure_refresh_rate", R),
-            ("respect_dns_ttl", R),
-            ("dns_lookup_family", Ignored(DNS_ONLY)),
+            ("respect_dns_ttl", H),
+            ("dns_lookup_family", H),
             ("dns_resolvers", R),
             ("use_tcp_for_dns_lookups", R),
             ("dns_resolution_config", R),
-            ("typed_dns_resolver_config", R),
+            ("typed_dns_resolver_config", H),
             ("wait_for_warm_on_init", Ignored(WARMING)),
             ("outlier_detection", H),
             ("cleanup_interval", Ignored(CLEANUP)),
@@ -1600,6 +1600,46 @@ pub(super) static ENTRIES: &[Entry] = &[
         "envoy.type.v3.Percent",
         &[
             ("value", H),
+        ],
+    ),
+    entry(
+        "envoy.config.cluster.v3.Cluster.CustomClusterType",
+        "envoy.config.cluster.v3.Cluster.CustomClusterType",
+        &[
+            ("name", Ignored(TYPED)),
+            ("typed_config", H),
+        ],
+    ),
+    entry(
+        "envoy.extensions.clusters.dns.v3.DnsCluster",
+        "envoy.extensions.clusters.dns.v3.DnsCluster",
+        &[
+            ("dns_refresh_rate", H),
+            ("dns_failure_refresh_rate", R),
+            ("respect_dns_ttl", H),
+            ("dns_jitter", Ignored(JITTER)),
+            ("typed_dns_resolver_config", H),
+            ("dns_lookup_family", H),
+            ("all_addresses_in_single_endpoint", H),
+            ("dns_min_refresh_rate", R),
+        ],
+    ),
+    entry(
+        "envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+        "envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+        &[
+            ("resolvers", H),
+            ("use_resolvers_as_fallback", R),
+            ("filter_unroutable_families", R),
+            ("dns_resolver_options", R),
+            ("udp_max_queries", R),
+            ("query_timeout_seconds", R),
+            ("query_tries", R),
+            ("rotate_nameservers", R),
+            ("edns0_max_payload_size", R),
+            ("max_udp_channel_duration", R),
+            ("reinit_channel_on_timeout", R),
+            ("qcache_max_ttl", R),
         ],
     ),
 ];
