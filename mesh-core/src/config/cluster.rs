@@ -19,6 +19,10 @@ pub enum Discovery {
     /// Host names resolved by DNS (`STRICT_DNS`, `LOGICAL_DNS`, or the `envoy.clusters.dns`
     /// extension).
     Dns(Arc<DnsDiscovery>),
+    /// An aggregate cluster (`envoy.clusters.aggregate`): these clusters in priority order;
+    /// a request goes to the first that has an endpoint to take it, balanced by that
+    /// cluster's own policy (gRFC A37 and A75).
+    Aggregate(Arc<[String]>),
 }
 
 /// A DNS cluster: its host names, and how and how often to resolve them.
@@ -334,7 +338,7 @@ impl Cluster {
     pub fn eds_service_name(&self) -> Option<&str> {
         match &self.discovery {
             Discovery::Eds { service_name } => Some(service_name),
-            Discovery::Static(_) | Discovery::Dns(_) => None,
+            Discovery::Static(_) | Discovery::Dns(_) | Discovery::Aggregate(_) => None,
         }
     }
 }

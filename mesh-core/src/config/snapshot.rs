@@ -97,6 +97,8 @@ impl Snapshot {
             Discovery::Eds { service_name } => self.endpoints.get(service_name).cloned(),
             // Resolved by the data path (see mesh-tower's cluster registry).
             Discovery::Dns(_) => None,
+            // An aggregate has no endpoints of its own.
+            Discovery::Aggregate(_) => None,
         }
     }
 

@@ -539,6 +539,20 @@ impl AdsState {
         for rc in held_routes.chain(inline_routes) {
             clusters.extend(rc.cluster_names().into_iter().map(str::to_owned));
         }
+        // The clusters of aggregate clusters, transitively (a cycle ends where a name is
+        // already wanted).
+        let mut queue: Vec<String> = clusters.iter().cloned().collect();
+        while let Some(name) = queue.pop() {
+            if let Some(crate::config::Discovery::Aggregate(children)) =
+                self.snapshot.cluster(&name).map(|c| &c.discovery)
+            {
+                for child in children.iter() {
+                    if clusters.insert(child.clone()) {
+                        queue.push(child.clone());
+                    }
+                }
+            }
+        }
         let endpoints = clusters
             .iter()
             .filter_map(|n| self.snapshot.cluster(n))

@@ -760,6 +760,60 @@ impl ClusterRegistry {
         self.clusters.load().get(name).cloned()
     }
 
+    /// For an aggregate cluster, the first of its clusters (in order, nested aggregates
+    /// followed) that has an endpoint able to take a request now; other clusters are
+    /// returned as they are. With none able, the first existing one, so the request fails as
+    /// that cluster would.
+    ///
+    /// # Errors
+    /// An aggregate none of whose clusters is in the configuration.
+    pub fn pick_aggregate(
+        &self,
+        cluster: Arc<ClusterRuntime>,
+    ) -> Result<Arc<ClusterRuntime>, crate::error::MeshError> {
+        let config = cluster.config();
+        let Discovery::Aggregate(_) = &config.discovery else {
+            return Ok(cluster);
+        };
+        let now = tokio::time::Instant::now();
+        let mut first = None;
+        // Depth-first over the priority list; the bound ends cycles.
+        let mut stack: Vec<(Arc<Cluster>, usize)> = vec![(config, 0)];
+        let mut visited = 0;
+        while let Some((agg, i)) = stack.pop() {
+            let Discovery::Aggregate(children) = &agg.discovery else {
+                continue;
+            };
+            let Some(name) = children.get(i) else {
+                continue;
+            };
+            stack.push((agg.clone(), i + 1));
+            visited += 1;
+            if visited > 64 {
+                break;
+            }
+            let Some(child) = self.get(name) else {
+                continue;
+            };
+            let child_config = child.config();
+            if let Discovery::Aggregate(_) = child_config.discovery {
+                stack.push((child_config, 0));
+                continue;
+            }
+            if child
+                .levels()
+                .iter()
+                .any(|l| l.iter().any(|e| !child.is_ejected(e, now)))
+            {
+                return Ok(child);
+            }
+            first.get_or_insert(child);
+        }
+        first.ok_or_else(|| crate::error::MeshError::NoHealthyEndpoint {
+            cluster: cluster.name().to_owned(),
+        })
+    }
+
     /// Applies `snapshot`: creates, updates and drops cluster runtimes.
     pub fn sync(&self, snapshot: &Snapshot) {
         let _w = self.write.lock().expect("registry write lock");

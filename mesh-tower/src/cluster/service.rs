@@ -265,6 +265,10 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
                 }
             }
         };
+        let cluster = match self.registry.pick_aggregate(cluster) {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        };
         let cluster_name = cluster.name();
         if let Some(reason) = cluster.tls_error() {
             return fail(MeshError::Tls {

@@ -83,6 +83,32 @@ fn cluster(c: &pb::Cluster) -> Result<Cluster, FieldError> {
             };
             Discovery::Dns(Arc::new(dns(c, settings, &[])?))
         }
+        Some(D::ClusterType(ct)) if ct.name == "envoy.clusters.aggregate" => {
+            use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig;
+            let any = ct
+                .typed_config
+                .as_ref()
+                .ok_or_else(|| FieldError::new("typed_config is required"))
+                .at("cluster_type")?;
+            let agg: ClusterConfig = decode_any(any).at("typed_config").at("cluster_type")?;
+            if agg.clusters.is_empty() {
+                return err("at least one cluster is required")
+                    .at("clusters")
+                    .at("typed_config")
+                    .at("cluster_type");
+            }
+            if let Some(i) = agg
+                .clusters
+                .iter()
+                .position(|n| n.is_empty() || *n == c.name)
+            {
+                return err("a cluster name must be non-empty and not the aggregate itself")
+                    .at_index("clusters", i)
+                    .at("typed_config")
+                    .at("cluster_type");
+            }
+            Discovery::Aggregate(agg.clusters.into())
+        }
         Some(D::ClusterType(ct)) if ct.name == "envoy.clusters.dns" => {
             use envoy_types::pb::envoy::extensions::clusters::dns::v3::DnsCluster;
             let any = ct
@@ -123,6 +149,19 @@ fn cluster(c: &pb::Cluster) -> Result<Cluster, FieldError> {
     };
 
     let (lb_policy, mut locality_weighted) = match &c.load_balancing_policy {
+        // An aggregate cluster balances with its clusters' policies (gRFC A75); Envoy asks
+        // for CLUSTER_PROVIDED on it.
+        Some(p) if matches!(discovery, Discovery::Aggregate(_)) && !p.policies.is_empty() => {
+            return err("an aggregate cluster uses its clusters' policies; its own is not used")
+                .at("load_balancing_policy")
+        }
+        _ if matches!(discovery, Discovery::Aggregate(_)) => match c.lb_policy {
+            0 | 6 => (LbPolicy::RoundRobin, false),
+            _ => {
+                return err("an aggregate cluster uses its clusters' policies: lb_policy must be CLUSTER_PROVIDED (or unset)")
+                    .at("lb_policy")
+            }
+        },
         Some(p) if !p.policies.is_empty() => {
             load_balancing_policy(p).at("load_balancing_policy")?
         }

@@ -556,3 +556,44 @@ fn descriptor_set_and_json_round_trip() {
     let back: rpb::RouteConfiguration = file::from_yaml(&json.to_string(), "json").unwrap();
     assert_eq!(back, rc);
 }
+
+#[test]
+fn aggregate_clusters() {
+    let yaml = |clusters: &str, extra: &str| {
+        format!(
+            r#"
+name: both
+lb_policy: CLUSTER_PROVIDED
+{extra}cluster_type:
+  name: envoy.clusters.aggregate
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig
+    clusters: [{clusters}]
+"#
+        )
+    };
+    let c: cpb::Cluster = file::from_yaml(&yaml("a, b", ""), "agg.yaml").unwrap();
+    let ours = Cluster::try_from(&c).unwrap();
+    let Discovery::Aggregate(children) = &ours.discovery else {
+        panic!("{:?}", ours.discovery)
+    };
+    assert_eq!(&children[..], ["a".to_owned(), "b".to_owned()]);
+    for (clusters, extra, want) in [
+        ("", "", "cluster_type.typed_config.clusters: at least one cluster is required"),
+        ("a, both", "", "cluster_type.typed_config.clusters[1]: a cluster name must be non-empty and not the aggregate itself"),
+        ("a", "", ""),
+    ] {
+        let c: cpb::Cluster = file::from_yaml(&yaml(clusters, extra), "agg.yaml").unwrap();
+        match Cluster::try_from(&c) {
+            Ok(_) => assert!(want.is_empty()),
+            Err(e) => assert_eq!(e.to_string(), format!("cluster \"both\": {want}")),
+        }
+    }
+    let c: cpb::Cluster = file::from_yaml(
+        &yaml("a", "").replace("CLUSTER_PROVIDED", "RANDOM"),
+        "agg.yaml",
+    )
+    .unwrap();
+    let e = Cluster::try_from(&c).unwrap_err();
+    assert_eq!(e.path, "lb_policy", "{e}");
+}

@@ -1642,4 +1642,11 @@ pub(super) static ENTRIES: &[Entry] = &[
             ("qcache_max_ttl", R),
         ],
     ),
+    entry(
+        "envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+        "envoy.extensions.clusters.aggregate.v3.ClusterConfig",
+        &[
+            ("clusters", H),
+        ],
+    ),
 ];

@@ -1,0 +1,162 @@
+//! Aggregate clusters (`envoy.clusters.aggregate`, gRFC A37/A75) over a real ADS stream: the
+//! route names the aggregate; requests go to its first cluster while that has an endpoint,
+//! fail over to the next when it has none (its EDS empties), and come back when it recovers,
+//! with no failed request. The client subscribes to the aggregate's clusters by itself.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use http_body_util::{BodyExt, Empty};
+use mesh_control::ads::{AdsServer, ResourceCache};
+use mesh_core::xds::{Bootstrap, XdsClient};
+use mesh_tower::MeshClient;
+
+const PATIENCE: Duration = Duration::from_secs(20);
+
+fn aggregate(name: &str, children: &[&str]) -> envoy_types::pb::google::protobuf::Any {
+    let yaml = format!(
+        r#"
+name: {name}
+connect_timeout: 1s
+lb_policy: CLUSTER_PROVIDED
+cluster_type:
+  name: envoy.clusters.aggregate
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.clusters.aggregate.v3.ClusterConfig
+    clusters: [{}]
+"#,
+        children.join(", ")
+    );
+    let c: PbCluster = mesh_core::xds::file::from_yaml(&yaml, "aggregate.yaml").unwrap();
+    support::xds::any(&c)
+}
+
+fn no_endpoints(name: &str) -> envoy_types::pb::google::protobuf::Any {
+    support::xds::any(&ClusterLoadAssignment {
+        cluster_name: name.into(),
+        ..Default::default()
+    })
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregate_fails_over_in_priority_order_and_back() {
+    let primary = support::backend("primary").await;
+    let secondary = support::backend("secondary").await;
+    let world = |primary_up: bool| {
+        vec![
+            support::xds::listener("svc", "svc-routes"),
+            support::xds::routes("svc-routes", &[("both", 100)]),
+            aggregate("both", &["primary", "secondary"]),
+            support::xds::cluster("primary", "primary"),
+            support::xds::cluster("secondary", "secondary"),
+            if primary_up {
+                support::xds::endpoints("primary", primary.addr.port())
+            } else {
+                no_endpoints("primary")
+            },
+            support::xds::endpoints("secondary", secondary.addr.port()),
+        ]
+    };
+    let cache = ResourceCache::new();
+    cache.set_resources(world(true));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(AdsServer::new(cache.clone()).serve(listener, std::future::pending()));
+    let xds = XdsClient::builder(Bootstrap::new(addr.to_string(), "aggregate-test"))
+        .build()
+        .unwrap();
+    xds.listener("xds:///svc", PATIENCE).await.unwrap();
+    let store = xds.store().clone();
+    store
+        .wait_for(PATIENCE, |s| {
+            s.endpoints_for_cluster("primary").is_some()
+                && s.endpoints_for_cluster("secondary").is_some()
+        })
+        .await
+        .expect("the aggregate's clusters and endpoints are subscribed and arrive");
+    let client = MeshClient::builder(store, "xds:///svc").unwrap().build();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, stop, sent, failed) =
+                (client.clone(), stop.clone(), sent.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let req = http::Request::get("http://svc/")
+                        .body(Empty::<Bytes>::new())
+                        .unwrap();
+                    let ok = match tower::ServiceExt::oneshot(client.clone(), req).await {
+                        Ok(r) if r.status() == 200 => r.into_body().collect().await.is_ok(),
+                        Ok(r) => {
+                            eprintln!("status {}", r.status());
+                            false
+                        }
+                        Err(e) => {
+                            eprintln!("{e}");
+                            false
+                        }
+                    };
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    if !ok {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+    let p = || primary.hits.load(Ordering::Relaxed);
+    let s = || secondary.hits.load(Ordering::Relaxed);
+    wait_until("the primary serving", || p() > 50).await;
+    assert_eq!(
+        s(),
+        0,
+        "the second cluster takes nothing while the first can"
+    );
+
+    cache.set_resources(world(false));
+    wait_until("failover to the secondary", || s() > 50).await;
+    let at = p();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(p(), at, "nothing goes to a cluster without endpoints");
+
+    cache.set_resources(world(true));
+    let back = p();
+    wait_until("back on the primary", || p() > back + 50).await;
+    let at = s();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(s(), at, "the first cluster takes everything again");
+
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!(
+        "aggregate: {sent} sent, {failed} failed; primary {}, secondary {}",
+        p(),
+        s()
+    );
+    assert!(sent > 150, "{sent}");
+    assert_eq!(failed, 0);
+}
