@@ -647,7 +647,13 @@ filter_chains:
             Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(seen))))
         });
         let svc = mesh_tower::server::InboundLayer::new("backend")
-            .authz(AuthzLayer::new(policy.rbac).with_request_policy(policy.request))
+            .authz({
+                let authz = AuthzLayer::named(policy.rbac).with_request_policy(policy.request);
+                match policy.routes {
+                    Some(rc) => authz.with_routes(rc),
+                    None => authz,
+                }
+            })
             .layer(app);
         let acceptor = MeshAcceptor::new(TlsMode::Disable, None).unwrap();
         tokio::spawn(mesh_tower::server::serve(
@@ -705,4 +711,90 @@ filter_chains:
     ))
     .await;
     assert_eq!(get(redirecting, None, "/a%2Fb?x=1").await.unwrap().0, 307);
+}
+
+/// Per-route RBAC on a server listener, as Envoy applies it: a route's `RBACPerRoute`
+/// replaces the listener filter's rules on that route, an `RBACPerRoute` without rules or the
+/// filter disabled in a `FilterConfig` switches it off there, and other routes keep the
+/// listener's rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_route_rbac_overrides_the_listener_rules() {
+    use envoy_types::pb::envoy::config::listener::v3::Listener as PbListener;
+    let yaml = r#"
+name: inbound|8080
+address: {socket_address: {address: 0.0.0.0, port_value: 8080}}
+filter_chains:
+- filters:
+  - name: envoy.filters.network.http_connection_manager
+    typed_config:
+      "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+      stat_prefix: inbound
+      route_config:
+        name: inbound
+        virtual_hosts:
+        - name: inbound
+          domains: ["*"]
+          routes:
+          - match: {prefix: /public/secret}
+            non_forwarding_action: {}
+            typed_per_filter_config:
+              rbac:
+                "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute
+                rbac:
+                  rules:
+                    action: DENY
+                    policies: {all: {permissions: [{any: true}], principals: [{any: true}]}}
+          - match: {prefix: /open/}
+            non_forwarding_action: {}
+            typed_per_filter_config:
+              rbac: {"@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute}
+          - match: {prefix: /off/}
+            non_forwarding_action: {}
+            typed_per_filter_config:
+              rbac: {"@type": type.googleapis.com/envoy.config.route.v3.FilterConfig, disabled: true}
+          - match: {prefix: /}
+            non_forwarding_action: {}
+      http_filters:
+      - name: rbac
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+          rules:
+            action: ALLOW
+            policies:
+              public: {permissions: [{url_path: {path: {prefix: /public/}}}], principals: [{any: true}]}
+      - name: envoy.filters.http.router
+        typed_config: {"@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router}
+"#;
+    let pb: PbListener = mesh_core::xds::file::from_yaml(yaml, "inbound.yaml").unwrap();
+    let listener = mesh_core::config::Listener::try_from(&pb).unwrap();
+    let policy = mesh_tower::server::server_policy(&listener, &Default::default())
+        .unwrap()
+        .unwrap();
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let app = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async move {
+        Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("app"))))
+    });
+    let authz = AuthzLayer::named(policy.rbac)
+        .with_request_policy(policy.request)
+        .with_routes(policy.routes.unwrap());
+    let svc = mesh_tower::server::InboundLayer::new("backend")
+        .authz(authz.clone())
+        .layer(app);
+    tokio::spawn(mesh_tower::server::serve(
+        tcp,
+        MeshAcceptor::new(TlsMode::Disable, None).unwrap(),
+        svc,
+        std::future::pending(),
+    ));
+    for (path, want) in [
+        ("/public/page", 200),
+        ("/public/secret/x", 403),
+        ("/open/anything", 200),
+        ("/off/anything", 200),
+        ("/elsewhere", 403),
+    ] {
+        assert_eq!(get(addr, None, path).await.unwrap().0, want, "{path}");
+    }
+    assert_eq!(authz.denied(), 2);
 }

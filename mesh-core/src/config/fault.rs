@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use super::matcher::{Fraction, HeaderMatcher};
 
-/// Delay and/or abort a fraction of requests.
-#[derive(Clone, Debug, PartialEq)]
+/// Delay and/or abort a fraction of requests (the default: neither, i.e. no fault).
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct FaultConfig {
     /// Added latency.
     pub delay: Option<FaultDelay>,

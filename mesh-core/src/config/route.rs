@@ -175,6 +175,8 @@ pub struct VirtualHost {
     pub response_headers: HeaderMutation,
     /// Fault filter override (`typed_per_filter_config`) for this virtual host.
     pub fault: Option<FaultConfig>,
+    /// RBAC filter overrides for this virtual host's routes (a route's own win).
+    pub rbac: Vec<RbacOverride>,
 }
 
 impl VirtualHost {
@@ -245,6 +247,19 @@ pub struct Route {
     pub response_headers: HeaderMutation,
     /// Fault filter override for this route.
     pub fault: Option<FaultConfig>,
+    /// RBAC filter overrides for this route (`RBACPerRoute`, or the filter disabled).
+    pub rbac: Vec<RbacOverride>,
+}
+
+/// A route's (or virtual host's) override of one RBAC filter of the server's listener, by
+/// the filter's name: its rules replaced, or the filter off (`None`), as Envoy applies
+/// `RBACPerRoute`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RbacOverride {
+    /// The HTTP filter's name in the listener.
+    pub filter: String,
+    /// The rules in force on this route; `None`: the filter is disabled here.
+    pub config: Option<super::rbac::RbacConfig>,
 }
 
 /// How the path is matched.
@@ -807,6 +822,7 @@ mod tests {
             request_headers: HeaderMutation::default(),
             response_headers: HeaderMutation::default(),
             fault: None,
+            rbac: Vec::new(),
         }
     }
 

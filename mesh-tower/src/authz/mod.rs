@@ -39,8 +39,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response, StatusCode};
+use std::collections::HashMap;
+
 use mesh_core::config::{
-    Permission, PolicyAnswer, Principal, RbacAction, RbacConfig, RbacRules, RequestPolicy,
+    Permission, PolicyAnswer, Principal, RbacAction, RbacConfig, RbacRules, RequestInfo,
+    RequestPolicy, RouteConfig,
 };
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
@@ -108,33 +111,91 @@ fn matching<'r, B>(rules: &'r RbacRules, f: &Facts<'_, B>) -> Option<&'r str> {
 /// Enforces RBAC configs (see the [module](self)).
 #[derive(Clone, Debug)]
 pub struct AuthzLayer {
+    filters: Arc<Vec<(String, RbacConfig)>>,
     enforced: Arc<Vec<RbacRules>>,
     shadow: Arc<Vec<RbacRules>>,
     denied: Arc<AtomicU64>,
     request: RequestPolicy,
+    routes: Option<Arc<RoutePolicies>>,
+}
+
+/// The rules of the routes whose `RBACPerRoute` (or a disabled RBAC filter) changes them.
+#[derive(Debug)]
+struct RoutePolicies {
+    config: Arc<RouteConfig>,
+    /// By (virtual host, route) index.
+    rules: HashMap<(usize, usize), (Vec<RbacRules>, Vec<RbacRules>)>,
+}
+
+/// The enforced (DENY before ALLOW, whatever the filter order) and shadow rules of filters.
+fn compile<'a>(configs: impl Iterator<Item = &'a RbacConfig>) -> (Vec<RbacRules>, Vec<RbacRules>) {
+    let mut enforced: Vec<RbacRules> = Vec::new();
+    let mut shadow = Vec::new();
+    for c in configs {
+        enforced.extend(c.rules.clone());
+        shadow.extend(c.shadow_rules.clone());
+    }
+    enforced.sort_by_key(|r| match r.action {
+        RbacAction::Deny => 0,
+        RbacAction::Allow => 1,
+        RbacAction::Log => 2,
+    });
+    (enforced, shadow)
 }
 
 impl AuthzLayer {
     /// From the RBAC filters of an HTTP connection manager, in order.
     pub fn new(configs: Vec<RbacConfig>) -> Self {
-        let mut enforced: Vec<RbacRules> = Vec::new();
-        let mut shadow = Vec::new();
-        for c in configs {
-            enforced.extend(c.rules);
-            shadow.extend(c.shadow_rules);
-        }
-        // DENY before ALLOW, whatever the filter order.
-        enforced.sort_by_key(|r| match r.action {
-            RbacAction::Deny => 0,
-            RbacAction::Allow => 1,
-            RbacAction::Log => 2,
-        });
+        Self::named(configs.into_iter().map(|c| (String::new(), c)).collect())
+    }
+
+    /// From the RBAC filters of an HTTP connection manager with their names, in order (the
+    /// names are what routes' `RBACPerRoute` overrides refer to).
+    pub fn named(filters: Vec<(String, RbacConfig)>) -> Self {
+        let (enforced, shadow) = compile(filters.iter().map(|(_, c)| c));
         Self {
+            filters: Arc::new(filters),
             enforced: Arc::new(enforced),
             shadow: Arc::new(shadow),
             denied: Arc::new(AtomicU64::new(0)),
             request: RequestPolicy::default(),
+            routes: None,
         }
+    }
+
+    /// Applies the routes' RBAC overrides (`RBACPerRoute` in `typed_per_filter_config` of a
+    /// route or virtual host, by filter name; an override without rules, or the filter
+    /// disabled there, switches that filter off on the route), as Envoy does: each request is
+    /// matched against `routes` as the router would match it.
+    pub fn with_routes(mut self, routes: Arc<RouteConfig>) -> Self {
+        let mut rules = HashMap::new();
+        for (vi, vh) in routes.virtual_hosts.iter().enumerate() {
+            for (ri, r) in vh.routes.iter().enumerate() {
+                let overrides = if r.rbac.is_empty() { &vh.rbac } else { &r.rbac };
+                if overrides.is_empty() {
+                    continue;
+                }
+                let effective: Vec<&RbacConfig> = self
+                    .filters
+                    .iter()
+                    .filter_map(|(name, config)| {
+                        match overrides.iter().find(|o| &o.filter == name) {
+                            Some(o) => o.config.as_ref(),
+                            None => Some(config),
+                        }
+                    })
+                    .collect();
+                let (enforced, shadow) = compile(effective.into_iter());
+                rules.insert((vi, ri), (enforced, shadow));
+            }
+        }
+        self.routes = (!rules.is_empty()).then(|| {
+            Arc::new(RoutePolicies {
+                config: routes,
+                rules,
+            })
+        });
+        self
     }
 
     /// Applies the listener's request policy (path normalization, escaped slashes, underscore
@@ -215,6 +276,23 @@ where
     }
 }
 
+impl<S> Authz<S> {
+    /// The rules for this request: its route's, when the route overrides the filters.
+    fn rules_for<B>(&self, req: &Request<B>) -> (&[RbacRules], &[RbacRules]) {
+        if let Some(routes) = &self.layer.routes {
+            let info = RequestInfo::from_request(req, 0);
+            if let Some(vi) = routes.config.find_virtual_host_index(info.authority) {
+                if let Some(ri) = routes.config.virtual_hosts[vi].find_route_index(&info) {
+                    if let Some((e, s)) = routes.rules.get(&(vi, ri)) {
+                        return (e, s);
+                    }
+                }
+            }
+        }
+        (&self.layer.enforced, &self.layer.shadow)
+    }
+}
+
 impl<S, B, ResB> Service<Request<B>> for Authz<S>
 where
     S: Service<Request<B>, Response = Response<ResB>>,
@@ -262,12 +340,13 @@ where
             remote: req.extensions().get::<RemoteAddr>().map(|a| a.0.ip()),
             local_port: req.extensions().get::<LocalAddr>().map(|a| a.0.port()),
         };
-        for rules in self.layer.shadow.iter() {
+        let mut denied_by = None;
+        let (enforced, shadow) = self.rules_for(&req);
+        for rules in shadow.iter() {
             let m = matching(rules, &facts);
             tracing::info!(shadow = true, action = ?rules.action, policy = ?m, path = %req.uri().path(), "rbac shadow decision");
         }
-        let mut denied_by = None;
-        for rules in self.layer.enforced.iter() {
+        for rules in enforced.iter() {
             let m = matching(rules, &facts);
             match rules.action {
                 RbacAction::Deny if m.is_some() => {

@@ -25,6 +25,7 @@ fn route(name: &str, matcher: RouteMatch, action: RouteAction) -> mesh_core::con
         request_headers: HeaderMutation::default(),
         response_headers: HeaderMutation::default(),
         fault: None,
+        rbac: Vec::new(),
     }
 }
 
@@ -108,6 +109,7 @@ fn store_with(request: RequestPolicy) -> ConfigStore {
             request_headers: HeaderMutation::default(),
             response_headers: HeaderMutation::default(),
             fault: None,
+            rbac: Vec::new(),
         }],
         ignore_port_in_host_matching: false,
         request_headers: HeaderMutation::default(),

@@ -25,7 +25,7 @@ use crate::trace::{Trace, TraceLayer};
 
 mod xds;
 
-pub use xds::{listener_policy, serve_xds, ServeError, ServerPolicy, XdsServe};
+pub use xds::{listener_policy, serve_xds, server_policy, ServeError, ServerPolicy, XdsServe};
 
 /// The inbound stack over an application service `S`.
 pub type Inbound<S> = Trace<MetricsService<Authz<S>>>;

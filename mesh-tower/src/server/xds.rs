@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use mesh_core::config::{HttpFilterKind, Listener, ListenerKind, RbacConfig, RequestPolicy};
+use mesh_core::config::{
+    HttpFilterKind, Listener, ListenerKind, RbacConfig, RequestPolicy, RouteConfig, RouteSource,
+};
 use mesh_core::identity::IdentityStore;
 use mesh_core::xds::XdsClient;
 use tokio::net::TcpListener;
@@ -53,6 +55,14 @@ pub enum ServeError {
         /// The listening address.
         address: String,
         /// What is missing.
+        reason: String,
+    },
+    /// The server listener asks for what a server cannot do.
+    #[error("server on {address}: {reason}")]
+    Policy {
+        /// The listening address.
+        address: String,
+        /// What.
         reason: String,
     },
     /// The xDS client stopped.
@@ -137,6 +147,7 @@ impl XdsServe {
             tls_mode: mode,
             rbac,
             request,
+            routes,
         }: ServerPolicy,
         address: &str,
     ) -> Result<(MeshAcceptor, Inbound<A>), ServeError>
@@ -152,7 +163,13 @@ impl XdsServe {
         let mut layer = InboundLayer::new(&self.service)
             .metrics(self.metrics.clone())
             .trace(self.trace.clone().unwrap_or_else(TraceLayer::server))
-            .authz(AuthzLayer::new(rbac).with_request_policy(request));
+            .authz({
+                let authz = AuthzLayer::named(rbac).with_request_policy(request);
+                match routes {
+                    Some(rc) => authz.with_routes(rc),
+                    None => authz,
+                }
+            });
         if let Some(a) = self.access_log {
             layer = layer.access_log(a);
         }
@@ -166,8 +183,10 @@ impl XdsServe {
 pub struct ServerPolicy {
     /// mTLS only, mTLS and plaintext, or plaintext.
     pub tls_mode: TlsMode,
-    /// The RBAC filters of its HTTP chain, in order.
-    pub rbac: Vec<RbacConfig>,
+    /// The RBAC filters of its HTTP chain, by name, in order.
+    pub rbac: Vec<(String, RbacConfig)>,
+    /// Its HTTP chain's routes, for per-route RBAC (inline, or the RDS resource).
+    pub routes: Option<Arc<RouteConfig>>,
     /// Its connection manager's request policy (path normalization, escaped slashes,
     /// underscore headers), applied before RBAC.
     pub request: RequestPolicy,
@@ -189,7 +208,7 @@ pub fn listener_policy(listener: &Listener) -> Option<ServerPolicy> {
             hcm.http_filters
                 .iter()
                 .filter_map(|f| match &f.kind {
-                    HttpFilterKind::Rbac(r) => Some(r.clone()),
+                    HttpFilterKind::Rbac(r) => Some((f.name.clone(), r.clone())),
                     _ => None,
                 })
                 .collect()
@@ -199,7 +218,53 @@ pub fn listener_policy(listener: &Listener) -> Option<ServerPolicy> {
         tls_mode: TlsMode::from_listener(server),
         rbac,
         request: hcm.map(|h| h.request).unwrap_or_default(),
+        routes: hcm.and_then(|h| match &h.routes {
+            RouteSource::Inline(rc) => Some(rc.clone()),
+            RouteSource::Rds(_) => None,
+        }),
     })
+}
+
+/// [`listener_policy`], with the routes of an RDS connection manager taken from `snapshot`.
+/// A server's routes must all be `non_forwarding_action` (it hands requests to the
+/// application); anything else is an error naming the route configuration.
+///
+/// # Errors
+/// A route of the server listener that forwards, redirects or answers by itself.
+pub fn server_policy(
+    listener: &Listener,
+    snapshot: &mesh_core::config::Snapshot,
+) -> Option<Result<ServerPolicy, String>> {
+    let mut policy = listener_policy(listener)?;
+    if policy.routes.is_none() {
+        if let ListenerKind::Server(server) = &listener.kind {
+            let rds = server
+                .filter_chains
+                .iter()
+                .chain(server.default_filter_chain.iter())
+                .find_map(|c| c.http.as_ref())
+                .and_then(|h| match &h.routes {
+                    RouteSource::Rds(name) => Some(name),
+                    RouteSource::Inline(_) => None,
+                });
+            if let Some(name) = rds {
+                policy.routes = snapshot.route_config(name).cloned();
+            }
+        }
+    }
+    if let Some(rc) = &policy.routes {
+        for vh in &rc.virtual_hosts {
+            for r in &vh.routes {
+                if r.action != mesh_core::config::RouteAction::NonForwarding {
+                    return Some(Err(format!(
+                        "route configuration {:?}: route {:?} of virtual host {:?} does not use non_forwarding_action; a server hands every authorized request to the application and does not route",
+                        rc.name, r.name, vh.name
+                    )));
+                }
+            }
+        }
+    }
+    Some(Ok(policy))
 }
 
 /// Serves `app` on `listener` behind the inbound stack until `shutdown`, then drains.
@@ -247,6 +312,7 @@ where
             tls_mode: mode,
             rbac: Vec::new(),
             request: RequestPolicy::default(),
+            routes: None,
         };
         let config = options.build(&app, policy, &address)?;
         let (_keep, rx) = tokio::sync::watch::channel(config);
@@ -287,7 +353,15 @@ where
         })?;
     // Correctness: wait_for above saw a server listener under this name.
     let current: Arc<Listener> = first.listener(&name).cloned().expect("server listener");
-    let policy = listener_policy(&current).expect("a server listener");
+    let policy = match server_policy(&current, &first).expect("a server listener") {
+        Ok(p) => p,
+        Err(reason) => {
+            return Err(ServeError::Policy {
+                address: address.clone(),
+                reason,
+            })
+        }
+    };
     tracing::info!(listener = %name, mode = ?policy.tls_mode, rbac_filters = policy.rbac.len(), "serving");
     let limits = options.limits;
     let (tx, rx) = tokio::sync::watch::channel(options.build(&app, policy, &address)?);
@@ -297,19 +371,32 @@ where
         let mut changes = store.subscribe();
         async move {
             let mut current = current;
+            let mut routes = None;
             while changes.changed().await.is_ok() {
                 let snap = store.load();
                 let Some(next) = snap.listener(&name) else {
                     tracing::warn!(listener = %name, "server listener removed; keeping the last one");
                     continue;
                 };
-                if Arc::ptr_eq(next, &current) {
+                let policy = match server_policy(next, &snap) {
+                    Some(Ok(p)) => p,
+                    Some(Err(e)) => {
+                        tracing::warn!(listener = %name, "{e}; keeping the last server configuration");
+                        continue;
+                    }
+                    None => continue,
+                };
+                // Rebuild when the listener or its routes change.
+                let same_routes = match (&routes, &policy.routes) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                };
+                if Arc::ptr_eq(next, &current) && same_routes {
                     continue;
                 }
                 current = next.clone();
-                let Some(policy) = listener_policy(&current) else {
-                    continue;
-                };
+                routes = policy.routes.clone();
                 let mode = policy.tls_mode;
                 match options.build(&app, policy, &address) {
                     Ok(c) => {

@@ -89,6 +89,7 @@ fn virtual_host(vh: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
         .map(retry_policy)
         .transpose()
         .at("retry_policy")?;
+    let overrides = per_filter(&vh.typed_per_filter_config)?;
     let routes = vh
         .routes
         .iter()
@@ -110,7 +111,8 @@ fn virtual_host(vh: &pb::VirtualHost) -> Result<VirtualHost, FieldError> {
             &vh.response_headers_to_remove,
             "response",
         )?,
-        fault: fault_override(&vh.typed_per_filter_config)?,
+        fault: overrides.fault,
+        rbac: overrides.rbac,
     })
 }
 
@@ -121,6 +123,7 @@ fn route(r: &pb::Route, vh_retry: Option<&RetryPolicy>) -> Result<Route, FieldEr
             .ok_or_else(|| FieldError::new("match is required"))?,
     )
     .at("match")?;
+    let overrides = per_filter(&r.typed_per_filter_config)?;
     use pb::route::Action;
     let action = match &r.action {
         Some(Action::Route(ra)) => RouteAction::Forward(forward(ra, vh_retry).at("route")?),
@@ -150,7 +153,8 @@ fn route(r: &pb::Route, vh_retry: Option<&RetryPolicy>) -> Result<Route, FieldEr
             &r.response_headers_to_remove,
             "response",
         )?,
-        fault: fault_override(&r.typed_per_filter_config)?,
+        fault: overrides.fault,
+        rbac: overrides.rbac,
     })
 }
 
@@ -468,7 +472,17 @@ fn weighted(w: &pb::WeightedCluster) -> Result<WeightedClusters, FieldError> {
                 "response",
             )
             .at_index("clusters", i)?,
-            fault: fault_override(&c.typed_per_filter_config).at_index("clusters", i)?,
+            fault: {
+                let o = per_filter(&c.typed_per_filter_config).at_index("clusters", i)?;
+                if !o.rbac.is_empty() {
+                    return err(
+                        "per-cluster RBAC overrides are not supported; put them on the route",
+                    )
+                    .at("typed_per_filter_config")
+                    .at_index("clusters", i);
+                }
+                o.fault
+            },
         });
     }
     if total == 0 {
@@ -627,21 +641,40 @@ fn header_name(name: &str) -> Result<HeaderName, FieldError> {
         .map_err(|_| FieldError::new(format!("{name:?} is not a valid header name")))
 }
 
-/// The fault filter's entry in `typed_per_filter_config`, if any.
+/// What a route's (or virtual host's) `typed_per_filter_config` says.
+#[derive(Default)]
+struct Overrides {
+    fault: Option<FaultConfig>,
+    rbac: Vec<RbacOverride>,
+}
+
+/// The per-filter configs of a route or virtual host: the fault filter's override (an empty
+/// fault when the filter is disabled here), RBAC overrides by filter name (`RBACPerRoute`;
+/// its `rbac` absent, or the filter disabled, switches RBAC off on the route, as in Envoy).
 ///
 /// Entries for other filters are refused, since the route would lose what they configure
-/// (per-route RBAC, authentication, rate limits, session persistence...), unless the entry is
-/// a `FilterConfig` marked `is_optional` or `disabled` (Envoy skips or switches off those too).
-fn fault_override(cfg: &HashMap<String, Any>) -> Result<Option<FaultConfig>, FieldError> {
+/// (authentication, rate limits, session persistence...), unless the entry is a
+/// `FilterConfig` marked `is_optional` or `disabled`.
+fn per_filter(cfg: &HashMap<String, Any>) -> Result<Overrides, FieldError> {
+    use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::RbacPerRoute;
     let mut names: Vec<&String> = cfg.keys().collect();
     names.sort();
-    let mut out = None;
+    let mut out = Overrides::default();
     for name in names {
         let any = &cfg[name];
+        let at = |e: FieldError| Err::<(), _>(e).at_key("typed_per_filter_config", name);
         let (any, optional) = if type_name(any) == pb::FilterConfig::full_name() {
             let fc: pb::FilterConfig = decode_any(any).at_key("typed_per_filter_config", name)?;
             if fc.disabled {
                 // The filter is off on this route; its config (if any) is not used.
+                if FAULT_FILTER_NAMES.contains(&name.as_str()) {
+                    out.fault = Some(FaultConfig::default());
+                } else {
+                    out.rbac.push(RbacOverride {
+                        filter: name.clone(),
+                        config: None,
+                    });
+                }
                 continue;
             }
             match fc.config {
@@ -654,10 +687,23 @@ fn fault_override(cfg: &HashMap<String, Any>) -> Result<Option<FaultConfig>, Fie
         if type_name(&any) == HttpFault::full_name() || FAULT_FILTER_NAMES.contains(&name.as_str())
         {
             let f: HttpFault = decode_any(&any).at_key("typed_per_filter_config", name)?;
-            out = Some(fault(&f).at_key("typed_per_filter_config", name)?);
+            out.fault = Some(fault(&f).at_key("typed_per_filter_config", name)?);
+        } else if type_name(&any) == RbacPerRoute::full_name() {
+            let per: RbacPerRoute = decode_any(&any).at_key("typed_per_filter_config", name)?;
+            let config = match &per.rbac {
+                None => None,
+                Some(r) => Some(match super::rbac::rbac_filter(r).at("rbac") {
+                    Ok(c) => c,
+                    Err(e) => return at(e).map(|()| out),
+                }),
+            };
+            out.rbac.push(RbacOverride {
+                filter: name.clone(),
+                config,
+            });
         } else if !optional {
             return err(format!(
-                "per-route config of type {} is not supported (the mesh implements per-route fault injection only); mark it is_optional in a FilterConfig if the route may run without it",
+                "per-route config of type {} is not supported (the mesh implements per-route fault injection and RBAC); mark it is_optional in a FilterConfig if the route may run without it",
                 type_name(&any)
             ))
             .at_key("typed_per_filter_config", name);

@@ -1649,4 +1649,11 @@ pub(super) static ENTRIES: &[Entry] = &[
             ("clusters", H),
         ],
     ),
+    entry(
+        "envoy.extensions.filters.http.rbac.v3.RBACPerRoute",
+        "envoy.extensions.filters.http.rbac.v3.RBACPerRoute",
+        &[
+            ("rbac", H),
+        ],
+    ),
 ];
