@@ -5,14 +5,13 @@
 
 mod support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use support::wait_until;
+
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use bytes::Bytes;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
-use http_body_util::{BodyExt, Empty};
 use mesh_control::ads::{AdsServer, ResourceCache};
 use mesh_core::xds::{Bootstrap, XdsClient};
 use mesh_tower::MeshClient;
@@ -42,17 +41,6 @@ fn no_endpoints(name: &str) -> envoy_types::pb::google::protobuf::Any {
         cluster_name: name.into(),
         ..Default::default()
     })
-}
-
-async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -93,38 +81,7 @@ async fn aggregate_fails_over_in_priority_order_and_back() {
         .expect("the aggregate's clusters and endpoints are subscribed and arrive");
     let client = MeshClient::builder(store, "xds:///svc").unwrap().build();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let tasks: Vec<_> = (0..4)
-        .map(|_| {
-            let (client, stop, sent, failed) =
-                (client.clone(), stop.clone(), sent.clone(), failed.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let req = http::Request::get("http://svc/")
-                        .body(Empty::<Bytes>::new())
-                        .unwrap();
-                    let ok = match tower::ServiceExt::oneshot(client.clone(), req).await {
-                        Ok(r) if r.status() == 200 => r.into_body().collect().await.is_ok(),
-                        Ok(r) => {
-                            eprintln!("status {}", r.status());
-                            false
-                        }
-                        Err(e) => {
-                            eprintln!("{e}");
-                            false
-                        }
-                    };
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    if !ok {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-        })
-        .collect();
+    let load = support::load(&client);
     let p = || primary.hits.load(Ordering::Relaxed);
     let s = || secondary.hits.load(Ordering::Relaxed);
     wait_until("the primary serving", || p() > 50).await;
@@ -147,11 +104,7 @@ async fn aggregate_fails_over_in_priority_order_and_back() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(s(), at, "the first cluster takes everything again");
 
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (sent, failed) = load.finish().await;
     println!(
         "aggregate: {sent} sent, {failed} failed; primary {}, secondary {}",
         p(),

@@ -10,17 +10,15 @@
 
 mod support;
 
+use support::wait_until;
+
 use std::collections::BTreeMap;
-use std::convert::Infallible;
-use std::net::IpAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
-use http_body_util::{BodyExt, Full};
 use mesh_control::ads::{AdsServer, ResourceCache};
 use mesh_core::xds::{Bootstrap, XdsClient};
 use mesh_tower::MeshClient;
@@ -94,33 +92,6 @@ fn dnsmasq(dir: &std::path::Path) -> Dnsmasq {
     Dnsmasq { child, port, hosts }
 }
 
-/// A backend on a given loopback address that counts its requests.
-async fn backend_at(ip: &str, port: u16) -> Arc<AtomicU64> {
-    let listener = tokio::net::TcpListener::bind((ip.parse::<IpAddr>().unwrap(), port))
-        .await
-        .unwrap();
-    let hits = Arc::new(AtomicU64::new(0));
-    let counter = hits.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            let counter = counter.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |_req| {
-                    counter.fetch_add(1, Ordering::Relaxed);
-                    async { Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from("ok")))) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    hits
-}
-
 /// A DNS cluster for `host:port`; `dns`: the name server's port (none: the system's
 /// resolver, from /etc/resolv.conf and /etc/hosts).
 fn dns_cluster(
@@ -159,62 +130,6 @@ dns_lookup_family: V4_ONLY
     support::xds::any(&c)
 }
 
-/// Sends requests from 4 callers until `stop`; counts sent and failed.
-fn load(
-    client: MeshClient,
-    stop: Arc<AtomicBool>,
-) -> (
-    Arc<AtomicU64>,
-    Arc<AtomicU64>,
-    Vec<tokio::task::JoinHandle<()>>,
-) {
-    let sent = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let tasks = (0..4)
-        .map(|_| {
-            let (client, stop, sent, failed) =
-                (client.clone(), stop.clone(), sent.clone(), failed.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let req = http::Request::get("http://svc/")
-                        .body(http_body_util::Empty::<Bytes>::new())
-                        .unwrap();
-                    let ok = match tower::ServiceExt::oneshot(client.clone(), req).await {
-                        Ok(resp) if resp.status() == 200 => {
-                            resp.into_body().collect().await.is_ok()
-                        }
-                        Ok(resp) => {
-                            eprintln!("status {}", resp.status());
-                            false
-                        }
-                        Err(e) => {
-                            eprintln!("error: {e}");
-                            false
-                        }
-                    };
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    if !ok {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-        })
-        .collect();
-    (sent, failed, tasks)
-}
-
-async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !f() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn mesh(cluster: envoy_types::pb::google::protobuf::Any) -> (MeshClient, XdsClient) {
     let cache = ResourceCache::new();
     cache.set_resources(vec![
@@ -245,11 +160,15 @@ async fn strict_dns_endpoints_follow_the_answers_under_load() {
     std::fs::create_dir_all(&dir).unwrap();
     let dns = dnsmasq(&dir);
     let port = support::free_port();
-    let hits: BTreeMap<&str, Arc<AtomicU64>> = BTreeMap::from([
-        ("127.0.0.11", backend_at("127.0.0.11", port).await),
-        ("127.0.0.12", backend_at("127.0.0.12", port).await),
-        ("127.0.0.13", backend_at("127.0.0.13", port).await),
-    ]);
+    let mut hits = BTreeMap::new();
+    for ip in ["127.0.0.11", "127.0.0.12", "127.0.0.13"] {
+        hits.insert(
+            ip,
+            support::backend_at(ip.parse().unwrap(), port, "ok")
+                .await
+                .hits,
+        );
+    }
     dns.answer("backend.mesh.test", &["127.0.0.11", "127.0.0.12"]);
     let (client, _xds) = mesh(dns_cluster(
         "backend",
@@ -261,7 +180,6 @@ async fn strict_dns_endpoints_follow_the_answers_under_load() {
     .await;
     let count = |ip: &str| hits[ip].load(Ordering::Relaxed);
 
-    let stop = Arc::new(AtomicBool::new(false));
     // The first answer must be in before the load starts (waiting for endpoints on the
     // request path is the data-path issue's work).
     let probe = client.clone();
@@ -272,7 +190,7 @@ async fn strict_dns_endpoints_follow_the_answers_under_load() {
             .is_some_and(|c| c.endpoints().len() == 2)
     })
     .await;
-    let (sent, failed, tasks) = load(client.clone(), stop.clone());
+    let load = support::load(&client);
     wait_until("both addresses serving", || {
         count("127.0.0.11") > 20 && count("127.0.0.12") > 20
     })
@@ -296,11 +214,7 @@ async fn strict_dns_endpoints_follow_the_answers_under_load() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(count("127.0.0.12") > before.0 && count("127.0.0.13") > before.1);
 
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (sent, failed) = load.finish().await;
     println!(
         "STRICT_DNS: {sent} sent, {failed} failed; per address {:?}",
         hits.iter()
@@ -318,8 +232,12 @@ async fn logical_dns_sends_to_the_first_address_and_moves_with_it() {
     std::fs::create_dir_all(&dir).unwrap();
     let dns = dnsmasq(&dir);
     let port = support::free_port();
-    let a = backend_at("127.0.0.21", port).await;
-    let b = backend_at("127.0.0.22", port).await;
+    let a = support::backend_at("127.0.0.21".parse().unwrap(), port, "ok")
+        .await
+        .hits;
+    let b = support::backend_at("127.0.0.22".parse().unwrap(), port, "ok")
+        .await
+        .hits;
     dns.answer("api.mesh.test", &["127.0.0.21"]);
     let (client, _xds) = mesh(dns_cluster(
         "backend",
@@ -337,8 +255,7 @@ async fn logical_dns_sends_to_the_first_address_and_moves_with_it() {
             .is_some_and(|c| c.endpoints().len() == 1)
     })
     .await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed, tasks) = load(client.clone(), stop.clone());
+    let load = support::load(&client);
     wait_until("the first address serving", || {
         a.load(Ordering::Relaxed) > 20
     })
@@ -346,11 +263,7 @@ async fn logical_dns_sends_to_the_first_address_and_moves_with_it() {
     assert_eq!(b.load(Ordering::Relaxed), 0, "one logical host");
     dns.answer("api.mesh.test", &["127.0.0.22"]);
     wait_until("the new address serving", || b.load(Ordering::Relaxed) > 20).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (sent, failed) = load.finish().await;
     println!("LOGICAL_DNS: {sent} sent, {failed} failed");
     assert!(sent > 40, "{sent}");
     assert_eq!(failed, 0);

@@ -21,7 +21,12 @@ pub struct Backend {
 }
 
 pub async fn backend(body: &'static str) -> Backend {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    backend_at([127, 0, 0, 1].into(), 0, body).await
+}
+
+/// [`backend`] on a given address (any of 127.0.0.0/8) and port (0: any).
+pub async fn backend_at(ip: std::net::IpAddr, port: u16, body: &'static str) -> Backend {
+    let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicU64::new(0));
     let counter = hits.clone();
@@ -47,6 +52,82 @@ pub async fn backend(body: &'static str) -> Backend {
         }
     });
     Backend { addr, hits }
+}
+
+/// Waits until `f` holds, polling every 20 ms for at most 20 s.
+pub async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Steady load through a mesh client: 4 callers, each sending `GET http://svc/` every 5 ms
+/// until [`Load::finish`]; a request fails unless it gets a 200 with its whole body.
+pub struct Load {
+    pub sent: Arc<AtomicU64>,
+    pub failed: Arc<AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub fn load(client: &mesh_tower::MeshClient) -> Load {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let tasks = (0..4)
+        .map(|_| {
+            let (client, stop, sent, failed) =
+                (client.clone(), stop.clone(), sent.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let req = Request::get("http://svc/")
+                        .body(http_body_util::Empty::<Bytes>::new())
+                        .unwrap();
+                    let ok = match tower::ServiceExt::oneshot(client.clone(), req).await {
+                        Ok(r) if r.status() == 200 => r.into_body().collect().await.is_ok(),
+                        Ok(r) => {
+                            eprintln!("status {}", r.status());
+                            false
+                        }
+                        Err(e) => {
+                            eprintln!("error: {e}");
+                            false
+                        }
+                    };
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    if !ok {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+    Load {
+        sent,
+        failed,
+        stop,
+        tasks,
+    }
+}
+
+impl Load {
+    /// Stops the callers; returns (sent, failed).
+    pub async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// A keep-alive HTTP/1.1 client.

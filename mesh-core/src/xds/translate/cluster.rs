@@ -83,7 +83,12 @@ fn cluster(c: &pb::Cluster) -> Result<Cluster, FieldError> {
             };
             Discovery::Dns(Arc::new(dns(c, settings, &[])?))
         }
-        Some(D::ClusterType(ct)) if ct.name == "envoy.clusters.aggregate" => {
+        // Extensions are chosen by their config's type, as Envoy does (names vary:
+        // `envoy.clusters.dns`, `envoy.cluster.dns`).
+        Some(D::ClusterType(ct))
+            if ct.typed_config.as_ref().map(type_name)
+                == Some("envoy.extensions.clusters.aggregate.v3.ClusterConfig") =>
+        {
             use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig;
             let any = ct
                 .typed_config
@@ -109,7 +114,10 @@ fn cluster(c: &pb::Cluster) -> Result<Cluster, FieldError> {
             }
             Discovery::Aggregate(agg.clusters.into())
         }
-        Some(D::ClusterType(ct)) if ct.name == "envoy.clusters.dns" => {
+        Some(D::ClusterType(ct))
+            if ct.typed_config.as_ref().map(type_name)
+                == Some("envoy.extensions.clusters.dns.v3.DnsCluster") =>
+        {
             use envoy_types::pb::envoy::extensions::clusters::dns::v3::DnsCluster;
             let any = ct
                 .typed_config
@@ -710,22 +718,8 @@ fn dns_target(
                 .at("endpoint")
         }
     };
-    let weight = match e.load_balancing_weight {
-        None => 1,
-        Some(w) if w.value == 0 => {
-            return err("load_balancing_weight must be at least 1").at("load_balancing_weight")
-        }
-        Some(w) => w.value,
-    };
-    let health = match e.health_status {
-        0 => HealthStatus::Unknown,
-        1 => HealthStatus::Healthy,
-        2 => HealthStatus::Unhealthy,
-        3 => HealthStatus::Draining,
-        4 => HealthStatus::Timeout,
-        5 => HealthStatus::Degraded,
-        other => return err(format!("unknown health_status {other}")).at("health_status"),
-    };
+    let weight = super::endpoint::endpoint_weight(e)?;
+    let health = super::endpoint::health_status(e.health_status)?;
     Ok(DnsTarget {
         host: sa.address.trim_end_matches('.').to_owned(),
         port,

@@ -108,14 +108,30 @@ fn lb_endpoint(e: &pb::LbEndpoint) -> Result<Endpoint, FieldError> {
     )
     .at("address")
     .at("endpoint")?;
-    let weight = match e.load_balancing_weight {
-        None => 1,
+    let weight = endpoint_weight(e)?;
+    let health = health_status(e.health_status)?;
+    Ok(Endpoint {
+        address,
+        weight,
+        health,
+        hostname: ep.hostname.clone(),
+    })
+}
+
+/// An endpoint's `load_balancing_weight` (default 1; 0 is refused).
+pub(crate) fn endpoint_weight(e: &pb::LbEndpoint) -> Result<u32, FieldError> {
+    match e.load_balancing_weight {
+        None => Ok(1),
         Some(w) if w.value == 0 => {
-            return err("load_balancing_weight must be at least 1").at("load_balancing_weight")
+            err("load_balancing_weight must be at least 1").at("load_balancing_weight")
         }
-        Some(w) => w.value,
-    };
-    let health = match e.health_status {
+        Some(w) => Ok(w.value),
+    }
+}
+
+/// An endpoint's `health_status`.
+pub(crate) fn health_status(h: i32) -> Result<HealthStatus, FieldError> {
+    Ok(match h {
         0 => HealthStatus::Unknown,
         1 => HealthStatus::Healthy,
         2 => HealthStatus::Unhealthy,
@@ -123,11 +139,5 @@ fn lb_endpoint(e: &pb::LbEndpoint) -> Result<Endpoint, FieldError> {
         4 => HealthStatus::Timeout,
         5 => HealthStatus::Degraded,
         other => return err(format!("unknown health_status {other}")).at("health_status"),
-    };
-    Ok(Endpoint {
-        address,
-        weight,
-        health,
-        hostname: ep.hostname.clone(),
     })
 }

@@ -222,21 +222,13 @@ fn validation_ctx(
             certificate_name: p.certificate_name.clone(),
         }));
     }
-    Ok(
-        match v.trusted_ca.as_ref().and_then(|d| d.specifier.as_ref()) {
-            None => None,
-            Some(core::data_source::Specifier::Filename(f)) => {
-                Some(CertSource::File { path: f.clone() })
-            }
-            Some(core::data_source::Specifier::InlineString(s)) => {
-                Some(CertSource::Inline { pem: s.clone() })
-            }
-            Some(core::data_source::Specifier::InlineBytes(b)) => Some(CertSource::Inline {
-                pem: String::from_utf8_lossy(b).into_owned(),
-            }),
-            Some(core::data_source::Specifier::EnvironmentVariable(_)) => {
-                return err("environment_variable is not supported").at("trusted_ca")
-            }
-        },
-    )
+    if v.trusted_ca.is_some() {
+        // The mesh verifies every peer against its workload trust bundle (from a certificate
+        // provider instance or SDS); a CA given here would silently not be the one used.
+        return err(
+            "trusted_ca is not supported: peers are verified with the workload trust bundle (ca_certificate_provider_instance or SDS)",
+        )
+        .at("trusted_ca");
+    }
+    Ok(None)
 }

@@ -1540,7 +1540,7 @@ pub(super) static ENTRIES: &[Entry] = &[
         "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
         "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
         &[
-            ("trusted_ca", As("ca.DataSource")),
+            ("trusted_ca", R),
             ("ca_certificate_provider_instance", H),
             ("system_root_certs", R),
             ("watched_directory", R),
@@ -1582,17 +1582,6 @@ pub(super) static ENTRIES: &[Entry] = &[
         "envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer",
         &[
 
-        ],
-    ),
-    entry(
-        "ca.DataSource",
-        "envoy.config.core.v3.DataSource",
-        &[
-            ("filename", H),
-            ("inline_bytes", H),
-            ("inline_string", H),
-            ("environment_variable", R),
-            ("watched_directory", R),
         ],
     ),
     entry(
