@@ -133,11 +133,36 @@ pub fn from_yaml<M: Message + Name + Default>(text: &str, origin: &str) -> Resul
         message: e.to_string(),
     })?;
     normalize(&mut value, &desc);
-    let dynamic = DynamicMessage::deserialize(desc, value).map_err(|e| FileError {
-        origin: origin.to_owned(),
-        message: e.to_string(),
-    })?;
+    let dynamic = deserialize(desc, value, origin, "")?;
     convert(dynamic, origin)
+}
+
+/// Builds the message, naming the field path of an error (`virtualHosts[0].routes[1].route:
+/// …`), which the proto3 JSON mapping alone does not say.
+fn deserialize(
+    desc: prost_reflect::MessageDescriptor,
+    value: serde_yaml_ng::Value,
+    origin: &str,
+    prefix: &str,
+) -> Result<DynamicMessage, FileError> {
+    let mut track = serde_path_to_error::Track::new();
+    let de = serde_path_to_error::Deserializer::new(value, &mut track);
+    DynamicMessage::deserialize(desc, de).map_err(|e| {
+        let path = track.path().to_string();
+        let at = match (prefix.is_empty(), path.as_str()) {
+            (_, "" | ".") => prefix.to_owned(),
+            (true, p) => p.to_owned(),
+            (false, p) => format!("{prefix}.{p}"),
+        };
+        FileError {
+            origin: origin.to_owned(),
+            message: if at.is_empty() {
+                e.to_string()
+            } else {
+                format!("{at}: {e}")
+            },
+        }
+    })
 }
 
 /// Envoy's YAML loader accepts a single mapping where a repeated field is expected (as in
@@ -217,11 +242,7 @@ pub fn list_from_yaml<M: Message + Name + Default>(
         .map(|(i, item)| {
             let mut item = item.clone();
             normalize(&mut item, &desc);
-            let dynamic =
-                DynamicMessage::deserialize(desc.clone(), item).map_err(|e| FileError {
-                    origin: origin.to_owned(),
-                    message: format!("[{i}]: {e}"),
-                })?;
+            let dynamic = deserialize(desc.clone(), item, origin, &format!("[{i}]"))?;
             convert(dynamic, origin)
         })
         .collect()

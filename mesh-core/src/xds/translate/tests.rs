@@ -597,3 +597,21 @@ lb_policy: CLUSTER_PROVIDED
     let e = Cluster::try_from(&c).unwrap_err();
     assert_eq!(e.path, "lb_policy", "{e}");
 }
+
+#[test]
+fn yaml_load_errors_name_the_field_path() {
+    let text = "name: r\nvirtual_hosts:\n- name: v\n  domains: ['*']\n  routes:\n  - match: {prefix: /}\n    route: {cluster: c, timeout: soon}\n";
+    let e = file::from_yaml::<rpb::RouteConfiguration>(text, "r.yaml").unwrap_err();
+    assert_eq!(e.origin, "r.yaml");
+    assert!(
+        e.message
+            .starts_with("virtual_hosts[0].routes[0].route.timeout: "),
+        "{e}"
+    );
+    let list = "- name: ok\n- name: bad\n  virtual_hosts: [{name: v, domains: 7}]\n";
+    let e = file::list_from_yaml::<rpb::RouteConfiguration>(list, "l.yaml").unwrap_err();
+    assert!(
+        e.message.starts_with("[1].virtual_hosts[0].domains: "),
+        "{e}"
+    );
+}
