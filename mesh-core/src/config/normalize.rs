@@ -152,30 +152,36 @@ impl RequestPolicy {
     }
 }
 
+/// Bytes back to text: the input was UTF-8 and only ASCII sequences were replaced by ASCII,
+/// so the result is UTF-8 too.
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 fn unescape_slashes(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
+    let mut out = Vec::with_capacity(path.len());
     let b = path.as_bytes();
     let mut i = 0;
     while i < b.len() {
         if b[i] == b'%' && i + 2 < b.len() {
             match (b[i + 1], b[i + 2].to_ascii_lowercase()) {
                 (b'2', b'f') => {
-                    out.push('/');
+                    out.push(b'/');
                     i += 3;
                     continue;
                 }
                 (b'5', b'c') => {
-                    out.push('\\');
+                    out.push(b'\\');
                     i += 3;
                     continue;
                 }
                 _ => {}
             }
         }
-        out.push(b[i] as char);
+        out.push(b[i]);
         i += 1;
     }
-    out
+    text(out)
 }
 
 fn is_unreserved(c: u8) -> bool {
@@ -186,7 +192,7 @@ fn is_unreserved(c: u8) -> bool {
 /// upper-cased, backslashes as slashes, dot segments removed (section 5.2.4).
 fn normalize_rfc3986(path: &str) -> String {
     let b = path.as_bytes();
-    let mut decoded = String::with_capacity(path.len());
+    let mut decoded = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
@@ -195,19 +201,22 @@ fn normalize_rfc3986(path: &str) -> String {
             if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
                 let v = (h * 16 + l) as u8;
                 if is_unreserved(v) {
-                    decoded.push(v as char);
+                    decoded.push(v);
                 } else {
-                    decoded.push('%');
-                    decoded.push(b[i + 1].to_ascii_uppercase() as char);
-                    decoded.push(b[i + 2].to_ascii_uppercase() as char);
+                    decoded.extend([
+                        b'%',
+                        b[i + 1].to_ascii_uppercase(),
+                        b[i + 2].to_ascii_uppercase(),
+                    ]);
                 }
                 i += 3;
                 continue;
             }
         }
-        decoded.push(if c == b'\\' { '/' } else { c as char });
+        decoded.push(if c == b'\\' { b'/' } else { c });
         i += 1;
     }
+    let decoded = text(decoded);
     // Remove dot segments.
     let mut segments: Vec<&str> = Vec::new();
     let trailing =
@@ -262,6 +271,8 @@ mod tests {
             ("/a/b/..", "/a/"),
             ("/a%20b%2a", "/a%20b%2A"),
             ("/..", "/"),
+            // Raw non-ASCII text is kept as it is (only ASCII sequences are rewritten).
+            ("/café/../thé%2F", "/th\u{e9}/"),
         ] {
             assert_eq!(p.normalize(input).unwrap(), want, "{input}");
         }

@@ -771,10 +771,12 @@ impl ClusterRegistry {
         &self,
         cluster: Arc<ClusterRuntime>,
     ) -> Result<Arc<ClusterRuntime>, crate::error::MeshError> {
-        let config = cluster.config();
-        let Discovery::Aggregate(_) = &config.discovery else {
+        // Correctness: this runs on every request; a guard (no reference count) decides the
+        // common case, a cluster that is not an aggregate.
+        if !matches!(cluster.config.load().discovery, Discovery::Aggregate(_)) {
             return Ok(cluster);
-        };
+        }
+        let config = cluster.config();
         let now = tokio::time::Instant::now();
         let mut first = None;
         // Depth-first over the priority list; the bound ends cycles.
@@ -841,8 +843,9 @@ impl ClusterRegistry {
                 _ => snapshot.endpoints_for_cluster(name),
             };
             {
-                // Only this function writes `applied`, under `write`: a poisoned lock still
-                // holds a consistent value.
+                // `applied` is written here (under `write`) and by a DNS cluster's resolving
+                // task, each under the `applied` lock, whole values at a time: a poisoned lock
+                // still holds a consistent value.
                 let mut applied = runtime
                     .applied
                     .lock()
