@@ -26,7 +26,9 @@ mod unhonoured;
 fn fixtures() -> PathBuf {
     std::env::var_os("MESH_FIXTURES")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/xds")))
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/xds"))
+        })
 }
 
 fn load(case: &str) -> Vec<envoy_types::pb::google::protobuf::Any> {
@@ -35,7 +37,9 @@ fn load(case: &str) -> Vec<envoy_types::pb::google::protobuf::Any> {
         .flat_map(|kind| {
             let path = fixtures().join(format!("envoy-gateway/{case}.{kind}.pb"));
             let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-            DiscoveryResponse::decode(bytes.as_slice()).unwrap().resources
+            DiscoveryResponse::decode(bytes.as_slice())
+                .unwrap()
+                .resources
         })
         // The protocol is under test here, not translation: serve what the mesh accepts (the
         // fields it refuses are checked by mesh-core's fixture tests).
@@ -82,7 +86,11 @@ impl nebucloud_xds::core::Resource for Fixture {
 
 async fn run(mode: ProtocolMode) {
     // nebucloud binds its own address: find a free port first.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let cache = Arc::new(ShardedCache::new());
     let node = format!("interop-{mode:?}");
@@ -108,27 +116,34 @@ async fn run(mode: ProtocolMode) {
                         type_url: a.type_url.clone(),
                         value: a.value.clone(),
                     };
-                    Arc::new(Fixture { name: name_of(a), any }) as BoxResource
+                    Arc::new(Fixture {
+                        name: name_of(a),
+                        any,
+                    }) as BoxResource
                 })
                 .collect();
             builder = builder.resources(TypeUrl::new(rt.type_url()), list);
         }
         cache.set_snapshot(NodeHash::from_id(&node), builder.build());
 
-        let client = XdsClient::builder(Bootstrap::new(addr.to_string(), node.clone()).with_protocol(mode))
-            .backoff(Duration::from_millis(100), Duration::from_millis(500))
-            .build()
-            .unwrap();
-        let store = client.store().clone();
         let expected = file::snapshot_from_resources(&resources).unwrap();
-        // Subscribe to every listener of the case in one request: nebucloud-xds (0.1.0) does not
-        // answer a SotW request whose resource_names grew while its version_info is current,
-        // which the xDS protocol requires; subscribing all at once avoids relying on that.
+        // Subscribe to every listener of the case before the stream opens, so they go out in
+        // its first request: nebucloud-xds (0.1.0) does not answer a SotW request whose
+        // resource_names grew while its version_info is current (the xDS protocol requires
+        // it), and a watch added after the first response would wait for that answer forever.
+        let mut builder =
+            XdsClient::builder(Bootstrap::new(addr.to_string(), node.clone()).with_protocol(mode))
+                .backoff(Duration::from_millis(100), Duration::from_millis(500));
         for name in expected.listeners().keys() {
-            client.watch_listener(name).unwrap();
+            builder = builder.watch_listener(name);
         }
+        let client = builder.build().unwrap();
+        let store = client.store().clone();
         for name in expected.listeners().keys() {
-            client.listener(name, Duration::from_secs(20)).await.unwrap();
+            client
+                .listener(name, Duration::from_secs(20))
+                .await
+                .unwrap();
         }
         let got = store
             .wait_for(Duration::from_secs(20), |s| {
@@ -138,17 +153,25 @@ async fn run(mode: ProtocolMode) {
                     && s.endpoint_assignments() == expected.endpoint_assignments()
             })
             .await
-            .unwrap_or_else(|s| panic!("{mode:?} {case}: not everything arrived: {s:#?}\nexpected {expected:#?}"));
+            .unwrap_or_else(|s| {
+                panic!("{mode:?} {case}: not everything arrived: {s:#?}\nexpected {expected:#?}")
+            });
         if *case == "http-route-weighted-backend" {
             let cla = got.endpoints_for_cluster("first-route-dest").unwrap();
-            assert_eq!(cla.localities.iter().map(|l| l.weight).collect::<Vec<_>>(), vec![20, 40, 20, 20]);
+            assert_eq!(
+                cla.localities.iter().map(|l| l.weight).collect::<Vec<_>>(),
+                vec![20, 40, 20, 20]
+            );
         }
         let dump = store.dump();
         assert_eq!(dump.resources.len(), resources.len(), "{mode:?} {case}");
         for r in &dump.resources {
             assert_eq!(r.status, ResourceStatus::Acked, "{mode:?} {case}: {r:?}");
         }
-        println!("{mode:?} {case}: received and ACKed {} resources from nebucloud-xds", dump.resources.len());
+        println!(
+            "{mode:?} {case}: received and ACKed {} resources from nebucloud-xds",
+            dump.resources.len()
+        );
     }
 
     let _ = stop.send(());

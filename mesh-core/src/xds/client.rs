@@ -105,9 +105,18 @@ pub struct XdsClientBuilder {
     backoff_initial: Duration,
     backoff_max: Duration,
     connect_timeout: Duration,
+    listeners: Vec<String>,
 }
 
 impl XdsClientBuilder {
+    /// Subscribes to a listener (by resource name) from the first request on, so every
+    /// listener given here goes out in one request. [`XdsClient::watch_listener`] after
+    /// `build` does the same later, in a request of its own.
+    pub fn watch_listener(mut self, name: impl Into<String>) -> Self {
+        self.listeners.push(name.into());
+        self
+    }
+
     /// Publishes into `store` instead of a new one.
     pub fn store(mut self, store: ConfigStore) -> Self {
         self.store = Some(store);
@@ -190,7 +199,11 @@ impl XdsClientBuilder {
         }
         let store = self.store.unwrap_or_default();
         let (commands, rx) = mpsc::unbounded_channel();
-        let state = AdsState::new(server.protocol(), self.bootstrap.node.clone());
+        let mut state = AdsState::new(server.protocol(), self.bootstrap.node.clone());
+        for name in &self.listeners {
+            // Not connected yet: the subscription goes out with the stream's first requests.
+            drop(state.watch_listener(name, Instant::now()));
+        }
         let task = Task {
             state,
             endpoint,
@@ -222,6 +235,7 @@ impl XdsClient {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(120),
             connect_timeout: Duration::from_secs(10),
+            listeners: Vec::new(),
         }
     }
 
