@@ -330,24 +330,92 @@ pub(crate) fn destination_rule<'a>(
         .find(|dr| resolve_host(services, &dr.spec.host, dr.meta.ns()) == Some(host))
 }
 
-/// Subset policy overrides the host policy section by section.
-fn merged_policy(base: Option<&TrafficPolicy>, subset: Option<&TrafficPolicy>) -> TrafficPolicy {
-    let mut p = base.cloned().unwrap_or_default();
-    if let Some(s) = subset {
-        if s.load_balancer.is_some() {
-            p.load_balancer = s.load_balancer.clone();
+/// A policy as it applies to one service port: the `portLevelSettings` entry for the port
+/// replaces the policy's sections that it sets (Istio's `getPortLevelTrafficPolicy`).
+fn at_port(policy: &TrafficPolicy, port: u32) -> TrafficPolicy {
+    let mut p = policy.clone();
+    p.port_level_settings.clear();
+    if let Some(pl) = policy
+        .port_level_settings
+        .iter()
+        .find(|pl| pl.port.as_ref().is_some_and(|s| s.number == port))
+    {
+        if pl.load_balancer.is_some() {
+            p.load_balancer = pl.load_balancer.clone();
         }
-        if s.connection_pool.is_some() {
-            p.connection_pool = s.connection_pool.clone();
+        if pl.connection_pool.is_some() {
+            p.connection_pool = pl.connection_pool.clone();
         }
-        if s.outlier_detection.is_some() {
-            p.outlier_detection = s.outlier_detection.clone();
+        if pl.outlier_detection.is_some() {
+            p.outlier_detection = pl.outlier_detection.clone();
         }
-        if s.tls.is_some() {
-            p.tls = s.tls.clone();
+        if pl.tls.is_some() {
+            p.tls = pl.tls.clone();
         }
     }
     p
+}
+
+/// The policy for a cluster of a service port: the host policy at the port, then the subset
+/// policy at the port overriding it section by section (Istio's `MergeSubsetTrafficPolicy`).
+pub(crate) fn merged_policy(
+    base: Option<&TrafficPolicy>,
+    subset: Option<&TrafficPolicy>,
+    port: u32,
+) -> TrafficPolicy {
+    let mut p = base.map(|b| at_port(b, port)).unwrap_or_default();
+    if let Some(s) = subset.map(|s| at_port(s, port)) {
+        if s.load_balancer.is_some() {
+            p.load_balancer = s.load_balancer;
+        }
+        if s.connection_pool.is_some() {
+            p.connection_pool = s.connection_pool;
+        }
+        if s.outlier_detection.is_some() {
+            p.outlier_detection = s.outlier_detection;
+        }
+        if s.tls.is_some() {
+            p.tls = s.tls;
+        }
+    }
+    p
+}
+
+/// Istio requires `port` in every `portLevelSettings` entry.
+fn port_levels_have_ports(dr: &Doc<super::DestinationRuleSpec>, errors: &mut Vec<ConfigError>) {
+    let top = dr.spec.traffic_policy.iter().map(|p| (None, p));
+    let subsets = dr
+        .spec
+        .subsets
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.traffic_policy.as_ref().map(|p| (Some(i), p)));
+    for (subset, policy) in top.chain(subsets) {
+        for (j, pl) in policy.port_level_settings.iter().enumerate() {
+            if pl.port.as_ref().is_none_or(|p| p.number == 0) {
+                let mut path = vec![Seg::Key("spec")];
+                if let Some(i) = subset {
+                    path.extend([Seg::Key("subsets"), Seg::Idx(i)]);
+                }
+                path.extend([
+                    Seg::Key("trafficPolicy"),
+                    Seg::Key("portLevelSettings"),
+                    Seg::Idx(j),
+                ]);
+                let shown = match subset {
+                    Some(i) => format!("spec.subsets[{i}].trafficPolicy"),
+                    None => "spec.trafficPolicy".to_owned(),
+                };
+                errors.push(dr.origin.at(
+                    &path,
+                    format!(
+                        "DestinationRule {}: {shown}.portLevelSettings[{j}].port: a port number is required",
+                        dr.meta.name
+                    ),
+                ));
+            }
+        }
+    }
 }
 
 /// The PeerAuthentication mode for a workload: selector match in its namespace, then
@@ -410,6 +478,9 @@ pub fn generate(config: &Config, opts: &Options) -> Result<Generated, Vec<Config
         opts,
         errors,
     };
+    for dr in &config.destination_rules {
+        port_levels_have_ports(dr, &mut ctx.errors);
+    }
     let mut out = Generated::default();
     let services = ctx.services.clone();
     for svc in &services {
@@ -425,6 +496,7 @@ pub fn generate(config: &Config, opts: &Options) -> Result<Generated, Vec<Config
             let policy = merged_policy(
                 dr.and_then(|d| d.spec.traffic_policy.as_ref()),
                 subset_policy.as_ref(),
+                svc.port,
             );
             let workloads: Vec<&Workload> = svc
                 .workloads
@@ -1095,12 +1167,26 @@ impl Ctx<'_> {
                 let services = self.services.clone();
                 let host = resolve_host(&services, &d.host, vs.meta.ns())?.to_owned();
                 let dr = destination_rule(self.config, &services, &host)?;
+                // The port `destination_cluster` picks (it reports the bad cases).
+                let ports: Vec<u32> = services
+                    .iter()
+                    .filter(|s| s.host == host)
+                    .map(|s| s.port)
+                    .collect();
+                let port = d
+                    .port
+                    .as_ref()
+                    .map(|p| p.number)
+                    .unwrap_or(match ports[..] {
+                        [only] => only,
+                        _ => svc.port,
+                    });
                 let subset_policy = d
                     .subset
                     .as_ref()
                     .and_then(|s| dr.spec.subsets.iter().find(|x| &x.name == s))
                     .and_then(|s| s.traffic_policy.as_ref());
-                merged_policy(dr.spec.traffic_policy.as_ref(), subset_policy)
+                merged_policy(dr.spec.traffic_policy.as_ref(), subset_policy, port)
                     .load_balancer
                     .and_then(|lb| lb.consistent_hash)
             })

@@ -433,6 +433,30 @@ pub struct TrafficPolicy {
     /// Client TLS.
     #[serde(default)]
     pub tls: Option<Tls>,
+    /// Overrides for one port of the service, section by section.
+    #[serde(default)]
+    pub port_level_settings: Vec<PortTrafficPolicy>,
+}
+
+/// `TrafficPolicy.PortTrafficPolicy`: a port's own sections.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PortTrafficPolicy {
+    /// The port these settings apply to (required).
+    #[serde(default)]
+    pub port: Option<PortSelector>,
+    /// Balancing.
+    #[serde(default)]
+    pub load_balancer: Option<LoadBalancer>,
+    /// Limits.
+    #[serde(default)]
+    pub connection_pool: Option<ConnectionPool>,
+    /// Ejection.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Client TLS.
+    #[serde(default)]
+    pub tls: Option<Tls>,
 }
 
 /// `Subset`.

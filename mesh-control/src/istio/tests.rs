@@ -565,3 +565,76 @@ spec:
         "{errors:?}"
     );
 }
+
+#[test]
+fn port_level_settings_override_their_port_only() {
+    let text = r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: prod}
+spec:
+  hosts: [api.prod.svc.cluster.local]
+  ports: [{number: 8080, name: http, protocol: HTTP}, {number: 9090, name: grpc, protocol: GRPC}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api, namespace: prod}
+spec:
+  host: api
+  trafficPolicy:
+    connectionPool: {http: {http2MaxRequests: 100}}
+    loadBalancer: {simple: ROUND_ROBIN}
+    portLevelSettings:
+    - port: {number: 9090}
+      loadBalancer: {simple: RANDOM}
+      outlierDetection: {consecutive5xxErrors: 7}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      portLevelSettings:
+      - port: {number: 8080}
+        connectionPool: {http: {http2MaxRequests: 5}}
+"#;
+    let config = parse(text, "ports.yaml").unwrap();
+    let out = generate(&config, &Options::default()).unwrap();
+    let snap = file::snapshot_from_resources(&out.resources).unwrap();
+    let c = |name: &str| snap.cluster(name).unwrap_or_else(|| panic!("{name}"));
+    // Port 8080: the host policy; its subset overrides only the connection pool.
+    let http = c("outbound|8080||api.prod.svc.cluster.local");
+    assert_eq!(http.lb_policy, LbPolicy::RoundRobin);
+    assert_eq!(http.circuit_breakers.default.max_requests, 100);
+    assert!(http.outlier_detection.is_none());
+    let http_v1 = c("outbound|8080|v1|api.prod.svc.cluster.local");
+    assert_eq!(http_v1.lb_policy, LbPolicy::RoundRobin);
+    assert_eq!(http_v1.circuit_breakers.default.max_requests, 5);
+    // Port 9090: the port's sections replace the host's; the rest stays.
+    for name in [
+        "outbound|9090||api.prod.svc.cluster.local",
+        "outbound|9090|v1|api.prod.svc.cluster.local",
+    ] {
+        let grpc = c(name);
+        assert_eq!(grpc.lb_policy, LbPolicy::Random, "{name}");
+        assert_eq!(grpc.circuit_breakers.default.max_requests, 100, "{name}");
+        assert_eq!(
+            grpc.outlier_detection.as_ref().unwrap().consecutive_5xx,
+            Some((7, 100)),
+            "{name}"
+        );
+    }
+
+    // A port-level entry without a port is an error at its line.
+    let no_port = text.replace(
+        "    - port: {number: 9090}\n      loadBalancer",
+        "    - loadBalancer",
+    );
+    let errors =
+        generate(&parse(&no_port, "ports.yaml").unwrap(), &Options::default()).unwrap_err();
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.line == 19 && e.to_string().contains("portLevelSettings[0].port")),
+        "{errors:?}"
+    );
+}
