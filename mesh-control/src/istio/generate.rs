@@ -381,38 +381,95 @@ pub(crate) fn merged_policy(
     p
 }
 
-/// Istio requires `port` in every `portLevelSettings` entry.
-fn port_levels_have_ports(dr: &Doc<super::DestinationRuleSpec>, errors: &mut Vec<ConfigError>) {
-    let top = dr.spec.traffic_policy.iter().map(|p| (None, p));
-    let subsets = dr
-        .spec
-        .subsets
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| s.traffic_policy.as_ref().map(|p| (Some(i), p)));
-    for (subset, policy) in top.chain(subsets) {
-        for (j, pl) in policy.port_level_settings.iter().enumerate() {
-            if pl.port.as_ref().is_none_or(|p| p.number == 0) {
-                let mut path = vec![Seg::Key("spec")];
-                if let Some(i) = subset {
-                    path.extend([Seg::Key("subsets"), Seg::Idx(i)]);
-                }
-                path.extend([
+/// Checks what the schema cannot: every `portLevelSettings` entry names its port (Istio
+/// requires it), and every `tls` block is one meshctl can honour exactly.
+fn check_rule(dr: &Doc<super::DestinationRuleSpec>, errors: &mut Vec<ConfigError>) {
+    let mut places: Vec<(Vec<Seg<'static>>, &TrafficPolicy)> = Vec::new();
+    if let Some(p) = &dr.spec.traffic_policy {
+        places.push((vec![Seg::Key("spec"), Seg::Key("trafficPolicy")], p));
+    }
+    for (i, s) in dr.spec.subsets.iter().enumerate() {
+        if let Some(p) = &s.traffic_policy {
+            places.push((
+                vec![
+                    Seg::Key("spec"),
+                    Seg::Key("subsets"),
+                    Seg::Idx(i),
                     Seg::Key("trafficPolicy"),
-                    Seg::Key("portLevelSettings"),
-                    Seg::Idx(j),
-                ]);
-                let shown = match subset {
-                    Some(i) => format!("spec.subsets[{i}].trafficPolicy"),
-                    None => "spec.trafficPolicy".to_owned(),
-                };
-                errors.push(dr.origin.at(
-                    &path,
-                    format!(
-                        "DestinationRule {}: {shown}.portLevelSettings[{j}].port: a port number is required",
-                        dr.meta.name
-                    ),
-                ));
+                ],
+                p,
+            ));
+        }
+    }
+    let mut error = |path: &[Seg<'_>], message: String| {
+        errors.push(dr.origin.at(
+            path,
+            format!(
+                "DestinationRule {}: {}: {message}",
+                dr.meta.name,
+                super::path_text(path)
+            ),
+        ));
+    };
+    for (path, policy) in places {
+        let mut tls_blocks = Vec::new();
+        if let Some(tls) = &policy.tls {
+            tls_blocks.push(([path.as_slice(), &[Seg::Key("tls")]].concat(), tls));
+        }
+        for (j, pl) in policy.port_level_settings.iter().enumerate() {
+            let at = [
+                path.as_slice(),
+                &[Seg::Key("portLevelSettings"), Seg::Idx(j)],
+            ]
+            .concat();
+            if pl.port.as_ref().is_none_or(|p| p.number == 0) {
+                error(
+                    &[at.as_slice(), &[Seg::Key("port")]].concat(),
+                    "a port number is required".into(),
+                );
+            }
+            if let Some(tls) = &pl.tls {
+                tls_blocks.push(([at.as_slice(), &[Seg::Key("tls")]].concat(), tls));
+            }
+        }
+        for (at, tls) in tls_blocks {
+            let field = |name: &'static str| [at.as_slice(), &[Seg::Key(name)]].concat();
+            let mode = tls.mode.as_deref().unwrap_or("DISABLE");
+            let external = matches!(mode, "SIMPLE" | "MUTUAL");
+            if !matches!(mode, "DISABLE" | "SIMPLE" | "MUTUAL" | "ISTIO_MUTUAL") {
+                error(
+                    &field("mode"),
+                    format!("{mode:?} is not a TLS mode (DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL)"),
+                );
+                continue;
+            }
+            // Settings that only SIMPLE and MUTUAL read would be silently unused otherwise.
+            let set = [
+                ("caCertificates", tls.ca_certificates.is_some()),
+                ("sni", tls.sni.is_some()),
+                ("subjectAltNames", !tls.subject_alt_names.is_empty()),
+            ];
+            for (name, is_set) in set {
+                if is_set && !external {
+                    error(
+                        &field(name),
+                        format!("applies to modes SIMPLE and MUTUAL only (mode is {mode})"),
+                    );
+                }
+            }
+            for (name, is_set) in [
+                ("clientCertificate", tls.client_certificate.is_some()),
+                ("privateKey", tls.private_key.is_some()),
+            ] {
+                if mode == "MUTUAL" && !is_set {
+                    error(&field(name), "is required with mode MUTUAL".into());
+                }
+                if mode != "MUTUAL" && is_set {
+                    error(
+                        &field(name),
+                        format!("applies to mode MUTUAL only (mode is {mode})"),
+                    );
+                }
             }
         }
     }
@@ -479,7 +536,7 @@ pub fn generate(config: &Config, opts: &Options) -> Result<Generated, Vec<Config
         errors,
     };
     for dr in &config.destination_rules {
-        port_levels_have_ports(dr, &mut ctx.errors);
+        check_rule(dr, &mut ctx.errors);
     }
     let mut out = Generated::default();
     let services = ctx.services.clone();
@@ -884,23 +941,31 @@ impl Ctx<'_> {
                 any(&opts),
             );
         }
-        let transport_socket = self.mtls_on(policy).then(|| {
-            let sans: BTreeSet<String> = workloads
-                .iter()
-                .map(|w| self.spiffe(&w.namespace, &w.service_account))
-                .collect();
-            let ctx = tls::UpstreamTlsContext {
-                common_tls_context: Some(
-                    self.common_tls(sans.iter().map(|s| exact(s)).collect(), svc.http2()),
-                ),
-                sni: name.replace('|', "_."),
-                ..Default::default()
-            };
-            core::TransportSocket {
-                name: "envoy.transport_sockets.tls".into(),
-                config_type: Some(core::transport_socket::ConfigType::TypedConfig(any(&ctx))),
-            }
-        });
+        let external = policy
+            .tls
+            .as_ref()
+            .filter(|t| matches!(t.mode.as_deref(), Some("SIMPLE" | "MUTUAL")));
+        let transport_socket = if let Some(tls) = external {
+            Some(self.external_tls(svc, tls))
+        } else {
+            self.mtls_on(policy).then(|| {
+                let sans: BTreeSet<String> = workloads
+                    .iter()
+                    .map(|w| self.spiffe(&w.namespace, &w.service_account))
+                    .collect();
+                let ctx = tls::UpstreamTlsContext {
+                    common_tls_context: Some(
+                        self.common_tls(sans.iter().map(|s| exact(s)).collect(), svc.http2()),
+                    ),
+                    sni: name.replace('|', "_."),
+                    ..Default::default()
+                };
+                core::TransportSocket {
+                    name: "envoy.transport_sockets.tls".into(),
+                    config_type: Some(core::transport_socket::ConfigType::TypedConfig(any(&ctx))),
+                }
+            })
+        };
         cpb::Cluster {
             name: name.to_owned(),
             cluster_discovery_type: Some(cpb::cluster::ClusterDiscoveryType::Type(
@@ -920,6 +985,78 @@ impl Ctx<'_> {
             typed_extension_protocol_options,
             transport_socket,
             ..Default::default()
+        }
+    }
+
+    /// DestinationRule `tls.mode` SIMPLE or MUTUAL: TLS to a server outside the mesh's
+    /// identity, with the files the rule names (read by the client, as Envoy reads them).
+    /// Without `caCertificates`, the system's roots; without `sni`, the service host; without
+    /// `subjectAltNames`, the certificate must be valid for the SNI.
+    fn external_tls(&self, svc: &Service, t: &super::Tls) -> core::TransportSocket {
+        let file = |path: &str| core::DataSource {
+            specifier: Some(core::data_source::Specifier::Filename(path.to_owned())),
+            ..Default::default()
+        };
+        let sans = t
+            .subject_alt_names
+            .iter()
+            .map(|san| {
+                let san_type = if san.contains("://") {
+                    tls::subject_alt_name_matcher::SanType::Uri
+                } else if san.parse::<std::net::IpAddr>().is_ok() {
+                    tls::subject_alt_name_matcher::SanType::IpAddress
+                } else {
+                    tls::subject_alt_name_matcher::SanType::Dns
+                };
+                tls::SubjectAltNameMatcher {
+                    san_type: san_type as i32,
+                    matcher: Some(exact(san)),
+                    oid: String::new(),
+                }
+            })
+            .collect();
+        let mut validation = tls::CertificateValidationContext {
+            match_typed_subject_alt_names: sans,
+            ..Default::default()
+        };
+        match (&t.ca_certificates, self.opts.flavour) {
+            (Some(ca), _) => validation.trusted_ca = Some(file(ca)),
+            // Envoy reads the system bundle as a file (Debian's path, as Istio's sidecars do).
+            (None, Flavour::Envoy) => {
+                validation.trusted_ca = Some(file("/etc/ssl/certs/ca-certificates.crt"));
+            }
+            (None, Flavour::ProxylessGrpc) => {
+                validation.system_root_certs = Some(Default::default());
+            }
+        }
+        let tls_certificates = match (&t.client_certificate, &t.private_key) {
+            (Some(cert), Some(key)) => vec![tls::TlsCertificate {
+                certificate_chain: Some(file(cert)),
+                private_key: Some(file(key)),
+                ..Default::default()
+            }],
+            _ => Vec::new(),
+        };
+        let alpn_protocols = if svc.http2() {
+            vec!["h2".into()]
+        } else {
+            vec!["h2".into(), "http/1.1".into()]
+        };
+        let ctx = tls::UpstreamTlsContext {
+            common_tls_context: Some(tls::CommonTlsContext {
+                tls_certificates,
+                validation_context_type: Some(
+                    tls::common_tls_context::ValidationContextType::ValidationContext(validation),
+                ),
+                alpn_protocols,
+                ..Default::default()
+            }),
+            sni: t.sni.clone().unwrap_or_else(|| svc.host.clone()),
+            ..Default::default()
+        };
+        core::TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(core::transport_socket::ConfigType::TypedConfig(any(&ctx))),
         }
     }
 

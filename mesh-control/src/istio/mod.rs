@@ -41,6 +41,23 @@ pub enum Seg<'a> {
     Idx(usize),
 }
 
+/// A field path as users write it: `spec.subsets[0].trafficPolicy.tls`.
+pub(crate) fn path_text(path: &[Seg<'_>]) -> String {
+    let mut s = String::new();
+    for seg in path {
+        match seg {
+            Seg::Key(k) => {
+                if !s.is_empty() {
+                    s.push('.');
+                }
+                s.push_str(k);
+            }
+            Seg::Idx(i) => s.push_str(&format!("[{i}]")),
+        }
+    }
+    s
+}
+
 impl Origin {
     /// An origin for text that is not from a file.
     pub fn inline(label: &str) -> Self {

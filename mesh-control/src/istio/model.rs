@@ -411,10 +411,27 @@ pub struct OutlierDetection {
 
 /// `ClientTLSSettings`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
 pub struct Tls {
-    /// `ISTIO_MUTUAL` or `DISABLE`.
+    /// `DISABLE`, `SIMPLE`, `MUTUAL` or `ISTIO_MUTUAL`.
     #[serde(default)]
     pub mode: Option<String>,
+    /// SIMPLE/MUTUAL: PEM file of the roots to verify the server with (none: the system's).
+    #[serde(default)]
+    pub ca_certificates: Option<String>,
+    /// MUTUAL: PEM file of the client certificate chain.
+    #[serde(default)]
+    pub client_certificate: Option<String>,
+    /// MUTUAL: PEM file of the client private key.
+    #[serde(default)]
+    pub private_key: Option<String>,
+    /// SIMPLE/MUTUAL: the server name sent (default: the service host).
+    #[serde(default)]
+    pub sni: Option<String>,
+    /// SIMPLE/MUTUAL: the server certificate must carry one of these SANs (default: be valid
+    /// for the SNI).
+    #[serde(default)]
+    pub subject_alt_names: Vec<String>,
 }
 
 /// `TrafficPolicy`.

@@ -250,6 +250,35 @@ pub fn validate(config: &Config, opts: &Options) -> Vec<Finding> {
             )));
         }
     }
+    for dr in &config.destination_rules {
+        let mut modes = Vec::new();
+        let mut policy_modes = |p: &super::TrafficPolicy| {
+            modes.extend(p.tls.iter().filter_map(|t| t.mode.clone()));
+            for pl in &p.port_level_settings {
+                modes.extend(pl.tls.iter().filter_map(|t| t.mode.clone()));
+            }
+        };
+        if let Some(p) = &dr.spec.traffic_policy {
+            policy_modes(p);
+        }
+        for s in &dr.spec.subsets {
+            if let Some(p) = &s.traffic_policy {
+                policy_modes(p);
+            }
+        }
+        if let Some(mode) = modes
+            .iter()
+            .find(|m| matches!(m.as_str(), "SIMPLE" | "MUTUAL"))
+        {
+            out.push(warn(dr.origin.at(
+                &[Seg::Key("spec")],
+                format!(
+                    "DestinationRule {}: tls mode {mode} names its own CA and certificate files, which the mesh's client and Envoy read but proxyless gRPC clients (grpcio, grpc-js) NACK: they take TLS only from certificate-provider instances (gRFC A29)",
+                    dr.meta.name
+                ),
+            )));
+        }
+    }
     for pa in &config.peer_authentications {
         if let Some(mode) = pa.spec.mtls.as_ref().and_then(|m| m.mode.as_deref()) {
             if !matches!(mode, "STRICT" | "PERMISSIVE" | "DISABLE" | "UNSET") {

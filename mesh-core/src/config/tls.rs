@@ -25,8 +25,40 @@ pub enum CertSource {
     /// PEM bytes inline in the resource.
     Inline {
         /// The PEM data.
-        pem: String,
+        pem: Vec<u8>,
     },
+    /// The operating system's trust store (`system_root_certs`).
+    System,
+    /// A certificate chain and its private key (`tls_certificates`), each a
+    /// [`CertSource::File`] or [`CertSource::Inline`].
+    KeyPair {
+        /// The PEM certificate chain, leaf first.
+        certificate_chain: Box<CertSource>,
+        /// The PEM private key.
+        private_key: Box<CertSource>,
+    },
+}
+
+impl CertSource {
+    /// The workload identity's own sources (certificate provider instance or SDS), as
+    /// opposed to certificates named by the resource itself (files, inline, system roots).
+    pub fn is_workload(&self) -> bool {
+        matches!(self, Self::Provider { .. } | Self::Sds { .. })
+    }
+
+    /// The PEM bytes of a file or inline source.
+    ///
+    /// # Errors
+    /// The file cannot be read, or the source holds no PEM of its own.
+    pub fn read_pem(&self) -> Result<Vec<u8>, String> {
+        match self {
+            Self::File { path } => {
+                std::fs::read(path).map_err(|e| format!("cannot read {path}: {e}"))
+            }
+            Self::Inline { pem } => Ok(pem.clone()),
+            other => Err(format!("{other:?} is not a PEM file or inline PEM")),
+        }
+    }
 }
 
 /// Which SAN a matcher looks at.

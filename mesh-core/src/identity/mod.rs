@@ -10,11 +10,13 @@
 //!
 //! The crypto provider is chosen once, here: ring.
 
+mod external;
 mod provider;
 mod sds;
 mod spiffe;
 mod verify;
 
+pub use external::{external_client_config, is_external};
 pub use provider::{from_bootstrap, FileWatcher, FileWatcherConfig};
 pub use sds::SdsProvider;
 pub use spiffe::{peer_spiffe_id, SpiffeId};

@@ -23,7 +23,7 @@ use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use super::{crypto_provider, peer_spiffe_id, Identity, IdentityStore, SpiffeId};
 use crate::config::{SanMatcher, SanType};
 
-fn webpki_error(e: webpki::Error) -> rustls::Error {
+pub(super) fn webpki_error(e: webpki::Error) -> rustls::Error {
     use webpki::Error as E;
     rustls::Error::InvalidCertificate(match e {
         E::CertExpired { .. } => CertificateError::Expired,
@@ -228,7 +228,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 
 /// Presents the current certificate (read at each handshake: rotation needs no new config).
 #[derive(Debug)]
-struct Resolver(Arc<ArcSwap<Identity>>);
+pub(super) struct Resolver(pub(super) Arc<ArcSwap<Identity>>);
 
 impl ResolvesClientCert for Resolver {
     fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {

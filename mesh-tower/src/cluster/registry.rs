@@ -177,9 +177,10 @@ impl Drop for RequestGuard {
     }
 }
 
-/// The connector for a cluster: TLS with the workload identity when the cluster has an
-/// `UpstreamTlsContext`; `Err` (kept and reported per request) when it needs TLS but no
-/// identity is configured: the mesh never falls back to plaintext.
+/// The connector for a cluster: TLS when the cluster has an `UpstreamTlsContext`, with the
+/// workload identity, or with the trust and certificate the context names itself; `Err`
+/// (kept and reported per request) when that TLS cannot be set up (no workload identity, an
+/// unreadable CA file): the mesh never falls back to plaintext.
 fn connector_for(
     cluster: &Cluster,
     identity: Option<&IdentityStore>,
@@ -187,9 +188,6 @@ fn connector_for(
     let Some(tls) = &cluster.tls else {
         return Ok(MeshConnector::new(None, cluster.connect_timeout, None));
     };
-    let identity = identity.ok_or_else(|| {
-        format!("cluster {:?} requires mTLS but the client has no workload identity (set one on the MeshClient)", cluster.name)
-    })?;
     let alpn: Vec<Vec<u8>> = if !tls.alpn.is_empty() {
         tls.alpn.iter().map(|a| a.as_bytes().to_vec()).collect()
     } else {
@@ -199,8 +197,17 @@ fn connector_for(
             UpstreamProtocol::Auto => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
         }
     };
-    let config = mesh_core::identity::client_config(identity, tls.san_matchers.clone(), alpn)
-        .map_err(|e| format!("cluster {:?}: TLS config: {e}", cluster.name))?;
+    let config = if mesh_core::identity::is_external(tls) {
+        // The cluster names its own trust (Istio's SIMPLE and MUTUAL modes).
+        mesh_core::identity::external_client_config(tls, identity, alpn)
+            .map_err(|e| format!("cluster {:?}: TLS: {e}", cluster.name))?
+    } else {
+        let identity = identity.ok_or_else(|| {
+            format!("cluster {:?} requires mTLS but the client has no workload identity (set one on the MeshClient)", cluster.name)
+        })?;
+        mesh_core::identity::client_config(identity, tls.san_matchers.clone(), alpn)
+            .map_err(|e| format!("cluster {:?}: TLS config: {e}", cluster.name))?
+    };
     let sni = (!tls.sni.is_empty()).then(|| tls.sni.clone());
     Ok(MeshConnector::new(
         Some(Arc::new(config)),

@@ -83,13 +83,15 @@ pub(crate) fn downstream(ts: &core::TransportSocket) -> Result<Socket<Downstream
             .at("require_client_certificate")
             .at("typed_config");
     }
-    Ok(Socket::Tls(DownstreamTls {
+    let tls = DownstreamTls {
         identity,
         validation,
         require_client_certificate,
         san_matchers,
         alpn,
-    }))
+    };
+    workload_only(&tls).at("typed_config")?;
+    Ok(Socket::Tls(tls))
 }
 
 type Common = (
@@ -133,11 +135,22 @@ fn common_ctx(c: &pb::CommonTlsContext) -> Result<Common, FieldError> {
         Some(CertSource::Sds {
             name: s.name.clone(),
         })
-    } else if !c.tls_certificates.is_empty() {
-        return err(
-            "inline certificates are not supported; use a certificate provider instance or SDS",
-        )
-        .at("tls_certificates");
+    } else if let Some(first) = c.tls_certificates.first() {
+        if c.tls_certificates.len() > 1 {
+            return err("one certificate is supported (the mesh does not choose between several)")
+                .at_index("tls_certificates", 1);
+        }
+        let pem = |d: &Option<core::DataSource>, field: &'static str| {
+            d.as_ref()
+                .ok_or_else(|| FieldError::new(format!("{field} is required")))
+                .and_then(data_source)
+                .at(field)
+                .at_index("tls_certificates", 0)
+        };
+        Some(CertSource::KeyPair {
+            certificate_chain: Box::new(pem(&first.certificate_chain, "certificate_chain")?),
+            private_key: Box::new(pem(&first.private_key, "private_key")?),
+        })
     } else {
         None
     };
@@ -184,10 +197,6 @@ fn validation_ctx(
     v: &pb::CertificateValidationContext,
     sans: &mut Vec<SanMatcher>,
 ) -> Result<Option<CertSource>, FieldError> {
-    if v.system_root_certs.is_some() {
-        return err("system root certificates are not supported in the mesh")
-            .at("system_root_certs");
-    }
     for (i, m) in v.match_typed_subject_alt_names.iter().enumerate() {
         let san_type = match m.san_type {
             1 => SanType::Email,
@@ -222,13 +231,176 @@ fn validation_ctx(
             certificate_name: p.certificate_name.clone(),
         }));
     }
-    if v.trusted_ca.is_some() {
-        // The mesh verifies every peer against its workload trust bundle (from a certificate
-        // provider instance or SDS); a CA given here would silently not be the one used.
-        return err(
-            "trusted_ca is not supported: peers are verified with the workload trust bundle (ca_certificate_provider_instance or SDS)",
-        )
-        .at("trusted_ca");
+    match (&v.trusted_ca, &v.system_root_certs) {
+        (Some(_), Some(_)) => {
+            err("trusted_ca and system_root_certs are exclusive").at("system_root_certs")
+        }
+        (Some(ca), None) => Ok(Some(data_source(ca).at("trusted_ca")?)),
+        (None, Some(_)) => Ok(Some(CertSource::System)),
+        (None, None) => Ok(None),
     }
-    Ok(None)
+}
+
+/// PEM from a `DataSource`: a file the client reads, or inline bytes or text.
+fn data_source(d: &core::DataSource) -> Result<CertSource, FieldError> {
+    use core::data_source::Specifier;
+    match &d.specifier {
+        Some(Specifier::Filename(path)) if !path.is_empty() => {
+            Ok(CertSource::File { path: path.clone() })
+        }
+        Some(Specifier::InlineBytes(b)) => Ok(CertSource::Inline { pem: b.clone() }),
+        Some(Specifier::InlineString(s)) => Ok(CertSource::Inline {
+            pem: s.clone().into_bytes(),
+        }),
+        Some(Specifier::EnvironmentVariable(_)) => {
+            err("certificates from environment variables are not supported")
+                .at("environment_variable")
+        }
+        _ => err("a filename, inline_bytes or inline_string is required"),
+    }
+}
+
+/// Server listeners present the workload identity and verify clients with its trust bundle:
+/// certificates named by the resource itself would silently not be the ones used.
+fn workload_only(tls: &DownstreamTls) -> Result<(), FieldError> {
+    if tls.identity.as_ref().is_some_and(|c| !c.is_workload()) {
+        return err("a server presents the workload certificate (tls_certificate_provider_instance or SDS); tls_certificates are not supported on listeners")
+            .at("tls_certificates")
+            .at("common_tls_context");
+    }
+    if tls.validation.as_ref().is_some_and(|c| !c.is_workload()) {
+        return err("clients are verified with the workload trust bundle (ca_certificate_provider_instance or SDS); trusted_ca and system_root_certs are not supported on listeners")
+            .at("validation_context")
+            .at("common_tls_context");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::{Message, Name};
+
+    fn socket<M: Message + Name>(ctx: &M) -> core::TransportSocket {
+        core::TransportSocket {
+            name: "envoy.transport_sockets.tls".into(),
+            config_type: Some(core::transport_socket::ConfigType::TypedConfig(
+                envoy_types::pb::google::protobuf::Any {
+                    type_url: M::type_url(),
+                    value: ctx.encode_to_vec(),
+                },
+            )),
+        }
+    }
+
+    fn file(path: &str) -> Option<core::DataSource> {
+        Some(core::DataSource {
+            specifier: Some(core::data_source::Specifier::Filename(path.into())),
+            ..Default::default()
+        })
+    }
+
+    fn common(validation: pb::CertificateValidationContext) -> pb::CommonTlsContext {
+        pb::CommonTlsContext {
+            tls_certificates: vec![pb::TlsCertificate {
+                certificate_chain: file("/etc/client.pem"),
+                private_key: Some(core::DataSource {
+                    specifier: Some(core::data_source::Specifier::InlineString("KEY".into())),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            validation_context_type: Some(
+                pb::common_tls_context::ValidationContextType::ValidationContext(validation),
+            ),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn upstream_contexts_keep_their_own_trust_and_certificate() {
+        let ctx = pb::UpstreamTlsContext {
+            common_tls_context: Some(common(pb::CertificateValidationContext {
+                trusted_ca: file("/etc/ca.pem"),
+                ..Default::default()
+            })),
+            sni: "api.example.com".into(),
+            ..Default::default()
+        };
+        let Ok(Socket::Tls(tls)) = upstream(&socket(&ctx)) else {
+            panic!("translates")
+        };
+        assert_eq!(tls.sni, "api.example.com");
+        assert_eq!(
+            tls.validation,
+            Some(CertSource::File {
+                path: "/etc/ca.pem".into()
+            })
+        );
+        assert_eq!(
+            tls.identity,
+            Some(CertSource::KeyPair {
+                certificate_chain: Box::new(CertSource::File {
+                    path: "/etc/client.pem".into()
+                }),
+                private_key: Box::new(CertSource::Inline {
+                    pem: b"KEY".to_vec()
+                }),
+            })
+        );
+
+        let system = pb::UpstreamTlsContext {
+            common_tls_context: Some(pb::CommonTlsContext {
+                validation_context_type: Some(
+                    pb::common_tls_context::ValidationContextType::ValidationContext(
+                        pb::CertificateValidationContext {
+                            system_root_certs: Some(Default::default()),
+                            ..Default::default()
+                        },
+                    ),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let Ok(Socket::Tls(tls)) = upstream(&socket(&system)) else {
+            panic!("translates")
+        };
+        assert_eq!(tls.validation, Some(CertSource::System));
+
+        let mut env = ctx.clone();
+        env.common_tls_context.as_mut().unwrap().tls_certificates[0].private_key =
+            Some(core::DataSource {
+                specifier: Some(core::data_source::Specifier::EnvironmentVariable(
+                    "KEY".into(),
+                )),
+                ..Default::default()
+            });
+        let Err(e) = upstream(&socket(&env)) else {
+            panic!("refused")
+        };
+        assert_eq!(
+            format!("{}: {}", e.path(), e.message),
+            "typed_config.common_tls_context.tls_certificates[0].private_key.environment_variable: certificates from environment variables are not supported"
+        );
+    }
+
+    #[test]
+    fn listeners_refuse_certificates_other_than_the_workload_identity() {
+        let ctx = pb::DownstreamTlsContext {
+            common_tls_context: Some(common(pb::CertificateValidationContext {
+                trusted_ca: file("/etc/ca.pem"),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let Err(e) = downstream(&socket(&ctx)) else {
+            panic!("refused")
+        };
+        let text = format!("{}: {}", e.path(), e.message);
+        assert!(
+            text.starts_with("typed_config.common_tls_context.tls_certificates: a server presents the workload certificate"),
+            "{text}"
+        );
+    }
 }

@@ -1484,7 +1484,7 @@ pub(super) static ENTRIES: &[Entry] = &[
         "envoy.extensions.transport_sockets.tls.v3.CommonTlsContext",
         &[
             ("tls_params", H),
-            ("tls_certificates", R),
+            ("tls_certificates", H),
             ("tls_certificate_sds_secret_configs", H),
             ("tls_certificate_provider_instance", H),
             ("custom_tls_certificate_selector", R),
@@ -1537,12 +1537,32 @@ pub(super) static ENTRIES: &[Entry] = &[
         ],
     ),
     entry(
+        "envoy.extensions.transport_sockets.tls.v3.TlsCertificate",
+        "envoy.extensions.transport_sockets.tls.v3.TlsCertificate",
+        &[
+            ("certificate_chain", H),
+            ("private_key", H),
+            ("pkcs12", R),
+            ("watched_directory", R),
+            ("private_key_provider", R),
+            ("password", R),
+            ("ocsp_staple", R),
+            ("signed_certificate_timestamp", R),
+            ("tls_params", R),
+        ],
+    ),
+    entry(
+        "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext.SystemRootCerts",
+        "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext.SystemRootCerts",
+        &[],
+    ),
+    entry(
         "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
         "envoy.extensions.transport_sockets.tls.v3.CertificateValidationContext",
         &[
-            ("trusted_ca", R),
+            ("trusted_ca", H),
             ("ca_certificate_provider_instance", H),
-            ("system_root_certs", R),
+            ("system_root_certs", H),
             ("watched_directory", R),
             ("verify_certificate_spki", R),
             ("verify_certificate_hash", R),
