@@ -314,7 +314,8 @@ fn envoy_validate_accepts_generated_resources() {
     );
 
     // DestinationRule tls SIMPLE and MUTUAL, as Envoy nodes get them: Envoy loads the CA,
-    // certificate and key files named in the rule (validate mode reads them too).
+    // certificate and key files named in the rule (validate mode reads them too); and
+    // loadBalancer warmup as slow-start configs of both policies that have one.
     let dir = std::env::temp_dir().join(format!("mesh-envoy-tls-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ca = mesh_control::ca::DevCa::new("cluster.local").unwrap();
@@ -341,8 +342,10 @@ spec:
   host: api.example.com
   trafficPolicy:
     tls: {{mode: SIMPLE, caCertificates: {dir}/ca.pem, subjectAltNames: [api.example.com]}}
+    loadBalancer: {{simple: ROUND_ROBIN, warmup: {{duration: 30s, minimumPercent: 20, aggression: 1.5}}}}
     portLevelSettings:
     - port: {{number: 8443}}
+      loadBalancer: {{simple: LEAST_REQUEST, warmupDurationSecs: 45s}}
       tls: {{mode: MUTUAL, caCertificates: {dir}/ca.pem, clientCertificate: {dir}/client.pem, privateKey: {dir}/client-key.pem, sni: grpc.example.com}}
 "#,
         dir = dir.display()

@@ -413,8 +413,12 @@ fn check_rule(dr: &Doc<super::DestinationRuleSpec>, errors: &mut Vec<ConfigError
     };
     for (path, policy) in places {
         let mut tls_blocks = Vec::new();
+        let mut lb_blocks = Vec::new();
         if let Some(tls) = &policy.tls {
             tls_blocks.push(([path.as_slice(), &[Seg::Key("tls")]].concat(), tls));
+        }
+        if let Some(lb) = &policy.load_balancer {
+            lb_blocks.push(([path.as_slice(), &[Seg::Key("loadBalancer")]].concat(), lb));
         }
         for (j, pl) in policy.port_level_settings.iter().enumerate() {
             let at = [
@@ -431,6 +435,12 @@ fn check_rule(dr: &Doc<super::DestinationRuleSpec>, errors: &mut Vec<ConfigError
             if let Some(tls) = &pl.tls {
                 tls_blocks.push(([at.as_slice(), &[Seg::Key("tls")]].concat(), tls));
             }
+            if let Some(lb) = &pl.load_balancer {
+                lb_blocks.push(([at.as_slice(), &[Seg::Key("loadBalancer")]].concat(), lb));
+            }
+        }
+        for (at, lb) in lb_blocks {
+            check_warmup(&at, lb, &mut error);
         }
         for (at, tls) in tls_blocks {
             let field = |name: &'static str| [at.as_slice(), &[Seg::Key(name)]].concat();
@@ -473,6 +483,84 @@ fn check_rule(dr: &Doc<super::DestinationRuleSpec>, errors: &mut Vec<ConfigError
             }
         }
     }
+}
+
+/// `loadBalancer.warmup` / `warmupDurationSecs`: slow start exists for ROUND_ROBIN and
+/// LEAST_REQUEST only (as in Istio and Envoy), needs a duration of at least 1 ms, a minimum
+/// percent of 0-100 and a positive aggression.
+fn check_warmup(
+    at: &[Seg<'static>],
+    lb: &super::LoadBalancer,
+    error: &mut impl FnMut(&[Seg<'_>], String),
+) {
+    let field = |name: &'static str| [at, &[Seg::Key(name)]].concat();
+    let named = if lb.warmup.is_some() {
+        "warmup"
+    } else if lb.warmup_duration_secs.is_some() {
+        "warmupDurationSecs"
+    } else {
+        return;
+    };
+    let policy = match (&lb.consistent_hash, lb.simple.as_deref()) {
+        (Some(_), _) => Some("consistentHash"),
+        (None, None | Some("ROUND_ROBIN" | "LEAST_REQUEST" | "LEAST_CONN")) => None,
+        (None, Some(other)) => Some(other),
+    };
+    if let Some(policy) = policy {
+        error(
+            &field(named),
+            format!(
+                "slow start applies to ROUND_ROBIN and LEAST_REQUEST only (the policy is {policy})"
+            ),
+        );
+    }
+    let mut window = |path: Vec<Seg<'static>>, d: Option<&String>| match d {
+        None => error(&path, "is required".into()),
+        Some(d) => match parse_duration(d) {
+            Some(w) if w >= Duration::from_millis(1) => {}
+            Some(_) => error(&path, format!("{d:?} is shorter than 1ms")),
+            None => error(&path, format!("invalid duration {d:?} (use e.g. 30s, 2m)")),
+        },
+    };
+    match &lb.warmup {
+        Some(w) => {
+            let at = field("warmup");
+            let sub = |name: &'static str| [at.as_slice(), &[Seg::Key(name)]].concat();
+            window(sub("duration"), w.duration.as_ref());
+            if let Some(p) = w.minimum_percent.filter(|p| !(0.0..=100.0).contains(p)) {
+                error(&sub("minimumPercent"), format!("must be 0-100 (got {p})"));
+            }
+            if let Some(a) = w.aggression.filter(|a| !(a.is_finite() && *a > 0.0)) {
+                error(
+                    &sub("aggression"),
+                    format!("must be greater than 0 (got {a})"),
+                );
+            }
+        }
+        None => window(
+            field("warmupDurationSecs"),
+            lb.warmup_duration_secs.as_ref(),
+        ),
+    }
+}
+
+/// The slow-start config of a load balancer block (`warmup` before the deprecated
+/// `warmupDurationSecs`), as Istio builds it; `None` without one or when it does not parse
+/// (`check_rule` reports that).
+fn slow_start(lb: &super::LoadBalancer) -> Option<cpb::cluster::SlowStartConfig> {
+    let (window, min, aggression) = match &lb.warmup {
+        Some(w) => (w.duration.as_deref()?, w.minimum_percent, w.aggression),
+        None => (lb.warmup_duration_secs.as_deref()?, None, None),
+    };
+    let window = parse_duration(window).filter(|w| !w.is_zero())?;
+    Some(cpb::cluster::SlowStartConfig {
+        slow_start_window: Some(pb_duration(window)),
+        aggression: aggression.map(|a| core::RuntimeDouble {
+            default_value: a,
+            runtime_key: "upstream.istio.slowstart.aggression".into(),
+        }),
+        min_weight_percent: min.map(|value| envoy_types::pb::envoy::r#type::v3::Percent { value }),
+    })
 }
 
 /// The PeerAuthentication mode for a workload: selector match in its namespace, then
@@ -851,6 +939,21 @@ impl Ctx<'_> {
                 cpb::cluster::LbPolicy::LeastRequest
             }
         };
+        let lb_config = lb.and_then(slow_start).and_then(|ss| match lb_policy {
+            cpb::cluster::LbPolicy::RoundRobin => Some(cpb::cluster::LbConfig::RoundRobinLbConfig(
+                cpb::cluster::RoundRobinLbConfig {
+                    slow_start_config: Some(ss),
+                },
+            )),
+            cpb::cluster::LbPolicy::LeastRequest => Some(
+                cpb::cluster::LbConfig::LeastRequestLbConfig(cpb::cluster::LeastRequestLbConfig {
+                    slow_start_config: Some(ss),
+                    ..Default::default()
+                }),
+            ),
+            // Refused by `check_rule`.
+            _ => None,
+        });
         let pool = policy.connection_pool.as_ref();
         let max = u32::MAX;
         let thresholds = cpb::circuit_breakers::Thresholds {
@@ -977,6 +1080,7 @@ impl Ctx<'_> {
             }),
             connect_timeout: Some(pb_duration(connect_timeout)),
             lb_policy: lb_policy as i32,
+            lb_config,
             circuit_breakers: Some(cpb::CircuitBreakers {
                 thresholds: vec![thresholds],
                 ..Default::default()

@@ -348,6 +348,27 @@ pub struct LoadBalancer {
     /// Consistent hashing.
     #[serde(default)]
     pub consistent_hash: Option<ConsistentHash>,
+    /// Slow start for new endpoints (`warmup` wins when both are set).
+    #[serde(default)]
+    pub warmup_duration_secs: Option<String>,
+    /// Slow start for new endpoints: duration, minimum weight percent, aggression.
+    #[serde(default)]
+    pub warmup: Option<Warmup>,
+}
+
+/// `LoadBalancerSettings.WarmupConfiguration`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Warmup {
+    /// The window over which a new endpoint's weight grows to its full value (required).
+    #[serde(default)]
+    pub duration: Option<String>,
+    /// The weight a new endpoint starts at, in percent of its full weight (default 10).
+    #[serde(default)]
+    pub minimum_percent: Option<f64>,
+    /// How fast the weight grows: 1.0 linear (the default), higher starts slower.
+    #[serde(default)]
+    pub aggression: Option<f64>,
 }
 
 /// `ConnectionPoolSettings.TCPSettings`.

@@ -638,3 +638,112 @@ spec:
         "{errors:?}"
     );
 }
+
+#[test]
+fn warmup_becomes_slow_start_and_bad_warmups_are_errors_at_their_line() {
+    let text = r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: prod}
+spec:
+  hosts: [api.prod.svc.cluster.local]
+  ports: [{number: 8080, name: http, protocol: HTTP}, {number: 9090, name: grpc, protocol: GRPC}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api, namespace: prod}
+spec:
+  host: api
+  trafficPolicy:
+    loadBalancer:
+      simple: ROUND_ROBIN
+      warmup: {duration: 30s, minimumPercent: 20, aggression: 2}
+    portLevelSettings:
+    - port: {number: 9090}
+      loadBalancer: {simple: LEAST_REQUEST, warmupDurationSecs: 45s}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer: {simple: RANDOM}
+"#;
+    let config = parse(text, "warmup.yaml").unwrap();
+    let out = generate(&config, &Options::default()).unwrap();
+    let snap = file::snapshot_from_resources(&out.resources).unwrap();
+    let c = |name: &str| snap.cluster(name).unwrap_or_else(|| panic!("{name}"));
+    let http = c("outbound|8080||api.prod.svc.cluster.local");
+    assert_eq!(http.lb_policy, LbPolicy::RoundRobin);
+    let ss = http.slow_start.clone().expect("warmup on the host policy");
+    assert_eq!(ss.window, std::time::Duration::from_secs(30));
+    assert_eq!(ss.aggression, 2.0);
+    assert!((ss.min_weight - 0.2).abs() < 1e-9);
+    // Halfway through with aggression 2: sqrt(0.5) of the weight.
+    assert!((ss.factor(std::time::Duration::from_secs(15)) - 0.5f64.sqrt()).abs() < 1e-9);
+    let grpc = c("outbound|9090||api.prod.svc.cluster.local");
+    assert!(matches!(grpc.lb_policy, LbPolicy::LeastRequest { .. }));
+    let ss = grpc
+        .slow_start
+        .clone()
+        .expect("warmupDurationSecs on the port");
+    assert_eq!(ss.window, std::time::Duration::from_secs(45));
+    assert_eq!(
+        (ss.aggression, ss.min_weight),
+        (1.0, 0.1),
+        "Envoy's defaults"
+    );
+    // The subset's loadBalancer replaces the host's: RANDOM, no warmup.
+    let v1 = c("outbound|8080|v1|api.prod.svc.cluster.local");
+    assert_eq!(v1.lb_policy, LbPolicy::Random);
+    assert!(v1.slow_start.is_none());
+    // validate says that proxyless gRPC clients will not warm endpoints up.
+    let findings = validate(&config, &Options::default());
+    assert!(
+        findings
+            .iter()
+            .any(|f| f.to_string().contains("no slow start")),
+        "{findings:?}"
+    );
+
+    // Each bad warmup is an error naming the field, at its line.
+    let cases = [
+        (
+            "simple: ROUND_ROBIN\n      warmup",
+            "simple: RANDOM\n      warmup",
+            18,
+            "loadBalancer.warmup: slow start applies to ROUND_ROBIN and LEAST_REQUEST only",
+        ),
+        ("duration: 30s, ", "", 18, "warmup.duration: is required"),
+        ("duration: 30s", "duration: soon", 18, "invalid duration"),
+        (
+            "minimumPercent: 20",
+            "minimumPercent: 150",
+            18,
+            "minimumPercent: must be 0-100",
+        ),
+        (
+            "aggression: 2",
+            "aggression: 0",
+            18,
+            "aggression: must be greater than 0",
+        ),
+        (
+            "warmupDurationSecs: 45s",
+            "warmupDurationSecs: 0s",
+            21,
+            "warmupDurationSecs: \"0s\" is shorter than 1ms",
+        ),
+    ];
+    for (from, to, line, message) in cases {
+        let bad = text.replace(from, to);
+        assert_ne!(bad, text, "{from}");
+        let errors =
+            generate(&parse(&bad, "warmup.yaml").unwrap(), &Options::default()).expect_err(message);
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.line == line && e.to_string().contains(message)),
+            "{message}: {errors:?}"
+        );
+    }
+}

@@ -266,6 +266,34 @@ pub fn validate(config: &Config, opts: &Options) -> Vec<Finding> {
                 policy_modes(p);
             }
         }
+        let mut warmups = 0;
+        let mut policy_warmups = |p: &super::TrafficPolicy| {
+            let lbs = p.load_balancer.iter().chain(
+                p.port_level_settings
+                    .iter()
+                    .filter_map(|pl| pl.load_balancer.as_ref()),
+            );
+            warmups += lbs
+                .filter(|lb| lb.warmup.is_some() || lb.warmup_duration_secs.is_some())
+                .count();
+        };
+        if let Some(p) = &dr.spec.traffic_policy {
+            policy_warmups(p);
+        }
+        for s in &dr.spec.subsets {
+            if let Some(p) = &s.traffic_policy {
+                policy_warmups(p);
+            }
+        }
+        if warmups > 0 {
+            out.push(warn(dr.origin.at(
+                &[Seg::Key("spec")],
+                format!(
+                    "DestinationRule {}: loadBalancer warmup (slow start) is applied by the mesh's client and Envoy; proxyless gRPC clients (grpcio, grpc-js) have no slow start and send new endpoints their full share at once",
+                    dr.meta.name
+                ),
+            )));
+        }
         if let Some(mode) = modes
             .iter()
             .find(|m| matches!(m.as_str(), "SIMPLE" | "MUTUAL"))

@@ -331,6 +331,37 @@ pub struct Cluster {
     pub max_requests_per_connection: Option<u32>,
     /// Upstream TLS (mTLS to the endpoints), when configured.
     pub tls: Option<UpstreamTls>,
+    /// Slow start for endpoints added after the first assignment, when configured.
+    pub slow_start: Option<SlowStart>,
+}
+
+/// Slow start (Envoy's `slow_start_config`, Istio's `warmupDurationSecs`): an endpoint added
+/// after the cluster's first assignment starts with a small share of traffic that grows
+/// over `window`, so a cold instance (empty caches, JIT, connection pools) is not flooded.
+/// Its weight is `weight × max(min_weight_percent, (t / window)^(1/aggression))`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlowStart {
+    /// How long an endpoint stays in slow start.
+    pub window: Duration,
+    /// How fast traffic grows: 1.0 linearly, higher is faster at the start.
+    pub aggression: f64,
+    /// The smallest share, as a fraction (0.1 = Envoy's default 10 %).
+    pub min_weight: f64,
+}
+
+impl SlowStart {
+    /// The weight factor, in `min_weight..=1`, of an endpoint `elapsed` into slow start.
+    pub fn factor(&self, elapsed: Duration) -> f64 {
+        if elapsed >= self.window || self.window.is_zero() {
+            return 1.0;
+        }
+        // Envoy counts at least one second, so a new endpoint is not starved at t = 0.
+        let t = elapsed.as_secs_f64().max(1.0) / self.window.as_secs_f64();
+        t.min(1.0)
+            .powf(1.0 / self.aggression)
+            .max(self.min_weight)
+            .min(1.0)
+    }
 }
 
 impl Cluster {

@@ -90,6 +90,29 @@ impl PickEndpoint for ByConfig {
         cluster: &ClusterRuntime,
         candidates: &'a [Arc<EndpointRuntime>],
     ) -> &'a Arc<EndpointRuntime> {
+        let Some(now) = cluster.warming_now() else {
+            return self.pick_by_policy(cluster, candidates);
+        };
+        // Slow start: an endpoint warming up with factor f is accepted with probability f,
+        // else the policy picks again, so its share is its weight × f (a few draws at most).
+        let mut chosen = self.pick_by_policy(cluster, candidates);
+        for _ in 0..8 {
+            let f = cluster.warm_factor(chosen, now);
+            if f >= 1.0 || fastrand::f64() < f {
+                break;
+            }
+            chosen = self.pick_by_policy(cluster, candidates);
+        }
+        chosen
+    }
+}
+
+impl ByConfig {
+    fn pick_by_policy<'a>(
+        &self,
+        cluster: &ClusterRuntime,
+        candidates: &'a [Arc<EndpointRuntime>],
+    ) -> &'a Arc<EndpointRuntime> {
         let config = cluster.config();
         let candidates = if config.locality_weighted {
             pick_locality(candidates).unwrap_or(candidates)

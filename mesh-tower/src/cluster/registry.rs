@@ -33,6 +33,8 @@ pub(crate) struct EndpointStats {
     interval_success: AtomicU64,
     /// Exponentially weighted moving average of response latency, in nanoseconds.
     pub(crate) ewma_nanos: AtomicU64,
+    /// Nanoseconds after the registry's epoch when its slow start began (0: not in slow start).
+    pub(crate) warm_since: AtomicU64,
 }
 
 impl EndpointStats {
@@ -128,6 +130,10 @@ pub struct ClusterRuntime {
     overflows: AtomicU64,
     retry_overflows: AtomicU64,
     epoch: tokio::time::Instant,
+    /// An assignment has been applied: endpoints added from now on get slow start.
+    assigned: std::sync::atomic::AtomicBool,
+    /// Nanos after `epoch` until which some endpoint may be in slow start (0: none).
+    warming_until: AtomicU64,
     /// When the next interval sweep of outlier detection is due (nanos after `epoch`; 0: not
     /// started).
     next_sweep: AtomicU64,
@@ -280,6 +286,8 @@ impl ClusterRuntime {
             overflows: AtomicU64::new(0),
             retry_overflows: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
+            assigned: Default::default(),
+            warming_until: AtomicU64::new(0),
             next_sweep: AtomicU64::new(0),
             applied: Mutex::new(None),
             dns: Mutex::new(None),
@@ -403,6 +411,37 @@ impl ClusterRuntime {
             cluster: self.clone(),
             endpoint: None,
         })
+    }
+
+    /// The slow-start weight factor of `endpoint` now (1.0 when it is not warming up).
+    pub(crate) fn warm_factor(&self, endpoint: &EndpointRuntime, now: u64) -> f64 {
+        let since = endpoint.stats.warm_since.load(Ordering::Relaxed);
+        let Some(ss) = self.config.load().slow_start.clone().filter(|_| since != 0) else {
+            return 1.0;
+        };
+        let elapsed = Duration::from_nanos(now.saturating_sub(since));
+        if elapsed >= ss.window {
+            endpoint.stats.warm_since.store(0, Ordering::Relaxed);
+            return 1.0;
+        }
+        ss.factor(elapsed)
+    }
+
+    /// Nanos after the epoch now, when some endpoint may be warming up; `None` otherwise (the
+    /// common case costs one load).
+    pub(crate) fn warming_now(&self) -> Option<u64> {
+        let until = self.warming_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return None;
+        }
+        let now = self.nanos(tokio::time::Instant::now());
+        if now >= until {
+            let _ =
+                self.warming_until
+                    .compare_exchange(until, 0, Ordering::AcqRel, Ordering::Relaxed);
+            return None;
+        }
+        Some(now)
     }
 
     fn nanos(&self, at: tokio::time::Instant) -> u64 {
@@ -641,6 +680,26 @@ impl ClusterRuntime {
             .iter()
             .map(|e| (e.address, e.stats.clone()))
             .collect();
+        // Endpoints new in an assignment after the first one start slow (when configured).
+        let had_assignment = self.assigned.load(Ordering::Acquire);
+        if cla.is_some() {
+            self.assigned.store(true, Ordering::Release);
+        }
+        let now = self.nanos(tokio::time::Instant::now());
+        let slow_start = cluster.slow_start.as_ref().filter(|_| had_assignment);
+        let stats_for = |address: &SocketAddr| match old.get(address) {
+            Some(stats) => stats.clone(),
+            None => {
+                let stats = EndpointStats::default();
+                if let Some(ss) = slow_start {
+                    stats.warm_since.store(now.max(1), Ordering::Relaxed);
+                    let until =
+                        now.saturating_add(ss.window.as_nanos().min(u128::from(u64::MAX)) as u64);
+                    self.warming_until.fetch_max(until, Ordering::AcqRel);
+                }
+                Arc::new(stats)
+            }
+        };
         let mut endpoints: Vec<Arc<EndpointRuntime>> = cla
             .map(|cla| {
                 cla.localities
@@ -655,7 +714,7 @@ impl ClusterRuntime {
                             locality_weight: loc.weight,
                             locality: li,
                             health: e.health,
-                            stats: old.get(&e.address).cloned().unwrap_or_default(),
+                            stats: stats_for(&e.address),
                             uniform: Default::default(),
                         })
                     })

@@ -10,6 +10,15 @@ use tokio::time::Instant;
 use super::{ClusterRegistry, Outcome};
 
 fn cluster(ports: &[u16], od: Option<OutlierDetection>) -> Snapshot {
+    cluster_with(ports, od, LbPolicy::RoundRobin, None)
+}
+
+fn cluster_with(
+    ports: &[u16],
+    od: Option<OutlierDetection>,
+    lb_policy: LbPolicy,
+    slow_start: Option<SlowStart>,
+) -> Snapshot {
     let cla = EndpointAssignment {
         cluster_name: "c".into(),
         localities: vec![LocalityEndpoints {
@@ -31,8 +40,9 @@ fn cluster(ports: &[u16], od: Option<OutlierDetection>) -> Snapshot {
     Snapshot::default().with_cluster(Cluster {
         name: "c".into(),
         discovery: Discovery::Static(Arc::new(cla)),
-        lb_policy: LbPolicy::RoundRobin,
+        lb_policy,
         locality_weighted: false,
+        slow_start,
         circuit_breakers: CircuitBreakers::default(),
         outlier_detection: od,
         connect_timeout: Duration::from_secs(1),
@@ -207,4 +217,77 @@ async fn success_rate_and_failure_percentage_detectors() {
         "90% failures: ejected"
     );
     assert!(!c.is_ejected(&eps[0], Instant::now()));
+}
+
+/// Share of `n` picks that went to the endpoint on `port`.
+fn share_of(registry: &ClusterRegistry, port: u16, n: usize) -> f64 {
+    use super::balance::{ByConfig, PickEndpoint};
+    let c = registry.get("c").unwrap();
+    let endpoints = c.endpoints();
+    let hits = (0..n)
+        .filter(|_| ByConfig::default().pick(&c, &endpoints).address.port() == port)
+        .count();
+    hits as f64 / n as f64
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_start_ramps_a_new_endpoint_up_over_its_window() {
+    for policy in [
+        LbPolicy::RoundRobin,
+        LbPolicy::Random,
+        LbPolicy::LeastRequest { choice_count: 2 },
+    ] {
+        let ss = SlowStart {
+            window: Duration::from_secs(10),
+            aggression: 1.0,
+            min_weight: 0.1,
+        };
+        let store = ConfigStore::new();
+        // The first assignment's endpoints serve at full weight at once.
+        store.publish(cluster_with(
+            &[1, 2],
+            None,
+            policy.clone(),
+            Some(ss.clone()),
+        ));
+        let registry = ClusterRegistry::new(store.clone());
+        let first = share_of(&registry, 2, 20_000);
+        assert!(
+            (0.45..0.55).contains(&first),
+            "{policy:?}: initial endpoint share {first}"
+        );
+        // Endpoint 3 arrives later: it starts at the minimum weight (0.1 of 1 + 0.1 + ... ).
+        store.publish(cluster_with(
+            &[1, 2, 3],
+            None,
+            policy.clone(),
+            Some(ss.clone()),
+        ));
+        let start = share_of(&registry, 3, 20_000);
+        // Weights 1, 1, 0.1: 0.1 / 2.1 ≈ 4.8 %.
+        assert!(
+            (0.03..0.07).contains(&start),
+            "{policy:?}: share at t=0 {start}"
+        );
+        tokio::time::advance(Duration::from_secs(5)).await;
+        // Weights 1, 1, 0.5: 20 %.
+        let mid = share_of(&registry, 3, 20_000);
+        assert!(
+            (0.17..0.23).contains(&mid),
+            "{policy:?}: share at t=5s {mid}"
+        );
+        tokio::time::advance(Duration::from_secs(6)).await;
+        let done = share_of(&registry, 3, 20_000);
+        assert!(
+            (0.30..0.37).contains(&done),
+            "{policy:?}: share after the window {done}"
+        );
+        // Without slow start a new endpoint takes its full share at once.
+        store.publish(cluster_with(&[1, 2, 3, 4], None, policy.clone(), None));
+        let plain = share_of(&registry, 4, 20_000);
+        assert!(
+            (0.22..0.28).contains(&plain),
+            "{policy:?}: no slow start {plain}"
+        );
+    }
 }

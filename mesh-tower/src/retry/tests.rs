@@ -65,6 +65,7 @@ fn snapshot(p: RetryPolicy, max_retries: u32) -> (Arc<RouteConfig>, Snapshot) {
         })),
         lb_policy: LbPolicy::RoundRobin,
         locality_weighted: false,
+        slow_start: None,
         circuit_breakers: CircuitBreakers {
             default: Thresholds {
                 max_retries,

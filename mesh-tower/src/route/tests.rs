@@ -320,6 +320,7 @@ async fn a_cluster_named_by_a_header_must_exist() {
         },
         lb_policy: LbPolicy::RoundRobin,
         locality_weighted: false,
+        slow_start: None,
         circuit_breakers: CircuitBreakers::default(),
         outlier_detection: None,
         connect_timeout: std::time::Duration::from_secs(1),

@@ -156,6 +156,7 @@ fn cluster(c: &pb::Cluster) -> Result<Cluster, FieldError> {
         }
     };
 
+    let mut slow_start = None;
     let (lb_policy, mut locality_weighted) = match &c.load_balancing_policy {
         // An aggregate cluster balances with its clusters' policies (gRFC A75); Envoy asks
         // for CLUSTER_PROVIDED on it.
@@ -171,9 +172,39 @@ fn cluster(c: &pb::Cluster) -> Result<Cluster, FieldError> {
             }
         },
         Some(p) if !p.policies.is_empty() => {
-            load_balancing_policy(p).at("load_balancing_policy")?
+            load_balancing_policy(p, &mut slow_start).at("load_balancing_policy")?
         }
-        _ => (legacy_lb_policy(c)?, false),
+        _ => {
+            use pb::cluster::LbConfig as C;
+            let policy = legacy_lb_policy(c)?;
+            let legacy = |sc: Option<&pb::cluster::SlowStartConfig>, field: &'static str| {
+                sc.map(|s| {
+                    slow_start_config(
+                        s.slow_start_window.as_ref(),
+                        s.aggression.as_ref(),
+                        s.min_weight_percent.as_ref(),
+                    )
+                })
+                .transpose()
+                .at("slow_start_config")
+                .at(field)
+                .map(Option::flatten)
+            };
+            slow_start = match (&c.lb_config, &policy) {
+                (Some(C::RoundRobinLbConfig(rr)), LbPolicy::RoundRobin) => {
+                    legacy(rr.slow_start_config.as_ref(), "round_robin_lb_config")?
+                }
+                (Some(C::LeastRequestLbConfig(lr)), LbPolicy::LeastRequest { .. }) => {
+                    legacy(lr.slow_start_config.as_ref(), "least_request_lb_config")?
+                }
+                (Some(C::RoundRobinLbConfig(_)), _) => {
+                    return err("round_robin_lb_config needs lb_policy ROUND_ROBIN")
+                        .at("round_robin_lb_config")
+                }
+                _ => None,
+            };
+            (policy, false)
+        }
     };
     if let Some(common) = &c.common_lb_config {
         use pb::cluster::common_lb_config::LocalityConfigSpecifier as L;
@@ -219,7 +250,37 @@ fn cluster(c: &pb::Cluster) -> Result<Cluster, FieldError> {
         http2,
         max_requests_per_connection,
         tls,
+        slow_start,
     })
+}
+
+/// `slow_start_config` (the cluster's and the load-balancing policies' messages have the same
+/// fields). No window: no slow start, as in Envoy.
+fn slow_start_config(
+    window: Option<&envoy_types::pb::google::protobuf::Duration>,
+    aggression: Option<&envoy_types::pb::envoy::config::core::v3::RuntimeDouble>,
+    min_weight_percent: Option<&envoy_types::pb::envoy::r#type::v3::Percent>,
+) -> Result<Option<SlowStart>, FieldError> {
+    let Some(window) = window else {
+        return Ok(None);
+    };
+    let window = duration(window).at("slow_start_window")?;
+    if window.is_zero() {
+        return Ok(None);
+    }
+    let aggression = aggression.map_or(1.0, |a| a.default_value);
+    if !(aggression.is_finite() && aggression > 0.0) {
+        return err(format!("must be greater than 0 (got {aggression})")).at("aggression");
+    }
+    let min = min_weight_percent.map_or(10.0, |p| p.value);
+    if !(0.0..=100.0).contains(&min) {
+        return err(format!("must be 0-100 (got {min})")).at("min_weight_percent");
+    }
+    Ok(Some(SlowStart {
+        window,
+        aggression,
+        min_weight: min / 100.0,
+    }))
 }
 
 fn legacy_lb_policy(c: &pb::Cluster) -> Result<LbPolicy, FieldError> {
@@ -283,7 +344,10 @@ fn locality_weighted(cfg: Option<&lbp::common::v3::LocalityLbConfig>) -> bool {
 }
 
 /// The first policy in the list the mesh implements, as gRPC picks it.
-fn load_balancing_policy(p: &pb::LoadBalancingPolicy) -> Result<(LbPolicy, bool), FieldError> {
+fn load_balancing_policy(
+    p: &pb::LoadBalancingPolicy,
+    slow_start: &mut Option<SlowStart>,
+) -> Result<(LbPolicy, bool), FieldError> {
     let mut seen = Vec::new();
     for (i, policy) in p.policies.iter().enumerate() {
         let Some(any) = policy
@@ -299,12 +363,42 @@ fn load_balancing_policy(p: &pb::LoadBalancingPolicy) -> Result<(LbPolicy, bool)
         };
         if name == lbp::round_robin::v3::RoundRobin::full_name() {
             let rr: lbp::round_robin::v3::RoundRobin = decode_any(any).at("typed_config")?;
+            *slow_start = rr
+                .slow_start_config
+                .as_ref()
+                .map(|sc| {
+                    slow_start_config(
+                        sc.slow_start_window.as_ref(),
+                        sc.aggression.as_ref(),
+                        sc.min_weight_percent.as_ref(),
+                    )
+                })
+                .transpose()
+                .at("slow_start_config")
+                .at("typed_extension_config")
+                .at_index("policies", i)?
+                .flatten();
             return Ok((
                 LbPolicy::RoundRobin,
                 locality_weighted(rr.locality_lb_config.as_ref()),
             ));
         } else if name == lbp::least_request::v3::LeastRequest::full_name() {
             let lr: lbp::least_request::v3::LeastRequest = decode_any(any).at("typed_config")?;
+            *slow_start = lr
+                .slow_start_config
+                .as_ref()
+                .map(|sc| {
+                    slow_start_config(
+                        sc.slow_start_window.as_ref(),
+                        sc.aggression.as_ref(),
+                        sc.min_weight_percent.as_ref(),
+                    )
+                })
+                .transpose()
+                .at("slow_start_config")
+                .at("typed_extension_config")
+                .at_index("policies", i)?
+                .flatten();
             let choice_count = lr.choice_count.map(|v| v.value).unwrap_or(2);
             if choice_count < 2 {
                 return at(err("choice_count must be at least 2"));
@@ -341,8 +435,8 @@ fn load_balancing_policy(p: &pb::LoadBalancingPolicy) -> Result<(LbPolicy, bool)
                 .endpoint_picking_policy
                 .as_ref()
                 .ok_or_else(|| FieldError::new("endpoint_picking_policy is required"));
-            let (policy, _) =
-                at(child.and_then(|c| load_balancing_policy(c).at("endpoint_picking_policy")))?;
+            let (policy, _) = at(child
+                .and_then(|c| load_balancing_policy(c, slow_start).at("endpoint_picking_policy")))?;
             return Ok((policy, true));
         }
         seen.push(name.to_owned());

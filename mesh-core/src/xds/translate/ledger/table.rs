@@ -1050,7 +1050,7 @@ pub(super) static ENTRIES: &[Entry] = &[
             ("maglev_lb_config", H),
             ("original_dst_lb_config", R),
             ("least_request_lb_config", H),
-            ("round_robin_lb_config", R),
+            ("round_robin_lb_config", H),
             ("common_lb_config", H),
             ("transport_socket", H),
             ("metadata", Ignored(META)),
@@ -1100,12 +1100,40 @@ pub(super) static ENTRIES: &[Entry] = &[
         ],
     ),
     entry(
+        "envoy.config.cluster.v3.Cluster.RoundRobinLbConfig",
+        "envoy.config.cluster.v3.Cluster.RoundRobinLbConfig",
+        &[("slow_start_config", H)],
+    ),
+    entry(
+        "envoy.config.core.v3.RuntimeDouble",
+        "envoy.config.core.v3.RuntimeDouble",
+        &[("default_value", H), ("runtime_key", Ignored(RUNTIME))],
+    ),
+    entry(
+        "envoy.config.cluster.v3.Cluster.SlowStartConfig",
+        "envoy.config.cluster.v3.Cluster.SlowStartConfig",
+        &[
+            ("slow_start_window", H),
+            ("aggression", H),
+            ("min_weight_percent", H),
+        ],
+    ),
+    entry(
+        "envoy.extensions.load_balancing_policies.common.v3.SlowStartConfig",
+        "envoy.extensions.load_balancing_policies.common.v3.SlowStartConfig",
+        &[
+            ("slow_start_window", H),
+            ("aggression", H),
+            ("min_weight_percent", H),
+        ],
+    ),
+    entry(
         "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig",
         "envoy.config.cluster.v3.Cluster.LeastRequestLbConfig",
         &[
             ("choice_count", H),
             ("active_request_bias", R),
-            ("slow_start_config", R),
+            ("slow_start_config", H),
         ],
     ),
     entry(
@@ -1397,7 +1425,7 @@ pub(super) static ENTRIES: &[Entry] = &[
         "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin",
         "envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin",
         &[
-            ("slow_start_config", R),
+            ("slow_start_config", H),
             ("locality_lb_config", H),
         ],
     ),
@@ -1407,7 +1435,7 @@ pub(super) static ENTRIES: &[Entry] = &[
         &[
             ("choice_count", H),
             ("active_request_bias", R),
-            ("slow_start_config", R),
+            ("slow_start_config", H),
             ("locality_lb_config", H),
             ("enable_full_scan", R),
             ("selection_method", R),
