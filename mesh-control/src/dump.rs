@@ -16,6 +16,20 @@ use mesh_core::xds::{file, ResourceType};
 /// # Errors
 /// The server cannot be reached or does not answer within `timeout`.
 pub async fn fetch(server: &str, node_id: &str, timeout: Duration) -> Result<Vec<Any>, String> {
+    let node = Node {
+        id: node_id.to_owned(),
+        user_agent_name: "meshctl".into(),
+        ..Default::default()
+    };
+    fetch_as(server, node, timeout).await
+}
+
+/// [`fetch`] as a given node: what a client in that node's locality (or with that user
+/// agent) is sent.
+///
+/// # Errors
+/// As [`fetch`].
+pub async fn fetch_as(server: &str, node: Node, timeout: Duration) -> Result<Vec<Any>, String> {
     let uri = if server.contains("://") {
         server.to_owned()
     } else {
@@ -27,11 +41,6 @@ pub async fn fetch(server: &str, node_id: &str, timeout: Duration) -> Result<Vec
             .map_err(|e| format!("cannot reach xDS server {uri}: {e}"))?
             .max_decoding_message_size(64 << 20);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<DiscoveryRequest>();
-        let node = Node {
-            id: node_id.to_owned(),
-            user_agent_name: "meshctl".into(),
-            ..Default::default()
-        };
         let req = |rt: ResourceType,
                    names: Vec<String>,
                    version: String,

@@ -101,9 +101,10 @@ impl ConfigSource {
                 let n = generated.resources.len();
                 // Envoy's flavour first: streams wake on the main cache.
                 if let (Some(cache), Some(envoy)) = (&self.envoy_cache, envoy) {
-                    cache.set_resources(envoy.resources);
+                    cache.set_resources_per_node(envoy.resources, envoy.per_node);
                 }
-                self.cache.set_resources(generated.resources);
+                self.cache
+                    .set_resources_per_node(generated.resources, generated.per_node);
                 tracing::info!(path = %self.path.display(), resources = n, listeners = ?generated.listeners, "configuration applied");
                 Reload::Applied(n)
             }

@@ -333,7 +333,7 @@ spec:
   hosts: [api.example.com]
   ports: [{{number: 80, name: http, protocol: HTTP}}, {{number: 8443, name: grpc, protocol: GRPC}}]
   resolution: STATIC
-  endpoints: [{{address: 127.0.0.1}}]
+  endpoints: [{{address: 127.0.0.1, locality: us-east/a/1}}, {{address: 127.0.0.2, locality: eu-west/a/1}}, {{address: 127.0.0.3, locality: ap-south/a/1}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -342,7 +342,11 @@ spec:
   host: api.example.com
   trafficPolicy:
     tls: {{mode: SIMPLE, caCertificates: {dir}/ca.pem, subjectAltNames: [api.example.com]}}
-    loadBalancer: {{simple: ROUND_ROBIN, warmup: {{duration: 30s, minimumPercent: 20, aggression: 1.5}}}}
+    loadBalancer:
+      simple: ROUND_ROBIN
+      warmup: {{duration: 30s, minimumPercent: 20, aggression: 1.5}}
+      localityLbSetting:
+        distribute: [{{from: "us-east/*", to: {{"us-east/*": 70, "eu-west/*": 30}}}}]
     portLevelSettings:
     - port: {{number: 8443}}
       loadBalancer: {{simple: LEAST_REQUEST, warmupDurationSecs: 45s}}
@@ -355,7 +359,13 @@ spec:
         flavour: istio::Flavour::Envoy,
         ..Options::default()
     };
-    envoy_validate(&istio::generate(&config, &opts).unwrap(), "tls");
+    let generated = istio::generate(&config, &opts).unwrap();
+    assert_eq!(
+        generated.per_node.len(),
+        1,
+        "port 80's assignment is per locality"
+    );
+    envoy_validate(&generated, "tls");
 }
 
 /// Runs `envoy --mode validate` over generated resources inlined as static resources.
@@ -364,7 +374,19 @@ fn envoy_validate(generated: &istio::Generated, label: &str) {
     let mut clusters = Vec::new();
     let mut routes = Vec::new();
     let mut assignments = std::collections::BTreeMap::new();
+    // Endpoint assignments as a node in us-east/a/1 gets them (locality load balancing).
+    let node = envoy_types::pb::envoy::config::core::v3::Node {
+        locality: Some(mesh_control::istio::locality::locality_of("us-east/a/1")),
+        ..Default::default()
+    };
     for any in &generated.resources {
+        let view = generated.per_node.iter().find(|p| {
+            p.type_url == any.type_url
+                && Some(&p.name) == mesh_control::ads::resource_name(any).as_ref()
+        });
+        let any = &view
+            .and_then(|p| p.view.rewrite(&node, any))
+            .unwrap_or_else(|| any.clone());
         let mut json = file::any_to_json(any).unwrap();
         let obj = json.as_object_mut().unwrap();
         obj.remove("@type");

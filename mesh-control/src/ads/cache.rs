@@ -4,6 +4,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
@@ -34,10 +35,57 @@ pub fn resource_name(any: &Any) -> Option<String> {
     }
 }
 
+/// Rewrites one served resource for the node that asks, e.g. a ClusterLoadAssignment's
+/// priorities and locality weights by the node's locality (Istio's locality load balancing).
+pub trait NodeView: Send + Sync + std::fmt::Debug {
+    /// The resource as `node` should see it (`None`: as it is).
+    fn rewrite(&self, node: &Node, resource: &Any) -> Option<Any>;
+    /// Identifies what the rewrite does: a change of it is a change of the resource.
+    fn fingerprint(&self) -> u64;
+}
+
+/// A resource that looks different per node, with what to do for each node.
+#[derive(Clone, Debug)]
+pub struct PerNode {
+    /// The type URL of the resource.
+    pub type_url: String,
+    /// Its name.
+    pub name: String,
+    /// The rewrite.
+    pub view: Arc<dyn NodeView>,
+}
+
+impl PartialEq for PerNode {
+    fn eq(&self, other: &Self) -> bool {
+        self.type_url == other.type_url
+            && self.name == other.name
+            && self.view.fingerprint() == other.view.fingerprint()
+    }
+}
+
 #[derive(Clone, Debug)]
 pub(crate) struct Versioned {
     pub(crate) version: String,
     pub(crate) resource: Any,
+    /// A per-node rewrite of `resource`, if any.
+    pub(crate) view: Option<Arc<dyn NodeView>>,
+}
+
+impl Versioned {
+    /// The resource as `node` sees it.
+    pub(crate) fn for_node(&self, node: Option<&Node>) -> Any {
+        match (&self.view, node) {
+            (Some(view), Some(node)) => view
+                .rewrite(node, &self.resource)
+                .unwrap_or_else(|| self.resource.clone()),
+            _ => self.resource.clone(),
+        }
+    }
+
+    fn same(&self, resource: &Any, view: Option<&Arc<dyn NodeView>>) -> bool {
+        self.resource == *resource
+            && self.view.as_ref().map(|v| v.fingerprint()) == view.map(|v| v.fingerprint())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -96,6 +144,20 @@ impl ResourceCache {
 
     /// Replaces the whole set of served resources. Returns names it could not read.
     pub fn set_resources(&self, resources: impl IntoIterator<Item = Any>) -> Vec<String> {
+        self.set_resources_per_node(resources, Vec::new())
+    }
+
+    /// Replaces the whole set of served resources, some of them rewritten for each node that
+    /// asks (`per_node`). Returns names it could not read.
+    pub fn set_resources_per_node(
+        &self,
+        resources: impl IntoIterator<Item = Any>,
+        per_node: Vec<PerNode>,
+    ) -> Vec<String> {
+        let views: HashMap<(String, String), Arc<dyn NodeView>> = per_node
+            .into_iter()
+            .map(|p| ((p.type_url, p.name), p.view))
+            .collect();
         let mut bad = Vec::new();
         let mut next: HashMap<String, BTreeMap<String, Any>> = HashMap::new();
         for any in resources {
@@ -116,13 +178,14 @@ impl ResourceCache {
             state.types.keys().chain(next.keys()).cloned().collect();
         for type_url in type_urls {
             let new = next.remove(&type_url).unwrap_or_default();
-            let (type_version, old) = state.types.entry(type_url).or_default();
+            let (type_version, old) = state.types.entry(type_url.clone()).or_default();
             let mut type_changed =
                 old.len() != new.len() || old.keys().any(|k| !new.contains_key(k));
             let mut merged = BTreeMap::new();
             for (name, any) in new {
+                let view = views.get(&(type_url.clone(), name.clone())).cloned();
                 match old.get(&name) {
-                    Some(v) if v.resource == any => {
+                    Some(v) if v.same(&any, view.as_ref()) => {
                         merged.insert(name, v.clone());
                     }
                     _ => {
@@ -132,6 +195,7 @@ impl ResourceCache {
                             Versioned {
                                 version: version.clone(),
                                 resource: any,
+                                view,
                             },
                         );
                     }
@@ -159,11 +223,18 @@ impl ResourceCache {
         state.counter += 1;
         let version = state.counter.to_string();
         let (type_version, map) = state.types.entry(resource.type_url.clone()).or_default();
-        if map.get(&name).is_some_and(|v| v.resource == resource) {
+        if map.get(&name).is_some_and(|v| v.same(&resource, None)) {
             return true;
         }
         *type_version = version.clone();
-        map.insert(name, Versioned { version, resource });
+        map.insert(
+            name,
+            Versioned {
+                version,
+                resource,
+                view: None,
+            },
+        );
         drop(state);
         self.inner.changed.send_modify(|v| *v = v.wrapping_add(1));
         true

@@ -30,7 +30,7 @@ use futures::Stream;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
 
-pub use cache::{resource_name, ResourceCache};
+pub use cache::{resource_name, NodeView, PerNode, ResourceCache};
 
 /// What a client said about a response.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,7 +165,16 @@ impl Source {
                 .map(|m| {
                     m.iter()
                         .filter(|(name, _)| names.is_none_or(|n| n.contains(*name)))
-                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .map(|(k, v)| {
+                            let v = match &v.view {
+                                Some(_) => cache::Versioned {
+                                    resource: v.for_node(node),
+                                    ..v.clone()
+                                },
+                                None => v.clone(),
+                            };
+                            (k.clone(), v)
+                        })
                         .collect()
                 })
                 .unwrap_or_default();

@@ -175,5 +175,6 @@ fn versioned(s: &Secret, version: String) -> Versioned {
             type_url: Secret::type_url(),
             value: s.encode_to_vec(),
         },
+        view: None,
     }
 }

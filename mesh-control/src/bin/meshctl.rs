@@ -3,7 +3,7 @@
 //! ```text
 //! meshctl serve    [--config PATH] [--listen ADDR] [--trust-domain TD]
 //! meshctl validate PATH...
-//! meshctl dump     [--server ADDR] [--node ID] | --config PATH
+//! meshctl dump     [--server ADDR] [--node ID] [--locality R/Z/S] | --config PATH
 //! meshctl certs    --out DIR [--trust-domain TD] [--hours N] NS/SA...
 //! ```
 
@@ -23,7 +23,8 @@ const USAGE: &str = "usage:
   meshctl validate PATH...
                    check Istio YAML like istioctl analyze; prints file:line: lines,
                    exits 1 on errors
-  meshctl dump     [--server ADDR] [--node ID]   the xDS resources a server sends a node, as JSON
+  meshctl dump     [--server ADDR] [--node ID] [--locality REGION/ZONE/SUBZONE]
+                                                the xDS resources a server sends a node, as JSON
   meshctl dump     --config PATH                 the xDS resources generated from YAML, as JSON
   meshctl certs    --out DIR [--trust-domain TD] [--hours N] NS/SA...
                    a development CA: DIR/root-cert.pem and DIR/NS/SA/{cert-chain,key}.pem
@@ -191,6 +192,7 @@ async fn dump(mut args: Args) -> Result<ExitCode, String> {
         .flag("--server")?
         .unwrap_or_else(|| "127.0.0.1:18000".into());
     let node = args.flag("--node")?.unwrap_or_else(|| "meshctl".into());
+    let locality = args.flag("--locality")?;
     let opts = options(&mut args)?;
     args.done()?;
     let resources = match config {
@@ -198,7 +200,15 @@ async fn dump(mut args: Args) -> Result<ExitCode, String> {
             let config = istio::load(Path::new(&path)).map_err(join)?;
             istio::generate(&config, &opts).map_err(join)?.resources
         }
-        None => mesh_control::dump::fetch(&server, &node, Duration::from_secs(10)).await?,
+        None => {
+            let node = envoy_types::pb::envoy::config::core::v3::Node {
+                id: node,
+                user_agent_name: "meshctl".into(),
+                locality: locality.map(|l| mesh_control::istio::locality::locality_of(&l)),
+                ..Default::default()
+            };
+            mesh_control::dump::fetch_as(&server, node, Duration::from_secs(10)).await?
+        }
     };
     let json = mesh_control::dump::to_json(&resources);
     println!(

@@ -82,6 +82,10 @@ pub struct Generated {
     pub listeners: Vec<String>,
     /// Server listener names.
     pub server_listeners: Vec<String>,
+    /// Resources each client sees its own way: endpoint assignments under locality load
+    /// balancing (see [`super::locality`]). Publish with
+    /// [`ResourceCache::set_resources_per_node`](crate::ads::ResourceCache::set_resources_per_node).
+    pub per_node: Vec<crate::ads::PerNode>,
 }
 
 fn any<M: Message + Name>(m: &M) -> Any {
@@ -411,14 +415,25 @@ fn check_rule(dr: &Doc<super::DestinationRuleSpec>, errors: &mut Vec<ConfigError
             ),
         ));
     };
+    // Outlier detection reaches a policy from itself or the host policy it is merged with.
+    let host_od = dr
+        .spec
+        .traffic_policy
+        .as_ref()
+        .is_some_and(|p| p.outlier_detection.is_some());
     for (path, policy) in places {
         let mut tls_blocks = Vec::new();
         let mut lb_blocks = Vec::new();
+        let od = host_od || policy.outlier_detection.is_some();
         if let Some(tls) = &policy.tls {
             tls_blocks.push(([path.as_slice(), &[Seg::Key("tls")]].concat(), tls));
         }
         if let Some(lb) = &policy.load_balancer {
-            lb_blocks.push(([path.as_slice(), &[Seg::Key("loadBalancer")]].concat(), lb));
+            lb_blocks.push((
+                [path.as_slice(), &[Seg::Key("loadBalancer")]].concat(),
+                lb,
+                od,
+            ));
         }
         for (j, pl) in policy.port_level_settings.iter().enumerate() {
             let at = [
@@ -436,11 +451,31 @@ fn check_rule(dr: &Doc<super::DestinationRuleSpec>, errors: &mut Vec<ConfigError
                 tls_blocks.push(([at.as_slice(), &[Seg::Key("tls")]].concat(), tls));
             }
             if let Some(lb) = &pl.load_balancer {
-                lb_blocks.push(([at.as_slice(), &[Seg::Key("loadBalancer")]].concat(), lb));
+                let od = od || pl.outlier_detection.is_some();
+                lb_blocks.push((
+                    [at.as_slice(), &[Seg::Key("loadBalancer")]].concat(),
+                    lb,
+                    od,
+                ));
             }
         }
-        for (at, lb) in lb_blocks {
+        for (at, lb, od) in lb_blocks {
             check_warmup(&at, lb, &mut error);
+            if let Some(setting) = &lb.locality_lb_setting {
+                let base = [at.as_slice(), &[Seg::Key("localityLbSetting")]].concat();
+                super::locality::check(setting, od, &mut |rel, index, message| {
+                    let mut path = base.clone();
+                    for (k, key) in rel.iter().enumerate() {
+                        path.push(Seg::Key(key));
+                        if k == 0 {
+                            if let Some(i) = index {
+                                path.push(Seg::Idx(i));
+                            }
+                        }
+                    }
+                    error(&path, message);
+                });
+            }
         }
         for (at, tls) in tls_blocks {
             let field = |name: &'static str| [at.as_slice(), &[Seg::Key(name)]].concat();
@@ -650,6 +685,27 @@ pub fn generate(config: &Config, opts: &Options) -> Result<Generated, Vec<Config
                 .collect();
             let name = cluster_name(svc.port, subset, &svc.host);
             let mut cluster = ctx.cluster(svc, &name, &policy, &workloads, dr);
+            let setting = policy
+                .load_balancer
+                .as_ref()
+                .and_then(|lb| lb.locality_lb_setting.as_ref());
+            let plan = super::locality::LocalityPlan::new(
+                setting,
+                policy.outlier_detection.is_some(),
+                &workloads,
+            );
+            if let Some(plan) = &plan {
+                if plan.weights_localities() {
+                    cluster
+                        .common_lb_config
+                        .get_or_insert_with(Default::default)
+                        .locality_config_specifier = Some(
+                        cpb::cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                            Default::default(),
+                        ),
+                    );
+                }
+            }
             match svc.dns {
                 // DNS services: the names go in the cluster, resolved by the client.
                 Some(logical) => {
@@ -669,6 +725,20 @@ pub fn generate(config: &Config, opts: &Options) -> Result<Generated, Vec<Config
                             ));
                         }
                     }
+                    let explicit = setting.is_some_and(|s| {
+                        !(s.distribute.is_empty()
+                            && s.failover.is_empty()
+                            && s.failover_priority.is_empty())
+                    });
+                    if let (true, Some(dr)) = (explicit, dr) {
+                        ctx.errors.push(dr.origin.at(
+                            &[Seg::Key("spec")],
+                            format!(
+                                "DestinationRule {}: localityLbSetting applies to services with endpoints (resolution STATIC or NONE), not to {} (resolution DNS): its addresses are resolved by each client",
+                                dr.meta.name, svc.host
+                            ),
+                        ));
+                    }
                     let kind = if logical {
                         cpb::cluster::DiscoveryType::LogicalDns
                     } else {
@@ -683,6 +753,13 @@ pub fn generate(config: &Config, opts: &Options) -> Result<Generated, Vec<Config
                 None => {
                     out.resources.push(any(&cluster));
                     out.resources.push(any(&assignment(&name, &workloads)));
+                    if let Some(plan) = plan {
+                        out.per_node.push(crate::ads::PerNode {
+                            type_url: <epb::ClusterLoadAssignment as Name>::type_url(),
+                            name: name.clone(),
+                            view: std::sync::Arc::new(plan),
+                        });
+                    }
                 }
             }
         }

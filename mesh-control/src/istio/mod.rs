@@ -15,6 +15,7 @@ use serde::Deserialize;
 
 pub mod generate;
 pub mod ledger;
+pub mod locality;
 pub mod model;
 pub mod validate;
 

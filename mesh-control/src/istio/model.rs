@@ -354,6 +354,50 @@ pub struct LoadBalancer {
     /// Slow start for new endpoints: duration, minimum weight percent, aggression.
     #[serde(default)]
     pub warmup: Option<Warmup>,
+    /// Locality-aware balancing: weights by locality, or failover order.
+    #[serde(default)]
+    pub locality_lb_setting: Option<LocalityLbSetting>,
+}
+
+/// `LocalityLoadBalancerSetting`: how a client spreads requests over the localities of a
+/// service's endpoints, relative to its own locality.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalityLbSetting {
+    /// Per client locality (`from`), the share of traffic each endpoint locality (`to`) gets.
+    #[serde(default)]
+    pub distribute: Vec<LocalityDistribute>,
+    /// Per client region, the region to fail over to before any other.
+    #[serde(default)]
+    pub failover: Vec<LocalityFailover>,
+    /// Labels whose match with the client's orders endpoints into priorities.
+    #[serde(default)]
+    pub failover_priority: Vec<String>,
+    /// `false` turns locality balancing off for the rule (also the mesh's default failover).
+    #[serde(default)]
+    pub enabled: Option<bool>,
+}
+
+/// `LocalityLoadBalancerSetting.Distribute`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct LocalityDistribute {
+    /// The client locality, `region/zone/subzone`, `*` allowed as the last segment.
+    #[serde(default)]
+    pub from: String,
+    /// Endpoint locality pattern to weight (1-100, summing to 100).
+    #[serde(default)]
+    pub to: BTreeMap<String, u32>,
+}
+
+/// `LocalityLoadBalancerSetting.Failover`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+pub struct LocalityFailover {
+    /// The client's region.
+    #[serde(default)]
+    pub from: String,
+    /// The region its traffic fails over to first.
+    #[serde(default)]
+    pub to: String,
 }
 
 /// `LoadBalancerSettings.WarmupConfiguration`.

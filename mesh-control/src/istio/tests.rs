@@ -734,11 +734,102 @@ spec:
             "warmupDurationSecs: \"0s\" is shorter than 1ms",
         ),
     ];
-    for (from, to, line, message) in cases {
+    expect_errors_at(text, &cases);
+}
+
+#[test]
+fn locality_settings_are_checked_at_their_line() {
+    let text = r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: api, namespace: prod}
+spec:
+  hosts: [api.prod.svc.cluster.local]
+  ports: [{number: 8080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1, locality: us-east/a/1, labels: {version: v1}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: api, namespace: prod}
+spec:
+  host: api
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3}
+    loadBalancer:
+      localityLbSetting:
+        failover: [{from: us-east, to: eu-west}]
+  subsets:
+  - name: v1
+    labels: {version: v1}
+    trafficPolicy:
+      loadBalancer:
+        localityLbSetting:
+          distribute:
+          - from: us-east/*
+            to: {"us-east/*": 60, "eu-west/*": 40}
+"#;
+    let config = parse(text, "locality.yaml").unwrap();
+    let out = generate(&config, &Options::default()).unwrap();
+    // The host cluster and the subset's each get a per-client assignment; the subset's
+    // cluster weights localities.
+    let names: Vec<&str> = out.per_node.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(
+        names,
+        vec![
+            "outbound|8080||api.prod.svc.cluster.local",
+            "outbound|8080|v1|api.prod.svc.cluster.local"
+        ]
+    );
+    let snap = file::snapshot_from_resources(&out.resources).unwrap();
+    assert!(
+        !snap
+            .cluster("outbound|8080||api.prod.svc.cluster.local")
+            .unwrap()
+            .locality_weighted
+    );
+    assert!(
+        snap.cluster("outbound|8080|v1|api.prod.svc.cluster.local")
+            .unwrap()
+            .locality_weighted
+    );
+
+    let cases = [
+        (
+            "    outlierDetection: {consecutive5xxErrors: 3}\n",
+            "",
+            18,
+            "spec.trafficPolicy.loadBalancer.localityLbSetting.failover: needs outlierDetection",
+        ),
+        (
+            "to: eu-west}",
+            "to: us-east}",
+            19,
+            "localityLbSetting.failover[0].to: fails \"us-east\" over to itself",
+        ),
+        (
+            "\"eu-west/*\": 40",
+            "\"eu-west/*\": 30",
+            28,
+            "spec.subsets[0].trafficPolicy.loadBalancer.localityLbSetting.distribute[0].to: weights sum to 90, not 100",
+        ),
+        (
+            "resolution: STATIC",
+            "resolution: DNS",
+            13,
+            "localityLbSetting applies to services with endpoints",
+        ),
+    ];
+    expect_errors_at(text, &cases);
+}
+
+/// For each `(from, to, line, message)`: `text` with `from` replaced by `to` fails to generate
+/// with an error at `line` that contains `message`.
+fn expect_errors_at(text: &str, cases: &[(&str, &str, usize, &str)]) {
+    for &(from, to, line, message) in cases {
         let bad = text.replace(from, to);
         assert_ne!(bad, text, "{from}");
         let errors =
-            generate(&parse(&bad, "warmup.yaml").unwrap(), &Options::default()).expect_err(message);
+            generate(&parse(&bad, "case.yaml").unwrap(), &Options::default()).expect_err(message);
         assert!(
             errors
                 .iter()
