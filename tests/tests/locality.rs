@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::config::core::v3::Locality;
 use harness::{Backend, FAIL, HOST, TARGET};
 use http_body_util::{BodyExt, Empty};
 use mesh_control::istio::Options;
-use mesh_core::xds::{Bootstrap, XdsClient};
+use mesh_core::xds::{Bootstrap, ProtocolMode, XdsClient};
 use mesh_tower::MeshClient;
 use tower::{Service, ServiceExt};
 
@@ -73,9 +73,10 @@ async fn serve(yaml: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
     (addr, stop)
 }
 
-async fn client(addr: &str, locality: &str) -> (XdsClient, MeshClient) {
+async fn client(addr: &str, locality: &str, mode: ProtocolMode) -> (XdsClient, MeshClient) {
     let mut parts = locality.split('/');
-    let mut bootstrap = Bootstrap::new(addr.to_owned(), format!("client-{locality}"));
+    let mut bootstrap =
+        Bootstrap::new(addr.to_owned(), format!("client-{locality}")).with_protocol(mode);
     bootstrap.node.locality = Some(Locality {
         region: parts.next().unwrap_or_default().into(),
         zone: parts.next().unwrap_or_default().into(),
@@ -129,9 +130,10 @@ async fn clients_go_to_their_nearest_locality_and_fail_over_where_the_rule_says(
     let lb = "      localityLbSetting:\n        failover: [{from: us-east, to: ap-south}]\n";
     let (addr, _stop) = serve(&yaml(&harness::ports(&backends), lb)).await;
 
-    // Each client is served its own priorities: all traffic stays in its region.
-    let (_x1, east) = client(&addr, "us-east/zone-a/sz1").await;
-    let (_x2, west) = client(&addr, "eu-west/zone-b/sz9").await;
+    // Each client is served its own priorities (over SotW and delta): all traffic stays in
+    // its region.
+    let (_x1, east) = client(&addr, "us-east/zone-a/sz1", ProtocolMode::Sotw).await;
+    let (_x2, west) = client(&addr, "eu-west/zone-b/sz9", ProtocolMode::Delta).await;
     assert_eq!(send(&east, 40).await, 40);
     assert_eq!(hits(&backends), vec![40, 0, 0]);
     assert_eq!(send(&west, 40).await, 40);
@@ -161,7 +163,7 @@ async fn distribute_splits_a_clients_traffic_by_locality_weight() {
     let backends = harness::backends(3, None, epoch).await;
     let lb = "      localityLbSetting:\n        distribute:\n        - from: us-east/*\n          to: {\"us-east/*\": 75, \"eu-west/*\": 25}\n";
     let (addr, _stop) = serve(&yaml(&harness::ports(&backends), lb)).await;
-    let (_x1, east) = client(&addr, "us-east/zone-c/sz2").await;
+    let (_x1, east) = client(&addr, "us-east/zone-c/sz2", ProtocolMode::Delta).await;
     let n = 800;
     assert_eq!(send(&east, n).await, n);
     let h = hits(&backends);
@@ -172,7 +174,7 @@ async fn distribute_splits_a_clients_traffic_by_locality_weight() {
     );
     assert_eq!(h[2], 0, "ap-south is not in the distribution: {h:?}");
     // A client that no `from` matches keeps the plain assignment (all three, equal).
-    let (_x2, ap) = client(&addr, "ap-south/zone-a/sz1").await;
+    let (_x2, ap) = client(&addr, "ap-south/zone-a/sz1", ProtocolMode::Sotw).await;
     assert_eq!(send(&ap, 300).await, 300);
     let d: Vec<usize> = hits(&backends).iter().zip(&h).map(|(a, b)| a - b).collect();
     assert!(d.iter().all(|&x| x > 60), "{d:?}");
