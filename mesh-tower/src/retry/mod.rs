@@ -8,8 +8,10 @@
 //! endpoints already tried when the policy has `previous_hosts`. Retries never exceed the
 //! cluster's `max_retries` (or its retry budget).
 //!
-//! Retryability is decided up front: a request body is buffered for replay up to a cap
-//! (64 KiB by default); a larger body is sent once, never retried.
+//! No attempt waits for the request body: the first one goes out at once and streams the body
+//! as it arrives, while a copy of up to a cap (64 KiB by default) is kept for replay
+//! ([`ReplayBody`]). A retry happens only while that copy holds the whole body read so far;
+//! past the cap the request is simply not retried. Mirrors read the same copy.
 //!
 //! # Example
 //!
@@ -35,7 +37,7 @@ mod classify;
 mod layer;
 mod service;
 
-pub use body::PrefixedBody;
+pub use body::ReplayBody;
 pub use classify::{classify, RetryReason};
 pub use layer::RetryLayer;
 pub use service::{ResponseFuture, Retry};

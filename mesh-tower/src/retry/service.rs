@@ -4,7 +4,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -13,7 +12,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower::Service;
 
-use super::{classify, Attempt, PrefixedBody, ServedBy};
+use super::{classify, Attempt, ReplayBody, ServedBy};
 use crate::cluster::{ClusterRegistry, ClusterRuntime, MeshBody, RetryGuard};
 use crate::error::{BoxError, MeshError};
 use crate::route::RouteDecision;
@@ -47,11 +46,10 @@ impl<S> Retry<S> {
 struct Ctx<S> {
     svc: S,
     parts: http::request::Parts,
-    /// The body so far (all of it once buffering is done).
-    buffered: BytesMut,
-    /// The unread body while buffering.
-    pending: Option<MeshBody>,
-    max_buffer: usize,
+    /// The body every attempt reads a clone of (`None`: sent once, as it came).
+    body: Option<ReplayBody>,
+    /// Mirrors were sent, reading their own clones of `body`.
+    mirrored: bool,
     policy: RetryPolicy,
     attempt: Attempt,
     cluster: Option<Arc<ClusterRuntime>>,
@@ -71,7 +69,6 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<F> {
-        Buffering,
         Calling { #[pin] fut: F, deadline: Option<Pin<Box<Sleep>>> },
         Backoff { sleep: Pin<Box<Sleep>> },
         Readying,
@@ -107,9 +104,12 @@ where
     S: Service<Request<MeshBody>, Response = Response<ResB>, Error = BoxError>,
 {
     fn request(&mut self) -> Request<MeshBody> {
-        let body = http_body_util::Full::new(self.buffered.clone().freeze())
-            .map_err(|never| match never {})
-            .boxed_unsync();
+        let body = match &self.body {
+            Some(b) => b.clone().boxed_unsync(),
+            None => http_body_util::Empty::new()
+                .map_err(|never| match never {})
+                .boxed_unsync(),
+        };
         let mut req = Request::from_parts(self.parts.clone(), body);
         req.extensions_mut().insert(self.attempt.clone());
         req
@@ -150,6 +150,7 @@ where
                     req.headers_mut().insert(http::header::HOST, v);
                 }
             }
+            self.mirrored = true;
             let copy = tower::ServiceExt::oneshot(self.svc.clone(), req);
             // A combinator rather than an async block: auto-trait inference for async blocks
             // over `Box<dyn Error>` trips on lifetimes here.
@@ -182,43 +183,6 @@ where
         loop {
             let ctx = this.ctx.as_mut().expect("polled after completion");
             match this.state.as_mut().project() {
-                StateProj::Buffering => {
-                    let body = ctx.pending.as_mut().expect("buffering has a body");
-                    match futures::ready!(Pin::new(body).poll_frame(cx)) {
-                        Some(Ok(frame)) => {
-                            if let Ok(data) = frame.into_data() {
-                                ctx.buffered.extend_from_slice(&data);
-                            }
-                            if ctx.buffered.len() > ctx.max_buffer {
-                                // Too large to replay: send what we read plus the rest, once.
-                                let rest = ctx.pending.take().expect("body present");
-                                let body = PrefixedBody::new(
-                                    std::mem::take(&mut ctx.buffered).freeze(),
-                                    rest,
-                                )
-                                .boxed_unsync();
-                                let req = Request::from_parts(ctx.parts.clone(), body);
-                                ctx.policy.num_retries = 0;
-                                let fut = ctx.svc.call(req);
-                                let deadline = ctx
-                                    .policy
-                                    .per_try_timeout
-                                    .map(|d| Box::pin(tokio::time::sleep(d)));
-                                this.state.set(State::Calling { fut, deadline });
-                            }
-                        }
-                        Some(Err(e)) => {
-                            this.state.set(State::Done);
-                            return Poll::Ready(Err(e));
-                        }
-                        None => {
-                            ctx.pending = None;
-                            ctx.mirror();
-                            let (fut, deadline) = ctx.call();
-                            this.state.set(State::Calling { fut, deadline });
-                        }
-                    }
-                }
                 StateProj::Calling { fut, deadline } => {
                     let result = match fut.poll(cx) {
                         Poll::Ready(r) => r,
@@ -247,7 +211,10 @@ where
                         ctx.attempt.tried.push(ep);
                     }
                     let reason = classify(&ctx.policy, &result);
-                    let may_retry = reason.is_some() && ctx.attempt.number < ctx.policy.num_retries;
+                    // A retry needs the whole body so far: past the cap it is sent once.
+                    let may_retry = reason.is_some()
+                        && ctx.attempt.number < ctx.policy.num_retries
+                        && ctx.body.as_ref().is_some_and(ReplayBody::is_replayable);
                     let guard = if may_retry {
                         ctx.cluster.as_ref().and_then(|c| c.try_acquire_retry())
                     } else {
@@ -271,6 +238,11 @@ where
                         None => {
                             this.state.set(State::Done);
                             let retries = ctx.attempt.number;
+                            if let Some(body) = ctx.body.as_ref().filter(|_| !ctx.mirrored) {
+                                // The attempt that answered may still be streaming its body:
+                                // it goes on without a copy kept (mirrors still read theirs).
+                                body.stop_replaying();
+                            }
                             this.ctx.take();
                             return Poll::Ready(result.map(|mut resp| {
                                 resp.extensions_mut().insert(super::Retries(retries));
@@ -347,9 +319,8 @@ where
                     ctx: Some(Box::new(Ctx {
                         svc,
                         parts: Request::new(()).into_parts().0,
-                        buffered: BytesMut::new(),
-                        pending: None,
-                        max_buffer: 0,
+                        body: None,
+                        mirrored: false,
                         policy: RetryPolicy {
                             retry_on: Default::default(),
                             num_retries: 0,
@@ -368,8 +339,9 @@ where
             }
         };
         let (parts, body) = req.into_parts();
-        // Decide retryability up front: a body that says it is larger than the cap is sent
-        // once; others are buffered (and fall back to one attempt if they grow past it).
+        // A body that says up front it is larger than the cap is sent once as it comes; any
+        // other is read through a replay copy, sent at once and streamed as it arrives, and
+        // stays retryable while the copy holds all of it.
         let too_large = body.size_hint().lower() > self.max_buffer as u64;
         let attempt = Attempt {
             number: 0,
@@ -381,9 +353,8 @@ where
         let mut ctx = Box::new(Ctx {
             svc,
             parts,
-            buffered: BytesMut::new(),
-            pending: Some(body),
-            max_buffer: self.max_buffer,
+            body: None,
+            mirrored: false,
             policy,
             attempt,
             cluster,
@@ -392,8 +363,8 @@ where
         });
         let state = if too_large {
             ctx.policy.num_retries = 0;
-            let body = ctx.pending.take().expect("body present");
-            let req = Request::from_parts(ctx.parts.clone(), body);
+            let mut req = Request::from_parts(ctx.parts.clone(), body);
+            req.extensions_mut().insert(ctx.attempt.clone());
             let deadline = ctx
                 .policy
                 .per_try_timeout
@@ -403,7 +374,10 @@ where
                 deadline,
             }
         } else {
-            State::Buffering
+            ctx.body = Some(ReplayBody::new(body, self.max_buffer));
+            ctx.mirror();
+            let (fut, deadline) = ctx.call();
+            State::Calling { fut, deadline }
         };
         ResponseFuture {
             state,

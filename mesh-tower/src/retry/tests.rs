@@ -290,3 +290,70 @@ async fn retry_budget_caps_concurrent_retries() {
     assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 2);
     drop(guards);
 }
+
+/// A request whose body arrives frame by frame from the returned sender.
+fn streamed_request(
+    rc: &Arc<RouteConfig>,
+) -> (tokio::sync::mpsc::Sender<Bytes>, Request<MeshBody>) {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let b = rx.recv().await?;
+        Some((
+            Ok::<_, crate::error::BoxError>(http_body::Frame::data(b)),
+            rx,
+        ))
+    });
+    let mut req = Request::post("http://svc/x")
+        .body(http_body_util::StreamBody::new(stream).boxed_unsync())
+        .unwrap();
+    let d = decide(rc.clone(), "l", &mut req, 0).unwrap();
+    req.extensions_mut().insert(d);
+    (tx, req)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_attempt_streams_before_the_body_ends_and_a_retry_replays_it() {
+    let (mut svc, mut handle, rc, _) = setup(policy("5xx", 2, None), 3);
+    handle.allow(10);
+    let (tx, req) = streamed_request(&rc);
+    let fut = tokio::spawn(svc.ready().await.unwrap().call(req));
+    // The attempt is sent with nothing of the body yet: a ping-pong stream can start.
+    let (req, send) = handle.next_request().await.unwrap();
+    let mut body = req.into_body();
+    tx.send(Bytes::from_static(b"ping")).await.unwrap();
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "ping");
+    // The server fails the attempt before the body is over; the retry replays what was read
+    // and reads on.
+    send.send_response(response(503, 1));
+    let (retry, send) = handle.next_request().await.unwrap();
+    assert_eq!(retry.extensions().get::<Attempt>().unwrap().number, 1);
+    tx.send(Bytes::from_static(b"pong")).await.unwrap();
+    drop(tx);
+    assert_eq!(
+        retry.into_body().collect().await.unwrap().to_bytes(),
+        "pingpong"
+    );
+    send.send_response(response(200, 2));
+    assert_eq!(fut.await.unwrap().unwrap().status(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_streamed_body_past_the_cap_is_sent_in_full_and_not_retried() {
+    let (mut svc, mut handle, rc, _) = setup(policy("5xx", 3, None), 3);
+    handle.allow(10);
+    let (tx, req) = streamed_request(&rc);
+    let fut = tokio::spawn(svc.ready().await.unwrap().call(req));
+    let (req, send) = handle.next_request().await.unwrap();
+    for part in ["0123456789", "abcdefghij", "klmnop"] {
+        tx.send(Bytes::from(part)).await.unwrap();
+    }
+    drop(tx);
+    assert_eq!(
+        req.into_body().collect().await.unwrap().to_bytes(),
+        "0123456789abcdefghijklmnop",
+        "the attempt gets all of it, past the 16-byte cap"
+    );
+    send.send_response(response(503, 1));
+    assert_eq!(fut.await.unwrap().unwrap().status(), 503, "not retried");
+}
