@@ -206,6 +206,8 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         AnswerFuture {
             inner: self.inner.call(req),
+            held: None,
+            waited: false,
         }
     }
 }
@@ -216,6 +218,10 @@ pin_project! {
     pub struct AnswerFuture<F> {
         #[pin]
         inner: F,
+        // A refusal held back while the task yields once.
+        held: Option<BoxError>,
+        // The inner future was pending at least once.
+        waited: bool,
     }
 }
 
@@ -227,7 +233,34 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         use http_body_util::{Either, Full};
-        match futures::ready!(self.project().inner.poll(cx)) {
+        // Fairness: a call that completes takes a unit of tokio's cooperative budget, as any
+        // tokio resource does (a poll that stays pending costs nothing), and an answer the
+        // mesh gives at once yields first; callers looping on refusals (breaker overflow, no
+        // endpoint, aborts, direct responses) cannot starve the requests that were admitted.
+        let this = self.project();
+        let result = match this.held.take() {
+            Some(e) => Err(e),
+            None => {
+                let coop = futures::ready!(tokio::task::coop::poll_proceed(cx));
+                let Poll::Ready(result) = this.inner.poll(cx) else {
+                    *this.waited = true;
+                    return Poll::Pending;
+                };
+                coop.made_progress();
+                match result {
+                    // Answered at once without any I/O (a refusal, an abort, a direct
+                    // response): yield once, so a caller looping on them lets the tasks of
+                    // admitted requests run between two of its calls.
+                    Err(e) if !*this.waited => {
+                        *this.held = Some(e);
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    other => other,
+                }
+            }
+        };
+        match result {
             Ok(resp) => Poll::Ready(Ok(resp.map(Either::Left))),
             Err(e) => match e.downcast::<MeshError>() {
                 // Routes that answer themselves answer here.
