@@ -283,23 +283,49 @@ async fn unreachable_server_is_a_clear_error() {
     );
 }
 
-#[tokio::test]
-async fn missing_listener_reports_does_not_exist() {
+/// The server's answer that a listener does not exist reaches the waiting caller at once
+/// (SotW: absent from the full LDS response; delta: listed as removed), not after the timeout.
+async fn missing_listener_fails_fast(mode: ProtocolMode) {
     let cache = ResourceCache::new();
     cache.set_resources(world(&[("v1", 1)], &[("v1", 1)]));
     let (running, addr) = start(cache, "127.0.0.1:0").await;
-    let client = XdsClient::builder(Bootstrap::new(addr.to_string(), "n"))
+    let client = XdsClient::builder(Bootstrap::new(addr.to_string(), "n").with_protocol(mode))
         .build()
         .unwrap();
+    // A known listener first, so the unknown one is a second subscription on a live stream.
+    client.listener("svc", PATIENCE).await.unwrap();
+    let started = std::time::Instant::now();
     let err = client
-        .listener("xds:///nope", Duration::from_secs(2))
+        .listener("xds:///nope", Duration::from_secs(60))
         .await
         .unwrap_err();
+    let took = started.elapsed();
     assert!(
         err.to_string().contains("it does not exist on the server"),
         "{err}"
     );
+    assert!(took < Duration::from_secs(5), "{mode:?}: waited {took:?}");
+    println!("{mode:?}: unknown listener reported after {took:?}");
+    // And from a cold start, when it is the first thing asked for.
+    let cold = XdsClient::builder(Bootstrap::new(addr.to_string(), "m").with_protocol(mode))
+        .build()
+        .unwrap();
+    let started = std::time::Instant::now();
+    cold.listener("xds:///nope", Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(5), "{mode:?} cold");
     running.stop().await;
+}
+
+#[tokio::test]
+async fn sotw_missing_listener_fails_fast() {
+    missing_listener_fails_fast(ProtocolMode::Sotw).await;
+}
+
+#[tokio::test]
+async fn delta_missing_listener_fails_fast() {
+    missing_listener_fails_fast(ProtocolMode::Delta).await;
 }
 
 #[tokio::test]

@@ -23,6 +23,9 @@ struct Subscription {
     client: HashMap<String, String>,
     /// Nonce of the last response sent.
     nonce: String,
+    /// Subscribed names the client was told do not exist (listed in `removed_resources`
+    /// once, so it need not wait out its does-not-exist timer).
+    told_missing: BTreeSet<String>,
 }
 
 pub(super) fn serve(
@@ -92,6 +95,7 @@ pub(super) fn serve(
                             for n in &req.resource_names_unsubscribe {
                                 names.remove(n);
                                 sub.client.remove(n);
+                                sub.told_missing.remove(n);
                             }
                         }
                     }
@@ -160,6 +164,18 @@ fn respond(
             removed.push(name.clone());
         }
     }
+    // Names asked for by name that the server does not have: say so at once.
+    if let Some(names) = &sub.names {
+        for name in names {
+            if !held.contains_key(name)
+                && !sub.client.contains_key(name)
+                && sub.told_missing.insert(name.clone())
+            {
+                removed.push(name.clone());
+            }
+        }
+    }
+    sub.told_missing.retain(|n| !held.contains_key(n));
     if resources.is_empty() && removed.is_empty() {
         return (None, renew);
     }

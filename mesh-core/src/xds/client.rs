@@ -297,19 +297,26 @@ impl XdsClient {
     ) -> Result<Arc<Listener>, XdsError> {
         let name = self.watch(target)?;
         let started = Instant::now();
-        let result = self
-            .shared
-            .store
+        let store = &self.shared.store;
+        // The server said it does not exist: no point waiting out the timeout.
+        let missing = || {
+            store
+                .dump()
+                .get(ResourceType::Listener, &name)
+                .is_some_and(|r| r.status == ResourceStatus::DoesNotExist)
+        };
+        let result = store
             .wait_for(timeout, |s| {
-                s.listener(&name).is_some_and(|l| match &l.kind {
+                let held = s.listener(&name).is_some_and(|l| match &l.kind {
                     crate::config::ListenerKind::Api(_) => s.routes_for_listener(&name).is_some(),
                     crate::config::ListenerKind::Server(_) => true,
-                })
+                });
+                held || missing()
             })
             .await;
-        match result {
-            Ok(snap) => Ok(snap.listener(&name).cloned().expect("checked by wait_for")),
-            Err(_) => Err(XdsError::ListenerNotDelivered {
+        match result.map(|snap| snap.listener(&name).cloned()) {
+            Ok(Some(listener)) => Ok(listener),
+            Ok(None) | Err(_) => Err(XdsError::ListenerNotDelivered {
                 detail: self.explain(&name),
                 name,
                 waited: started.elapsed(),

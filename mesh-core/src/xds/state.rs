@@ -74,6 +74,9 @@ struct Entry {
     updated: Option<SystemTime>,
     /// Does-not-exist deadline, while waiting for the first answer.
     deadline: Option<Instant>,
+    /// SotW, never received: how many more responses must lack it before its absence means
+    /// it does not exist (a response in flight when it was requested may predate the request).
+    answers_needed: u8,
 }
 
 impl Entry {
@@ -86,6 +89,7 @@ impl Entry {
             error: None,
             updated: None,
             deadline: None,
+            answers_needed: 0,
         }
     }
 }
@@ -100,6 +104,8 @@ struct TypeState {
     version_info: String,
     /// The last response's nonce.
     nonce: String,
+    /// A request that changed the names went out and no response has arrived since.
+    in_flight: bool,
     entries: BTreeMap<String, Entry>,
 }
 
@@ -186,6 +192,7 @@ impl AdsState {
             t.sent = false;
             t.nonce.clear();
             t.sent_names.clear();
+            t.in_flight = false;
         }
         self.dump_dirty = true;
         self.resubscribe(now)
@@ -344,9 +351,26 @@ impl AdsState {
                 .cloned()
                 .collect();
             for name in missing {
+                let e = self.types[rt.index()]
+                    .entries
+                    .get_mut(&name)
+                    .expect("missing names are subscribed");
+                if e.resource.is_none() {
+                    // Never received: conclusive only on a response that answers a request
+                    // that had it (then a caller waiting for it hears at once, not after
+                    // the does-not-exist timer).
+                    if e.status == ResourceStatus::DoesNotExist || e.answers_needed == 0 {
+                        continue;
+                    }
+                    e.answers_needed -= 1;
+                    if e.answers_needed > 0 {
+                        continue;
+                    }
+                }
                 self.remove(rt, &name);
             }
         }
+        self.types[rt.index()].in_flight = false;
         let t = &mut self.types[rt.index()];
         t.nonce = resp.nonce.clone();
         let error_detail = if errors.is_empty() {
@@ -603,13 +627,16 @@ impl AdsState {
                 continue;
             }
             // Start does-not-exist timers for names the server has not answered yet.
+            let in_flight = t.in_flight;
             for name in want.difference(&t.sent_names) {
                 if let Some(e) = t.entries.get_mut(name) {
                     if e.resource.is_none() && e.status != ResourceStatus::DoesNotExist {
                         e.deadline = Some(now + DOES_NOT_EXIST_TIMEOUT);
+                        e.answers_needed = if in_flight { 2 } else { 1 };
                     }
                 }
             }
+            t.in_flight = true;
             let node = (!self.node_sent).then(|| self.node.clone());
             self.node_sent = true;
             let req = match self.mode {

@@ -677,3 +677,62 @@ fn unwatch_drops_the_cascade() {
     assert!(ads.dump().is_empty());
     assert!(ads.snapshot().clusters().is_empty());
 }
+
+#[test]
+fn sotw_absence_of_a_new_name_counts_only_on_a_response_that_answers_it() {
+    let now = Instant::now();
+    let mut ads = AdsState::new(ProtocolMode::Sotw, node());
+    ads.watch_listener("svc", now);
+    ads.on_connected(now);
+    // "new" is asked for while the response to the first request is still on its way.
+    let out = ads.watch_listener("new", now);
+    assert_eq!(sotw_reqs(&out)[0].resource_names, vec!["new", "svc"]);
+    // That response predates the request for "new": its absence proves nothing.
+    ads.on_sotw_response(
+        sotw(
+            ResourceType::Listener,
+            "1",
+            "n1",
+            vec![listener("svc", "rc")],
+        ),
+        now,
+    );
+    assert_eq!(
+        ads.status(ResourceType::Listener, "new"),
+        Some(ResourceStatus::Requested)
+    );
+    // The next one answers it: "new" does not exist, without waiting for the timer.
+    ads.on_sotw_response(
+        sotw(
+            ResourceType::Listener,
+            "1",
+            "n2",
+            vec![listener("svc", "rc")],
+        ),
+        now,
+    );
+    assert_eq!(
+        ads.status(ResourceType::Listener, "new"),
+        Some(ResourceStatus::DoesNotExist)
+    );
+    // Asked for on a quiet stream, the first response is the answer.
+    let out = ads.watch_listener("other", now);
+    assert!(!sotw_reqs(&out).is_empty());
+    ads.on_sotw_response(
+        sotw(
+            ResourceType::Listener,
+            "1",
+            "n3",
+            vec![listener("svc", "rc")],
+        ),
+        now,
+    );
+    assert_eq!(
+        ads.status(ResourceType::Listener, "other"),
+        Some(ResourceStatus::DoesNotExist)
+    );
+    assert_eq!(
+        ads.status(ResourceType::Listener, "svc"),
+        Some(ResourceStatus::Acked)
+    );
+}
