@@ -81,6 +81,16 @@ pub enum XdsError {
         /// What the client knows: connection state, NACK error, or does-not-exist.
         detail: String,
     },
+    /// A listener arrived, but not everything its routes need in time.
+    #[error("configuration for listener {listener:?} incomplete after waiting {waited:?}: {missing} has not arrived")]
+    ConfigIncomplete {
+        /// Listener resource name.
+        listener: String,
+        /// What had not arrived (a route configuration, a cluster, a cluster's endpoints).
+        missing: String,
+        /// How long the caller waited.
+        waited: Duration,
+    },
     /// A target string is not usable.
     #[error("invalid target {target:?}: {reason}")]
     InvalidTarget {

@@ -184,6 +184,79 @@ impl ConfigStore {
         self.inner.changed.send_modify(|_| {});
     }
 
+    /// What requests through `listener` would still wait for: the listener, its route
+    /// configuration, a cluster its routes name, or such a cluster's endpoints, while one of
+    /// them is on its way (subscribed, or about to be, and not known to be missing). `None`
+    /// when everything is held, or when what is missing will not come: the server said it
+    /// does not exist, it was rejected, the listener is not subscribed at all, or the client
+    /// cannot reach its server (then waiting would only delay the error).
+    pub fn pending(&self, listener: &str) -> Option<String> {
+        let snap = self.load();
+        let dump = self.dump();
+        if !dump.connected && dump.last_error.is_some() {
+            return None;
+        }
+        let on_its_way = |rt: ResourceType, name: &str, subscribed_yet: bool| {
+            match dump.get(rt, name).map(|r| r.status) {
+                Some(ResourceStatus::Requested) => true,
+                // Named by a resource just received: the subscription follows it.
+                None => subscribed_yet,
+                Some(_) => false,
+            }
+        };
+        let Some(l) = snap.listener(listener) else {
+            return on_its_way(ResourceType::Listener, listener, false)
+                .then(|| format!("listener {listener:?}"));
+        };
+        let hcm = l.api()?;
+        let Some(rc) = snap.routes_for(hcm) else {
+            let crate::config::RouteSource::Rds(name) = &hcm.routes else {
+                return None;
+            };
+            return on_its_way(ResourceType::RouteConfiguration, name, true)
+                .then(|| format!("route_config {name:?}"));
+        };
+        for c in rc.cluster_names() {
+            match snap.cluster(c) {
+                None => {
+                    if on_its_way(ResourceType::Cluster, c, true) {
+                        return Some(format!("cluster {c:?}"));
+                    }
+                }
+                Some(cluster) => {
+                    if let Some(eds) = cluster.eds_service_name() {
+                        if snap.endpoints_for_cluster(c).is_none()
+                            && on_its_way(ResourceType::ClusterLoadAssignment, eds, true)
+                        {
+                            return Some(format!("endpoints of cluster {c:?}"));
+                        }
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until nothing is [`pending`](Self::pending) for `listener`, up to `timeout`.
+    ///
+    /// # Errors
+    /// What was still pending when the time ran out.
+    pub async fn wait_complete(&self, listener: &str, timeout: Duration) -> Result<(), String> {
+        let mut rx = self.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let Some(what) = self.pending(listener) else {
+                return Ok(());
+            };
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Err(what);
+            }
+        }
+    }
+
     /// Waits until `ready` holds for the current snapshot, up to `timeout`.
     ///
     /// # Errors

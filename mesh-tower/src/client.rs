@@ -17,6 +17,7 @@ use crate::cluster::{ClusterRegistry, ClusterService, MeshBody};
 use crate::error::{BoxError, MeshError};
 use crate::fault::{Fault, FaultLayer};
 use crate::metrics::{Direction, Metrics, MetricsLayer, MetricsService};
+use crate::ready::{ConfigReady, ConfigReadyLayer};
 use crate::retry::{Retry, RetryLayer};
 use crate::route::{Route, RouteLayer};
 use crate::timeout::{Timeout, TimeoutLayer};
@@ -44,7 +45,7 @@ use crate::trace::{Trace, TraceLayer};
 /// ```
 #[derive(Clone, Debug)]
 pub struct MeshClient {
-    inner: Trace<Answer<Route<Measured>>>,
+    inner: Trace<Answer<ConfigReady<Route<Measured>>>>,
     metrics: Metrics,
 }
 
@@ -61,6 +62,7 @@ pub struct MeshClientBuilder {
     metrics: Option<Metrics>,
     access_log: Option<crate::metrics::AccessLog>,
     trace: Option<TraceLayer>,
+    wait_for_config: std::time::Duration,
 }
 
 impl MeshClientBuilder {
@@ -88,6 +90,14 @@ impl MeshClientBuilder {
     /// Records into `metrics` (shared with other clients and the admin endpoint).
     pub fn metrics(mut self, metrics: Metrics) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// How long a request waits for configuration that is on its way (its listener, routes,
+    /// the clusters they name and their endpoints) before it is sent anyway; default 10 s,
+    /// zero never waits. A request's `grpc-timeout` bounds the wait too. See [`crate::ready`].
+    pub fn wait_for_config(mut self, wait: std::time::Duration) -> Self {
+        self.wait_for_config = wait;
         self
     }
 
@@ -132,7 +142,10 @@ impl MeshClientBuilder {
             measure = measure.access_log(a);
         }
         let measured = measure.layer(fault);
-        let routed = RouteLayer::new(self.store, listener).layer(measured);
+        let routed = RouteLayer::new(self.store.clone(), listener.clone()).layer(measured);
+        let routed = ConfigReadyLayer::new(self.store, listener)
+            .max_wait(self.wait_for_config)
+            .layer(routed);
         let inner = self
             .trace
             .unwrap_or_else(TraceLayer::client)
@@ -157,6 +170,7 @@ impl MeshClient {
             metrics: None,
             access_log: None,
             trace: None,
+            wait_for_config: crate::ready::DEFAULT_MAX_WAIT,
         })
     }
 
@@ -170,6 +184,7 @@ impl MeshClient {
         self.inner
             .get_ref()
             .inner
+            .get_ref()
             .get_ref()
             .get_ref()
             .get_ref()
@@ -304,7 +319,7 @@ where
     }
 }
 
-type Inner = crate::route::ResponseFuture<
+type Routed = crate::route::ResponseFuture<
     crate::metrics::ResponseFuture<
         crate::fault::ResponseFuture<
             Timeout<Retry<ClusterService>>,
@@ -314,6 +329,11 @@ type Inner = crate::route::ResponseFuture<
             >,
         >,
     >,
+>;
+
+type Inner = crate::ready::ResponseFuture<
+    Routed,
+    Response<crate::body::Observed<crate::cluster::ClusterBody, Option<crate::metrics::Pending>>>,
 >;
 
 pin_project! {

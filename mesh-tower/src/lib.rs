@@ -9,6 +9,9 @@
 //! connection to the chosen endpoint. [`MeshClient`] assembles it into one
 //! `tower::Service<http::Request<B>>` to put where a hyper client would be.
 //!
+//! A request that comes before its configuration is complete (listener, routes, the
+//! clusters they name, their endpoints) waits for it within its deadline ([`ready`]).
+//!
 //! Configuration is read only through [`mesh_core::ConfigStore`]: one atomic load per request,
 //! nothing locks. State that must outlive a configuration update (connection pools, breaker
 //! counters, endpoint load) lives in per-cluster and per-endpoint objects keyed by name and
@@ -31,6 +34,7 @@ pub mod fault;
 pub mod metrics;
 #[cfg(feature = "otlp")]
 pub mod otlp;
+pub mod ready;
 pub mod retry;
 pub mod route;
 pub mod server;

@@ -324,6 +324,30 @@ impl XdsClient {
         }
     }
 
+    /// Waits until everything a request to `target` needs has arrived: its listener and
+    /// route configuration (as [`listener`](Self::listener)), the clusters its routes name and
+    /// their endpoints. Waiting up front is optional: a `MeshClient` request waits for the
+    /// same by itself, within its deadline.
+    ///
+    /// # Errors
+    /// As [`listener`](Self::listener); or [`XdsError::ConfigIncomplete`] naming what had not
+    /// arrived when the time ran out.
+    pub async fn ready(&self, target: &str, timeout: Duration) -> Result<Arc<Listener>, XdsError> {
+        let started = Instant::now();
+        let listener = self.listener(target, timeout).await?;
+        let left = timeout.saturating_sub(started.elapsed());
+        self.shared
+            .store
+            .wait_complete(&listener.name, left)
+            .await
+            .map_err(|missing| XdsError::ConfigIncomplete {
+                listener: listener.name.clone(),
+                missing,
+                waited: started.elapsed(),
+            })?;
+        Ok(listener)
+    }
+
     fn explain(&self, name: &str) -> String {
         let dump = self.shared.store.dump();
         let mut parts = Vec::new();
