@@ -191,7 +191,11 @@ impl ConfigStore {
     /// does not exist, it was rejected, the listener is not subscribed at all, or the client
     /// cannot reach its server (then waiting would only delay the error).
     pub fn pending(&self, listener: &str) -> Option<String> {
-        let snap = self.load();
+        self.pending_in(&self.load(), listener)
+    }
+
+    /// [`pending`](Self::pending) for a given snapshot of this store.
+    pub fn pending_in(&self, snap: &Snapshot, listener: &str) -> Option<String> {
         let dump = self.dump();
         if !dump.connected && dump.last_error.is_some() {
             return None;
@@ -237,16 +241,22 @@ impl ConfigStore {
         None
     }
 
-    /// Waits until nothing is [`pending`](Self::pending) for `listener`, up to `timeout`.
+    /// Waits until nothing is [`pending`](Self::pending) for `listener`, up to `timeout`;
+    /// returns the snapshot found complete.
     ///
     /// # Errors
     /// What was still pending when the time ran out.
-    pub async fn wait_complete(&self, listener: &str, timeout: Duration) -> Result<(), String> {
+    pub async fn wait_complete(
+        &self,
+        listener: &str,
+        timeout: Duration,
+    ) -> Result<Arc<Snapshot>, String> {
         let mut rx = self.subscribe();
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let Some(what) = self.pending(listener) else {
-                return Ok(());
+            let snap = self.load();
+            let Some(what) = self.pending_in(&snap, listener) else {
+                return Ok(snap);
             };
             if tokio::time::timeout_at(deadline, rx.changed())
                 .await

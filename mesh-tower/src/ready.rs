@@ -145,17 +145,21 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         use futures::future::Either;
         let sent = |fut| ResponseFuture {
             inner: Either::Left(fut),
         };
-        let generation = self.store.load().generation();
+        let snapshot = self.store.load();
+        let generation = snapshot.generation();
+        // Routing uses the snapshot found complete, not a newer one that may not be.
         if self.complete.load(Ordering::Relaxed) == generation || self.max_wait.is_zero() {
+            req.extensions_mut().insert(snapshot);
             return sent(self.inner.call(req));
         }
-        if self.store.pending(&self.listener).is_none() {
+        if self.store.pending_in(&snapshot, &self.listener).is_none() {
             self.complete.store(generation, Ordering::Relaxed);
+            req.extensions_mut().insert(snapshot);
             return sent(self.inner.call(req));
         }
         let wait = req
@@ -169,8 +173,13 @@ where
         let inner = std::mem::replace(&mut self.inner, clone);
         let (store, listener) = (self.store.clone(), self.listener.clone());
         let waiting: Waiting<S::Response> = Box::pin(async move {
-            if let Err(missing) = store.wait_complete(&listener, wait).await {
-                tracing::debug!(%listener, %missing, ?wait, "configuration still incomplete; sending anyway");
+            match store.wait_complete(&listener, wait).await {
+                Ok(snapshot) => {
+                    req.extensions_mut().insert(snapshot);
+                }
+                Err(missing) => {
+                    tracing::debug!(%listener, %missing, ?wait, "configuration still incomplete; sending anyway");
+                }
             }
             // Ready again: the configuration may have changed what the service holds.
             inner.oneshot(req).await

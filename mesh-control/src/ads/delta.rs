@@ -120,7 +120,7 @@ pub(super) fn serve(
                 }
             }
             if push_all {
-                for (type_url, sub) in subs.iter_mut() {
+                for (type_url, sub) in super::push_order(&mut subs) {
                     nonce_counter += 1;
                     let (resp, renew) =
                         respond(&source, node.as_ref(), type_url, sub, nonce_counter);
@@ -164,8 +164,11 @@ fn respond(
             removed.push(name.clone());
         }
     }
-    // Names asked for by name that the server does not have: say so at once.
-    if let Some(names) = &sub.names {
+    // Listeners and clusters asked for by name that the server does not have: say so at
+    // once (as SotW's full state does for them). Endpoints and route configurations may
+    // follow the resource that names them, so their absence proves nothing.
+    let full_state = type_url.ends_with(".Listener") || type_url.ends_with(".Cluster");
+    if let Some(names) = sub.names.as_ref().filter(|_| full_state) {
         for name in names {
             if !held.contains_key(name)
                 && !sub.client.contains_key(name)

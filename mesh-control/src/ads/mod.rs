@@ -124,6 +124,25 @@ pub(crate) struct Source {
     sds: Option<Arc<sds::SdsIssuer>>,
 }
 
+/// The order in which a change is pushed, make-before-break: secrets, then clusters and
+/// their endpoints, then the listeners and routes that point at them, so a client never holds
+/// a route to a cluster the same change brings but has not sent yet.
+pub(crate) fn push_order<T>(
+    subs: &mut std::collections::HashMap<String, T>,
+) -> Vec<(&String, &mut T)> {
+    let rank = |type_url: &str| match type_url.rsplit('.').next() {
+        Some("Secret") => 0,
+        Some("Cluster") => 1,
+        Some("ClusterLoadAssignment") => 2,
+        Some("Listener") => 3,
+        Some("RouteConfiguration") => 4,
+        _ => 5,
+    };
+    let mut all: Vec<(&String, &mut T)> = subs.iter_mut().collect();
+    all.sort_by_key(|(t, _)| rank(t));
+    all
+}
+
 /// Whether a node is Envoy (which takes TLS certificates over SDS) rather than a proxyless
 /// gRPC client (which takes them from its bootstrap's certificate providers).
 pub fn is_envoy(node: &envoy_types::pb::envoy::config::core::v3::Node) -> bool {

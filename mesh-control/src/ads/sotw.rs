@@ -127,7 +127,7 @@ async fn push_changes(
     tx: &mpsc::Sender<Result<DiscoveryResponse, tonic::Status>>,
     renew_at: &mut Option<Instant>,
 ) -> bool {
-    for (type_url, sub) in subs.iter_mut() {
+    for (type_url, sub) in super::push_order(subs) {
         let (current, _, renew) = source.view(type_url, node, sub.names.as_ref());
         *renew_at = earliest(*renew_at, renew);
         if sub.sent_version.as_deref() == Some(current.as_str()) {

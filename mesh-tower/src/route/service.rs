@@ -109,8 +109,12 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        // One load per request; the decision keeps its route config alive.
-        let snapshot = self.store.load();
+        // One load per request (or the snapshot the readiness layer found complete); the
+        // decision keeps its route config alive.
+        let snapshot = req
+            .extensions_mut()
+            .remove::<std::sync::Arc<mesh_core::config::Snapshot>>()
+            .unwrap_or_else(|| self.store.load());
         let hcm = snapshot.listener(&self.listener).and_then(|l| l.api());
         let Some((hcm, config)) = hcm.and_then(|h| Some((h, snapshot.routes_for(h)?))) else {
             return ResponseFuture::failed(MeshError::NoRouteConfig {
