@@ -202,7 +202,9 @@ impl ConfigStore {
         }
         let on_its_way = |rt: ResourceType, name: &str, subscribed_yet: bool| {
             match dump.get(rt, name).map(|r| r.status) {
-                Some(ResourceStatus::Requested) => true,
+                // Acked but not in this snapshot: the dump is published just before the
+                // snapshot that holds it.
+                Some(ResourceStatus::Requested | ResourceStatus::Acked) => true,
                 // Named by a resource just received: the subscription follows it.
                 None => subscribed_yet,
                 Some(_) => false,
