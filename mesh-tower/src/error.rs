@@ -133,6 +133,13 @@ impl MeshError {
                 }
                 (307, bytes::Bytes::new())
             }
+            PolicyAnswer::Forbidden(why) => {
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("text/plain"),
+                );
+                (403, bytes::Bytes::from(why))
+            }
         };
         Self::DirectResponse {
             route: "(request policy)".to_owned(),

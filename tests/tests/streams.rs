@@ -388,3 +388,84 @@ async fn http1_uploads_past_the_cap_succeed_and_slow_bodies_are_retried() {
         "the first attempt failed"
     );
 }
+
+/// An HTTP/1.1 server that takes `Upgrade: websocket` (101) and then echoes the raw bytes
+/// of the upgraded connection.
+async fn upgrade_server() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let svc = tower::service_fn(|mut req: http::Request<hyper::body::Incoming>| async move {
+        let mut resp = http::Response::new(Full::new(Bytes::new()));
+        if req.headers().get(http::header::UPGRADE).is_none() {
+            return Ok::<_, Infallible>(resp);
+        }
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = on.await else { return };
+            let mut io = hyper_util::rt::TokioIo::new(upgraded);
+            let (mut r, mut w) = tokio::io::split(&mut io);
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+        *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+        resp.headers_mut()
+            .insert(http::header::CONNECTION, "upgrade".parse().unwrap());
+        resp.headers_mut()
+            .insert(http::header::UPGRADE, "websocket".parse().unwrap());
+        Ok(resp)
+    });
+    tokio::spawn(async move {
+        loop {
+            let Ok((io, _)) = listener.accept().await else {
+                return;
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(svc);
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+                    .with_upgrades(),
+            );
+        }
+    });
+    port
+}
+
+async fn upgrade_through_the_mesh(protocol: &str) -> http::Response<mesh_tower::ResponseBody> {
+    let port = upgrade_server().await;
+    let addr = control_plane(&yaml(port, protocol)).await;
+    let xds = XdsClient::builder(Bootstrap::new(addr, "upgrades"))
+        .build()
+        .unwrap();
+    let target = format!("xds:///{HOST}:50051");
+    xds.ready(&target, Duration::from_secs(10)).await.unwrap();
+    let client = mesh_tower::MeshClient::builder(xds.store().clone(), &target)
+        .unwrap()
+        .build();
+    let req = http::Request::get(format!("http://{HOST}:50051/chat"))
+        .header(http::header::CONNECTION, "upgrade")
+        .header(http::header::UPGRADE, "websocket")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    tower::ServiceExt::oneshot(client, req).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_upgrades_pass_through_where_the_listener_allows_them() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An HTTP port: meshctl allows WebSocket upgrades (upgrade_configs), as Istio does.
+    let mut resp = upgrade_through_the_mesh("HTTP").await;
+    assert_eq!(resp.status(), http::StatusCode::SWITCHING_PROTOCOLS);
+    let upgraded = hyper::upgrade::on(&mut resp)
+        .await
+        .expect("the upgraded connection");
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    io.write_all(b"ping over the upgraded connection")
+        .await
+        .unwrap();
+    let mut echo = vec![0; 33];
+    io.read_exact(&mut echo).await.unwrap();
+    assert_eq!(&echo, b"ping over the upgraded connection");
+    // A gRPC port's listener has no upgrade_configs: the upgrade is refused (403), as Envoy
+    // refuses an upgrade type its listener does not enable.
+    let resp = upgrade_through_the_mesh("GRPC").await;
+    assert_eq!(resp.status(), http::StatusCode::FORBIDDEN);
+}

@@ -764,7 +764,8 @@ pub fn generate(config: &Config, opts: &Options) -> Result<Generated, Vec<Config
             }
         }
         let listener_name = format!("{}:{}", svc.host, svc.port);
-        out.resources.push(any(&client_listener(&listener_name)));
+        out.resources
+            .push(any(&client_listener(&listener_name, !svc.http2())));
         out.resources
             .push(any(&ctx.route_config(svc, &listener_name)));
         out.listeners.push(listener_name);
@@ -791,9 +792,20 @@ pub fn generate(config: &Config, opts: &Options) -> Result<Generated, Vec<Config
     }
 }
 
-fn client_listener(name: &str) -> lpb::Listener {
+/// WebSocket upgrades, which Istio's sidecars allow on HTTP/1.1 ports (gRPC ports have none).
+fn websocket(on: bool) -> Vec<hcm::http_connection_manager::UpgradeConfig> {
+    on.then(|| hcm::http_connection_manager::UpgradeConfig {
+        upgrade_type: "websocket".into(),
+        ..Default::default()
+    })
+    .into_iter()
+    .collect()
+}
+
+fn client_listener(name: &str, http1: bool) -> lpb::Listener {
     let manager = hcm::HttpConnectionManager {
         stat_prefix: name.to_owned(),
+        upgrade_configs: websocket(http1),
         route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::Rds(
             hcm::Rds {
                 config_source: Some(ads_source()),
@@ -1722,6 +1734,7 @@ impl Ctx<'_> {
         http_filters.push(router_filter());
         let manager = hcm::HttpConnectionManager {
             stat_prefix: name.to_owned(),
+            upgrade_configs: websocket(!h2),
             route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
                 rpb::RouteConfiguration {
                     name: format!("inbound|{port}"),

@@ -36,7 +36,7 @@ pub enum UnderscoreHeaders {
 }
 
 /// The request policy of an HTTP connection manager.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RequestPolicy {
     /// `normalize_path`: RFC 3986 normalization (dot segments, percent-encoded unreserved
     /// characters, backslashes as slashes).
@@ -47,6 +47,10 @@ pub struct RequestPolicy {
     pub escaped_slashes: EscapedSlashes,
     /// `headers_with_underscores_action`.
     pub underscore_headers: UnderscoreHeaders,
+    /// `upgrade_configs`: the HTTP/1.1 upgrade types allowed (lowercase, e.g. `websocket`).
+    /// A request asking for another is refused with 403, as Envoy does; an allowed one is
+    /// passed through, and the upgraded connection is the caller's.
+    pub upgrades: Vec<String>,
 }
 
 /// Why a request is answered instead of going on.
@@ -56,6 +60,8 @@ pub enum PolicyAnswer {
     BadRequest(&'static str),
     /// A redirect (307) to this path and query.
     Redirect(String),
+    /// 403, with the reason.
+    Forbidden(&'static str),
 }
 
 impl RequestPolicy {
@@ -69,6 +75,18 @@ impl RequestPolicy {
     /// # Errors
     /// The answer the request gets instead of going on.
     pub fn apply<B>(&self, req: &mut http::Request<B>) -> Result<(), PolicyAnswer> {
+        if let Some(upgrade) = req.headers().get(http::header::UPGRADE) {
+            let allowed = upgrade.to_str().is_ok_and(|t| {
+                self.upgrades
+                    .iter()
+                    .any(|u| u.eq_ignore_ascii_case(t.trim()))
+            });
+            if !allowed {
+                return Err(PolicyAnswer::Forbidden(
+                    "the upgrade type is not enabled by the listener's upgrade_configs",
+                ));
+            }
+        }
         if self.is_noop() {
             return Ok(());
         }
@@ -252,7 +270,30 @@ mod tests {
             merge_slashes: true,
             escaped_slashes: EscapedSlashes::UnescapeAndForward,
             underscore_headers: UnderscoreHeaders::Allow,
+            upgrades: vec!["websocket".into()],
         }
+    }
+
+    #[test]
+    fn upgrades_pass_only_when_enabled() {
+        let up = |ty: &str| {
+            http::Request::get("/chat")
+                .header(http::header::CONNECTION, "upgrade")
+                .header(http::header::UPGRADE, ty)
+                .body(())
+                .unwrap()
+        };
+        assert_eq!(all().apply(&mut up("WebSocket")), Ok(()));
+        assert!(matches!(
+            all().apply(&mut up("h2c")),
+            Err(PolicyAnswer::Forbidden(_))
+        ));
+        assert!(matches!(
+            RequestPolicy::default().apply(&mut up("websocket")),
+            Err(PolicyAnswer::Forbidden(_))
+        ));
+        let mut plain = http::Request::get("/").body(()).unwrap();
+        assert_eq!(RequestPolicy::default().apply(&mut plain), Ok(()));
     }
 
     #[test]

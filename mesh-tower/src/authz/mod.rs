@@ -314,6 +314,10 @@ where
                     tracing::debug!(path = %req.uri().path(), why, "request refused by the listener's request policy");
                     *resp.status_mut() = StatusCode::BAD_REQUEST;
                 }
+                PolicyAnswer::Forbidden(why) => {
+                    tracing::debug!(path = %req.uri().path(), why, "request refused by the listener's request policy");
+                    *resp.status_mut() = StatusCode::FORBIDDEN;
+                }
                 PolicyAnswer::Redirect(path) => {
                     *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
                     let location = match req.uri().query() {

@@ -217,7 +217,7 @@ pub fn listener_policy(listener: &Listener) -> Option<ServerPolicy> {
     Some(ServerPolicy {
         tls_mode: TlsMode::from_listener(server),
         rbac,
-        request: hcm.map(|h| h.request).unwrap_or_default(),
+        request: hcm.map(|h| h.request.clone()).unwrap_or_default(),
         routes: hcm.and_then(|h| match &h.routes {
             RouteSource::Inline(rc) => Some(rc.clone()),
             RouteSource::Rds(_) => None,

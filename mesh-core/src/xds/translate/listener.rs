@@ -335,7 +335,27 @@ pub(crate) fn http_connection_manager(
         }
         Some(_) => {}
     }
+    let mut upgrades = Vec::new();
+    for (i, u) in m.upgrade_configs.iter().enumerate() {
+        if !u.filters.is_empty() {
+            return err("filter chains per upgrade type are not supported")
+                .at("filters")
+                .at_index("upgrade_configs", i);
+        }
+        if u.upgrade_type.eq_ignore_ascii_case("connect") || u.upgrade_type.is_empty() {
+            return err(format!(
+                "upgrade type {:?} is not supported (HTTP/1.1 Upgrade types such as websocket are)",
+                u.upgrade_type
+            ))
+            .at("upgrade_type")
+            .at_index("upgrade_configs", i);
+        }
+        if u.enabled.is_none_or(|b| b.value) {
+            upgrades.push(u.upgrade_type.to_ascii_lowercase());
+        }
+    }
     let request = RequestPolicy {
+        upgrades,
         normalize_path: m.normalize_path.map(|b| b.value).unwrap_or(false),
         merge_slashes: m.merge_slashes,
         escaped_slashes: match m.path_with_escaped_slashes_action {

@@ -262,7 +262,7 @@ pub(super) static ENTRIES: &[Entry] = &[
             ("forward_client_cert_matcher", R),
             ("proxy_100_continue", R),
             ("represent_ipv4_remote_address_as_ipv4_mapped_ipv6", R),
-            ("upgrade_configs", R),
+            ("upgrade_configs", H),
             ("normalize_path", H),
             ("merge_slashes", H),
             ("path_with_escaped_slashes_action", H),
@@ -1103,6 +1103,11 @@ pub(super) static ENTRIES: &[Entry] = &[
         "envoy.config.cluster.v3.Cluster.RoundRobinLbConfig",
         "envoy.config.cluster.v3.Cluster.RoundRobinLbConfig",
         &[("slow_start_config", H)],
+    ),
+    entry(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.UpgradeConfig",
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager.UpgradeConfig",
+        &[("upgrade_type", H), ("filters", R), ("enabled", H)],
     ),
     entry(
         "envoy.config.core.v3.RuntimeDouble",
