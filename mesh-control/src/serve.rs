@@ -119,9 +119,19 @@ impl ConfigSource {
     }
 
     /// Polls for changes every `interval` until the future is dropped.
+    ///
+    /// A change is read once the files have held still for one interval: a file being
+    /// written in place (truncated, then filled) is never read half way, which would publish
+    /// a configuration with half the resources (or none).
     pub async fn watch(mut self, interval: Duration) {
+        let mut seen = None;
         loop {
             tokio::time::sleep(interval).await;
+            let now = Self::fingerprint(&self.path);
+            if seen.as_ref() != Some(&now) {
+                seen = Some(now);
+                continue;
+            }
             self.poll();
         }
     }
