@@ -51,7 +51,9 @@ async fn delta_sends_only_changed_resources() {
         .unwrap()
         .unwrap();
     assert_eq!(first.resources.len(), 3);
-    // Move b's endpoint and drop c: the next response carries b and the removal of c only.
+    // Move b's endpoint and drop c: the next response carries b only, and c's removal
+    // follows when its grace ends (clients routed to it move first).
+    cache.set_retire_grace(Duration::from_millis(300));
     cache.set_resources(clusters(&[("a", 1), ("b", 20)]));
     let second = tokio::time::timeout(Duration::from_secs(5), stream.next())
         .await
@@ -60,7 +62,20 @@ async fn delta_sends_only_changed_resources() {
         .unwrap();
     let names: Vec<&str> = second.resources.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, vec!["b"]);
-    assert_eq!(second.removed_resources, vec!["c".to_string()]);
+    assert!(second.removed_resources.is_empty(), "c lingers");
+    let started = std::time::Instant::now();
+    let third = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(third.resources.is_empty());
+    assert_eq!(third.removed_resources, vec!["c".to_string()]);
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
     assert_ne!(
         second.resources[0].version,
         first

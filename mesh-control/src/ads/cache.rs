@@ -88,11 +88,20 @@ impl Versioned {
     }
 }
 
+/// How long a removed cluster or endpoint assignment is still served to clients that ask
+/// for it, so that routes pointing at it are replaced before it goes (break after make).
+pub const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, Default)]
 pub(crate) struct CacheState {
     counter: u64,
     /// type_url -> (version of the type's last change, resources by name)
     pub(crate) types: HashMap<String, (String, BTreeMap<String, Versioned>)>,
+    /// Clusters and endpoint assignments removed by the last changes, still served until
+    /// their deadline: type_url -> name -> (resource, until).
+    pub(crate) retired: HashMap<String, BTreeMap<String, (Versioned, tokio::time::Instant)>>,
+    /// The grace of retired resources (`None`: [`RETIRE_GRACE`]).
+    grace: Option<std::time::Duration>,
 }
 
 impl CacheState {
@@ -176,8 +185,29 @@ impl ResourceCache {
         let mut changed = false;
         let type_urls: std::collections::BTreeSet<String> =
             state.types.keys().chain(next.keys()).cloned().collect();
+        let now = tokio::time::Instant::now();
+        let grace = state.grace.unwrap_or(RETIRE_GRACE);
         for type_url in type_urls {
             let new = next.remove(&type_url).unwrap_or_default();
+            // Break after make: removed clusters and endpoints linger for clients still
+            // routed to them; names that come back are live again.
+            if type_url.ends_with(".Cluster") || type_url.ends_with(".ClusterLoadAssignment") {
+                let gone: Vec<(String, Versioned)> = state
+                    .types
+                    .get(&type_url)
+                    .map(|(_, old)| {
+                        old.iter()
+                            .filter(|(n, _)| !new.contains_key(*n))
+                            .map(|(n, v)| (n.clone(), v.clone()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let retired = state.retired.entry(type_url.clone()).or_default();
+                retired.retain(|n, (_, until)| !new.contains_key(n) && *until > now);
+                for (n, v) in gone {
+                    retired.insert(n, (v, now + grace));
+                }
+            }
             let (type_version, old) = state.types.entry(type_url.clone()).or_default();
             let mut type_changed =
                 old.len() != new.len() || old.keys().any(|k| !new.contains_key(k));
@@ -212,6 +242,12 @@ impl ResourceCache {
             self.inner.changed.send_modify(|v| *v = v.wrapping_add(1));
         }
         bad
+    }
+
+    /// How long removed clusters and endpoint assignments are still served to clients that
+    /// ask for them (default [`RETIRE_GRACE`]; zero removes them at once).
+    pub fn set_retire_grace(&self, grace: std::time::Duration) {
+        self.inner.state.lock().expect("cache lock").grace = Some(grace);
     }
 
     /// Adds or replaces one resource, leaving the others as they are.

@@ -30,7 +30,7 @@ use futures::Stream;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status, Streaming};
 
-pub use cache::{resource_name, NodeView, PerNode, ResourceCache};
+pub use cache::{resource_name, NodeView, PerNode, ResourceCache, RETIRE_GRACE};
 
 /// What a client said about a response.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,7 +179,7 @@ impl Source {
             _ => &self.cache,
         };
         cache.with_state(|s| {
-            let resources = s
+            let mut resources: std::collections::BTreeMap<String, cache::Versioned> = s
                 .resources(type_url)
                 .map(|m| {
                     m.iter()
@@ -197,7 +197,26 @@ impl Source {
                         .collect()
                 })
                 .unwrap_or_default();
-            (s.type_version(type_url), resources, None)
+            // Retired resources, until their grace ends: the version says how many are
+            // left, so their expiry is a change that streams push (woken by `renew`).
+            let now = tokio::time::Instant::now();
+            let mut lingering = 0;
+            let mut renew = None;
+            for (name, (v, until)) in s.retired.get(type_url).into_iter().flatten() {
+                if *until <= now || resources.contains_key(name) {
+                    continue;
+                }
+                lingering += 1;
+                renew = sotw::earliest(renew, Some(*until));
+                if names.is_none_or(|n| n.contains(name)) {
+                    resources.insert(name.clone(), v.clone());
+                }
+            }
+            let version = match lingering {
+                0 => s.type_version(type_url),
+                n => format!("{}+{n}", s.type_version(type_url)),
+            };
+            (version, resources, renew)
         })
     }
 }

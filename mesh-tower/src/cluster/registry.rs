@@ -1,6 +1,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::PoisonError;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -763,7 +764,13 @@ pub struct ClusterRegistry {
     write: Mutex<()>,
     /// The snapshot generation last applied.
     generation: AtomicU64,
+    /// Clusters the configuration dropped lately, with when: a request routed by the
+    /// snapshot before (its route still names them) is still served (break after make).
+    retired: Mutex<HashMap<String, (Arc<ClusterRuntime>, tokio::time::Instant)>>,
 }
+
+/// How long a dropped cluster still serves requests routed to it before it was dropped.
+const RETIRED_GRACE: Duration = Duration::from_secs(5);
 
 impl ClusterRegistry {
     /// A registry following `store`. Spawns the task that applies each new snapshot (it ends
@@ -799,6 +806,7 @@ impl ClusterRegistry {
             metrics,
             write: Mutex::new(()),
             generation: AtomicU64::new(0),
+            retired: Mutex::new(HashMap::new()),
         });
         registry.sync(&store.load());
         let weak = Arc::downgrade(&registry);
@@ -824,6 +832,18 @@ impl ClusterRegistry {
             self.sync(&snapshot);
         }
         self.clusters.load().get(name).cloned()
+    }
+
+    /// [`get`](Self::get), or a cluster dropped in the last seconds: for a request routed
+    /// by a snapshot that still named it.
+    pub fn get_routed(&self, name: &str) -> Option<Arc<ClusterRuntime>> {
+        self.get(name).or_else(|| {
+            let retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+            retired
+                .get(name)
+                .filter(|(_, at)| at.elapsed() < RETIRED_GRACE)
+                .map(|(rt, _)| rt.clone())
+        })
     }
 
     /// For an aggregate cluster, the first of its clusters (in order, nested aggregates
@@ -926,6 +946,16 @@ impl ClusterRegistry {
                 }
             }
             next.insert(name.clone(), runtime);
+        }
+        {
+            let now = tokio::time::Instant::now();
+            let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
+            retired.retain(|n, (_, at)| !next.contains_key(n) && at.elapsed() < RETIRED_GRACE);
+            for (name, rt) in current.iter() {
+                if !next.contains_key(name) {
+                    retired.insert(name.clone(), (rt.clone(), now));
+                }
+            }
         }
         self.clusters.store(Arc::new(next));
         self.generation

@@ -256,7 +256,7 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
             let Some(decision) = req.extensions().get::<RouteDecision>() else {
                 return fail(MeshError::MissingDecision);
             };
-            match self.registry.get(decision.cluster()) {
+            match self.registry.get_routed(decision.cluster()) {
                 Some(c) => c,
                 None => {
                     return fail(MeshError::UnknownCluster {
