@@ -143,7 +143,8 @@ impl Mesh {
     }
 
     /// A channel to `target` (`xds:///name:port`), once its listener and routes have arrived
-    /// (and, within the same wait, its clusters' endpoints).
+    /// (and, within the same wait, the clusters they name and their endpoints). Calls on it
+    /// made while configuration is still arriving wait for it within their deadline.
     ///
     /// # Errors
     /// The target is invalid, or its configuration did not arrive in time (the error says
@@ -155,18 +156,15 @@ impl Mesh {
                 target: target.to_owned(),
                 reason: format!("not a host:port authority: {e}"),
             })?;
+        let started = std::time::Instant::now();
         let listener = self.xds.listener(target, self.wait).await?;
-        // Endpoints arrive after routes; a first call made before would fail for nothing.
+        // Clusters and endpoints arrive after routes. Calls made before would wait for them
+        // by themselves (`MeshClient`'s readiness layer); waiting here keeps the first
+        // call's latency ordinary. What is still missing after the wait is the calls' to meet.
         let _ = self
             .xds
             .store()
-            .wait_for(self.wait, |s| {
-                s.routes_for_listener(&listener.name).is_some_and(|rc| {
-                    rc.cluster_names()
-                        .iter()
-                        .all(|c| s.endpoints_for_cluster(c).is_some())
-                })
-            })
+            .wait_complete(&listener.name, self.wait.saturating_sub(started.elapsed()))
             .await;
         let mut builder =
             MeshClient::builder(self.xds.store().clone(), target)?.metrics(self.metrics.clone());

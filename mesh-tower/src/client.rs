@@ -145,6 +145,7 @@ impl MeshClientBuilder {
         let routed = RouteLayer::new(self.store.clone(), listener.clone()).layer(measured);
         let routed = ConfigReadyLayer::new(self.store, listener)
             .max_wait(self.wait_for_config)
+            .metrics(metrics.clone())
             .layer(routed);
         let inner = self
             .trace

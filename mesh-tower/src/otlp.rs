@@ -385,7 +385,7 @@ fn register(provider: &SdkMeterProvider, metrics: &Metrics) {
             .build();
     }
     type Read = fn(&Metrics) -> u64;
-    let events: [(&'static str, &'static str, Read); 7] = [
+    let events: [(&'static str, &'static str, Read); 9] = [
         ("mesh.retries", "Retries sent.", |m| {
             m.counters()
                 .retries
@@ -414,6 +414,24 @@ fn register(provider: &SdkMeterProvider, metrics: &Metrics) {
                 .faults
                 .load(std::sync::atomic::Ordering::Relaxed)
         }),
+        (
+            "mesh.config.waits",
+            "Requests that waited for their configuration to arrive.",
+            |m| {
+                m.counters()
+                    .config_waits
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            },
+        ),
+        (
+            "mesh.config.waits_expired",
+            "Requests sent after waiting the whole bound for configuration that did not arrive.",
+            |m| {
+                m.counters()
+                    .config_waits_expired
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            },
+        ),
         (
             "mesh.tls.handshake_failures",
             "TLS handshakes that failed.",

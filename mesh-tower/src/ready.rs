@@ -48,6 +48,7 @@ pub struct ConfigReadyLayer {
     store: ConfigStore,
     listener: Arc<str>,
     max_wait: Duration,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl ConfigReadyLayer {
@@ -57,7 +58,15 @@ impl ConfigReadyLayer {
             store,
             listener: listener.into(),
             max_wait: DEFAULT_MAX_WAIT,
+            metrics: None,
         }
+    }
+
+    /// Counts waits (`mesh_config_waits`) and waits that ran out
+    /// (`mesh_config_waits_expired`) in `metrics`.
+    pub fn metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The longest a request waits (default 10 s; zero: never wait). A request's
@@ -78,6 +87,7 @@ impl<S> Layer<S> for ConfigReadyLayer {
             listener: self.listener.clone(),
             max_wait: self.max_wait,
             complete: Arc::new(AtomicU64::new(u64::MAX)),
+            metrics: self.metrics.clone(),
         }
     }
 }
@@ -91,6 +101,7 @@ pub struct ConfigReady<S> {
     max_wait: Duration,
     /// The last snapshot generation found complete (`u64::MAX`: none yet).
     complete: Arc<AtomicU64>,
+    metrics: Option<crate::metrics::Metrics>,
 }
 
 impl<S> ConfigReady<S> {
@@ -172,12 +183,21 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         let (store, listener) = (self.store.clone(), self.listener.clone());
+        let metrics = self.metrics.clone();
+        if let Some(m) = &metrics {
+            m.counters().config_waits.fetch_add(1, Ordering::Relaxed);
+        }
         let waiting: Waiting<S::Response> = Box::pin(async move {
             match store.wait_complete(&listener, wait).await {
                 Ok(snapshot) => {
                     req.extensions_mut().insert(snapshot);
                 }
                 Err(missing) => {
+                    if let Some(m) = &metrics {
+                        m.counters()
+                            .config_waits_expired
+                            .fetch_add(1, Ordering::Relaxed);
+                    }
                     tracing::debug!(%listener, %missing, ?wait, "configuration still incomplete; sending anyway");
                 }
             }
@@ -281,8 +301,10 @@ mod tests {
         let store = ConfigStore::new();
         store.publish(snapshot_with("never", false, false));
         let (svc, mut handle) = tower_test::mock::pair::<Request<()>, ()>();
+        let metrics = crate::metrics::Metrics::default();
         let mut svc = ConfigReadyLayer::new(store.clone(), "l")
             .max_wait(Duration::from_secs(2))
+            .metrics(metrics.clone())
             .layer(svc.map_err(Into::into));
         handle.allow(1);
         let started = tokio::time::Instant::now();
@@ -300,5 +322,8 @@ mod tests {
         );
         send.send_response(());
         assert!(call.await.unwrap().is_ok());
+        let c = metrics.counters();
+        assert_eq!(c.config_waits.load(Ordering::Relaxed), 1);
+        assert_eq!(c.config_waits_expired.load(Ordering::Relaxed), 1, "counted");
     }
 }

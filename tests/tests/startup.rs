@@ -144,6 +144,17 @@ async fn readme_snippet_loses_no_call(mode: ProtocolMode) {
             failed.push(e);
         }
     }
+    let counters = client.metrics().counters();
+    let waited = counters
+        .config_waits
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let expired = counters
+        .config_waits_expired
+        .load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "{mode:?}: {waited} of the first calls waited for configuration, {expired} past the bound"
+    );
+    assert_eq!(expired, 0);
     let hits: Vec<usize> = backends.iter().map(Backend::hits).collect();
     println!(
         "{mode:?}: first 2,000 calls: {} failed; v1/v2/v3 hits {hits:?}",

@@ -288,6 +288,10 @@ pub struct Counters {
     pub faults: AtomicU64,
     /// TLS handshakes that failed.
     pub tls_failures: AtomicU64,
+    /// Requests that waited for their configuration to arrive.
+    pub config_waits: AtomicU64,
+    /// Requests sent after waiting the whole bound with their configuration still incomplete.
+    pub config_waits_expired: AtomicU64,
 }
 
 /// The metrics of a service: cheap to clone, shared by its layers and its admin endpoint.
@@ -498,6 +502,16 @@ impl prometheus_client::collector::Collector for Metrics {
                 &c.ejections,
             ),
             ("mesh_faults_injected", "Faults injected.", &c.faults),
+            (
+                "mesh_config_waits",
+                "Requests that waited for their configuration to arrive.",
+                &c.config_waits,
+            ),
+            (
+                "mesh_config_waits_expired",
+                "Requests sent after waiting the whole bound for configuration that did not arrive.",
+                &c.config_waits_expired,
+            ),
             (
                 "mesh_tls_handshake_failures",
                 "TLS handshakes that failed.",
