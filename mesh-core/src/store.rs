@@ -86,6 +86,7 @@ struct Inner {
     changed: watch::Sender<u64>,
     acks: AtomicU64,
     nacks: AtomicU64,
+    route_holds_expired: AtomicU64,
 }
 
 /// How many xDS responses the client accepted and rejected.
@@ -95,6 +96,9 @@ pub struct XdsCounts {
     pub acked: u64,
     /// Responses NACKed (rejected; the last good configuration kept serving).
     pub nacked: u64,
+    /// Route updates applied only after waiting [`ROUTE_HOLD`](crate::xds::ROUTE_HOLD) for
+    /// clusters that did not arrive.
+    pub route_holds_expired: u64,
 }
 
 /// The live configuration shared by the xDS client (the one writer) and every request.
@@ -131,6 +135,7 @@ impl ConfigStore {
                 dump: ArcSwap::from_pointee(ConfigDump::default()),
                 changed,
                 acks: AtomicU64::new(0),
+                route_holds_expired: AtomicU64::new(0),
                 nacks: AtomicU64::new(0),
             }),
         }
@@ -139,9 +144,14 @@ impl ConfigStore {
     /// Responses accepted and rejected so far.
     pub fn xds_counts(&self) -> XdsCounts {
         XdsCounts {
+            route_holds_expired: self.inner.route_holds_expired.load(Ordering::Relaxed),
             acked: self.inner.acks.load(Ordering::Relaxed),
             nacked: self.inner.nacks.load(Ordering::Relaxed),
         }
+    }
+
+    pub(crate) fn set_route_holds_expired(&self, n: u64) {
+        self.inner.route_holds_expired.store(n, Ordering::Relaxed);
     }
 
     pub(crate) fn count_response(&self, acked: bool) {

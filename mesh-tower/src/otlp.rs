@@ -385,7 +385,7 @@ fn register(provider: &SdkMeterProvider, metrics: &Metrics) {
             .build();
     }
     type Read = fn(&Metrics) -> u64;
-    let events: [(&'static str, &'static str, Read); 9] = [
+    let events: [(&'static str, &'static str, Read); 10] = [
         ("mesh.retries", "Retries sent.", |m| {
             m.counters()
                 .retries
@@ -447,6 +447,11 @@ fn register(provider: &SdkMeterProvider, metrics: &Metrics) {
         ("mesh.xds.nacks", "xDS responses rejected.", |m| {
             m.xds_counts().nacked
         }),
+        (
+            "mesh.xds.route_holds_expired",
+            "Route updates applied after waiting the whole bound for clusters that did not arrive.",
+            |m| m.xds_counts().route_holds_expired,
+        ),
     ];
     for (name, help, read) in events {
         let m = metrics.clone();

@@ -203,6 +203,8 @@ async fn shift_to_a_new_subset_loses_no_call(mode: ProtocolMode) {
     );
     assert_eq!(figures.failed, 0, "{mode:?}: {:?}", figures.errors);
     assert!(v3 > 200, "{mode:?}: traffic moved to v3 ({v3})");
+    // The route to v3 was held back until v3 arrived, well within the bound.
+    assert_eq!(xds.store().xds_counts().route_holds_expired, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

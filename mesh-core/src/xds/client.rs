@@ -469,7 +469,10 @@ impl Task {
                 .publish_dump(self.state.config_dump(&self.uri, self.last_error.clone()));
         }
         if snapshot_changed {
-            self.store.publish(self.state.snapshot().clone());
+            let now = tokio::time::Instant::now();
+            self.store.publish(self.state.publish_view(now));
+            self.store
+                .set_route_holds_expired(self.state.holds_expired());
         }
     }
 

@@ -16,7 +16,7 @@ pub mod translate;
 
 pub use bootstrap::Bootstrap;
 pub use client::{Target, XdsClient, XdsClientBuilder};
-pub use state::{AdsState, Outbound, ProtocolMode, DOES_NOT_EXIST_TIMEOUT};
+pub use state::{AdsState, Outbound, ProtocolMode, DOES_NOT_EXIST_TIMEOUT, ROUTE_HOLD};
 
 /// The four resource kinds of the client's cascade, in subscription order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

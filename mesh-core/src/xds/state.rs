@@ -135,7 +135,17 @@ pub struct AdsState {
     snapshot: Snapshot,
     snapshot_dirty: bool,
     dump_dirty: bool,
+    /// What was last published: [`Self::snapshot`] with route updates held back.
+    published: Snapshot,
+    /// Route configurations held back (their previous version published), since when.
+    holds: BTreeMap<String, Instant>,
+    /// Holds that ran out before the clusters arrived (the update was then applied).
+    holds_expired: u64,
 }
+
+/// The longest a route update waits for the clusters and endpoints it points at before it
+/// is applied anyway.
+pub const ROUTE_HOLD: Duration = Duration::from_secs(5);
 
 /// The outcome of one resource in a response.
 type Decoded = (Option<String>, Result<Resource, String>, Option<Any>);
@@ -153,6 +163,9 @@ impl AdsState {
             snapshot: Snapshot::default(),
             snapshot_dirty: false,
             dump_dirty: false,
+            published: Snapshot::default(),
+            holds: BTreeMap::new(),
+            holds_expired: 0,
         }
     }
 
@@ -215,12 +228,16 @@ impl AdsState {
         self.types
             .iter()
             .flat_map(|t| t.entries.values().filter_map(|e| e.deadline))
+            .chain(self.holds.values().map(|since| *since + ROUTE_HOLD))
             .min()
     }
 
     /// Fires due does-not-exist timers. A resource that never arrived is marked
     /// DOES_NOT_EXIST; this changes status only (nothing held is removed).
     pub fn poll_timers(&mut self, now: Instant) {
+        if self.holds.values().any(|since| *since + ROUTE_HOLD <= now) {
+            self.snapshot_dirty = true;
+        }
         for t in &mut self.types {
             for e in t.entries.values_mut() {
                 if e.deadline.is_some_and(|d| d <= now) {
@@ -238,6 +255,82 @@ impl AdsState {
     /// The translated configuration.
     pub fn snapshot(&self) -> &Snapshot {
         &self.snapshot
+    }
+
+    /// The snapshot to publish now: [`Self::snapshot`], except that a route configuration
+    /// whose new version points at clusters (or their endpoints) still on their way keeps its
+    /// previous version, with the clusters that version uses, until they arrive or
+    /// [`ROUTE_HOLD`] passes (then it applies and is counted in
+    /// [`Self::holds_expired`]). A shift to a new subset so never routes a request to a
+    /// cluster the client does not hold yet.
+    pub fn publish_view(&mut self, now: Instant) -> Snapshot {
+        let mut out = self.snapshot.clone();
+        let mut holds = BTreeMap::new();
+        for (name, rc) in self.snapshot.route_configs() {
+            let Some(prev) = self.published.route_config(name).cloned() else {
+                continue;
+            };
+            if Arc::ptr_eq(&prev, rc) || rc.cluster_names().iter().all(|c| self.ready(c)) {
+                continue;
+            }
+            let since = self.holds.get(name).copied().unwrap_or(now);
+            if now.saturating_duration_since(since) >= ROUTE_HOLD {
+                self.holds_expired += 1;
+                tracing::warn!(route_config = %name, "route update applied after waiting {ROUTE_HOLD:?} for its clusters");
+                continue;
+            }
+            holds.insert(name.clone(), since);
+            for c in prev.cluster_names() {
+                if out.cluster(c).is_none() {
+                    if let Some(pc) = self.published.cluster(c) {
+                        out.set_cluster(pc.clone());
+                    }
+                }
+                let eds = out
+                    .cluster(c)
+                    .and_then(|cl| cl.eds_service_name().map(str::to_owned));
+                if let Some(eds) = eds {
+                    if out.endpoint_assignments().get(&eds).is_none() {
+                        if let Some(e) = self.published.endpoint_assignments().get(&eds) {
+                            out.set_endpoints(e.clone());
+                        }
+                    }
+                }
+            }
+            out.set_route_config(prev);
+        }
+        self.holds = holds;
+        self.published = out.clone();
+        out
+    }
+
+    /// Route updates applied only after [`ROUTE_HOLD`], their clusters still missing.
+    pub fn holds_expired(&self) -> u64 {
+        self.holds_expired
+    }
+
+    /// Whether a cluster a route names is held with its endpoints, or will not come (the
+    /// server says it does not exist, or it was rejected).
+    fn ready(&self, cluster: &str) -> bool {
+        let status = |rt: ResourceType, name: &str| {
+            self.types[rt.index()].entries.get(name).map(|e| e.status)
+        };
+        let gone = |s: Option<ResourceStatus>| {
+            matches!(
+                s,
+                Some(ResourceStatus::DoesNotExist | ResourceStatus::Nacked)
+            )
+        };
+        match self.snapshot.cluster(cluster) {
+            None => gone(status(ResourceType::Cluster, cluster)),
+            Some(c) => match c.eds_service_name() {
+                None => true,
+                Some(eds) => {
+                    self.snapshot.endpoint_assignments().contains_key(eds)
+                        || gone(status(ResourceType::ClusterLoadAssignment, eds))
+                }
+            },
+        }
     }
 
     /// Whether the snapshot changed since the last call (and resets the flag).

@@ -533,6 +533,11 @@ impl prometheus_client::collector::Collector for Metrics {
                 "xDS responses rejected (NACKed); the last good configuration kept serving.",
                 xds.nacked,
             ),
+            (
+                "mesh_xds_route_holds_expired",
+                "Route updates applied after waiting the whole bound for clusters that did not arrive.",
+                xds.route_holds_expired,
+            ),
         ] {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(v).encode(m)?;

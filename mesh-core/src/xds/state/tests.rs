@@ -736,3 +736,80 @@ fn sotw_absence_of_a_new_name_counts_only_on_a_response_that_answers_it() {
         Some(ResourceStatus::Acked)
     );
 }
+
+#[test]
+fn a_route_update_waits_for_the_clusters_it_points_at() {
+    use crate::config::{ClusterSpecifier, RouteAction};
+    let now = Instant::now();
+    let mut ads = sotw_cascade(now);
+    let split = |s: &crate::config::Snapshot| -> Vec<String> {
+        let rc = s.route_config("rc").unwrap();
+        let RouteAction::Forward(f) = &rc.virtual_hosts[0].routes[0].action else {
+            panic!()
+        };
+        match &f.cluster {
+            ClusterSpecifier::Weighted(w) => w.clusters.iter().map(|c| c.name.clone()).collect(),
+            ClusterSpecifier::Cluster(c) => vec![c.clone()],
+            ClusterSpecifier::Header(_) => vec![],
+        }
+    };
+    let published = ads.publish_view(now);
+    assert_eq!(split(&published), vec!["v1", "v2"]);
+    // The route moves everything to v3, which the client does not hold yet.
+    ads.on_sotw_response(
+        sotw(
+            ResourceType::RouteConfiguration,
+            "2",
+            "n5",
+            vec![routes("rc", &[("v3", 100)])],
+        ),
+        now,
+    );
+    let published = ads.publish_view(now);
+    assert_eq!(split(&published), vec!["v1", "v2"], "held back");
+    assert!(published.cluster("v1").is_some() && published.endpoints_for_cluster("v1").is_some());
+    assert_eq!(ads.next_deadline(), Some(now + ROUTE_HOLD));
+    // v3 arrives, then its endpoints: only then does the new route apply.
+    ads.on_sotw_response(
+        sotw(ResourceType::Cluster, "2", "n6", vec![cluster("v3")]),
+        now,
+    );
+    assert_eq!(
+        split(&ads.publish_view(now)),
+        vec!["v1", "v2"],
+        "endpoints missing"
+    );
+    ads.on_sotw_response(
+        sotw(
+            ResourceType::ClusterLoadAssignment,
+            "2",
+            "n7",
+            vec![endpoints("v3-eds", &[8003])],
+        ),
+        now,
+    );
+    let published = ads.publish_view(now);
+    assert_eq!(split(&published), vec!["v3"]);
+    assert!(
+        published.cluster("v1").is_none(),
+        "the old clusters go with the old route"
+    );
+    assert_eq!(ads.holds_expired(), 0);
+
+    // A route to a cluster that never comes applies after the bound, and is counted.
+    ads.on_sotw_response(
+        sotw(
+            ResourceType::RouteConfiguration,
+            "3",
+            "n8",
+            vec![routes("rc", &[("v4", 100)])],
+        ),
+        now,
+    );
+    assert_eq!(split(&ads.publish_view(now)), vec!["v3"]);
+    let later = now + ROUTE_HOLD;
+    ads.poll_timers(later);
+    assert!(ads.take_snapshot_changed());
+    assert_eq!(split(&ads.publish_view(later)), vec!["v4"]);
+    assert_eq!(ads.holds_expired(), 1);
+}
