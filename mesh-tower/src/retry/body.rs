@@ -6,7 +6,7 @@
 //! carries on).
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::{Buf, Bytes};
@@ -17,6 +17,21 @@ use crate::cluster::MeshBody;
 use crate::error::BoxError;
 
 /// A body that can be read again from its start by each clone, while the copy lasts.
+///
+/// ```
+/// # async fn run() {
+/// use bytes::Bytes;
+/// use http_body_util::{BodyExt, Full};
+/// use mesh_tower::retry::ReplayBody;
+///
+/// let body = Full::new(Bytes::from_static(b"hello")).map_err(|e| match e {}).boxed_unsync();
+/// let first = ReplayBody::new(body, 64 * 1024);
+/// let attempt = first.clone().collect().await.unwrap().to_bytes();
+/// assert!(first.is_replayable());
+/// let retry = first.clone().collect().await.unwrap().to_bytes();
+/// assert_eq!(attempt, retry);
+/// # }
+/// ```
 #[derive(Debug)]
 pub struct ReplayBody {
     shared: Arc<Shared>,
@@ -62,7 +77,7 @@ impl Wake for Fanout {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let wakers = std::mem::take(&mut *self.0.lock().expect("waker lock"));
+        let wakers = std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner));
         for w in wakers {
             w.wake();
         }
@@ -99,19 +114,27 @@ impl ReplayBody {
 
     /// Whether a new clone would see the whole body: the copy is intact.
     pub fn is_replayable(&self) -> bool {
-        let s = self.shared.state.lock().expect("replay lock");
+        let s = self.shared.lock();
         !s.capped && s.error.is_none()
     }
 
     /// No further attempt will be made: stop keeping a copy (the live reader carries on).
     pub fn stop_replaying(&self) {
-        let mut s = self.shared.state.lock().expect("replay lock");
+        let mut s = self.shared.lock();
         s.give_up();
     }
 
     /// Bytes kept for replay now.
     pub fn buffered(&self) -> usize {
-        self.shared.state.lock().expect("replay lock").len
+        self.shared.lock().len
+    }
+}
+
+impl Shared {
+    /// The state; a panic while it was held (in the caller's body) leaves it consistent
+    /// enough to read on, so poisoning is not passed on to the other readers.
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -150,7 +173,7 @@ impl Body for ReplayBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let shared = this.shared.clone();
-        let mut s = shared.state.lock().expect("replay lock");
+        let mut s = shared.lock();
         loop {
             // Replay what others read first.
             if this.next < s.frames() {
@@ -178,7 +201,11 @@ impl Body for ReplayBody {
             }
             // At the live edge: read the source on behalf of every clone.
             {
-                let mut wakers = shared.fanout.0.lock().expect("waker lock");
+                let mut wakers = shared
+                    .fanout
+                    .0
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
                 if !wakers.iter().any(|w| w.will_wake(cx.waker())) {
                     wakers.push(cx.waker().clone());
                 }
@@ -229,7 +256,7 @@ impl Body for ReplayBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        let s = self.shared.state.lock().expect("replay lock");
+        let s = self.shared.lock();
         if self.next < s.frames() {
             return false;
         }

@@ -256,6 +256,23 @@ fn cluster(c: &pb::Cluster) -> Result<Cluster, FieldError> {
 
 /// `slow_start_config` (the cluster's and the load-balancing policies' messages have the same
 /// fields). No window: no slow start, as in Envoy.
+/// The `slow_start_config` of a typed RoundRobin or LeastRequest policy.
+fn typed_slow_start(
+    sc: Option<
+        &envoy_types::pb::envoy::extensions::load_balancing_policies::common::v3::SlowStartConfig,
+    >,
+) -> Result<Option<SlowStart>, FieldError> {
+    let Some(sc) = sc else {
+        return Ok(None);
+    };
+    slow_start_config(
+        sc.slow_start_window.as_ref(),
+        sc.aggression.as_ref(),
+        sc.min_weight_percent.as_ref(),
+    )
+    .at("slow_start_config")
+}
+
 fn slow_start_config(
     window: Option<&envoy_types::pb::google::protobuf::Duration>,
     aggression: Option<&envoy_types::pb::envoy::config::core::v3::RuntimeDouble>,
@@ -363,42 +380,18 @@ fn load_balancing_policy(
         };
         if name == lbp::round_robin::v3::RoundRobin::full_name() {
             let rr: lbp::round_robin::v3::RoundRobin = decode_any(any).at("typed_config")?;
-            *slow_start = rr
-                .slow_start_config
-                .as_ref()
-                .map(|sc| {
-                    slow_start_config(
-                        sc.slow_start_window.as_ref(),
-                        sc.aggression.as_ref(),
-                        sc.min_weight_percent.as_ref(),
-                    )
-                })
-                .transpose()
-                .at("slow_start_config")
+            *slow_start = typed_slow_start(rr.slow_start_config.as_ref())
                 .at("typed_extension_config")
-                .at_index("policies", i)?
-                .flatten();
+                .at_index("policies", i)?;
             return Ok((
                 LbPolicy::RoundRobin,
                 locality_weighted(rr.locality_lb_config.as_ref()),
             ));
         } else if name == lbp::least_request::v3::LeastRequest::full_name() {
             let lr: lbp::least_request::v3::LeastRequest = decode_any(any).at("typed_config")?;
-            *slow_start = lr
-                .slow_start_config
-                .as_ref()
-                .map(|sc| {
-                    slow_start_config(
-                        sc.slow_start_window.as_ref(),
-                        sc.aggression.as_ref(),
-                        sc.min_weight_percent.as_ref(),
-                    )
-                })
-                .transpose()
-                .at("slow_start_config")
+            *slow_start = typed_slow_start(lr.slow_start_config.as_ref())
                 .at("typed_extension_config")
-                .at_index("policies", i)?
-                .flatten();
+                .at_index("policies", i)?;
             let choice_count = lr.choice_count.map(|v| v.value).unwrap_or(2);
             if choice_count < 2 {
                 return at(err("choice_count must be at least 2"));
