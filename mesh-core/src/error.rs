@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-pub(crate) use crate::xds::translate::TranslateError;
-
 /// Any error of mesh-core.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -31,7 +29,7 @@ pub enum BootstrapError {
     Read {
         /// The file.
         path: String,
-        /// Why.
+        /// The I/O error reading it.
         #[source]
         source: std::io::Error,
     },
@@ -96,10 +94,34 @@ pub enum XdsError {
     InvalidTarget {
         /// The target.
         target: String,
-        /// Why.
+        /// What makes it invalid (shown to the user as is).
         reason: String,
     },
     /// The client task has stopped.
     #[error("the xDS client has stopped")]
     Stopped,
+}
+
+/// A resource that failed translation: which one, where, and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub struct TranslateError {
+    /// The kind of resource.
+    pub resource_type: crate::resource::ResourceType,
+    /// Its name (empty when the resource could not even be decoded far enough to name it).
+    pub name: String,
+    /// Field path inside the resource, e.g. `virtual_hosts[2].routes[0].route`.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl std::fmt::Display for TranslateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {:?}: ", self.resource_type.short_name(), self.name)?;
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
 }

@@ -18,17 +18,11 @@
 //! [`config::Snapshot`]; a request takes one with a single atomic load and never locks.
 //!
 //! This crate knows nothing about tower layers: `mesh-tower` reads the store.
-#![forbid(unsafe_code)]
-#![warn(
-    missing_docs,
-    missing_debug_implementations,
-    rust_2018_idioms,
-    unreachable_pub
-)]
 
 pub mod config;
 mod error;
 pub mod identity;
+mod resource;
 mod store;
 pub mod xds;
 

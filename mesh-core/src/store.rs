@@ -3,81 +3,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::config::Snapshot;
-use crate::xds::ResourceType;
-
-/// Where a subscribed resource stands, as CSDS reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ResourceStatus {
-    /// Subscribed, nothing received yet.
-    Requested,
-    /// The latest version was accepted.
-    Acked,
-    /// The latest version was rejected; the last good one (if any) keeps serving.
-    Nacked,
-    /// The server said, or the does-not-exist timer concluded, that it does not exist.
-    DoesNotExist,
-}
-
-impl ResourceStatus {
-    /// The CSDS name: `REQUESTED`, `ACKED`, `NACKED`, `DOES_NOT_EXIST`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Requested => "REQUESTED",
-            Self::Acked => "ACKED",
-            Self::Nacked => "NACKED",
-            Self::DoesNotExist => "DOES_NOT_EXIST",
-        }
-    }
-}
-
-/// One resource in a [`ConfigDump`].
-#[derive(Clone, Debug, PartialEq)]
-pub struct ResourceDump {
-    /// Kind.
-    pub resource_type: ResourceType,
-    /// Name.
-    pub name: String,
-    /// Version of the resource in use (empty if none).
-    pub version: String,
-    /// Status of the latest update.
-    pub status: ResourceStatus,
-    /// The rejected version and why, when the latest update was NACKed.
-    pub error: Option<(String, String)>,
-    /// When the status last changed.
-    pub updated: Option<SystemTime>,
-    /// The resource as received (serialized `Any`), for CSDS.
-    pub raw: Option<Arc<envoy_types::pb::google::protobuf::Any>>,
-}
-
-/// What the client holds, resource by resource, plus its connection state.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct ConfigDump {
-    /// Every subscribed resource.
-    pub resources: Vec<ResourceDump>,
-    /// Server URI.
-    pub server: String,
-    /// Whether the ADS stream is up.
-    pub connected: bool,
-    /// The last connection error, if any.
-    pub last_error: Option<String>,
-    /// The node the client identifies as (for CSDS).
-    pub node: Option<envoy_types::pb::envoy::config::core::v3::Node>,
-}
-
-impl ConfigDump {
-    /// A resource's entry.
-    pub fn get(&self, resource_type: ResourceType, name: &str) -> Option<&ResourceDump> {
-        self.resources
-            .iter()
-            .find(|r| r.resource_type == resource_type && r.name == name)
-    }
-}
+use crate::resource::ResourceType;
+pub use crate::resource::{ConfigDump, ResourceDump, ResourceStatus};
 
 #[derive(Debug)]
 struct Inner {
@@ -87,6 +20,8 @@ struct Inner {
     acks: AtomicU64,
     nacks: AtomicU64,
     route_holds_expired: AtomicU64,
+    /// Listeners the client was asked to subscribe to (see `note_watched`).
+    watched: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// How many xDS responses the client accepted and rejected.
@@ -137,8 +72,29 @@ impl ConfigStore {
                 acks: AtomicU64::new(0),
                 route_holds_expired: AtomicU64::new(0),
                 nacks: AtomicU64::new(0),
+                watched: std::sync::Mutex::new(std::collections::HashSet::new()),
             }),
         }
+    }
+
+    /// Notes that the client of this store has subscribed to `listener` (said at once, by
+    /// the caller of `XdsClient::watch`, before its task has sent the request): requests
+    /// through it wait for it rather than fail for want of a subscription.
+    pub(crate) fn note_watched(&self, listener: &str, watched: bool) {
+        let mut set = self.inner.watched.lock().unwrap_or_else(|p| p.into_inner());
+        if watched {
+            set.insert(listener.to_owned());
+        } else {
+            set.remove(listener);
+        }
+    }
+
+    fn is_watched(&self, listener: &str) -> bool {
+        self.inner
+            .watched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(listener)
     }
 
     /// Responses accepted and rejected so far.
@@ -221,7 +177,7 @@ impl ConfigStore {
             }
         };
         let Some(l) = snap.listener(listener) else {
-            return on_its_way(ResourceType::Listener, listener, false)
+            return on_its_way(ResourceType::Listener, listener, self.is_watched(listener))
                 .then(|| format!("listener {listener:?}"));
         };
         let hcm = l.api()?;

@@ -72,16 +72,22 @@ fn status_response(status: Status) -> Response<ResponseBody> {
     resp
 }
 
-impl Service<Request<tonic::body::Body>> for MeshChannel {
+/// Any request body: tonic's, or one a tower layer above wrapped (e.g. tower-http's body
+/// limit).
+impl<B> Service<Request<B>> for MeshChannel
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
     type Response = Response<ResponseBody>;
     type Error = BoxError;
     type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Service::<Request<tonic::body::Body>>::poll_ready(&mut self.client, cx)
+        Service::<Request<B>>::poll_ready(&mut self.client, cx)
     }
 
-    fn call(&mut self, mut req: Request<tonic::body::Body>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         parts.scheme = Some(parts.scheme.unwrap_or(Scheme::HTTP));
         parts.authority = Some(self.authority.clone());

@@ -31,5 +31,5 @@ mod mesh;
 mod server;
 
 pub use channel::{MeshChannel, ResponseFuture};
-pub use mesh::{Mesh, MeshError};
+pub use mesh::{Mesh, SetupError};
 pub use server::{serve, ServeOptions};

@@ -13,7 +13,7 @@ use crate::MeshChannel;
 
 /// Why the mesh could not be set up or a channel or server could not start.
 #[derive(Debug, thiserror::Error)]
-pub enum MeshError {
+pub enum SetupError {
     /// The bootstrap, the xDS client or the certificate provider failed.
     #[error(transparent)]
     Core(#[from] mesh_core::Error),
@@ -62,7 +62,7 @@ impl Mesh {
     ///
     /// # Errors
     /// A missing or invalid bootstrap, or certificates that cannot be loaded.
-    pub fn from_env() -> Result<Self, MeshError> {
+    pub fn from_env() -> Result<Self, SetupError> {
         let bootstrap = Bootstrap::from_env().map_err(mesh_core::Error::from)?;
         Self::from_bootstrap(bootstrap)
     }
@@ -71,7 +71,7 @@ impl Mesh {
     ///
     /// # Errors
     /// See [`Mesh::from_env`].
-    pub fn from_bootstrap(bootstrap: Bootstrap) -> Result<Self, MeshError> {
+    pub fn from_bootstrap(bootstrap: Bootstrap) -> Result<Self, SetupError> {
         let identity = if bootstrap.certificate_providers.contains_key("default") {
             Some(mesh_core::identity::from_bootstrap(&bootstrap, "default")?)
         } else {
@@ -149,10 +149,10 @@ impl Mesh {
     /// # Errors
     /// The target is invalid, or its configuration did not arrive in time (the error says
     /// what the client knows: unreachable server, NACK, or does not exist).
-    pub async fn channel(&self, target: &str) -> Result<MeshChannel, MeshError> {
+    pub async fn channel(&self, target: &str) -> Result<MeshChannel, SetupError> {
         let parsed = Target::parse(target)?;
         let authority =
-            http::uri::Authority::try_from(parsed.name()).map_err(|e| MeshError::Target {
+            http::uri::Authority::try_from(parsed.name()).map_err(|e| SetupError::Target {
                 target: target.to_owned(),
                 reason: format!("not a host:port authority: {e}"),
             })?;

@@ -4,30 +4,25 @@
 use std::future::Future;
 
 use mesh_tower::metrics::AccessLog;
-use mesh_tower::server::{serve_xds, XdsServe};
+use mesh_tower::server::{serve_xds, Limits, XdsServe};
 use mesh_tower::tls::TlsMode;
 use mesh_tower::trace::TraceLayer;
 use tokio::net::TcpListener;
 
-use crate::{Mesh, MeshError};
+use crate::{Mesh, SetupError};
 
-/// How [`serve`] runs a server.
+/// How [`serve`] runs a server: [`XdsServe`]'s options, less those the [`Mesh`] gives
+/// (its identity, metrics and configuration wait).
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
-    service: String,
-    tls_mode: Option<TlsMode>,
-    trace: Option<TraceLayer>,
-    access_log: Option<AccessLog>,
+    inner: XdsServe,
 }
 
 impl ServeOptions {
     /// A server for the service called `service` (the cluster label of its metrics).
     pub fn new(service: &str) -> Self {
         Self {
-            service: service.to_owned(),
-            tls_mode: None,
-            trace: None,
-            access_log: None,
+            inner: XdsServe::new(service),
         }
     }
 
@@ -35,19 +30,25 @@ impl ServeOptions {
     /// the authorization rules come from the listener named by the bootstrap's
     /// `server_listener_resource_name_template`.
     pub fn tls_mode(mut self, mode: TlsMode) -> Self {
-        self.tls_mode = Some(mode);
+        self.inner = self.inner.tls_mode(mode);
         self
     }
 
     /// Server spans with this layer (default: [`TraceLayer::server`]).
     pub fn trace(mut self, layer: TraceLayer) -> Self {
-        self.trace = Some(layer);
+        self.inner = self.inner.trace(layer);
         self
     }
 
     /// Logs each request (see [`AccessLog`]).
     pub fn access_log(mut self, config: AccessLog) -> Self {
-        self.access_log = Some(config);
+        self.inner = self.inner.access_log(config);
+        self
+    }
+
+    /// Connection, header and stream limits (default [`Limits::default`]).
+    pub fn limits(mut self, limits: Limits) -> Self {
+        self.inner = self.inner.limits(limits);
         self
     }
 }
@@ -60,9 +61,9 @@ impl ServeOptions {
 /// [`mesh_tower::server::serve_xds`]. Metrics go to [`Mesh::metrics`].
 ///
 /// ```no_run
-/// # async fn run(mesh: mesh_tonic::Mesh, routes: tonic::service::Routes) -> Result<(), mesh_tonic::MeshError> {
+/// # async fn run(mesh: mesh_tonic::Mesh, routes: tonic::service::Routes) -> Result<(), mesh_tonic::SetupError> {
 /// let listener = tokio::net::TcpListener::bind("0.0.0.0:50051").await.map_err(|e| {
-///     mesh_tonic::MeshError::Server { address: "0.0.0.0:50051".into(), reason: e.to_string() }
+///     mesh_tonic::SetupError::Server { address: "0.0.0.0:50051".into(), reason: e.to_string() }
 /// })?;
 /// let shutdown = std::future::pending(); // e.g. a ctrl-c future
 /// mesh_tonic::serve(&mesh, listener, routes, mesh_tonic::ServeOptions::new("greeter"), shutdown).await
@@ -78,23 +79,15 @@ pub async fn serve(
     routes: tonic::service::Routes,
     options: ServeOptions,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), MeshError> {
-    let mut o = XdsServe::new(&options.service)
+) -> Result<(), SetupError> {
+    let mut o = options
+        .inner
         .metrics(mesh.metrics().clone())
         .wait_for_config(mesh.wait());
     if let Some(id) = mesh.workload_identity() {
         o = o.identity(id.clone());
     }
-    if let Some(t) = options.trace {
-        o = o.trace(t);
-    }
-    if let Some(a) = options.access_log {
-        o = o.access_log(a);
-    }
-    if let Some(m) = options.tls_mode {
-        o = o.tls_mode(m);
-    }
     serve_xds(mesh.xds(), listener, routes, o, shutdown)
         .await
-        .map_err(MeshError::from)
+        .map_err(SetupError::from)
 }

@@ -8,6 +8,10 @@ use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
+/// The request body type inside the stack.
+pub type MeshBody =
+    http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, crate::error::BoxError>;
+
 /// How a response body ended.
 pub enum End<'a> {
     /// The last frame was read; the trailers, if any.

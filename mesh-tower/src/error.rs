@@ -40,19 +40,19 @@ pub enum MeshError {
     /// The route names a cluster the configuration does not have.
     #[error("cluster {cluster:?} is not in the configuration")]
     UnknownCluster {
-        /// Cluster name.
+        /// The cluster, by its xDS name (e.g. `outbound|80|v1|reviews.prod.svc.cluster.local`).
         cluster: String,
     },
     /// Every endpoint is unhealthy, ejected, or there are none.
     #[error("cluster {cluster:?} has no healthy endpoint")]
     NoHealthyEndpoint {
-        /// Cluster name.
+        /// The cluster, by its xDS name (e.g. `outbound|80|v1|reviews.prod.svc.cluster.local`).
         cluster: String,
     },
     /// A circuit breaker is open: failing fast instead of queueing.
     #[error("cluster {cluster:?} is overloaded: {limit} limit of {max} reached")]
     Overloaded {
-        /// Cluster name.
+        /// The cluster, by its xDS name (e.g. `outbound|80|v1|reviews.prod.svc.cluster.local`).
         cluster: String,
         /// Which threshold (`max_requests`, `max_retries`...).
         limit: &'static str,
@@ -62,7 +62,7 @@ pub enum MeshError {
     /// The upstream request failed (connect, reset, protocol).
     #[error("upstream {endpoint} of cluster {cluster:?} failed{}: {source}", if *.connect { " to connect" } else { "" })]
     Upstream {
-        /// Cluster name.
+        /// The cluster, by its xDS name (e.g. `outbound|80|v1|reviews.prod.svc.cluster.local`).
         cluster: String,
         /// Endpoint address.
         endpoint: std::net::SocketAddr,
@@ -83,7 +83,7 @@ pub enum MeshError {
     /// One attempt's per-try timeout expired (retried if the policy allows).
     #[error("attempt to cluster {cluster:?} timed out after {after:?}")]
     PerTryTimeout {
-        /// Cluster name.
+        /// The cluster, by its xDS name (e.g. `outbound|80|v1|reviews.prod.svc.cluster.local`).
         cluster: String,
         /// The per-try timeout.
         after: std::time::Duration,
@@ -99,7 +99,7 @@ pub enum MeshError {
     /// The cluster needs TLS that cannot be set up (e.g. no workload identity).
     #[error("{reason}")]
     Tls {
-        /// Cluster name.
+        /// The cluster, by its xDS name (e.g. `outbound|80|v1|reviews.prod.svc.cluster.local`).
         cluster: String,
         /// What is missing or wrong.
         reason: String,

@@ -140,6 +140,15 @@ impl Default for ResourceCache {
 }
 
 impl ResourceCache {
+    /// The cache's state. A panic while it was held (in another stream's task) leaves it
+    /// whole (every write is one assignment or one map update), so it stays usable.
+    fn state(&self) -> std::sync::MutexGuard<'_, CacheState> {
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// An empty cache.
     pub fn new() -> Self {
         let (changed, _) = watch::channel(0);
@@ -179,7 +188,7 @@ impl ResourceCache {
                 None => bad.push(any.type_url.clone()),
             }
         }
-        let mut state = self.inner.state.lock().expect("cache lock");
+        let mut state = self.state();
         state.counter += 1;
         let version = state.counter.to_string();
         let mut changed = false;
@@ -247,7 +256,7 @@ impl ResourceCache {
     /// How long removed clusters and endpoint assignments are still served to clients that
     /// ask for them (default [`RETIRE_GRACE`]; zero removes them at once).
     pub fn set_retire_grace(&self, grace: std::time::Duration) {
-        self.inner.state.lock().expect("cache lock").grace = Some(grace);
+        self.state().grace = Some(grace);
     }
 
     /// Adds or replaces one resource, leaving the others as they are.
@@ -255,7 +264,7 @@ impl ResourceCache {
         let Some(name) = resource_name(&resource) else {
             return false;
         };
-        let mut state = self.inner.state.lock().expect("cache lock");
+        let mut state = self.state();
         state.counter += 1;
         let version = state.counter.to_string();
         let (type_version, map) = state.types.entry(resource.type_url.clone()).or_default();
@@ -278,7 +287,7 @@ impl ResourceCache {
 
     /// Removes one resource.
     pub fn remove(&self, type_url: &str, name: &str) -> bool {
-        let mut state = self.inner.state.lock().expect("cache lock");
+        let mut state = self.state();
         state.counter += 1;
         let version = state.counter.to_string();
         let Some((type_version, map)) = state.types.get_mut(type_url) else {
@@ -295,7 +304,7 @@ impl ResourceCache {
 
     /// Every resource currently served.
     pub fn resources(&self) -> Vec<Any> {
-        let state = self.inner.state.lock().expect("cache lock");
+        let state = self.state();
         state
             .types
             .values()
@@ -308,6 +317,6 @@ impl ResourceCache {
     }
 
     pub(crate) fn with_state<T>(&self, f: impl FnOnce(&CacheState) -> T) -> T {
-        f(&self.inner.state.lock().expect("cache lock"))
+        f(&self.state())
     }
 }

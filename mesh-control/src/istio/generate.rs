@@ -941,25 +941,7 @@ fn percent(p: Option<&super::Percent>, default: f64) -> types::FractionalPercent
 
 /// gRPC status names as Istio accepts them.
 fn grpc_code(v: &serde_yaml_ng::Value) -> Option<u32> {
-    const NAMES: [&str; 17] = [
-        "OK",
-        "CANCELLED",
-        "UNKNOWN",
-        "INVALID_ARGUMENT",
-        "DEADLINE_EXCEEDED",
-        "NOT_FOUND",
-        "ALREADY_EXISTS",
-        "PERMISSION_DENIED",
-        "RESOURCE_EXHAUSTED",
-        "FAILED_PRECONDITION",
-        "ABORTED",
-        "OUT_OF_RANGE",
-        "UNIMPLEMENTED",
-        "INTERNAL",
-        "UNAVAILABLE",
-        "DATA_LOSS",
-        "UNAUTHENTICATED",
-    ];
+    use mesh_core::config::GRPC_STATUS_NAMES as NAMES;
     match v {
         serde_yaml_ng::Value::Number(n) => n.as_u64().filter(|c| *c <= 16).map(|c| c as u32),
         serde_yaml_ng::Value::String(s) => NAMES

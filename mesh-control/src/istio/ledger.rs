@@ -3,7 +3,7 @@
 //!
 //! Each field of each kind's `spec` (as Istio's CRD schemas define it) is honoured, refused,
 //! or ignored for a stated reason (only fields that cannot change how a request is handled or
-//! who may make it). [`check`] runs on every document before it is read: a field that is
+//! who may make it). `check` runs on every document before it is read: a field that is
 //! refused, or that the schemas do not define at all, is an error at `file:line` naming the
 //! field path (`VirtualService frontend: spec.http[0].corsPolicy: not supported`), so a policy
 //! is never half applied. The tests check the table against the schemas;

@@ -3,7 +3,7 @@
 //! [`parse`] reads the supported kinds (ServiceEntry, WorkloadEntry, VirtualService,
 //! DestinationRule, PeerAuthentication, AuthorizationPolicy) and remembers where each
 //! document came from, so every problem found later is reported as `file:line: message`.
-//! [`generate`] turns the result into the xDS resources Istio would send proxyless clients;
+//! [`generate()`] turns the result into the xDS resources Istio would send proxyless clients;
 //! [`validate`] is the `istioctl analyze` of the mesh.
 
 use std::fmt;

@@ -7,7 +7,7 @@ use serde::Deserialize;
 /// `metadata`.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 pub struct Metadata {
-    /// Name.
+    /// The resource's name (with its namespace, what Istio and errors call it by).
     #[serde(default)]
     pub name: String,
     /// Namespace (default `default`).
@@ -270,7 +270,7 @@ pub struct Headers {
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRoute {
-    /// Name.
+    /// The route's name, as metrics, traces and errors report it.
     #[serde(default)]
     pub name: Option<String>,
     /// Matches (any); none matches everything.

@@ -154,7 +154,7 @@ pub struct FilterChainMatch {
 /// One filter chain: an optional TLS context and the HTTP connection manager.
 #[derive(Clone, Debug, PartialEq)]
 pub struct FilterChain {
-    /// Name.
+    /// The chain's name (what errors and the config dump call it by).
     pub name: String,
     /// When the chain applies.
     pub matcher: FilterChainMatch,

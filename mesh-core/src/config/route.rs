@@ -521,7 +521,7 @@ impl WeightedClusters {
 /// One target of a weighted split.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ClusterWeight {
-    /// Cluster name.
+    /// The cluster this share of the traffic goes to, by its xDS name.
     pub name: String,
     /// Relative weight.
     pub weight: u32,
@@ -693,6 +693,43 @@ pub struct RetryPolicy {
     pub host_selection_max_attempts: u32,
 }
 
+impl RetryPolicy {
+    /// One attempt and no retry: what a route without a retry policy gets.
+    pub fn none() -> Self {
+        Self {
+            retry_on: RetryOn::default(),
+            num_retries: 0,
+            per_try_timeout: None,
+            backoff: RetryBackoff::default(),
+            retriable_status_codes: Vec::new(),
+            previous_hosts: false,
+            host_selection_max_attempts: 1,
+        }
+    }
+}
+
+/// The names of the gRPC status codes, indexed by code (0 `OK` to 16 `UNAUTHENTICATED`), as
+/// gRPC, Envoy and Istio spell them.
+pub const GRPC_STATUS_NAMES: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
 /// Exponential backoff with full jitter.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RetryBackoff {
@@ -759,9 +796,9 @@ pub enum AppendAction {
 /// One header to add.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HeaderAdd {
-    /// Name.
+    /// The header to set.
     pub name: HeaderName,
-    /// Value.
+    /// Its value.
     pub value: HeaderValue,
     /// Combination rule.
     pub action: AppendAction,

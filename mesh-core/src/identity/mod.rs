@@ -10,6 +10,48 @@
 //!
 //! The crypto provider is chosen once, here: ring.
 
+/// The signature checks of a rustls verifier: rustls's own, with the process's crypto
+/// provider's algorithms. Every verifier of the mesh checks chains and names its own way and
+/// handshake signatures this one way.
+macro_rules! signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls_pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &crate::identity::crypto_provider().signature_verification_algorithms,
+            )
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls_pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &crate::identity::crypto_provider().signature_verification_algorithms,
+            )
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            crate::identity::crypto_provider()
+                .signature_verification_algorithms
+                .supported_schemes()
+        }
+    };
+}
+pub(crate) use signature_checks;
+
 mod external;
 mod provider;
 mod sds;
@@ -48,7 +90,7 @@ pub enum IdentityError {
     Read {
         /// The file.
         path: String,
-        /// Why.
+        /// The I/O error reading it.
         #[source]
         source: std::io::Error,
     },

@@ -22,7 +22,6 @@ use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
 use serde_json::Value as Json;
 
-use super::ProtocolMode;
 use crate::error::BootstrapError;
 
 /// How the client authenticates the xDS server's channel.
@@ -84,6 +83,15 @@ pub struct CertificateProviderConfig {
     pub plugin_name: String,
     /// Plugin configuration, read by the identity module.
     pub config: Json,
+}
+
+/// Which variant of ADS a stream speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProtocolMode {
+    /// State of the world: each response carries the full set of a type.
+    Sotw,
+    /// Incremental: responses carry changes and removals.
+    Delta,
 }
 
 /// The parsed bootstrap.

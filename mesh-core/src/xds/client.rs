@@ -13,8 +13,9 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::Instrument;
 
+use super::bootstrap::ProtocolMode;
 use super::bootstrap::{Bootstrap, ChannelCreds};
-use super::state::{AdsState, Outbound, ProtocolMode};
+use super::state::{AdsState, Outbound};
 use super::ResourceType;
 use crate::config::Listener;
 use crate::error::{BootstrapError, Error, XdsError};
@@ -271,7 +272,9 @@ impl XdsClient {
         self.shared
             .commands
             .send(Command::Watch(name.to_owned()))
-            .map_err(|_| XdsError::Stopped)
+            .map_err(|_| XdsError::Stopped)?;
+        self.shared.store.note_watched(name, true);
+        Ok(())
     }
 
     /// Drops a listener subscription.
@@ -279,6 +282,7 @@ impl XdsClient {
     /// # Errors
     /// The client task has stopped.
     pub fn unwatch_listener(&self, name: &str) -> Result<(), XdsError> {
+        self.shared.store.note_watched(name, false);
         self.shared
             .commands
             .send(Command::Unwatch(name.to_owned()))

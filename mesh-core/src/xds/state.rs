@@ -25,6 +25,7 @@ use envoy_types::pb::google::rpc::Status;
 use prost::{Message, Name};
 use tokio::time::Instant;
 
+use super::bootstrap::ProtocolMode;
 use super::translate::TranslateError;
 use super::ResourceType;
 use crate::config::{Cluster, EndpointAssignment, Listener, RouteConfig, RouteSource, Snapshot};
@@ -36,15 +37,6 @@ pub const DOES_NOT_EXIST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// gRPC status code INVALID_ARGUMENT, used in NACKs.
 const INVALID_ARGUMENT: i32 = 3;
-
-/// Which variant of ADS a stream speaks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ProtocolMode {
-    /// State of the world: each response carries the full set of a type.
-    Sotw,
-    /// Incremental: responses carry changes and removals.
-    Delta,
-}
 
 /// A request for the I/O task to send.
 #[derive(Clone, Debug, PartialEq)]

@@ -48,7 +48,7 @@ use mesh_core::config::{
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::tls::{LocalAddr, PeerIdentity, RemoteAddr};
+use crate::ext::{LocalAddr, PeerIdentity, RemoteAddr};
 
 /// The request facts rules look at.
 struct Facts<'a, B> {
@@ -236,7 +236,7 @@ impl<S> Authz<S> {
         &self.inner
     }
 
-    /// Unwraps.
+    /// The inner service, with this layer taken off.
     pub fn into_inner(self) -> S {
         self.inner
     }

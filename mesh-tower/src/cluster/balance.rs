@@ -123,9 +123,7 @@ impl ByConfig {
             return &candidates[0];
         }
         match config.lb_policy {
-            LbPolicy::RoundRobin => {
-                &candidates[cluster.rr.fetch_add(1, Ordering::Relaxed) % candidates.len()]
-            }
+            LbPolicy::RoundRobin => &candidates[cluster.next_round_robin(candidates.len())],
             LbPolicy::Random | LbPolicy::RingHash { .. } | LbPolicy::Maglev { .. } => {
                 weighted_random(candidates)
             }

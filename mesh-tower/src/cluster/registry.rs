@@ -125,7 +125,8 @@ pub struct ClusterRuntime {
     metrics: Option<crate::metrics::Metrics>,
     protocol: UpstreamProtocol,
     tls: Option<mesh_core::config::UpstreamTls>,
-    pub(crate) rr: AtomicUsize,
+    /// Round robin's position (see [`ClusterRuntime::next_round_robin`]).
+    rr: AtomicUsize,
     active_requests: AtomicU32,
     active_retries: AtomicU32,
     overflows: AtomicU64,
@@ -370,6 +371,11 @@ impl ClusterRuntime {
     /// Connections open to the cluster's endpoints now.
     pub fn open_connections(&self) -> u32 {
         self.connections.open.load(Ordering::Acquire)
+    }
+
+    /// The next round-robin position among `n` candidates (`n` > 0).
+    pub(crate) fn next_round_robin(&self, n: usize) -> usize {
+        self.rr.fetch_add(1, Ordering::Relaxed) % n
     }
 
     pub(crate) fn count_overflow(&self) {

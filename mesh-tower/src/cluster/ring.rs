@@ -6,22 +6,11 @@
 //! request hash comes from the route's `hash_policy` (header, cookie, query parameter),
 //! computed by the route layer ([`RequestHash`]).
 
-use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 use super::EndpointRuntime;
 
-/// The hash of a request under its route's hash policy.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RequestHash(pub u64);
-
-/// A stable 64-bit hash (SipHash with fixed keys: the same in every process).
-pub fn hash_bytes(bytes: &[u8]) -> u64 {
-    #[allow(deprecated)]
-    let mut h = std::hash::SipHasher::new_with_keys(0x6d65_7368, 0x7269_6e67);
-    bytes.hash(&mut h);
-    h.finish()
-}
+pub use crate::ext::{hash_bytes, RequestHash};
 
 /// A hash ring over endpoints (indices into the level it was built from).
 #[derive(Debug, Default)]

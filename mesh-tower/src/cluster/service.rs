@@ -3,7 +3,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use http::Request;
 use hyper::body::Incoming;
 use pin_project_lite::pin_project;
@@ -15,8 +14,7 @@ use crate::body::{grpc, End, Observed, OnEnd};
 use crate::error::{BoxError, MeshError};
 use crate::route::RouteDecision;
 
-/// The request body type inside the stack.
-pub type MeshBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+pub use crate::body::MeshBody;
 
 /// The terminal service: breaker, endpoint choice and the pooled upstream request.
 #[derive(Clone, Debug)]
@@ -218,7 +216,7 @@ impl Future for ResponseFuture {
                 Poll::Ready(
                     out.map(|mut resp| {
                         resp.extensions_mut()
-                            .insert(crate::retry::ServedBy(*endpoint));
+                            .insert(crate::ext::ServedBy(*endpoint));
                         resp.map(|b| Observed::new(b, deferred))
                     })
                     .map_err(|e| {
@@ -297,7 +295,7 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
         // first endpoint at or after the hash on the ring that is not ejected.
         let rings = cluster.rings();
         let hashed = match (
-            req.extensions().get::<super::ring::RequestHash>(),
+            req.extensions().get::<crate::ext::RequestHash>(),
             rings.get(level),
         ) {
             (Some(h), Some(ring)) => ring
@@ -320,7 +318,7 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
                 .expect("this level has an endpoint that is not ejected");
         }
         // A retry avoids the hosts already tried (retry_host_predicate previous_hosts).
-        if let Some(attempt) = req.extensions().get::<crate::retry::Attempt>() {
+        if let Some(attempt) = req.extensions().get::<crate::ext::Attempt>() {
             if attempt.avoid_tried {
                 for _ in 1..attempt.host_selection_max_attempts.max(1) {
                     if !attempt.tried.contains(&endpoint.address) {
@@ -354,7 +352,7 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
         }
         let overdue = req
             .extensions()
-            .get::<crate::retry::Attempt>()
+            .get::<crate::ext::Attempt>()
             .and_then(|a| a.per_try_timeout)
             .map(|t| Overdue {
                 runtime: cluster.clone(),

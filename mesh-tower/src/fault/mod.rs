@@ -75,7 +75,7 @@ impl<S> Fault<S> {
         &self.inner
     }
 
-    /// Unwraps.
+    /// The inner service, with this layer taken off.
     pub fn into_inner(self) -> S {
         self.inner
     }

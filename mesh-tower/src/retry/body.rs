@@ -13,7 +13,7 @@ use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::cluster::MeshBody;
+use crate::body::MeshBody;
 use crate::error::BoxError;
 
 /// A body that can be read again from its start by each clone, while the copy lasts.

@@ -42,32 +42,7 @@ pub use classify::{classify, RetryReason};
 pub use layer::RetryLayer;
 pub use service::{ResponseFuture, Retry};
 
-use std::net::SocketAddr;
-
-/// Attempt information put on each request the retry layer sends.
-#[derive(Clone, Debug, Default)]
-pub struct Attempt {
-    /// 0 for the first attempt.
-    pub number: u32,
-    /// Endpoints tried so far.
-    pub tried: Vec<SocketAddr>,
-    /// Avoid `tried` when picking (previous_hosts).
-    pub avoid_tried: bool,
-    /// The route's per-try timeout: an attempt still unanswered after it is counted against
-    /// its endpoint by outlier detection (as a gateway failure, as Envoy counts timeouts).
-    pub per_try_timeout: Option<std::time::Duration>,
-    /// How many picks to make to avoid a tried host.
-    pub host_selection_max_attempts: u32,
-}
-
-/// The endpoint that answered, put on responses by the cluster layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ServedBy(pub SocketAddr);
-
-/// How many times the request was retried before the response returned (0: the first
-/// attempt answered), put on responses by the retry layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Retries(pub u32);
+pub use crate::ext::{Attempt, Retries, ServedBy};
 
 #[cfg(test)]
 mod tests;

@@ -12,9 +12,11 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower::Service;
 
-use super::{classify, Attempt, ReplayBody, ServedBy};
-use crate::cluster::{ClusterRegistry, ClusterRuntime, MeshBody, RetryGuard};
+use super::{classify, ReplayBody};
+use crate::body::MeshBody;
+use crate::cluster::{ClusterRegistry, ClusterRuntime, RetryGuard};
 use crate::error::{BoxError, MeshError};
+use crate::ext::{Attempt, ServedBy};
 use crate::route::RouteDecision;
 
 /// Retries requests by their route's policy.
@@ -37,7 +39,7 @@ impl<S> Retry<S> {
         &mut self.inner
     }
 
-    /// Unwraps.
+    /// The inner service, with this layer taken off.
     pub fn into_inner(self) -> S {
         self.inner
     }
@@ -245,7 +247,7 @@ where
                             }
                             this.ctx.take();
                             return Poll::Ready(result.map(|mut resp| {
-                                resp.extensions_mut().insert(super::Retries(retries));
+                                resp.extensions_mut().insert(crate::ext::Retries(retries));
                                 resp
                             }));
                         }
@@ -298,15 +300,7 @@ where
         let policy = match policy {
             Some(p) if p.num_retries > 0 || p.per_try_timeout.is_some() || mirrored => p,
             // Mirrors need the body buffered too, even without retries.
-            None if mirrored => RetryPolicy {
-                retry_on: Default::default(),
-                num_retries: 0,
-                per_try_timeout: None,
-                backoff: Default::default(),
-                retriable_status_codes: Vec::new(),
-                previous_hosts: false,
-                host_selection_max_attempts: 1,
-            },
+            None if mirrored => RetryPolicy::none(),
             _ => {
                 // No policy: one attempt, no buffering.
                 let mut svc = svc;
@@ -321,15 +315,7 @@ where
                         parts: Request::new(()).into_parts().0,
                         body: None,
                         mirrored: false,
-                        policy: RetryPolicy {
-                            retry_on: Default::default(),
-                            num_retries: 0,
-                            per_try_timeout: None,
-                            backoff: Default::default(),
-                            retriable_status_codes: Vec::new(),
-                            previous_hosts: false,
-                            host_selection_max_attempts: 1,
-                        },
+                        policy: RetryPolicy::none(),
                         attempt: Attempt::default(),
                         cluster: None,
                         retry_guard: None,

@@ -40,7 +40,7 @@ impl<S> Route<S> {
         &mut self.inner
     }
 
-    /// Unwraps.
+    /// The inner service, with this layer taken off.
     pub fn into_inner(self) -> S {
         self.inner
     }
@@ -163,8 +163,8 @@ where
 fn request_hash<B>(
     policies: &[mesh_core::config::HashPolicy],
     req: &Request<B>,
-) -> Option<crate::cluster::ring::RequestHash> {
-    use crate::cluster::ring::hash_bytes;
+) -> Option<crate::ext::RequestHash> {
+    use crate::ext::hash_bytes;
     use mesh_core::config::HashPolicyKind;
     let mut out: Option<u64> = None;
     for p in policies {
@@ -197,5 +197,5 @@ fn request_hash<B>(
             }
         }
     }
-    out.map(crate::cluster::ring::RequestHash)
+    out.map(crate::ext::RequestHash)
 }

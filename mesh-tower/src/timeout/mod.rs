@@ -87,7 +87,7 @@ impl<S> Timeout<S> {
         &mut self.inner
     }
 
-    /// Unwraps.
+    /// The inner service, with this layer taken off.
     pub fn into_inner(self) -> S {
         self.inner
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use mesh_core::identity::{peer_spiffe_id, SpiffeId};
+use mesh_core::identity::peer_spiffe_id;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -43,17 +43,7 @@ impl TlsMode {
     }
 }
 
-/// The peer's identity, put in each request's extensions (`None`: plaintext or anonymous).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerIdentity(pub Option<SpiffeId>);
-
-/// The client's address, put in each request's extensions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RemoteAddr(pub std::net::SocketAddr);
-
-/// The local address the connection came in on, put in each request's extensions.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LocalAddr(pub std::net::SocketAddr);
+pub use crate::ext::{LocalAddr, PeerIdentity, RemoteAddr};
 
 /// Why a connection was refused.
 #[derive(Debug, thiserror::Error)]
@@ -70,7 +60,7 @@ pub enum AcceptError {
     Handshake {
         /// Client address.
         peer: std::net::SocketAddr,
-        /// Why.
+        /// The TLS error (certificate refused, protocol mismatch, timeout...).
         #[source]
         source: io::Error,
     },
@@ -87,7 +77,7 @@ pub enum AcceptError {
     Io {
         /// Client address.
         peer: std::net::SocketAddr,
-        /// Why.
+        /// The I/O error on the connection.
         #[source]
         source: io::Error,
     },

@@ -7,7 +7,6 @@
 //! That message is what the xDS client sends back in a NACK's `error_detail`.
 
 use std::borrow::Cow;
-use std::fmt;
 use std::time::Duration;
 
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
@@ -25,29 +24,7 @@ mod rbac;
 mod route;
 mod tls;
 
-/// A resource that failed translation: which one, where, and why.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub struct TranslateError {
-    /// The kind of resource.
-    pub resource_type: ResourceType,
-    /// Its name (empty when the resource could not even be decoded far enough to name it).
-    pub name: String,
-    /// Field path inside the resource, e.g. `virtual_hosts[2].routes[0].route`.
-    pub path: String,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl fmt::Display for TranslateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {:?}: ", self.resource_type.short_name(), self.name)?;
-        if !self.path.is_empty() {
-            write!(f, "{}: ", self.path)?;
-        }
-        f.write_str(&self.message)
-    }
-}
+pub use crate::error::TranslateError;
 
 /// An error inside a resource, with the path collected as it bubbles up.
 #[derive(Clone, Debug)]

@@ -7,7 +7,7 @@
 //! - [`Treatment::Ignored`]: not acted on, for a stated reason; only fields that cannot change
 //!   how a request is handled or who may make it (statistics names, access logs, socket tuning).
 //!
-//! The ledger is not documentation only: after a resource translates, [`check`] walks every
+//! The ledger is not documentation only: after a resource translates, `check` walks every
 //! field that is set in it (through `Any` by its type URL, through lists and maps) and refuses
 //! the resource if a set field is refused or, for a field added by a newer envoy-types release,
 //! not classified at all. So a resource is accepted with every behaviour-changing field
@@ -229,7 +229,7 @@ pub fn render_markdown() -> String {
     let mut out = String::from(
         "# xDS field ledger\n\n\
          Generated from `mesh-core/src/xds/translate/ledger/table.rs` (the test \
-         `ledger_doc_is_current` fails when this file is stale; `MESH_BLESS=1 cargo test -p mesh-core ledger` rewrites it).\n\n\
+         `ledger_doc_is_current` fails when this file is stale; `MESH_BLESS=1 cargo test -p mesh-xds ledger` rewrites it).\n\n\
          Every field of every xDS message the mesh reads, and what the mesh does with it:\n\
          **honoured** (acted on; a value the mesh cannot act on is refused by the translator, naming the field), \
          **refused** (a resource that sets it is NACKed, naming the field path), or **ignored** for the reason given \

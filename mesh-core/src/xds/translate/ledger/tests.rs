@@ -114,7 +114,7 @@ fn ledger_doc_is_current() {
     let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
         on_disk == rendered,
-        "{} is stale: run MESH_BLESS=1 cargo test -p mesh-core ledger",
+        "{} is stale: run MESH_BLESS=1 cargo test -p mesh-xds ledger",
         path.display()
     );
 }
