@@ -14,7 +14,7 @@
 //!
 //! Traces: set `OTEL_EXPORTER_OTLP_ENDPOINT` (e.g. `http://localhost:4318`, with
 //! `OTEL_EXPORTER_OTLP_PROTOCOL` `http/protobuf` or `grpc`) and each request becomes one
-//! trace across `frontend` and `backend` (see `examples/compose.yaml` for Jaeger).
+//! trace (service `http-example`): frontend server span > client span > backend server span (see `examples/compose.yaml` for Jaeger).
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -25,7 +25,7 @@ use mesh_control::ads::{AdsServer, ResourceCache};
 use mesh_control::istio::{self, Options};
 use mesh_core::xds::{Bootstrap, XdsClient};
 use mesh_tower::metrics::Metrics;
-use mesh_tower::otlp::{tracer, Otlp};
+use mesh_tower::otlp::Otlp;
 use mesh_tower::server::InboundLayer;
 use mesh_tower::tls::{MeshAcceptor, TlsMode};
 use mesh_tower::trace::TraceLayer;
@@ -83,32 +83,20 @@ async fn main() -> Result<()> {
         }
     }
 
-    // Traces go to OTLP only when a collector is configured; each service has its own
-    // provider so that the trace shows two services.
-    let otlp = std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").map(|_| Otlp::try_from_env());
-    let (frontend_traces, backend_traces) = match otlp {
-        Some(o) => {
-            let o = o?;
-            let f = o.clone().service_name("frontend").build()?;
-            let b = o.service_name("backend").build()?;
+    // Traces go to OTLP only when a collector is configured: one pipeline for the process
+    // (the mesh's spans are `tracing` spans, exported by tracing-opentelemetry).
+    let _traces = match std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Some(_) => {
+            let guard = Otlp::try_from_env()?
+                .service_name("http-example")
+                .install()?;
             println!(
                 "exporting traces to {:?}",
                 std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")?
             );
-            (Some(f), Some(b))
+            Some(guard)
         }
-        None => (None, None),
-    };
-    let trace = |p: &Option<mesh_tower::otlp::SdkTracerProvider>, server: bool| {
-        let layer = if server {
-            TraceLayer::server()
-        } else {
-            TraceLayer::client()
-        };
-        match p {
-            Some(p) => layer.tracer(tracer(p)),
-            None => layer,
-        }
+        None => None,
     };
 
     // backend: answers with the version it runs, behind the inbound stack.
@@ -119,7 +107,7 @@ async fn main() -> Result<()> {
     });
     let backend = InboundLayer::new("backend")
         .metrics(backend_metrics.clone())
-        .trace(trace(&backend_traces, true))
+        .trace(TraceLayer::server())
         .layer(app);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let backend_port = listener.local_addr()?.port();
@@ -160,7 +148,7 @@ async fn main() -> Result<()> {
     let frontend_metrics = Metrics::default();
     let client = MeshClient::builder(xds.store().clone(), TARGET)?
         .metrics(frontend_metrics.clone())
-        .trace(trace(&frontend_traces, false))
+        .trace(TraceLayer::client())
         .build();
     let app = tower::service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let client = client.clone();
@@ -180,7 +168,7 @@ async fn main() -> Result<()> {
     });
     let frontend = InboundLayer::new("frontend")
         .metrics(frontend_metrics.clone())
-        .trace(trace(&frontend_traces, true))
+        .trace(TraceLayer::server())
         .layer(app);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let frontend_addr = listener.local_addr()?;
@@ -241,8 +229,9 @@ async fn main() -> Result<()> {
             );
         }
     }
-    for p in [frontend_traces, backend_traces].into_iter().flatten() {
-        tokio::task::spawn_blocking(move || p.shutdown()).await??;
+    if let Some(guard) = _traces {
+        // Flushing blocks: off the runtime's thread.
+        tokio::task::spawn_blocking(move || drop(guard)).await?;
     }
     if ok != requests {
         return Err(format!("{} requests failed", requests - ok).into());

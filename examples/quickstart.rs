@@ -36,7 +36,7 @@ use mesh_control::istio::{self, Options};
 use mesh_core::config::{ClusterSpecifier, RouteAction, Snapshot};
 use mesh_core::identity::IdentityStore;
 use mesh_core::xds::{Bootstrap, ProtocolMode, XdsClient};
-use mesh_tower::otlp::{tracer, Otlp, SdkTracerProvider};
+use mesh_tower::otlp::Otlp;
 use mesh_tower::server::{serve_xds, XdsServe};
 use mesh_tower::trace::TraceLayer;
 use mesh_tower::MeshClient;
@@ -224,19 +224,14 @@ async fn main() -> Result<()> {
         }
     }
 
-    // Traces, when a collector is configured.
-    let traces: Option<SdkTracerProvider> = match std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT") {
-        Some(_) => Some(Otlp::try_from_env()?.service_name("quickstart").build()?),
+    // Traces, when a collector is configured: the mesh's spans are `tracing` spans, and
+    // this installs the tracing-opentelemetry pipeline that exports them.
+    let traces = match std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT") {
+        Some(_) => Some(Otlp::try_from_env()?.service_name("quickstart").install()?),
         None => None,
     };
-    let client_trace = || match &traces {
-        Some(p) => TraceLayer::client().tracer(tracer(p)),
-        None => TraceLayer::client(),
-    };
-    let server_trace = || match &traces {
-        Some(p) => TraceLayer::server().tracer(tracer(p)),
-        None => TraceLayer::server(),
-    };
+    let client_trace = TraceLayer::client;
+    let server_trace = TraceLayer::server;
 
     // 1. The control plane, in-process, and the workloads' certificates.
     let ca = DevCa::new("cluster.local")?;
@@ -477,8 +472,9 @@ async fn main() -> Result<()> {
         }
         println!();
     }
-    if let Some(p) = traces {
-        tokio::task::spawn_blocking(move || p.shutdown()).await??;
+    if let Some(guard) = traces {
+        // Flushing blocks: off the runtime's thread.
+        tokio::task::spawn_blocking(move || drop(guard)).await?;
     }
     if problems.is_empty() {
         println!("quickstart: all checks passed");

@@ -12,10 +12,12 @@ use http::{HeaderMap, Request};
 use mesh_benches::{app, Body};
 use mesh_tower::metrics::{AccessLog, Direction, Metrics, MetricsLayer};
 use mesh_tower::trace::{extract, inject, Formats, TraceLayer};
-use opentelemetry::global::BoxedTracer;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tower::{Layer, Service};
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::Layer as _;
 
 /// A request that costs next to nothing to build and drop (no allocation), so that the
 /// timing is the layer's.
@@ -50,10 +52,21 @@ where
     });
 }
 
-fn tracer(sampler: Sampler) -> BoxedTracer {
+/// Runs `f` with a tracing-opentelemetry pipeline as the thread's subscriber, its spans at
+/// `level` and above exported.
+fn traced(sampler: Sampler, level: LevelFilter, lean: bool, f: impl FnOnce()) {
     // No span processor: spans are built and recorded, and exporting costs nothing here.
     let provider = SdkTracerProvider::builder().with_sampler(sampler).build();
-    BoxedTracer::new(Box::new(provider.tracer("mesh")))
+    let subscriber = tracing_subscriber::registry().with(
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("mesh"))
+            // What `Otlp::layer` sets when `lean`: no timing, thread or location attributes.
+            .with_tracked_inactivity(!lean)
+            .with_threads(!lean)
+            .with_location(!lean)
+            .with_filter(level),
+    );
+    tracing::subscriber::with_default(subscriber, f);
 }
 
 fn layers(c: &mut Criterion) {
@@ -75,6 +88,17 @@ fn layers(c: &mut Criterion) {
     );
     run(
         c,
+        "metrics/record+istio",
+        request,
+        MetricsLayer::new(
+            Metrics::default().istio(mesh_tower::metrics::Workload::from_node(&Default::default())),
+            Direction::Inbound,
+        )
+        .service("reviews")
+        .layer(app()),
+    );
+    run(
+        c,
         "metrics/record+access_log_unsampled",
         request,
         MetricsLayer::new(metrics, Direction::Inbound)
@@ -91,38 +115,50 @@ fn layers(c: &mut Criterion) {
         request,
         TraceLayer::client().layer(app()),
     );
-    run(
-        c,
-        "trace/client/unsampled",
-        request,
-        TraceLayer::client()
-            .tracer(tracer(Sampler::AlwaysOff))
-            .layer(app()),
-    );
-    run(
-        c,
-        "trace/client/sampled",
-        request,
-        TraceLayer::client()
-            .tracer(tracer(Sampler::AlwaysOn))
-            .layer(app()),
-    );
-    run(
-        c,
-        "trace/server/sampled",
-        request,
-        TraceLayer::server()
-            .tracer(tracer(Sampler::AlwaysOn))
-            .layer(app()),
-    );
-    run(
-        c,
-        "trace/server/sampled+traceparent",
-        request_with_parent,
-        TraceLayer::server()
-            .tracer(tracer(Sampler::AlwaysOn))
-            .layer(app()),
-    );
+    traced(Sampler::AlwaysOn, LevelFilter::WARN, true, || {
+        run(
+            c,
+            "trace/client/subscriber_filters_out",
+            request,
+            TraceLayer::client().layer(app()),
+        )
+    });
+    traced(Sampler::AlwaysOff, LevelFilter::INFO, true, || {
+        run(
+            c,
+            "trace/client/unsampled",
+            request,
+            TraceLayer::client().layer(app()),
+        )
+    });
+    traced(Sampler::AlwaysOn, LevelFilter::INFO, false, || {
+        run(
+            c,
+            "trace/client/sampled_default_layer",
+            request,
+            TraceLayer::client().layer(app()),
+        )
+    });
+    traced(Sampler::AlwaysOn, LevelFilter::INFO, true, || {
+        run(
+            c,
+            "trace/client/sampled",
+            request,
+            TraceLayer::client().layer(app()),
+        );
+        run(
+            c,
+            "trace/server/sampled",
+            request,
+            TraceLayer::server().layer(app()),
+        );
+        run(
+            c,
+            "trace/server/sampled+traceparent",
+            request_with_parent,
+            TraceLayer::server().layer(app()),
+        );
+    });
 }
 
 fn propagation(c: &mut Criterion) {

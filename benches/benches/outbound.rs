@@ -245,10 +245,80 @@ fn layers(c: &mut Criterion) {
         "layer/authz (no rules)",
         Box::new(move |r| authz.call(r).now_or_never().is_some()),
     );
+    // tower-http's marking of the credential headers, which both stacks run first.
+    let mut sensitive =
+        tower_http::sensitive_headers::SetSensitiveHeadersLayer::new(mesh_tower::SENSITIVE_HEADERS)
+            .layer(app());
+    run(
+        c,
+        "layer/sensitive_headers (tower-http, 4 names)",
+        Box::new(move |r| sensitive.call(r).now_or_never().is_some()),
+    );
+    // The same with headers as real requests and responses carry (the empty maps above make
+    // `HeaderMap::entry` allocate).
+    let with_headers = |mut r: Request<mesh_benches::Body>| {
+        let h = r.headers_mut();
+        h.insert(
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static("bench"),
+        );
+        h.insert(http::header::ACCEPT, http::HeaderValue::from_static("*/*"));
+        r
+    };
+    let typed_app = || {
+        tower::service_fn(|_req: Request<mesh_benches::Body>| {
+            let mut resp = http::Response::new(mesh_benches::Body::new());
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain"),
+            );
+            std::future::ready(Ok::<_, std::convert::Infallible>(resp))
+        })
+    };
+    let mut headed_base = tower::ServiceBuilder::new()
+        .map_request(with_headers)
+        .service(typed_app());
+    run(
+        c,
+        "layer/baseline/service_fn (2 request, 1 response headers)",
+        Box::new(move |r| headed_base.call(r).now_or_never().is_some()),
+    );
+    let mut headed = tower::ServiceBuilder::new()
+        .map_request(with_headers)
+        .layer(
+            tower_http::sensitive_headers::SetSensitiveHeadersLayer::new(
+                mesh_tower::SENSITIVE_HEADERS,
+            ),
+        )
+        .service(typed_app());
+    run(
+        c,
+        "layer/sensitive_headers (tower-http, 4 names; 2 request, 1 response headers)",
+        Box::new(move |r| headed.call(r).now_or_never().is_some()),
+    );
+    let mut by_hand = tower::ServiceBuilder::new()
+        .map_request(|mut r: Request<_>| {
+            for name in &mesh_tower::SENSITIVE_HEADERS {
+                if r.headers().contains_key(name) {
+                    if let http::header::Entry::Occupied(mut e) = r.headers_mut().entry(name) {
+                        for v in e.iter_mut() {
+                            v.set_sensitive(true);
+                        }
+                    }
+                }
+            }
+            r
+        })
+        .service(app());
+    run(
+        c,
+        "layer/sensitive_headers (by hand, request side, lookup first)",
+        Box::new(move |r| by_hand.call(r).now_or_never().is_some()),
+    );
     let mut inbound = mesh_tower::server::InboundLayer::new("svc").layer(app());
     run(
         c,
-        "stack/inbound (trace, metrics, authz) in process",
+        "stack/inbound (sensitive headers, trace, metrics, authz) in process",
         Box::new(move |r| inbound.call(r).now_or_never().is_some()),
     );
 }

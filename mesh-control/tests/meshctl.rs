@@ -150,7 +150,8 @@ fn certs_issue_spiffe_svids() {
         .output()
         .unwrap();
     assert_eq!(bad.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("\"no-slash\": expected NS/SA"));
+    assert!(String::from_utf8_lossy(&bad.stderr)
+        .contains("\"no-slash\": expected NAMESPACE/SERVICE_ACCOUNT"));
 }
 
 #[test]

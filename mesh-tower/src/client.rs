@@ -13,7 +13,8 @@ use mesh_core::{ConfigStore, XdsError};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 
-use crate::cluster::{ClusterRegistry, ClusterService, MeshBody};
+use crate::body::MeshBody;
+use crate::cluster::{ClusterRegistry, ClusterService};
 use crate::error::{BoxError, MeshError};
 use crate::fault::{Fault, FaultLayer};
 use crate::metrics::{Direction, Metrics, MetricsLayer, MetricsService};
@@ -31,7 +32,7 @@ use crate::trace::{Trace, TraceLayer};
 /// use std::time::Duration;
 /// use mesh_core::xds::{Bootstrap, XdsClient};
 /// use mesh_tower::MeshClient;
-/// use tower::{Service, ServiceExt};
+/// use tower::Service;
 ///
 /// let xds = XdsClient::builder(Bootstrap::from_env()?).build()?;
 /// xds.listener("xds:///frontend.prod.svc.cluster.local:80", Duration::from_secs(10)).await?;
@@ -39,7 +40,7 @@ use crate::trace::{Trace, TraceLayer};
 ///     .build();
 /// let req = http::Request::get("http://frontend.prod.svc.cluster.local/api")
 ///     .body(http_body_util::Empty::<bytes::Bytes>::new())?;
-/// let resp = ServiceExt::<http::Request<http_body_util::Empty<bytes::Bytes>>>::ready(&mut client).await?.call(req).await?;
+/// let resp = client.ready().await?.call(req).await?;
 /// println!("{}", resp.status());
 /// # Ok(()) }
 /// ```
@@ -47,6 +48,7 @@ use crate::trace::{Trace, TraceLayer};
 pub struct MeshClient {
     inner: Trace<Answer<ConfigReady<Route<Measured>>>>,
     metrics: Metrics,
+    registry: Arc<ClusterRegistry>,
 }
 
 type Measured = MetricsService<Fault<Timeout<Retry<ClusterService>>>>;
@@ -132,7 +134,7 @@ impl MeshClientBuilder {
             ClusterService::new(registry.clone()).with_picker(crate::cluster::balance::ByConfig {
                 peak_ewma: self.peak_ewma,
             });
-        let retry = RetryLayer::new(registry)
+        let retry = RetryLayer::new(registry.clone())
             .metrics(metrics.clone())
             .layer(cluster);
         let timeout = TimeoutLayer::new().layer(retry);
@@ -151,13 +153,36 @@ impl MeshClientBuilder {
             .trace
             .unwrap_or_else(TraceLayer::client)
             .layer(Answer { inner: routed });
-        MeshClient { inner, metrics }
+        MeshClient {
+            inner,
+            metrics,
+            registry,
+        }
     }
 }
 
 impl MeshClient {
+    /// A builder for a client of `target` (`xds:///name` or a listener name) configured by
+    /// `xds`: subscribes to the target's listener (and so to everything it references), so
+    /// the first calls wait for their configuration by themselves (up to
+    /// [`wait_for_config`](MeshClientBuilder::wait_for_config)); no `xds.ready(..)` needed.
+    ///
+    /// # Errors
+    /// An invalid target, or a stopped xDS client.
+    pub fn from_xds(
+        xds: &mesh_core::xds::XdsClient,
+        target: &str,
+    ) -> Result<MeshClientBuilder, XdsError> {
+        let name = xds.watch(target)?;
+        let mut builder = Self::builder(xds.store().clone(), target)?;
+        // The resource name, with the bootstrap's listener name template applied.
+        builder.listener = name;
+        Ok(builder)
+    }
+
     /// A builder for a client of `target` (`xds:///name` or a listener name), reading
-    /// configuration from `store`.
+    /// configuration from `store`. Something must subscribe to the target's listener
+    /// (`XdsClient::watch`, `listener` or `ready`); [`MeshClient::from_xds`] does.
     ///
     /// # Errors
     /// An invalid target.
@@ -182,16 +207,7 @@ impl MeshClient {
 
     /// The cluster registry (for inspection: per-cluster counters, endpoints).
     pub fn registry(&self) -> &Arc<ClusterRegistry> {
-        self.inner
-            .get_ref()
-            .inner
-            .get_ref()
-            .get_ref()
-            .get_ref()
-            .get_ref()
-            .get_ref()
-            .get_ref()
-            .registry()
+        &self.registry
     }
 }
 
@@ -350,8 +366,22 @@ impl Future for ResponseFuture {
     type Output = Result<Response<ResponseBody>, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let resp = futures::ready!(self.project().inner.poll(cx))?;
+        let mut resp = futures::ready!(self.project().inner.poll(cx))?;
+        crate::mark_sensitive(resp.headers_mut());
         Poll::Ready(Ok(resp.map(|b| b.map_err(Into::into).boxed_unsync())))
+    }
+}
+
+impl MeshClient {
+    /// Waits until the client can take a request (`tower::ServiceExt::ready` without naming
+    /// the request body type: the client's readiness does not depend on it).
+    ///
+    /// # Errors
+    /// The client has failed for good (never, today: its readiness is that of its routes).
+    pub async fn ready(&mut self) -> Result<&mut Self, BoxError> {
+        std::future::poll_fn(|cx| Service::<Request<MeshBody>>::poll_ready(&mut self.inner, cx))
+            .await?;
+        Ok(self)
     }
 }
 
@@ -368,7 +398,10 @@ where
         Service::<Request<MeshBody>>::poll_ready(&mut self.inner, cx)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        // Credentials are marked sensitive before any layer sees them: never printed by a
+        // header map's Debug, never entered in HTTP/2's header compression table.
+        crate::mark_sensitive(req.headers_mut());
         let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
         ResponseFuture {
             inner: self.inner.call(req),

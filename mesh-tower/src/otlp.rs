@@ -2,7 +2,11 @@
 //! HTTP/protobuf, configured from the standard OpenTelemetry environment variables or in
 //! code.
 //!
-//! Spans: a tracer provider with a batching exporter ([`Otlp::install`]). Metrics: the same
+//! Spans: a tracer provider with a batching exporter, behind a
+//! [`tracing-opentelemetry`](tracing_opentelemetry) layer, so the mesh's request spans and the
+//! application's own `tracing` spans go out through one provider in one trace
+//! ([`Otlp::install`] sets up the whole subscriber; [`Otlp::layer`] gives the layer to add to
+//! a subscriber the application builds itself). Metrics: the same
 //! [`Metrics`] the admin endpoint serves, read every export interval into OpenTelemetry
 //! observable instruments ([`Otlp::export_metrics`]), so recording stays one atomic add:
 //! `mesh.requests` (counter; `direction`, `route`, `cluster`, `peer`, `outcome`),
@@ -26,7 +30,8 @@
 //! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use mesh_tower::otlp::Otlp;
 //! let otlp = Otlp::from_env();
-//! // Spans of every mesh layer built after this go to the collector.
+//! // The mesh's spans and the application's `tracing` spans go to the collector (and
+//! // events are logged to stderr, filtered by RUST_LOG).
 //! let _tracing = otlp.install()?;
 //! // And the golden signals, every 10 s.
 //! let metrics = mesh_tower::metrics::Metrics::default();
@@ -36,7 +41,6 @@
 
 use std::fmt;
 
-use opentelemetry::global::BoxedTracer;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
@@ -82,6 +86,9 @@ pub enum OtlpError {
         /// The exporter's error.
         source: opentelemetry_otlp::ExporterBuildError,
     },
+    /// A global `tracing` subscriber is already set: add [`Otlp::layer`] to it instead.
+    #[error("installing the tracing subscriber: {0} (add Otlp::layer() to the existing one)")]
+    Subscriber(String),
 }
 
 /// OTLP exporter settings (see the [module](self)).
@@ -184,9 +191,8 @@ impl Otlp {
         self
     }
 
-    /// A tracer provider exporting to the collector (not installed globally; pass
-    /// [`tracer`]`(&provider)` to [`TraceLayer::tracer`](crate::trace::TraceLayer::tracer)).
-    /// Call within a tokio runtime.
+    /// A tracer provider exporting to the collector, not installed anywhere (see
+    /// [`Otlp::layer`] and [`Otlp::install`]). Call within a tokio runtime.
     ///
     /// # Errors
     /// The exporter cannot be built.
@@ -217,19 +223,76 @@ impl Otlp {
             .build())
     }
 
-    /// Builds the provider and installs it as the global one, which
-    /// [`TraceLayer::client`](crate::trace::TraceLayer::client) and
-    /// [`TraceLayer::server`](crate::trace::TraceLayer::server) use. Keep the guard: dropping it
-    /// flushes the spans still queued.
+    /// A `tracing-opentelemetry` layer exporting to the collector, for a subscriber the
+    /// application builds itself; its provider is also installed as OpenTelemetry's global
+    /// one, so code using the OpenTelemetry API directly shares it (one provider, one
+    /// exporter). Keep the guard: dropping it flushes the spans still queued.
+    ///
+    /// ```no_run
+    /// # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// use tracing_subscriber::layer::SubscriberExt;
+    /// use tracing_subscriber::util::SubscriberInitExt;
+    ///
+    /// use tracing_subscriber::Layer as _;
+    ///
+    /// let (otel, _guard) = mesh_tower::otlp::Otlp::from_env().layer()?;
+    /// tracing_subscriber::registry()
+    ///     .with(tracing_subscriber::fmt::layer())
+    ///     // The mesh's request spans are at INFO; keep libraries' TRACE spans out.
+    ///     .with(otel.with_filter(tracing_subscriber::filter::LevelFilter::INFO))
+    ///     .init();
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// The exporter cannot be built.
-    pub fn install(&self) -> Result<TracingGuard, OtlpError> {
+    pub fn layer<S>(&self) -> Result<(OtelLayer<S>, TracingGuard), OtlpError>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
         let provider = self.build()?;
         opentelemetry::global::set_tracer_provider(provider.clone());
-        Ok(TracingGuard { provider })
+        // Lean spans: no busy/idle timings, thread or source-location attributes.
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer(crate::trace::SCOPE))
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_location(false);
+        Ok((layer, TracingGuard { provider }))
+    }
+
+    /// Installs the whole pipeline as the global `tracing` subscriber: the OTLP layer of
+    /// [`Otlp::layer`] (spans at `INFO` and above) and events logged to stderr, filtered by
+    /// `RUST_LOG` (default `info`). Keep the guard: dropping it flushes the spans still
+    /// queued.
+    ///
+    /// # Errors
+    /// The exporter cannot be built, or a global subscriber is already set (then add
+    /// [`Otlp::layer`] to it instead).
+    pub fn install(&self) -> Result<TracingGuard, OtlpError> {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        use tracing_subscriber::Layer as _;
+
+        let (otel, guard) = self.layer()?;
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        tracing_subscriber::registry()
+            .with(otel.with_filter(tracing_subscriber::filter::LevelFilter::INFO))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
+            .try_init()
+            .map_err(|e| OtlpError::Subscriber(e.to_string()))?;
+        Ok(guard)
     }
 }
+
+/// The `tracing-opentelemetry` layer [`Otlp::layer`] returns.
+pub type OtelLayer<S> =
+    tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>;
 
 impl Otlp {
     fn resource(&self) -> Resource {
@@ -487,11 +550,6 @@ impl Drop for MetricsGuard {
             tracing::warn!("exporting metrics at shutdown: {e}");
         }
     }
-}
-
-/// A mesh tracer from `provider`, for [`TraceLayer::tracer`](crate::trace::TraceLayer::tracer).
-pub fn tracer(provider: &SdkTracerProvider) -> BoxedTracer {
-    BoxedTracer::new(Box::new(provider.tracer(crate::trace::SCOPE)))
 }
 
 /// Flushes and stops the exporter when dropped.

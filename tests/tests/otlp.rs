@@ -12,16 +12,19 @@ use http_body_util::{BodyExt, Empty, Full};
 use mesh_control::ads::{AdsServer, ResourceCache};
 use mesh_control::istio::{self, Options};
 use mesh_core::xds::{Bootstrap, XdsClient};
-use mesh_tower::otlp::{tracer, Otlp, Protocol};
+use mesh_tower::otlp::{Otlp, Protocol};
 use mesh_tower::server::InboundLayer;
 use mesh_tower::tls::{MeshAcceptor, TlsMode};
-use mesh_tower::trace::TraceLayer;
 use mesh_tower::MeshClient;
 use mock_collector::MockServer;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use tower::{Layer, ServiceExt};
+use tracing::Instrument;
+use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::Layer as _;
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
@@ -71,6 +74,14 @@ fn string(attrs: &[KeyValue], key: &str) -> String {
     }
 }
 
+/// tracing-core treats a lone live dispatcher as the global one: while one test's is the only
+/// one, a callsite first reached on a thread with none would be cached as never enabled for
+/// all. A second, idle dispatcher kept alive for the whole binary makes it ask each one.
+fn keep_two_dispatchers() {
+    static IDLE: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    IDLE.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -85,25 +96,43 @@ async fn one_trace_across_two_services(collector: mock_collector::Protocol, prot
     let otlp = Otlp::default()
         .protocol(protocol)
         .endpoint(format!("http://{}", collector.addr()));
-    let backend_traces = otlp.clone().service_name("backend").build().unwrap();
-    let frontend_traces = otlp.service_name("frontend").build().unwrap();
 
-    // The backend: an inbound stack over a plain handler.
-    let app = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
-        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from("items"))))
+    // The backend, a process of its own: its thread, its runtime, its tracing pipeline.
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let backend_otlp = otlp.clone().service_name("backend");
+    let backend_process = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (layer, guard) = backend_otlp.layer().unwrap();
+            keep_two_dispatchers();
+            let _subscriber = tracing::subscriber::set_default(
+                tracing_subscriber::registry().with(layer.with_filter(LevelFilter::INFO)),
+            );
+            let app = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(
+                    "items",
+                ))))
+            });
+            let backend = InboundLayer::new("backend").layer(app);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            port_tx.send(listener.local_addr().unwrap().port()).unwrap();
+            let acceptor = MeshAcceptor::new(TlsMode::Disable, None).unwrap();
+            mesh_tower::server::serve(listener, acceptor, backend, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+            // Flushing blocks: off the runtime's thread.
+            tokio::task::spawn_blocking(move || drop(guard))
+                .await
+                .unwrap();
+        });
     });
-    let backend = InboundLayer::new("backend")
-        .trace(TraceLayer::server().tracer(tracer(&backend_traces)))
-        .layer(app);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let backend_port = listener.local_addr().unwrap().port();
+    let backend_port = port_rx.recv().unwrap();
     let acceptor = MeshAcceptor::new(TlsMode::Disable, None).unwrap();
-    tokio::spawn(mesh_tower::server::serve(
-        listener,
-        acceptor.clone(),
-        backend,
-        std::future::pending(),
-    ));
 
     // The frontend's mesh client, configured over xDS.
     let generated = istio::generate(
@@ -128,12 +157,14 @@ async fn one_trace_across_two_services(collector: mock_collector::Protocol, prot
         })
         .await
         .unwrap();
+    // Built before the frontend's tracing pipeline exists: nothing is captured at
+    // construction, so the order of setup does not matter.
     let client = MeshClient::builder(xds.store().clone(), target)
         .unwrap()
-        .trace(TraceLayer::client().tracer(tracer(&frontend_traces)))
         .build();
 
-    // The frontend: its handler calls the backend through the mesh client.
+    // The frontend: its handler, in a span of the application's own, calls the backend
+    // through the mesh client.
     let app = tower::service_fn(move |_req: http::Request<hyper::body::Incoming>| {
         let client = client.clone();
         async move {
@@ -144,10 +175,15 @@ async fn one_trace_across_two_services(collector: mock_collector::Protocol, prot
             let body = resp.into_body().collect().await?.to_bytes();
             Ok::<_, mesh_tower::BoxError>(http::Response::new(Full::new(body)))
         }
+        .instrument(tracing::info_span!("list_items"))
     });
-    let frontend = InboundLayer::new("frontend")
-        .trace(TraceLayer::server().tracer(tracer(&frontend_traces)))
-        .layer(app);
+    let frontend = InboundLayer::new("frontend").layer(app);
+    // Now the frontend's pipeline (this test's thread is the frontend's process).
+    let (layer, frontend_guard) = otlp.service_name("frontend").layer().unwrap();
+    keep_two_dispatchers();
+    let _subscriber = tracing::subscriber::set_default(
+        tracing_subscriber::registry().with(layer.with_filter(LevelFilter::INFO)),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let frontend_addr = listener.local_addr().unwrap();
     tokio::spawn(mesh_tower::server::serve(
@@ -170,17 +206,19 @@ async fn one_trace_across_two_services(collector: mock_collector::Protocol, prot
         "items"
     );
 
-    for p in [backend_traces, frontend_traces] {
-        tokio::task::spawn_blocking(move || p.force_flush().unwrap())
-            .await
-            .unwrap();
-    }
+    tokio::task::spawn_blocking(move || drop(frontend_guard))
+        .await
+        .unwrap();
+    stop_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || backend_process.join().unwrap())
+        .await
+        .unwrap();
     collector
-        .wait_for_spans(3, Duration::from_secs(15))
+        .wait_for_spans(4, Duration::from_secs(15))
         .await
         .unwrap();
     let spans = collector.with_collector(|c| c.spans().to_vec()).await;
-    assert_eq!(spans.len(), 3, "{spans:#?}");
+    assert_eq!(spans.len(), 4, "{spans:#?}");
     let find = |service: &str, kind: SpanKind| {
         spans
             .iter()
@@ -194,7 +232,20 @@ async fn one_trace_across_two_services(collector: mock_collector::Protocol, prot
     let frontend_server = find("frontend", SpanKind::Server);
     let frontend_client = find("frontend", SpanKind::Client);
     let backend_server = find("backend", SpanKind::Server);
-    for s in [frontend_server, frontend_client, backend_server] {
+    let app_span = find("frontend", SpanKind::Internal);
+    assert_eq!(app_span.name, "list_items");
+    // The tree, for the record (`-- --nocapture`).
+    for s in [frontend_server, app_span, frontend_client, backend_server] {
+        println!(
+            "trace {} span {} parent {} {:?} {}",
+            hex(&s.trace_id),
+            hex(&s.span_id),
+            hex(&s.parent_span_id),
+            SpanKind::try_from(s.kind).unwrap_or(SpanKind::Unspecified),
+            s.name
+        );
+    }
+    for s in [frontend_server, app_span, frontend_client, backend_server] {
         assert_eq!(hex(&s.trace_id), TRACE, "{}", s.name);
     }
     assert_eq!(
@@ -202,7 +253,9 @@ async fn one_trace_across_two_services(collector: mock_collector::Protocol, prot
         PARENT,
         "the B3 parent"
     );
-    assert_eq!(frontend_client.parent_span_id, frontend_server.span_id);
+    // frontend server > the application's span > mesh client > backend server.
+    assert_eq!(app_span.parent_span_id, frontend_server.span_id);
+    assert_eq!(frontend_client.parent_span_id, app_span.span_id);
     assert_eq!(backend_server.parent_span_id, frontend_client.span_id);
 
     assert_eq!(frontend_server.name, "GET");
@@ -241,12 +294,12 @@ async fn one_trace_across_two_services(collector: mock_collector::Protocol, prot
     collector.shutdown().await.unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn one_trace_across_two_services_over_otlp_grpc() {
     one_trace_across_two_services(mock_collector::Protocol::Grpc, Protocol::Grpc).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tokio::test]
 async fn one_trace_across_two_services_over_otlp_http() {
     one_trace_across_two_services(mock_collector::Protocol::HttpBinary, Protocol::HttpProtobuf)
         .await;

@@ -277,3 +277,31 @@ async fn sotw_late_endpoints_lose_no_call() {
 async fn delta_late_endpoints_lose_no_call() {
     late_endpoints_lose_no_call(ProtocolMode::Delta).await;
 }
+
+/// `MeshClient::from_xds` with no `xds.listener(..)` / `ready(..)` first: the client
+/// subscribes itself, and its first calls wait for their configuration (none fails with "no
+/// route configuration" for want of a subscription the xDS task has not sent yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn from_xds_needs_no_ready_first() {
+    let backends = harness::backends(3, None, Instant::now()).await;
+    let (addr, _) = serve(&canary(&harness::ports(&backends))).await;
+    let xds = xds(&addr, ProtocolMode::Sotw, "from-xds");
+    let client = MeshClient::from_xds(&xds, TARGET).unwrap().build();
+    let mut calls = JoinSet::new();
+    for _ in 0..50 {
+        calls.spawn(call(client.clone()));
+    }
+    let mut failed = Vec::new();
+    while let Some(r) = calls.join_next().await {
+        if let Err(e) = r.unwrap() {
+            failed.push(e);
+        }
+    }
+    assert!(failed.is_empty(), "{failed:?}");
+    let waited = client
+        .metrics()
+        .counters()
+        .config_waits
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(waited > 0, "the first calls waited for their configuration");
+}

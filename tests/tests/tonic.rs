@@ -277,3 +277,48 @@ impl Greeter for HelloShared {
         self.0.say_hello(request).await
     }
 }
+
+/// `ServeOptions::limits` reaches the server: a tonic server told to take heads of at most
+/// 8 KiB refuses a call with a 16 KiB header and serves one with a small header (before,
+/// tonic servers ran with the default limits whatever was configured).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_options_limits_reach_the_server() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // No xDS server is needed: the mode is given.
+    let mesh = Mesh::new(
+        XdsClient::builder(Bootstrap::new("127.0.0.1:1", "greeter"))
+            .build()
+            .unwrap(),
+    );
+    let routes =
+        tonic::service::Routes::new(GreeterServer::new(HelloShared(Arc::new(Hello::default()))));
+    let options = ServeOptions::new("greeter")
+        .tls_mode(mesh_tower::tls::TlsMode::Disable)
+        .limits(mesh_tower::server::Limits {
+            max_header_bytes: 8 * 1024,
+            ..Default::default()
+        });
+    tokio::spawn(async move {
+        mesh_tonic::serve(&mesh, listener, routes, options, std::future::pending()).await
+    });
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5));
+    let mut greeter = None;
+    for _ in 0..50 {
+        if let Ok(c) = channel.connect().await {
+            greeter = Some(GreeterClient::new(c));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut greeter = greeter.expect("the server listens");
+    let small = greeter.say_hello(HelloRequest { name: "s".into() }).await;
+    assert!(small.is_ok(), "{small:?}");
+    let mut big = tonic::Request::new(HelloRequest { name: "b".into() });
+    big.metadata_mut()
+        .insert("x-big", "x".repeat(16 * 1024).parse().unwrap());
+    let err = greeter.say_hello(big).await.unwrap_err();
+    assert_ne!(err.code(), tonic::Code::Ok, "{err:?}");
+}

@@ -1,162 +1,241 @@
-//! `meshctl`: the mesh's control plane and tools.
-//!
-//! ```text
-//! meshctl serve    [--config PATH] [--listen ADDR] [--trust-domain TD]
-//! meshctl validate PATH...
-//! meshctl dump     [--server ADDR] [--node ID] [--locality R/Z/S] | --config PATH
-//! meshctl certs    --out DIR [--trust-domain TD] [--hours N] NS/SA...
-//! ```
+//! `meshctl`: the mesh's control plane and tools (`meshctl --help`; shell completions with
+//! `meshctl completions bash|zsh|fish`).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use mesh_control::istio::{self, validate::Severity, Options};
 
-const USAGE: &str = "usage:
-  meshctl serve    [--config PATH] [--listen ADDR] [--trust-domain TD] [--sds [--cert-ttl DUR] [--ca-out DIR]]
-                   serve Istio YAML (a file or a directory) over xDS (ADS, SotW and delta),
-                   reloading on change; default --config mesh.yaml --listen 127.0.0.1:18000.
-                   --sds also issues SPIFFE certificates over SDS on the same stream (secrets
-                   `default` and `ROOTCA`), renewed at half their TTL (default 1h); for
-                   development only: nodes are trusted to say who they are
-  meshctl validate PATH...
-                   check Istio YAML like istioctl analyze; prints file:line: lines,
-                   exits 1 on errors
-  meshctl dump     [--server ADDR] [--node ID] [--locality REGION/ZONE/SUBZONE]
-                                                the xDS resources a server sends a node, as JSON
-  meshctl dump     --config PATH                 the xDS resources generated from YAML, as JSON
-  meshctl certs    --out DIR [--trust-domain TD] [--hours N] NS/SA...
-                   a development CA: DIR/root-cert.pem and DIR/NS/SA/{cert-chain,key}.pem
-  meshctl stat     [--window DUR] [--watch] [--by-route] ADMIN_ADDR...
-                   golden signals of running services (their admin endpoints): success rate,
-                   requests per second over the window (default 1s), latency p50/p95/p99";
-
-struct Args {
-    rest: Vec<String>,
+/// The mesh's control plane and tools: serve Istio YAML over xDS, check it, dump what a node
+/// receives, issue development certificates, and watch services' golden signals.
+#[derive(Debug, Parser)]
+#[command(name = "meshctl", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
 }
 
-impl Args {
-    fn flag(&mut self, name: &str) -> Result<Option<String>, String> {
-        let Some(i) = self
-            .rest
-            .iter()
-            .position(|a| a == name || a.starts_with(&format!("{name}=")))
-        else {
-            return Ok(None);
-        };
-        let arg = self.rest.remove(i);
-        if let Some((_, v)) = arg.split_once('=') {
-            return Ok(Some(v.to_owned()));
-        }
-        if i < self.rest.len() {
-            Ok(Some(self.rest.remove(i)))
-        } else {
-            Err(format!("{name} needs a value"))
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve Istio YAML (a file or a directory) over xDS (ADS, SotW and delta), reloading on
+    /// change.
+    Serve(ServeArgs),
+    /// Check Istio YAML like `istioctl analyze`: prints `file:line:` findings, exits 1 on
+    /// errors.
+    Validate(ValidateArgs),
+    /// Print as JSON the xDS resources a server sends a node, or those generated from YAML.
+    Dump(DumpArgs),
+    /// Issue development certificates: DIR/root-cert.pem and DIR/NS/SA/{cert-chain,key}.pem.
+    Certs(CertsArgs),
+    /// Golden signals of running services, read from their admin endpoints: success rate,
+    /// requests per second over the window, latency p50/p95/p99.
+    Stat(StatArgs),
+    /// Print a shell completion script (e.g. `meshctl completions bash > /etc/bash_completion.d/meshctl`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// The trust domain of the SPIFFE identities (shared by the commands that name identities).
+#[derive(Debug, Args)]
+struct TrustDomain {
+    /// The trust domain of workload identities (spiffe://TD/ns/NS/sa/SA).
+    #[arg(long, value_name = "TD", default_value = "cluster.local")]
+    trust_domain: String,
+}
+
+impl TrustDomain {
+    fn options(&self) -> Options {
+        Options {
+            trust_domain: self.trust_domain.clone(),
+            ..Options::default()
         }
     }
+}
 
-    fn done(self) -> Result<Vec<String>, String> {
-        if let Some(unknown) = self.rest.iter().find(|a| a.starts_with("--")) {
-            return Err(format!("unknown option {unknown}"));
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// The Istio YAML to serve: a file, or a directory of them.
+    #[arg(long, value_name = "PATH", default_value = "mesh.yaml")]
+    config: PathBuf,
+    /// The address to serve xDS on (port 0: any; the chosen one is printed).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:18000")]
+    listen: String,
+    #[command(flatten)]
+    trust_domain: TrustDomain,
+    /// Also issue SPIFFE certificates over SDS on the same stream (secrets `default` and
+    /// `ROOTCA`), renewed at half their lifetime. For development only: nodes are trusted to
+    /// say who they are.
+    #[arg(long)]
+    sds: bool,
+    /// Lifetime of the certificates issued over SDS (e.g. 30m, 1h).
+    #[arg(long, value_name = "DURATION", default_value = "1h", requires = "sds", value_parser = duration)]
+    cert_ttl: Duration,
+    /// Write the SDS CA's root certificate to DIR/root-cert.pem.
+    #[arg(long, value_name = "DIR", requires = "sds")]
+    ca_out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct ValidateArgs {
+    /// Istio YAML files or directories.
+    #[arg(required = true, value_name = "PATH")]
+    paths: Vec<PathBuf>,
+    #[command(flatten)]
+    trust_domain: TrustDomain,
+}
+
+#[derive(Debug, Args)]
+struct DumpArgs {
+    /// Generate from this YAML instead of asking a server.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["server", "node", "locality"])]
+    config: Option<PathBuf>,
+    /// The xDS server to ask.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:18000")]
+    server: String,
+    /// The node id to ask as.
+    #[arg(long, value_name = "ID", default_value = "meshctl")]
+    node: String,
+    /// The node's locality (what locality-aware configuration depends on).
+    #[arg(long, value_name = "REGION/ZONE/SUBZONE")]
+    locality: Option<String>,
+    #[command(flatten)]
+    trust_domain: TrustDomain,
+}
+
+#[derive(Debug, Args)]
+struct CertsArgs {
+    /// Where to write the certificates.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Lifetime of the workload certificates, in hours.
+    #[arg(long, value_name = "N", default_value_t = 24)]
+    hours: u64,
+    #[command(flatten)]
+    trust_domain: TrustDomain,
+    /// The workloads, as NAMESPACE/SERVICE_ACCOUNT.
+    #[arg(required = true, value_name = "NS/SA", value_parser = workload)]
+    workloads: Vec<(String, String)>,
+}
+
+#[derive(Debug, Args)]
+struct StatArgs {
+    /// The window requests per second are measured over (e.g. 1s, 500ms).
+    #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = duration)]
+    window: Duration,
+    /// Keep printing, one table per window.
+    #[arg(long)]
+    watch: bool,
+    /// One row per route instead of per service.
+    #[arg(long)]
+    by_route: bool,
+    /// Admin endpoints of running services (HOST:PORT).
+    #[arg(required = true, value_name = "ADMIN_ADDR")]
+    addrs: Vec<SocketAddr>,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    istio::generate::parse_duration(s).ok_or_else(|| format!("{s:?}: use e.g. 500ms, 30s, 1h"))
+}
+
+fn workload(s: &str) -> Result<(String, String), String> {
+    match s.split_once('/') {
+        Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+            Ok((ns.to_owned(), sa.to_owned()))
         }
-        Ok(self.rest)
+        _ => Err(format!("{s:?}: expected NAMESPACE/SERVICE_ACCOUNT")),
     }
 }
 
 fn main() -> ExitCode {
+    // Usage errors exit 2 with clap's message; --help and --version exit 0.
+    let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| "info,h2=warn,hyper=warn,tower=warn".into());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let mut argv: Vec<String> = std::env::args().skip(1).collect();
-    if argv.is_empty() || argv[0] == "--help" || argv[0] == "-h" || argv[0] == "help" {
-        println!("{USAGE}");
-        return ExitCode::SUCCESS;
-    }
-    let cmd = argv.remove(0);
-    let args = Args { rest: argv };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let result = match cmd.as_str() {
-        "serve" => rt.block_on(serve(args)),
-        "validate" => validate(args),
-        "dump" => rt.block_on(dump(args)),
-        "certs" => certs(args),
-        "stat" => stat(args),
-        other => Err(format!("unknown command {other:?}\n{USAGE}")),
+    let name = match &cli.command {
+        Command::Serve(_) => "serve",
+        Command::Validate(_) => "validate",
+        Command::Dump(_) => "dump",
+        Command::Certs(_) => "certs",
+        Command::Stat(_) => "stat",
+        Command::Completions { .. } => "completions",
+    };
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start the runtime: {e}"))
+    };
+    let result = match cli.command {
+        Command::Serve(a) => runtime().and_then(|rt| rt.block_on(serve(a))),
+        Command::Validate(a) => validate(a),
+        Command::Dump(a) => runtime().and_then(|rt| rt.block_on(dump(a))),
+        Command::Certs(a) => certs(a),
+        Command::Stat(a) => stat(a),
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "meshctl",
+                &mut std::io::stdout(),
+            );
+            Ok(ExitCode::SUCCESS)
+        }
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("meshctl {cmd}: {e}");
-            ExitCode::from(2)
+            eprintln!("error: meshctl {name}: {e}");
+            ExitCode::FAILURE
         }
     }
 }
 
-fn options(args: &mut Args) -> Result<Options, String> {
-    let mut opts = Options::default();
-    if let Some(td) = args.flag("--trust-domain")? {
-        opts.trust_domain = td;
-    }
-    Ok(opts)
-}
-
-async fn serve(mut args: Args) -> Result<ExitCode, String> {
-    let config = PathBuf::from(args.flag("--config")?.unwrap_or_else(|| "mesh.yaml".into()));
-    let listen = args
-        .flag("--listen")?
-        .unwrap_or_else(|| "127.0.0.1:18000".into());
-    let opts = options(&mut args)?;
-    let sds = match args.rest.iter().position(|a| a == "--sds") {
-        Some(i) => {
-            args.rest.remove(i);
-            let ttl = args.flag("--cert-ttl")?.unwrap_or_else(|| "1h".into());
-            let ttl = istio::generate::parse_duration(&ttl)
-                .ok_or_else(|| format!("--cert-ttl {ttl:?}: use e.g. 30m, 1h"))?;
-            let ca = mesh_control::ca::DevCa::new(&opts.trust_domain).map_err(|e| e.to_string())?;
-            if let Some(dir) = args.flag("--ca-out")? {
-                std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {dir}: {e}"))?;
-                let path = Path::new(&dir).join("root-cert.pem");
-                std::fs::write(&path, ca.root_pem())
-                    .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-            }
-            Some(mesh_control::ads::sds::SdsIssuer::new(ca, ttl))
+async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
+    let opts = args.trust_domain.options();
+    let sds = if args.sds {
+        let ca = mesh_control::ca::DevCa::new(&opts.trust_domain).map_err(|e| e.to_string())?;
+        if let Some(dir) = &args.ca_out {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            let path = dir.join("root-cert.pem");
+            std::fs::write(&path, ca.root_pem())
+                .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         }
-        None => None,
+        Some(mesh_control::ads::sds::SdsIssuer::new(ca, args.cert_ttl))
+    } else {
+        None
     };
-    args.done()?;
-    let listener = tokio::net::TcpListener::bind(&listen)
+    let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     // Tests and scripts read this line to find the port when --listen ends in :0.
     println!("listening on {addr}");
-    tracing::info!(%addr, config = %config.display(), "meshctl serve");
+    tracing::info!(%addr, config = %args.config.display(), "meshctl serve");
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
     };
-    mesh_control::serve::serve_with_sds(&config, listener, opts, sds, shutdown).await?;
+    mesh_control::serve::serve_with_sds(&args.config, listener, opts, sds, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn validate(mut args: Args) -> Result<ExitCode, String> {
-    let opts = options(&mut args)?;
-    let paths = args.done()?;
-    if paths.is_empty() {
-        return Err("validate needs at least one PATH".into());
-    }
+fn validate(args: ValidateArgs) -> Result<ExitCode, String> {
+    let opts = args.trust_domain.options();
     let mut config = istio::Config::default();
     let mut failed = false;
-    for p in &paths {
-        match istio::load(Path::new(p)) {
+    for p in &args.paths {
+        match istio::load(p) {
             Ok(c) => config.extend(c),
             Err(errors) => {
                 failed = true;
@@ -186,28 +265,24 @@ fn validate(mut args: Args) -> Result<ExitCode, String> {
     })
 }
 
-async fn dump(mut args: Args) -> Result<ExitCode, String> {
-    let config = args.flag("--config")?;
-    let server = args
-        .flag("--server")?
-        .unwrap_or_else(|| "127.0.0.1:18000".into());
-    let node = args.flag("--node")?.unwrap_or_else(|| "meshctl".into());
-    let locality = args.flag("--locality")?;
-    let opts = options(&mut args)?;
-    args.done()?;
-    let resources = match config {
+async fn dump(args: DumpArgs) -> Result<ExitCode, String> {
+    let opts = args.trust_domain.options();
+    let resources = match &args.config {
         Some(path) => {
-            let config = istio::load(Path::new(&path)).map_err(join)?;
+            let config = istio::load(path).map_err(join)?;
             istio::generate(&config, &opts).map_err(join)?.resources
         }
         None => {
             let node = envoy_types::pb::envoy::config::core::v3::Node {
-                id: node,
+                id: args.node.clone(),
                 user_agent_name: "meshctl".into(),
-                locality: locality.map(|l| mesh_control::istio::locality::locality_of(&l)),
+                locality: args
+                    .locality
+                    .as_deref()
+                    .map(mesh_control::istio::locality::locality_of),
                 ..Default::default()
             };
-            mesh_control::dump::fetch_as(&server, node, Duration::from_secs(10)).await?
+            mesh_control::dump::fetch_as(&args.server, node, Duration::from_secs(10)).await?
         }
     };
     let json = mesh_control::dump::to_json(&resources);
@@ -218,27 +293,18 @@ async fn dump(mut args: Args) -> Result<ExitCode, String> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn certs(mut args: Args) -> Result<ExitCode, String> {
-    let out = PathBuf::from(args.flag("--out")?.ok_or("--out DIR is required")?);
-    let hours: u64 = args
-        .flag("--hours")?
-        .unwrap_or_else(|| "24".into())
-        .parse()
-        .map_err(|_| "--hours takes a whole number")?;
-    let opts = options(&mut args)?;
-    let workloads = args.done()?;
+fn certs(args: CertsArgs) -> Result<ExitCode, String> {
+    let opts = args.trust_domain.options();
+    let out = &args.out;
     let ca = mesh_control::ca::DevCa::new(&opts.trust_domain).map_err(|e| e.to_string())?;
     let write = |p: &Path, s: &str| {
         std::fs::write(p, s).map_err(|e| format!("cannot write {}: {e}", p.display()))
     };
-    std::fs::create_dir_all(&out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
+    std::fs::create_dir_all(out).map_err(|e| format!("cannot create {}: {e}", out.display()))?;
     write(&out.join("root-cert.pem"), ca.root_pem())?;
-    for w in workloads {
-        let (ns, sa) = w
-            .split_once('/')
-            .ok_or_else(|| format!("{w:?}: expected NS/SA"))?;
+    for (ns, sa) in &args.workloads {
         let svid = ca
-            .issue(ns, sa, Duration::from_secs(hours * 3600))
+            .issue(ns, sa, Duration::from_secs(args.hours * 3600))
             .map_err(|e| e.to_string())?;
         let dir = out.join(ns).join(sa);
         std::fs::create_dir_all(&dir)
@@ -316,28 +382,9 @@ fn collect(
     Ok(rows)
 }
 
-fn stat(mut args: Args) -> Result<ExitCode, String> {
-    let window = args.flag("--window")?.unwrap_or_else(|| "1s".into());
-    let window = istio::generate::parse_duration(&window)
-        .ok_or_else(|| format!("--window {window:?}: use e.g. 1s, 500ms"))?;
-    let watch = match args.rest.iter().position(|a| a == "--watch") {
-        Some(i) => {
-            args.rest.remove(i);
-            true
-        }
-        None => false,
-    };
-    let by_route = match args.rest.iter().position(|a| a == "--by-route") {
-        Some(i) => {
-            args.rest.remove(i);
-            true
-        }
-        None => false,
-    };
-    let addrs = args.done()?;
-    if addrs.is_empty() {
-        return Err("stat needs at least one admin endpoint address".into());
-    }
+fn stat(args: StatArgs) -> Result<ExitCode, String> {
+    let addrs: Vec<String> = args.addrs.iter().map(ToString::to_string).collect();
+    let (window, watch, by_route) = (args.window, args.watch, args.by_route);
     let mut before = collect(&addrs, by_route)?;
     loop {
         std::thread::sleep(window);

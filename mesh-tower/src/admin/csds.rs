@@ -18,7 +18,7 @@ use mesh_core::ConfigStore;
 use mesh_core::ResourceStatus;
 use tonic::{Request, Response, Status, Streaming};
 
-/// The CSDS service of one xDS client (see the [module](self)).
+/// The CSDS service of one xDS client (see `mesh_tower::admin`).
 #[derive(Clone, Debug)]
 pub struct Csds {
     store: ConfigStore,

@@ -157,6 +157,12 @@ pub async fn serve(
             Ok(resp.map(|b| b.map_err(|never| match never {}).boxed_unsync()))
         }
     });
+    // Large answers (/metrics with many series, /config_dump) are gzipped for clients that
+    // ask (Prometheus does), by tower-http; gRPC (CSDS) is left alone.
+    let app = tower::Layer::layer(
+        &tower_http::compression::CompressionLayer::new().gzip(true),
+        app,
+    );
     // Correctness: DISABLE needs no identity, so this cannot fail.
     let acceptor = MeshAcceptor::new(TlsMode::Disable, None).expect("plaintext acceptor");
     crate::server::serve(listener, acceptor, app, shutdown).await;

@@ -172,7 +172,7 @@ impl<S> MetricsService<S> {
         &self.inner
     }
 
-    /// Unwraps.
+    /// The inner service, with this layer taken off.
     pub fn into_inner(self) -> S {
         self.inner
     }
@@ -212,6 +212,7 @@ pub struct Pending {
     start: Instant,
     log: Option<Box<LogEntry>>,
     grpc: bool,
+    istio: Option<Box<super::istio::Call>>,
 }
 
 impl Pending {
@@ -222,6 +223,14 @@ impl Pending {
         let elapsed = self.start.elapsed();
         in_flight.0.record(outcome, elapsed);
         drop(in_flight);
+        if let Some(call) = self.istio.take() {
+            let (code, grpc) = match outcome {
+                Outcome::Http(s) => (Some(s), None),
+                Outcome::Grpc(c) => (Some(200), Some(c)),
+                Outcome::Error => (None, None),
+            };
+            call.finish(code, grpc, elapsed.as_secs_f64() * 1000.0);
+        }
         let Some(e) = self.log.take() else { return };
         if e.errors_only && outcome.is_success() {
             return;
@@ -266,6 +275,9 @@ impl Pending {
 impl Drop for Pending {
     fn drop(&mut self) {
         if self.in_flight.is_some() {
+            if let Some(call) = self.istio.as_mut() {
+                call.cancelled();
+            }
             let outcome = if self.grpc {
                 Outcome::Grpc(1)
             } else {
@@ -301,6 +313,7 @@ impl<F, B, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
     E: Into<BoxError>,
+    B: http_body::Body,
 {
     type Output = Result<Response<Observed<B, Option<Pending>>>, BoxError>;
 
@@ -310,12 +323,12 @@ where
         // Correctness: taken only here, when the future completes.
         let mut pending = this.pending.take().expect("polled after completion");
         match out {
-            Ok(resp) => {
+            Ok(mut resp) => {
+                if let Some(call) = pending.istio.as_mut() {
+                    call.respond(&mut resp);
+                }
                 if let Some(log) = pending.log.as_mut() {
-                    log.endpoint = resp
-                        .extensions()
-                        .get::<crate::retry::ServedBy>()
-                        .map(|s| s.0);
+                    log.endpoint = resp.extensions().get::<crate::ext::ServedBy>().map(|s| s.0);
                 }
                 let head = match grpc::status(resp.headers()) {
                     // A trailers-only gRPC response carries its status in the headers.
@@ -343,6 +356,9 @@ where
                         .overflows
                         .fetch_add(1, Ordering::Relaxed);
                 }
+                if let Some(call) = pending.istio.as_mut() {
+                    call.local_reply(&e);
+                }
                 let outcome = pending.failed(&e);
                 pending.finish(outcome, Some(&e));
                 Poll::Ready(Err(e))
@@ -355,6 +371,8 @@ impl<S, B, ResB> Service<Request<B>> for MetricsService<S>
 where
     S: Service<Request<B>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
+    B: http_body::Body,
+    ResB: http_body::Body,
 {
     type Response = Response<Observed<ResB, Option<Pending>>>;
     type Error = BoxError;
@@ -364,7 +382,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
-    fn call(&mut self, req: Request<B>) -> Self::Future {
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let is_grpc = grpc::is_grpc(req.headers());
         let (metrics, direction) = (&self.layer.metrics, self.layer.direction);
         let series = match req.extensions().get::<RouteDecision>() {
@@ -375,7 +393,7 @@ where
             None => {
                 let peer = req
                     .extensions()
-                    .get::<crate::tls::PeerIdentity>()
+                    .get::<crate::ext::PeerIdentity>()
                     .and_then(|p| p.0.as_ref())
                     .map_or("", |id| id.as_str());
                 let service = &self.layer.service;
@@ -415,7 +433,7 @@ where
                     ),
                     peer: req
                         .extensions()
-                        .get::<crate::tls::PeerIdentity>()
+                        .get::<crate::ext::PeerIdentity>()
                         .and_then(|p| p.0.as_ref())
                         .map(|p| p.to_string()),
                     trace_id: crate::trace::trace_id(&req).map(|t| t.to_string()),
@@ -423,6 +441,16 @@ where
                     errors_only: a.errors_only,
                 })
             });
+        let istio = self.layer.metrics.istio_state().map(|istio| {
+            let outbound = direction == Direction::Outbound;
+            let cluster = match req.extensions().get::<RouteDecision>() {
+                Some(d) => d.cluster().to_owned(),
+                None => self.layer.service.to_string(),
+            };
+            Box::new(super::istio::Call::start(
+                istio, outbound, &mut req, &cluster,
+            ))
+        });
         ResponseFuture {
             fut: self.inner.call(req),
             pending: Some(Pending {
@@ -430,6 +458,7 @@ where
                 start: Instant::now(),
                 log,
                 grpc: is_grpc,
+                istio,
             }),
             metrics: self.layer.metrics.clone(),
         }

@@ -21,15 +21,17 @@
 //! let metrics = Metrics::default();
 //! let svc = ServiceBuilder::new()
 //!     .layer(MetricsLayer::new(metrics.clone(), Direction::Inbound))
-//!     .service_fn(|_req: http::Request<()>| async {
-//!         Ok::<_, std::convert::Infallible>(http::Response::new(()))
+//!     .service_fn(|_req: http::Request<String>| async {
+//!         Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
 //!     });
 //! # drop(svc);
 //! println!("{}", metrics.render());
 //! ```
 
+pub mod istio;
 mod layer;
 
+pub use istio::Workload;
 pub use layer::{AccessLog, MetricsLayer, MetricsService, Pending, ResponseFuture};
 
 use rustc_hash::FxHashMap;
@@ -96,25 +98,7 @@ pub enum Outcome {
     Error,
 }
 
-const GRPC_NAMES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
+use mesh_core::config::GRPC_STATUS_NAMES as GRPC_NAMES;
 const HTTP_CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 /// HTTP classes, gRPC codes, error.
 const OUTCOMES: usize = 5 + 17 + 1;
@@ -260,6 +244,7 @@ struct Inner {
     write: Mutex<()>,
     counters: Counters,
     xds: std::sync::OnceLock<mesh_core::ConfigStore>,
+    istio: std::sync::OnceLock<Arc<istio::Istio>>,
 }
 
 /// A series and its labels.
@@ -319,8 +304,30 @@ impl Metrics {
                 write: Mutex::new(()),
                 counters: Counters::default(),
                 xds: std::sync::OnceLock::new(),
+                istio: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Also records Istio's standard metrics for `workload` (see [`istio`]): opt-in, next to
+    /// the `mesh_*` metrics, on both sides, with Istio's metadata exchange on the wire. The
+    /// first workload given is kept.
+    ///
+    /// ```
+    /// use mesh_tower::metrics::{Metrics, Workload};
+    /// let node = mesh_core::xds::Bootstrap::new("127.0.0.1:15010", "reviews-v2").node;
+    /// let metrics = Metrics::default().istio(
+    ///     Workload::from_node(&node).principal("spiffe://cluster.local/ns/prod/sa/reviews"),
+    /// );
+    /// assert!(metrics.render().contains("istio_requests"));
+    /// ```
+    pub fn istio(self, workload: Workload) -> Self {
+        let _ = self.inner.istio.set(Arc::new(istio::Istio::new(workload)));
+        self
+    }
+
+    pub(crate) fn istio_state(&self) -> Option<&Arc<istio::Istio>> {
+        self.inner.istio.get()
     }
 
     /// Reports the xDS responses `store`'s client accepts and rejects
@@ -458,11 +465,15 @@ impl prometheus_client::collector::Collector for Metrics {
                     ("cluster", l.cluster.as_str()),
                     ("peer", l.peer.as_str()),
                 ];
+                // Per-bucket counts: prometheus-client's encoder accumulates them (passing
+                // running totals here made every bucket count the ones below it twice,
+                // which a real Prometheus's histogram_quantile showed).
                 let mut cumulative = 0;
                 let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
                 for (i, b) in s.buckets.iter().enumerate() {
-                    cumulative += b.load(Ordering::Relaxed);
-                    buckets.push((BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), cumulative));
+                    let n = b.load(Ordering::Relaxed);
+                    cumulative += n;
+                    buckets.push((BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), n));
                 }
                 let sum = s.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
                 m.encode_family(&labels)?
@@ -542,8 +553,75 @@ impl prometheus_client::collector::Collector for Metrics {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(v).encode(m)?;
         }
+        if let Some(istio) = self.istio_state() {
+            encode_istio(istio, &mut encoder)?;
+        }
         Ok(())
     }
+}
+
+/// Istio's standard metrics, with Istio's names, labels and buckets.
+fn encode_istio(
+    istio: &istio::Istio,
+    encoder: &mut DescriptorEncoder<'_>,
+) -> Result<(), std::fmt::Error> {
+    let series: Vec<_> = {
+        let map = istio.series.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(k, s)| (k.clone(), s.clone())).collect()
+    };
+    let labels = |k: &istio::Key| -> Vec<(&'static str, String)> {
+        istio::LABELS
+            .iter()
+            .zip(k.iter())
+            .map(|(n, v)| (*n, v.to_string()))
+            .collect()
+    };
+    {
+        let mut m = encoder.encode_descriptor(
+            "istio_requests",
+            "Requests, as Istio counts them.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (k, s) in &series {
+            ConstCounter::new(s.requests.load(Ordering::Relaxed))
+                .encode(m.encode_family(&labels(k))?)?;
+        }
+    }
+    for (name, help, bounds, pick) in [
+        (
+            "istio_request_duration_milliseconds",
+            "Request duration, in milliseconds.",
+            &istio::DURATION_BUCKETS_MS[..],
+            0,
+        ),
+        (
+            "istio_request_bytes",
+            "Request body sizes.",
+            &istio::SIZE_BUCKETS[..],
+            1,
+        ),
+        (
+            "istio_response_bytes",
+            "Response body sizes.",
+            &istio::SIZE_BUCKETS[..],
+            2,
+        ),
+    ] {
+        let mut m = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+        for (k, s) in &series {
+            let (buckets, sum, count) = match pick {
+                0 => s.duration.snapshot(bounds),
+                1 => s.request_bytes.snapshot(bounds),
+                _ => s.response_bytes.snapshot(bounds),
+            };
+            m.encode_family(&labels(k))?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    sum, count, &buckets, None,
+                )?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -120,11 +120,11 @@ async fn grpc_outcomes_come_from_trailers() {
     let call = |head, trailer| {
         layer
             .layer(tower::service_fn(
-                move |_req: http::Request<()>| async move {
+                move |_req: http::Request<String>| async move {
                     Ok::<_, std::convert::Infallible>(grpc_response(head, trailer))
                 },
             ))
-            .oneshot(http::Request::new(()))
+            .oneshot(http::Request::new(String::new()))
     };
     let resp = call(None, "14").await.unwrap();
     assert_eq!(series.total(), 0, "not judged before the trailers");
@@ -161,16 +161,18 @@ fn cached_series_follow_their_labels() {
     let m = Metrics::default();
     let base = MetricsLayer::new(m.clone(), Direction::Inbound);
     let app = || {
-        tower::service_fn(|_req: http::Request<()>| {
-            std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(())))
+        tower::service_fn(|_req: http::Request<String>| {
+            std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(
+                String::new(),
+            )))
         })
     };
     let mut a = base.clone().service("a").layer(app());
     let mut b = base.service("b").layer(app());
     let peer = |id: Option<&str>| {
-        let mut r = http::Request::new(());
+        let mut r = http::Request::new(String::new());
         if let Some(id) = id {
-            r.extensions_mut().insert(crate::tls::PeerIdentity(Some(
+            r.extensions_mut().insert(crate::ext::PeerIdentity(Some(
                 id.parse::<mesh_core::identity::SpiffeId>().unwrap(),
             )));
         }
@@ -197,4 +199,37 @@ fn cached_series_follow_their_labels() {
     };
     assert_eq!((count("a", x), count("a", y), count("a", "")), (10, 10, 10));
     assert_eq!((count("b", x), count("b", y), count("b", "")), (5, 5, 5));
+}
+
+/// Histogram buckets are cumulative once, as Prometheus reads them: 1 ms, 3 ms and 2 s give
+/// le=0.001 → 1, le=0.005 → 2, le=2.5 → 3, +Inf → 3 (the encoder accumulates; the
+/// counts handed to it are per bucket). Istio's histograms likewise.
+#[test]
+fn histogram_buckets_are_cumulative_once() {
+    let metrics = Metrics::default().istio(super::Workload::from_node(&Default::default()));
+    let s = metrics.series(Direction::Outbound, "r", "c");
+    for ms in [1, 3, 2000] {
+        s.record(Outcome::Http(200), Duration::from_millis(ms));
+    }
+    let text = metrics.render();
+    let bucket = |le: &str| -> u64 {
+        text.lines()
+            .find(|l| {
+                l.starts_with("mesh_request_duration_seconds_bucket{")
+                    && l.contains(&format!("le=\"{le}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("le={le}: {text}"))
+    };
+    assert_eq!(
+        [
+            bucket("0.001"),
+            bucket("0.005"),
+            bucket("1.0"),
+            bucket("2.5"),
+            bucket("+Inf")
+        ],
+        [1, 2, 2, 3, 3]
+    );
 }

@@ -19,8 +19,9 @@ use tower::{Service, ServiceExt};
 
 use crate::authz::{Authz, AuthzLayer};
 use crate::error::BoxError;
+use crate::ext::{LocalAddr, RemoteAddr};
 use crate::metrics::{AccessLog, Direction, Metrics, MetricsLayer, MetricsService};
-use crate::tls::{LocalAddr, MeshAcceptor, RemoteAddr};
+use crate::tls::MeshAcceptor;
 use crate::trace::{Trace, TraceLayer};
 
 mod xds;
@@ -28,9 +29,15 @@ mod xds;
 pub use xds::{listener_policy, serve_xds, server_policy, ServeError, ServerPolicy, XdsServe};
 
 /// The inbound stack over an application service `S`.
-pub type Inbound<S> = Trace<MetricsService<Authz<S>>>;
+pub type Inbound<S> = AnswerErrors<Trace<MetricsService<Authz<S>>>>;
 
-/// The inbound stack: trace > metrics > authz > application.
+/// The inbound stack: sensitive headers marked, then trace > metrics > authz > application,
+/// its errors answered as responses (so its error type is [`Infallible`], as axum and hyper
+/// want). [`SENSITIVE_HEADERS`](crate::SENSITIVE_HEADERS) are marked before any layer sees
+/// them.
+///
+/// With axum, it is an ordinary layer (`Router::layer(InboundLayer::new("reviews"))`); see
+/// `examples/axum.rs`.
 ///
 /// ```
 /// use mesh_tower::metrics::Metrics;
@@ -102,7 +109,169 @@ impl<S> tower::Layer<S> for InboundLayer {
         if let Some(a) = self.access_log {
             metrics = metrics.access_log(a);
         }
-        self.trace.layer(metrics.layer(self.authz.layer(app)))
+        AnswerErrors {
+            inner: self.trace.layer(metrics.layer(self.authz.layer(app))),
+        }
+    }
+}
+
+/// Marks the credential headers of requests and responses sensitive
+/// ([`SENSITIVE_HEADERS`](crate::SENSITIVE_HEADERS)), and answers the errors of the service
+/// it wraps as responses, after the span and the metrics
+/// below it have recorded them: a [`MeshError`](crate::MeshError) (e.g. from an outbound call
+/// the handler made with `?`) with its own status (504 for a timeout, 503 for no healthy
+/// endpoint...), any other error with 500; each is logged at `WARN`. Its error type is
+/// [`Infallible`].
+///
+/// ```
+/// use mesh_tower::server::InboundLayer;
+/// use tower::{Layer, ServiceExt};
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let app = tower::service_fn(|_req: http::Request<String>| async {
+///     Err::<http::Response<String>, _>("the database is down")
+/// });
+/// // The inbound stack ends in `AnswerErrors`: the error becomes a 500, never an `Err`.
+/// let inbound = InboundLayer::new("reviews").layer(app);
+/// let resp = inbound.oneshot(http::Request::new(String::new())).await.unwrap();
+/// assert_eq!(resp.status(), 500);
+/// # });
+/// ```
+#[derive(Clone, Debug)]
+pub struct AnswerErrors<S> {
+    inner: S,
+}
+
+impl<S> AnswerErrors<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The response body of [`AnswerErrors`]: the inner service's, or empty for an error.
+    /// Its `Default` is empty, so layers that make responses of their own (tower-http's
+    /// timeout, for one) can sit above the inbound stack.
+    #[project = AnsweredBodyProj]
+    #[derive(Debug)]
+    // pin-project-lite takes no attributes on fields; `body` is the inner service's body.
+    #[allow(missing_docs)]
+    pub enum AnsweredBody<B> {
+        /// The inner service's body (`body`).
+        Inner { #[pin] body: B },
+        /// No body (an error answered, or a default).
+        Empty,
+    }
+}
+
+// pin-project-lite's enums take no `#[default]` variant attribute.
+#[allow(clippy::derivable_impls)]
+impl<B> Default for AnsweredBody<B> {
+    fn default() -> Self {
+        Self::Empty
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for AnsweredBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        match self.project() {
+            AnsweredBodyProj::Inner { body } => body.poll_frame(cx),
+            AnsweredBodyProj::Empty => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Inner { body } => body.is_end_stream(),
+            Self::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Self::Inner { body } => body.size_hint(),
+            Self::Empty => http_body::SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl<S, ReqB, B> Service<Request<ReqB>> for AnswerErrors<S>
+where
+    S: Service<Request<ReqB>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = Response<AnsweredBody<B>>;
+    type Error = Infallible;
+    type Future = AnswerErrorsFuture<S::Future>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
+        // A service that cannot become ready is answered when called.
+        match self.inner.poll_ready(cx) {
+            std::task::Poll::Ready(Err(e)) => {
+                let e: BoxError = e.into();
+                tracing::warn!("inbound service not ready: {e}");
+                std::task::Poll::Ready(Ok(()))
+            }
+            std::task::Poll::Ready(Ok(())) => std::task::Poll::Ready(Ok(())),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
+        crate::mark_sensitive(req.headers_mut());
+        AnswerErrorsFuture {
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future of [`AnswerErrors`].
+    #[derive(Debug)]
+    pub struct AnswerErrorsFuture<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F, B, E> Future for AnswerErrorsFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<Response<AnsweredBody<B>>, Infallible>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let out = futures::ready!(self.project().inner.poll(cx));
+        std::task::Poll::Ready(Ok(match out {
+            Ok(mut resp) => {
+                crate::mark_sensitive(resp.headers_mut());
+                resp.map(|body| AnsweredBody::Inner { body })
+            }
+            Err(e) => {
+                let e: BoxError = e.into();
+                let status = e
+                    .downcast_ref::<crate::MeshError>()
+                    .map_or(http::StatusCode::INTERNAL_SERVER_ERROR, |m| m.status());
+                tracing::warn!("inbound request answered {status}: {e}");
+                let mut resp = Response::new(AnsweredBody::Empty);
+                *resp.status_mut() = status;
+                resp
+            }
+        }))
     }
 }
 
@@ -270,6 +439,9 @@ pub async fn serve_with_limits<S, B>(
                 if let Some(l) = local {
                     req.extensions_mut().insert(LocalAddr(l));
                 }
+                #[cfg(feature = "axum")]
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(remote));
                 let svc = service.clone();
                 async move {
                     match svc.oneshot(req).await {
@@ -302,4 +474,36 @@ pub async fn serve_with_limits<S, B>(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::Layer;
+
+    /// The inbound stack answers its application's errors: a mesh error with its own status,
+    /// any other with 500; the stack's error type is `Infallible`.
+    #[tokio::test]
+    async fn errors_are_answered_as_responses() {
+        let app = tower::service_fn(|req: Request<String>| async move {
+            match req.uri().path() {
+                "/mesh" => {
+                    Err::<Response<String>, BoxError>(Box::new(crate::MeshError::NoRouteConfig {
+                        listener: "backend".into(),
+                    }))
+                }
+                "/other" => Err("boom".into()),
+                _ => Ok(Response::new("ok".to_owned())),
+            }
+        });
+        let inbound = InboundLayer::new("svc").layer(app);
+        for (path, status) in [("/mesh", 503), ("/other", 500), ("/", 200)] {
+            let resp: Result<_, Infallible> = inbound
+                .clone()
+                .oneshot(Request::get(path).body(String::new()).unwrap())
+                .await;
+            let Ok(resp) = resp;
+            assert_eq!(resp.status(), status, "{path}");
+        }
+    }
 }

@@ -1,29 +1,45 @@
 //! Distributed tracing: a client span per outbound request and a server span per inbound
-//! request, OpenTelemetry semantic conventions, W3C / B3 propagation.
+//! request, as [`tracing`] spans carrying the OpenTelemetry HTTP and RPC semantic-convention
+//! fields, W3C / B3 propagation.
 //!
-//! [`TraceLayer::client`] starts a `CLIENT` span whose parent is, in order: an
-//! [`opentelemetry::Context`] in the request's extensions, the current context (inside a
-//! handler served through [`TraceLayer::server`], the server span), or trace headers the
-//! application forwarded on the request. It writes the span's context into the request
-//! (W3C `traceparent`/`tracestate` by default; B3 if configured), and records the route,
-//! cluster, endpoint and retries the lower layers report on the response.
+//! The spans are ordinary `tracing` spans (target `mesh`, level `INFO`, name `request`;
+//! `otel.name` and `otel.kind` say what OpenTelemetry calls them). A service that sets up
+//! `tracing-subscriber` with a [`tracing-opentelemetry`](tracing_opentelemetry) layer exports
+//! them with its own spans, in one trace, whatever the order in which the subscriber and the
+//! mesh's clients and servers were built: nothing is captured at construction. The mesh's
+//! OTLP helper (`mesh_tower::otlp`, feature `otlp`) installs exactly that pipeline.
 //!
 //! [`TraceLayer::server`] extracts the remote parent from the request's headers (W3C, B3
-//! single or B3 multi) *before* starting the `SERVER` span, puts the span's context in the
-//! request's extensions (an [`opentelemetry::Context`] and its [`SpanContext`]) and runs the
-//! handler with it as the current context, so outbound calls made from the handler join the
-//! trace.
+//! single or B3 multi) and makes it the parent of the `SERVER` span, then runs the handler
+//! inside the span: the handler's own spans (`#[instrument]`) are its children, and the
+//! span's context is in the request's extensions (an [`opentelemetry::Context`] and its
+//! [`SpanContext`]).
+//!
+//! [`TraceLayer::client`] starts a `CLIENT` span as a child of the current span (or of an
+//! [`opentelemetry::Context`] put in the request's extensions, or else of trace headers the
+//! application forwarded on the request), writes its context into the request (W3C
+//! `traceparent`/`tracestate` by default; B3 if configured), and records the route, cluster,
+//! endpoint and retries the lower layers report on the response.
 //!
 //! Spans end when the response body ends, so streamed responses are timed whole and a gRPC
-//! status in the trailers is recorded (`rpc.grpc.status_code`). Unsampled requests cost a
-//! span-context and no attributes. Spans go to whatever tracer provider is installed;
-//! `mesh_tower::otlp` (feature `otlp`) installs one exporting over OTLP.
+//! status in the trailers is recorded (`rpc.grpc.status_code`). When no subscriber wants the
+//! spans, a request costs a disabled-span check, and an incoming trace context is still passed
+//! on to the calls the handler makes (the mesh never breaks a trace it carries).
 //!
 //! # Example
 //!
 //! ```
 //! use mesh_tower::trace::{Propagation, TraceLayer};
 //! use tower::{service_fn, ServiceBuilder};
+//! use tracing_subscriber::layer::SubscriberExt;
+//!
+//! // The application's own pipeline: any tracer provider, here the SDK's default.
+//! let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+//! let subscriber = tracing_subscriber::registry().with(
+//!     tracing_opentelemetry::layer()
+//!         .with_tracer(opentelemetry::trace::TracerProvider::tracer(&provider, "app")),
+//! );
+//! let _guard = tracing::subscriber::set_default(subscriber);
 //!
 //! let app = service_fn(|_req: http::Request<String>| async {
 //!     Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
@@ -43,15 +59,15 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
-use opentelemetry::global::BoxedTracer;
-use opentelemetry::trace::{SpanContext, SpanKind, Status, TraceContextExt, Tracer};
-use opentelemetry::{Context as OtelContext, KeyValue};
+use opentelemetry::trace::{SpanContext, TraceContextExt};
+use opentelemetry::Context as OtelContext;
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::body::{grpc, End, Observed, OnEnd};
 use crate::error::BoxError;
@@ -60,7 +76,7 @@ mod propagate;
 
 pub use propagate::{extract, inject, parse_b3_single, parse_traceparent, Formats, Propagation};
 
-/// The instrumentation scope name of the mesh's spans.
+/// The `tracing` target of the mesh's request spans (filter with `mesh=info`).
 pub const SCOPE: &str = "mesh";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,30 +86,19 @@ enum Side {
 }
 
 /// Starts a span per request (see the [module](self)).
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct TraceLayer {
     side: Side,
-    tracer: Arc<BoxedTracer>,
     propagation: Propagation,
 }
 
-impl fmt::Debug for TraceLayer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TraceLayer")
-            .field("side", &self.side)
-            .field("propagation", &self.propagation)
-            .finish_non_exhaustive()
-    }
-}
-
 impl TraceLayer {
-    /// Client spans for outbound requests, from the global tracer provider as it is now
-    /// (install the provider first, e.g. with `mesh_tower::otlp`).
+    /// Client spans for outbound requests, children of the current span.
     pub fn client() -> Self {
         Self::new(Side::Client)
     }
 
-    /// Server spans for inbound requests, from the global tracer provider as it is now.
+    /// Server spans for inbound requests, children of the trace the request carries.
     pub fn server() -> Self {
         Self::new(Side::Server)
     }
@@ -101,15 +106,8 @@ impl TraceLayer {
     fn new(side: Side) -> Self {
         Self {
             side,
-            tracer: Arc::new(opentelemetry::global::tracer(SCOPE)),
             propagation: Propagation::default(),
         }
-    }
-
-    /// Uses `tracer` instead of the global one.
-    pub fn tracer(mut self, tracer: BoxedTracer) -> Self {
-        self.tracer = Arc::new(tracer);
-        self
     }
 
     /// Which header formats are read and written.
@@ -143,7 +141,7 @@ impl<S> Trace<S> {
         &self.inner
     }
 
-    /// Unwraps.
+    /// The inner service, with tracing taken off.
     pub fn into_inner(self) -> S {
         self.inner
     }
@@ -167,65 +165,103 @@ fn span_name<B>(req: &Request<B>) -> Cow<'static, str> {
     }
 }
 
-fn request_attributes<B>(req: &Request<B>, side: Side) -> Vec<KeyValue> {
-    let mut a = Vec::with_capacity(12);
-    a.push(KeyValue::new(
-        "http.request.method",
-        req.method().as_str().to_owned(),
-    ));
+/// `server.address` and `server.port` from the URI's authority or the `Host` header.
+fn server_address<B>(req: &Request<B>) -> (Option<&str>, Option<i64>) {
     let authority = req.uri().authority().map(|a| a.as_str()).or_else(|| {
         req.headers()
             .get(http::header::HOST)
             .and_then(|h| h.to_str().ok())
     });
-    if let Some(auth) = authority {
-        let (host, port) = match auth.rsplit_once(':') {
-            Some((h, p)) if p.parse::<u16>().is_ok() => (h, p.parse::<i64>().ok()),
-            _ => (auth, None),
-        };
-        a.push(KeyValue::new("server.address", host.to_owned()));
-        if let Some(p) = port {
-            a.push(KeyValue::new("server.port", p));
-        }
+    match authority {
+        None => (None, None),
+        Some(auth) => match auth.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => (Some(h), p.parse::<i64>().ok()),
+            _ => (Some(auth), None),
+        },
     }
-    a.push(KeyValue::new("url.path", req.uri().path().to_owned()));
-    if let Some(q) = req.uri().query() {
-        a.push(KeyValue::new("url.query", q.to_owned()));
-    }
-    let version = match req.version() {
+}
+
+fn protocol_version<B>(req: &Request<B>) -> &'static str {
+    match req.version() {
         http::Version::HTTP_10 => "1.0",
         http::Version::HTTP_11 => "1.1",
         http::Version::HTTP_2 => "2",
         http::Version::HTTP_3 => "3",
         _ => "0.9",
+    }
+}
+
+/// The request's span, with every field it will ever record declared (`tracing` fixes a
+/// span's fields when it is created); the field values are only computed when a subscriber
+/// wants the span.
+fn request_span<B>(req: &Request<B>, side: Side) -> tracing::Span {
+    let is_grpc = grpc::is_grpc(req.headers());
+    let rpc = || {
+        is_grpc
+            .then(|| req.uri().path().trim_start_matches('/').split_once('/'))
+            .flatten()
     };
-    a.push(KeyValue::new("network.protocol.version", version));
-    if grpc::is_grpc(req.headers()) {
-        a.push(KeyValue::new("rpc.system", "grpc"));
-        let path = req.uri().path().trim_start_matches('/');
-        if let Some((service, method)) = path.split_once('/') {
-            a.push(KeyValue::new("rpc.service", service.to_owned()));
-            a.push(KeyValue::new("rpc.method", method.to_owned()));
-        }
-    }
-    match side {
-        Side::Client => a.push(KeyValue::new("mesh.direction", "outbound")),
-        Side::Server => {
-            a.push(KeyValue::new("mesh.direction", "inbound"));
-            if let Some(remote) = req.extensions().get::<crate::tls::RemoteAddr>() {
-                a.push(KeyValue::new("client.address", remote.0.ip().to_string()));
-                a.push(KeyValue::new("client.port", i64::from(remote.0.port())));
-            }
-            if let Some(id) = req
-                .extensions()
-                .get::<crate::tls::PeerIdentity>()
+    let (kind, direction) = match side {
+        Side::Client => ("client", "outbound"),
+        Side::Server => ("server", "inbound"),
+    };
+    let remote = (side == Side::Server)
+        .then(|| req.extensions().get::<crate::ext::RemoteAddr>())
+        .flatten();
+    let peer = (side == Side::Server)
+        .then(|| {
+            req.extensions()
+                .get::<crate::ext::PeerIdentity>()
                 .and_then(|p| p.0.as_ref())
-            {
-                a.push(KeyValue::new("mesh.peer.identity", id.to_string()));
-            }
+        })
+        .flatten();
+    let (host, port) = server_address(req);
+    tracing::info_span!(
+        target: "mesh",
+        "request",
+        otel.name = %span_name(req),
+        otel.kind = kind,
+        otel.status_code = Empty,
+        otel.status_description = Empty,
+        http.request.method = req.method().as_str(),
+        server.address = host,
+        server.port = port,
+        url.path = req.uri().path(),
+        url.query = req.uri().query(),
+        network.protocol.version = protocol_version(req),
+        rpc.system = is_grpc.then_some("grpc"),
+        rpc.service = rpc().map(|(s, _)| s),
+        rpc.method = rpc().map(|(_, m)| m),
+        mesh.direction = direction,
+        client.address = remote.map(|r| tracing::field::display(r.0.ip())),
+        client.port = remote.map(|r| i64::from(r.0.port())),
+        mesh.peer.identity = peer.map(tracing::field::display),
+        http.response.status_code = Empty,
+        rpc.grpc.status_code = Empty,
+        error.type = Empty,
+        mesh.route = Empty,
+        mesh.cluster = Empty,
+        mesh.endpoint = Empty,
+        network.peer.address = Empty,
+        network.peer.port = Empty,
+        mesh.retry.attempts = Empty,
+    )
+}
+
+/// The context a client request continues when no subscriber exports spans: the one the
+/// application put on the request, the current one (a server span's remote parent), or
+/// trace headers the application forwarded.
+fn ambient_parent<B>(req: &Request<B>, formats: Formats) -> Option<SpanContext> {
+    if let Some(cx) = req.extensions().get::<OtelContext>() {
+        if cx.has_active_span() {
+            return Some(cx.span().span_context().clone());
         }
     }
-    a
+    let current = OtelContext::current();
+    if current.has_active_span() {
+        return Some(current.span().span_context().clone());
+    }
+    propagate::extract(req.headers(), formats)
 }
 
 impl<S, B, ResB> Service<Request<B>> for Trace<S>
@@ -243,76 +279,89 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let side = self.layer.side;
-        let extract = self.layer.propagation.extract;
-        // The parent is settled before the span starts, so the sampler sees it.
-        let parent = match side {
-            Side::Server => match propagate::extract(req.headers(), extract) {
-                Some(remote) => OtelContext::new().with_remote_span_context(remote),
-                None => OtelContext::new(),
-            },
-            Side::Client => {
-                let cx = req
-                    .extensions()
-                    .get::<OtelContext>()
-                    .cloned()
-                    .unwrap_or_else(OtelContext::current);
-                if cx.has_active_span() {
-                    cx
-                } else {
-                    match propagate::extract(req.headers(), extract) {
-                        Some(remote) => cx.with_remote_span_context(remote),
-                        None => cx,
+        let formats = self.layer.propagation.extract;
+        let span = request_span(&req, side);
+        // The parent is settled before the span is built, so the sampler sees it.
+        let mut exported = None;
+        if !span.is_disabled() {
+            let parent = match side {
+                Side::Server => propagate::extract(req.headers(), formats)
+                    .map(|remote| OtelContext::new().with_remote_span_context(remote)),
+                Side::Client => match req.extensions().get::<OtelContext>() {
+                    Some(cx) if cx.has_active_span() => Some(cx.clone()),
+                    _ if OtelContext::current().has_active_span()
+                        || tracing::Span::current().context().has_active_span() =>
+                    {
+                        None
                     }
-                }
+                    _ => propagate::extract(req.headers(), formats)
+                        .map(|remote| OtelContext::new().with_remote_span_context(remote)),
+                },
+            };
+            if let Some(parent) = parent {
+                // Fails only when no OpenTelemetry layer is installed: then nothing exports.
+                let _ = span.set_parent(parent);
             }
+            let cx = span.context();
+            if cx.span().span_context().is_valid() {
+                exported = Some(cx);
+            }
+        }
+        let exporting = exported.is_some();
+        // Without an exporting subscriber, an incoming trace is passed on unchanged.
+        let (sc, attach) = match (exported, side) {
+            (Some(cx), _) => (cx.span().span_context().clone(), Some(cx)),
+            (None, Side::Server) => match propagate::extract(req.headers(), formats) {
+                Some(remote) => (
+                    remote.clone(),
+                    Some(OtelContext::new().with_remote_span_context(remote)),
+                ),
+                None => (SpanContext::empty_context(), None),
+            },
+            (None, Side::Client) => (
+                ambient_parent(&req, formats).unwrap_or_else(SpanContext::empty_context),
+                None,
+            ),
         };
-        let kind = match side {
-            Side::Client => SpanKind::Client,
-            Side::Server => SpanKind::Server,
-        };
-        let span = self
-            .layer
-            .tracer
-            .span_builder(span_name(&req))
-            .with_kind(kind)
-            .start_with_context(self.layer.tracer.as_ref(), &parent);
-        if !opentelemetry::trace::Span::span_context(&span).is_valid() {
-            // No tracer provider and no incoming trace: nothing to record or propagate, so
-            // nothing is put on the request and the response passes through (the common
-            // case of a service that does not trace costs a span handle, no more).
+        if !sc.is_valid() && span.is_disabled() {
+            // Nothing to record or propagate: the response passes through.
             return ResponseFuture {
                 fut: self.inner.call(req),
                 span: None,
             };
         }
-        let cx = parent.with_span(span);
-        let span = cx.span();
-        if span.is_recording() {
-            span.set_attributes(request_attributes(&req, side));
-        }
-        let sc = span.span_context().clone();
         match side {
-            Side::Client => {
+            Side::Client if sc.is_valid() => {
                 propagate::inject(&sc, req.headers_mut(), self.layer.propagation.inject);
             }
+            Side::Client => {}
             Side::Server => {
-                req.extensions_mut().insert(cx.clone());
+                if let Some(cx) = &attach {
+                    req.extensions_mut().insert(cx.clone());
+                }
             }
         }
-        req.extensions_mut().insert(sc);
+        if sc.is_valid() {
+            req.extensions_mut().insert(sc);
+        }
         let grpc = grpc::is_grpc(req.headers());
-        let fut = match side {
-            // The handler runs with the server span as its current context.
-            Side::Server => {
-                let _entered = cx.clone().attach();
-                self.inner.call(req)
-            }
-            Side::Client => self.inner.call(req),
+        // The server's handler runs inside the span; with no exporting subscriber, the
+        // remote parent is its current OpenTelemetry context (so its calls pass it on).
+        let attach = if side == Side::Server && !exporting {
+            attach
+        } else {
+            None
+        };
+        let fut = {
+            let _entered = span.enter();
+            let _attached = attach.clone().map(OtelContext::attach);
+            self.inner.call(req)
         };
         ResponseFuture {
             fut,
             span: Some(SpanEnd {
-                cx,
+                span,
+                attach,
                 side,
                 grpc,
                 status: 0,
@@ -323,7 +372,8 @@ where
 
 /// Ends a span when its response ends.
 pub struct SpanEnd {
-    cx: OtelContext,
+    span: tracing::Span,
+    attach: Option<OtelContext>,
     side: Side,
     grpc: bool,
     status: u16,
@@ -332,7 +382,7 @@ pub struct SpanEnd {
 impl fmt::Debug for SpanEnd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SpanEnd")
-            .field("span", self.cx.span().span_context())
+            .field("span", &self.span)
             .field("grpc", &self.grpc)
             .finish_non_exhaustive()
     }
@@ -344,39 +394,34 @@ fn grpc_server_error(code: u32) -> bool {
 }
 
 impl SpanEnd {
-    fn fail(&self, description: String) {
-        let span = self.cx.span();
-        span.set_status(Status::Error {
-            description: description.into(),
-        });
+    fn fail(&self, description: &str) {
+        self.span.record("otel.status_description", description);
     }
 
     fn grpc_status(&self, code: u32) {
-        let span = self.cx.span();
-        span.set_attribute(KeyValue::new("rpc.grpc.status_code", i64::from(code)));
+        self.span.record("rpc.grpc.status_code", i64::from(code));
         let error = match self.side {
             Side::Client => code != 0,
             Side::Server => grpc_server_error(code),
         };
         if error {
-            self.fail(format!("grpc-status {code}"));
+            self.fail(&format!("grpc-status {code}"));
         }
     }
 }
 
 impl OnEnd for SpanEnd {
     fn on_end(self, end: End<'_>) {
-        let span = self.cx.span();
-        if span.is_recording() {
+        if !self.span.is_disabled() {
             if self.grpc {
                 self.grpc_status(grpc::status_at_end(&end));
             } else if let End::Failed(e) = &end {
-                self.fail(format!("response body: {e}"));
+                self.fail(&format!("response body: {e}"));
             } else if self.status >= 500 || (self.side == Side::Client && self.status >= 400) {
-                self.fail(format!("HTTP {}", self.status));
+                self.fail(&format!("HTTP {}", self.status));
             }
         }
-        span.end();
+        // Dropping the span closes it (once the handler's own spans are closed too).
     }
 }
 
@@ -399,9 +444,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let out = match this.span.as_ref().filter(|s| s.side == Side::Server) {
+        let out = match this.span.as_ref() {
             Some(s) => {
-                let _entered = s.cx.clone().attach();
+                let _entered = s.span.enter();
+                let _attached = s.attach.clone().map(OtelContext::attach);
                 futures::ready!(this.fut.poll(cx))
             }
             None => futures::ready!(this.fut.poll(cx)),
@@ -415,14 +461,13 @@ where
         };
         match out {
             Ok(resp) => {
-                let span = end.cx.span();
                 end.status = resp.status().as_u16();
-                if span.is_recording() {
-                    record_response(&span, &resp);
+                if !end.span.is_disabled() {
+                    record_response(&end.span, &resp);
                 }
                 // A trailers-only gRPC response has its status already.
                 if let Some(code) = grpc::status(resp.headers()) {
-                    if span.is_recording() {
+                    if !end.span.is_disabled() {
                         end.grpc_status(code);
                     }
                     end.grpc = false;
@@ -432,34 +477,32 @@ where
             }
             Err(e) => {
                 let e: BoxError = e.into();
-                let span = end.cx.span();
-                if span.is_recording() {
-                    span.set_attribute(KeyValue::new("error.type", error_type(&e)));
-                    end.fail(e.to_string());
+                if !end.span.is_disabled() {
+                    end.span.record("error.type", error_type(&e));
+                    end.fail(&e.to_string());
                 }
-                span.end();
                 Poll::Ready(Err(e))
             }
         }
     }
 }
 
-fn record_response<B>(span: &opentelemetry::trace::SpanRef<'_>, resp: &Response<B>) {
-    span.set_attribute(KeyValue::new(
+fn record_response<B>(span: &tracing::Span, resp: &Response<B>) {
+    span.record(
         "http.response.status_code",
         i64::from(resp.status().as_u16()),
-    ));
+    );
     if let Some(d) = resp.extensions().get::<crate::route::RouteDecision>() {
-        span.set_attribute(KeyValue::new("mesh.route", d.route_name().to_owned()));
-        span.set_attribute(KeyValue::new("mesh.cluster", d.cluster().to_owned()));
+        span.record("mesh.route", d.route_name());
+        span.record("mesh.cluster", d.cluster());
     }
-    if let Some(ep) = resp.extensions().get::<crate::retry::ServedBy>() {
-        span.set_attribute(KeyValue::new("mesh.endpoint", ep.0.to_string()));
-        span.set_attribute(KeyValue::new("network.peer.address", ep.0.ip().to_string()));
-        span.set_attribute(KeyValue::new("network.peer.port", i64::from(ep.0.port())));
+    if let Some(ep) = resp.extensions().get::<crate::ext::ServedBy>() {
+        span.record("mesh.endpoint", tracing::field::display(ep.0));
+        span.record("network.peer.address", tracing::field::display(ep.0.ip()));
+        span.record("network.peer.port", i64::from(ep.0.port()));
     }
-    if let Some(r) = resp.extensions().get::<crate::retry::Retries>() {
-        span.set_attribute(KeyValue::new("mesh.retry.attempts", i64::from(r.0) + 1));
+    if let Some(r) = resp.extensions().get::<crate::ext::Retries>() {
+        span.record("mesh.retry.attempts", i64::from(r.0) + 1);
     }
 }
 

@@ -14,17 +14,27 @@ use super::*;
 const T: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const S: &str = "00f067aa0ba902b7";
 
-fn provider(sampler: Sampler) -> (SdkTracerProvider, InMemorySpanExporter) {
+/// tracing-core treats a lone live dispatcher as the global one: while this thread's is the
+/// only one, a callsite first reached on another test's thread (which has none) would be
+/// cached as never enabled, for this thread too. A second, idle dispatcher kept alive for
+/// the whole binary makes it ask every live dispatcher instead.
+fn keep_two_dispatchers() {
+    static IDLE: std::sync::OnceLock<tracing::Dispatch> = std::sync::OnceLock::new();
+    IDLE.get_or_init(|| tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default()));
+}
+
+/// A `tracing-opentelemetry` pipeline on this thread, exporting to memory.
+fn provider(sampler: Sampler) -> (tracing::subscriber::DefaultGuard, InMemorySpanExporter) {
+    use tracing_subscriber::layer::SubscriberExt;
     let exporter = InMemorySpanExporter::default();
     let provider = SdkTracerProvider::builder()
         .with_simple_exporter(exporter.clone())
         .with_sampler(sampler)
         .build();
-    (provider, exporter)
-}
-
-fn tracer(p: &SdkTracerProvider) -> BoxedTracer {
-    BoxedTracer::new(Box::new(p.tracer(SCOPE)))
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer(SCOPE)));
+    keep_two_dispatchers();
+    (tracing::subscriber::set_default(subscriber), exporter)
 }
 
 fn attr<'a>(span: &'a SpanData, key: &str) -> Option<&'a Value> {
@@ -42,13 +52,13 @@ fn spans(e: &InMemorySpanExporter) -> Vec<SpanData> {
 /// sees the headers the client wrote.
 #[tokio::test]
 async fn server_span_parents_the_client_span_made_in_its_handler() {
-    let (p, exporter) = provider(Sampler::AlwaysOn);
+    let (_p, exporter) = provider(Sampler::AlwaysOn);
     let downstream = service_fn(|req: Request<String>| async move {
         let tp = req.headers()["traceparent"].to_str().unwrap().to_owned();
         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(tp))))
     });
     let client = ServiceBuilder::new()
-        .layer(TraceLayer::client().tracer(tracer(&p)))
+        .layer(TraceLayer::client())
         .service(downstream);
     let handler = service_fn(move |req: Request<String>| {
         let client = client.clone();
@@ -71,7 +81,7 @@ async fn server_span_parents_the_client_span_made_in_its_handler() {
         }
     });
     let server = ServiceBuilder::new()
-        .layer(TraceLayer::server().tracer(tracer(&p)))
+        .layer(TraceLayer::server())
         .service(handler);
     let req = Request::get("http://front.local/api?q=1")
         .header("traceparent", format!("00-{T}-{S}-01"))
@@ -121,14 +131,14 @@ async fn server_span_parents_the_client_span_made_in_its_handler() {
 
 #[tokio::test]
 async fn b3_parents_are_honoured_and_b3_can_be_written() {
-    let (p, exporter) = provider(Sampler::AlwaysOn);
+    let (_p, exporter) = provider(Sampler::AlwaysOn);
     let echo = service_fn(|req: Request<String>| async move {
         let mut resp = Response::new(Full::new(Bytes::new()));
         *resp.headers_mut() = req.headers().clone();
         Ok::<_, Infallible>(resp)
     });
     let server = ServiceBuilder::new()
-        .layer(TraceLayer::server().tracer(tracer(&p)))
+        .layer(TraceLayer::server())
         .service(echo);
     for req in [
         Request::get("/").header("b3", format!("{T}-{S}-1")),
@@ -152,14 +162,10 @@ async fn b3_parents_are_honoured_and_b3_can_be_written() {
     }
     // Extraction limited to W3C ignores B3.
     let strict = ServiceBuilder::new()
-        .layer(
-            TraceLayer::server()
-                .tracer(tracer(&p))
-                .propagation(Propagation {
-                    extract: Formats::W3C,
-                    inject: Formats::W3C,
-                }),
-        )
+        .layer(TraceLayer::server().propagation(Propagation {
+            extract: Formats::W3C,
+            inject: Formats::W3C,
+        }))
         .service(echo);
     let req = Request::get("/").header("b3", format!("{T}-{S}-1"));
     drop(
@@ -171,18 +177,14 @@ async fn b3_parents_are_honoured_and_b3_can_be_written() {
     assert_ne!(spans(&exporter)[2].span_context.trace_id().to_string(), T);
     // A client writing B3 multi and W3C.
     let client = ServiceBuilder::new()
-        .layer(
-            TraceLayer::client()
-                .tracer(tracer(&p))
-                .propagation(Propagation {
-                    extract: Formats::ALL,
-                    inject: Formats {
-                        w3c: true,
-                        b3_single: false,
-                        b3_multi: true,
-                    },
-                }),
-        )
+        .layer(TraceLayer::client().propagation(Propagation {
+            extract: Formats::ALL,
+            inject: Formats {
+                w3c: true,
+                b3_single: false,
+                b3_multi: true,
+            },
+        }))
         .service(echo);
     let resp = client
         .oneshot(Request::get("http://x/").body(String::new()).unwrap())
@@ -204,7 +206,7 @@ async fn b3_parents_are_honoured_and_b3_can_be_written() {
 
 #[tokio::test]
 async fn a_grpc_span_ends_with_the_status_in_the_trailers() {
-    let (p, exporter) = provider(Sampler::AlwaysOn);
+    let (_p, exporter) = provider(Sampler::AlwaysOn);
     let grpc = service_fn(|_req: Request<String>| async move {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", "14".parse().unwrap());
@@ -218,7 +220,7 @@ async fn a_grpc_span_ends_with_the_status_in_the_trailers() {
         Ok::<_, Infallible>(resp)
     });
     let mut client = ServiceBuilder::new()
-        .layer(TraceLayer::client().tracer(tracer(&p)))
+        .layer(TraceLayer::client())
         .service(grpc);
     let req = Request::post("http://greeter:50051/helloworld.Greeter/SayHello")
         .header("content-type", "application/grpc")
@@ -246,14 +248,14 @@ async fn a_grpc_span_ends_with_the_status_in_the_trailers() {
 
 #[tokio::test]
 async fn unsampled_requests_propagate_without_recording() {
-    let (p, exporter) = provider(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)));
+    let (_p, exporter) = provider(Sampler::ParentBased(Box::new(Sampler::AlwaysOn)));
     let echo = service_fn(|req: Request<String>| async move {
         let mut resp = Response::new(Full::new(Bytes::new()));
         *resp.headers_mut() = req.headers().clone();
         Ok::<_, Infallible>(resp)
     });
     let client = ServiceBuilder::new()
-        .layer(TraceLayer::client().tracer(tracer(&p)))
+        .layer(TraceLayer::client())
         .service(echo);
     // The application forwarded an unsampled parent on the request itself.
     let req = Request::get("http://x/")
@@ -273,14 +275,14 @@ async fn unsampled_requests_propagate_without_recording() {
 
 #[tokio::test]
 async fn errors_end_the_span_with_their_kind() {
-    let (p, exporter) = provider(Sampler::AlwaysOn);
+    let (_p, exporter) = provider(Sampler::AlwaysOn);
     let failing = service_fn(|_req: Request<String>| async move {
         Err::<Response<Full<Bytes>>, _>(crate::MeshError::NoRouteConfig {
             listener: "l".into(),
         })
     });
     let client = ServiceBuilder::new()
-        .layer(TraceLayer::client().tracer(tracer(&p)))
+        .layer(TraceLayer::client())
         .service(failing);
     let err = client
         .oneshot(Request::get("http://x/").body(String::new()).unwrap())
@@ -293,4 +295,119 @@ async fn errors_end_the_span_with_their_kind() {
         "no_route_config"
     );
     assert!(matches!(span.status, Status::Error { .. }));
+}
+
+/// The application's own span sits between the server span and the client span: server >
+/// app (`#[instrument]`-style) > client, asserted by parent ids; and the layers were built
+/// before the subscriber was installed (nothing is captured at construction).
+#[tokio::test]
+async fn an_app_span_between_server_and_client_and_setup_in_either_order() {
+    use tracing::Instrument;
+    // Built first: no subscriber exists yet.
+    let client = ServiceBuilder::new()
+        .layer(TraceLayer::client())
+        .service(service_fn(|req: Request<String>| async move {
+            let tp = req.headers()["traceparent"].to_str().unwrap().to_owned();
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(tp))))
+        }));
+    let handler = service_fn(move |_req: Request<String>| {
+        let client = client.clone();
+        async move {
+            let resp = client
+                .oneshot(
+                    Request::get("http://backend/x")
+                        .body(String::new())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            Ok::<_, Infallible>(resp)
+        }
+        .instrument(tracing::info_span!("app.handler"))
+    });
+    let server = ServiceBuilder::new()
+        .layer(TraceLayer::server())
+        .service(handler);
+    // Installed after the layers were built.
+    let (_p, exporter) = provider(Sampler::AlwaysOn);
+    let req = Request::get("http://front/")
+        .header("traceparent", format!("00-{T}-{S}-01"))
+        .body(String::new())
+        .unwrap();
+    let resp = server.oneshot(req).await.unwrap();
+    let sent = resp.into_body().collect().await.unwrap().to_bytes();
+    let got = spans(&exporter);
+    let find = |name: &str| got.iter().find(|s| s.name == name).unwrap().clone();
+    let server_span = got
+        .iter()
+        .find(|s| s.span_kind == SpanKind::Server)
+        .unwrap();
+    let app = find("app.handler");
+    let client_span = got
+        .iter()
+        .find(|s| s.span_kind == SpanKind::Client)
+        .unwrap();
+    assert_eq!(got.len(), 3, "{got:#?}");
+    assert_eq!(server_span.name, "GET");
+    assert_eq!(server_span.parent_span_id.to_string(), S);
+    assert_eq!(app.parent_span_id, server_span.span_context.span_id());
+    assert_eq!(client_span.parent_span_id, app.span_context.span_id());
+    for s in &got {
+        assert_eq!(s.span_context.trace_id().to_string(), T);
+    }
+    assert_eq!(
+        std::str::from_utf8(&sent).unwrap(),
+        format!("00-{T}-{}-01", client_span.span_context.span_id())
+    );
+}
+
+/// With no subscriber at all, nothing is recorded, yet the trace a request brought in is
+/// passed on to the calls its handler makes.
+#[tokio::test]
+async fn with_no_subscriber_the_incoming_trace_is_passed_on() {
+    let client = ServiceBuilder::new()
+        .layer(TraceLayer::client())
+        .service(service_fn(|req: Request<String>| async move {
+            let tp = req
+                .headers()
+                .get("traceparent")
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default();
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(tp))))
+        }));
+    let handler = service_fn(move |_req: Request<String>| {
+        let client = client.clone();
+        async move {
+            Ok::<_, Infallible>(
+                client
+                    .oneshot(
+                        Request::get("http://backend/x")
+                            .body(String::new())
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap(),
+            )
+        }
+    });
+    let server = ServiceBuilder::new()
+        .layer(TraceLayer::server())
+        .service(handler);
+    let req = Request::get("http://front/")
+        .header("traceparent", format!("00-{T}-{S}-01"))
+        .body(String::new())
+        .unwrap();
+    let resp = server.clone().oneshot(req).await.unwrap();
+    let sent = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        std::str::from_utf8(&sent).unwrap(),
+        format!("00-{T}-{S}-01")
+    );
+    // And no trace in: none out.
+    let resp = server
+        .oneshot(Request::get("http://front/").body(String::new()).unwrap())
+        .await
+        .unwrap();
+    let sent = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(sent.is_empty());
 }
