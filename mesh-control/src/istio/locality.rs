@@ -12,7 +12,7 @@ use envoy_types::pb::envoy::config::endpoint::v3 as epb;
 use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use prost::Message;
 
-use super::generate::Workload;
+use super::index::Workload;
 use super::{LocalityDistribute, LocalityFailover, LocalityLbSetting};
 
 /// Labels Istio derives from a locality, on endpoints and clients alike, so `failoverPriority`

@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 pub mod generate;
+mod index;
 pub mod ledger;
 pub mod locality;
 pub mod model;

@@ -1,0 +1,306 @@
+//! Istio resources → the xDS resources Istio generates for proxyless clients.
+//!
+//! For each service `HOST:PORT` (from ServiceEntries): a client `Listener` named `HOST:PORT`
+//! with an `api_listener` whose routes come by RDS under the same name, a
+//! `RouteConfiguration` built from the VirtualServices for the host, `Cluster`s named
+//! `outbound|PORT|SUBSET|HOST` (one per DestinationRule subset plus the whole service) and a
+//! `ClusterLoadAssignment` for each. With mTLS, clusters carry an `UpstreamTlsContext` whose
+//! SAN matchers are the SPIFFE IDs of the endpoints. Each workload port also gets a server
+//! listener (named by the `server_listener_resource_name_template`) with a
+//! `DownstreamTlsContext` per PeerAuthentication and RBAC per AuthorizationPolicy.
+
+mod cluster;
+mod listener;
+mod rbac;
+mod route;
+
+use cluster::{assignment, check_rule, socket};
+use listener::{ads_source, client_listener};
+use route::{exact, prefix_match};
+
+use crate::istio::index::{cluster_name, merged_policy, Index, Service, Workload};
+
+use crate::istio::{Config, ConfigError, Seg, TrafficPolicy};
+use envoy_types::pb::envoy::config::cluster::v3 as cpb;
+use envoy_types::pb::envoy::config::endpoint::v3 as epb;
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
+use prost::{Message, Name};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Generation settings.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// SPIFFE trust domain (default `cluster.local`).
+    pub trust_domain: String,
+    /// Server listener names; `%s` is `0.0.0.0:PORT` (Istio's:
+    /// `xds.istio.io/grpc/lds/inbound/%s`).
+    pub server_listener_template: String,
+    /// Bootstrap certificate provider instance holding the workload certificate and roots.
+    pub cert_provider_instance: String,
+    /// Who the resources are for: proxyless gRPC clients take certificates from their
+    /// bootstrap's certificate provider instances, Envoy takes them over SDS.
+    pub flavour: Flavour,
+}
+
+/// The kind of client resources are generated for (they differ only in where TLS
+/// certificates come from, as with Istio's generators).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Flavour {
+    /// Proxyless gRPC (and the mesh's own client): `tls_certificate_provider_instance` /
+    /// `ca_certificate_provider_instance` naming the bootstrap's instance.
+    #[default]
+    ProxylessGrpc,
+    /// Envoy: the SDS secrets `default` (workload certificate) and `ROOTCA` over ADS, as
+    /// istiod serves sidecars.
+    Envoy,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            trust_domain: "cluster.local".into(),
+            server_listener_template: "xds.istio.io/grpc/lds/inbound/%s".into(),
+            cert_provider_instance: "default".into(),
+            flavour: Flavour::ProxylessGrpc,
+        }
+    }
+}
+
+/// What [`generate`] produced.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Generated {
+    /// Every resource, ready for the cache.
+    pub resources: Vec<Any>,
+    /// Client listener names (`HOST:PORT`).
+    pub listeners: Vec<String>,
+    /// Server listener names.
+    pub server_listeners: Vec<String>,
+    /// Resources each client sees its own way: endpoint assignments under locality load
+    /// balancing (see [`crate::istio::locality`]). Publish with
+    /// [`ResourceCache::set_resources_per_node`](crate::ads::ResourceCache::set_resources_per_node).
+    pub per_node: Vec<crate::ads::PerNode>,
+}
+
+fn any<M: Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+/// Parses Istio durations (`1h`, `2s`, `500ms`, `1.5s`, `100us`).
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic())?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    if n < 0.0 || !n.is_finite() {
+        return None;
+    }
+    let secs = match unit {
+        "h" => n * 3600.0,
+        "m" => n * 60.0,
+        "s" => n,
+        "ms" => n / 1e3,
+        "us" | "µs" => n / 1e6,
+        "ns" => n / 1e9,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
+}
+
+fn pb_duration(d: Duration) -> PbDuration {
+    PbDuration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn u32v(v: u32) -> Option<UInt32Value> {
+    Some(UInt32Value { value: v })
+}
+
+/// What generation reads (the index, the options) and the errors it collects.
+struct Ctx<'a> {
+    index: &'a Index<'a>,
+    opts: &'a Options,
+    errors: Vec<ConfigError>,
+}
+
+/// Generates the xDS resources for `config`.
+///
+/// # Errors
+/// Every reference that cannot be resolved (unknown host or subset, bad duration, ...), as
+/// `file:line: message`. Nothing is generated when there is any error.
+pub fn generate(config: &Config, opts: &Options) -> Result<Generated, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let index = Index::new(config, &mut errors);
+    let mut ctx = Ctx {
+        index: &index,
+        opts,
+        errors,
+    };
+    for dr in &config.destination_rules {
+        check_rule(dr, &mut ctx.errors);
+    }
+    let mut out = Generated::default();
+    let services = &index.services;
+    for svc in services {
+        let dr = index.destination_rule(&svc.host);
+        let mut subsets: Vec<(String, BTreeMap<String, String>, Option<TrafficPolicy>)> =
+            vec![(String::new(), BTreeMap::new(), None)];
+        if let Some(dr) = dr {
+            for s in &dr.spec.subsets {
+                subsets.push((s.name.clone(), s.labels.clone(), s.traffic_policy.clone()));
+            }
+        }
+        for (subset, labels, subset_policy) in &subsets {
+            let policy = merged_policy(
+                dr.and_then(|d| d.spec.traffic_policy.as_ref()),
+                subset_policy.as_ref(),
+                svc.port,
+            );
+            let workloads: Vec<&Workload> = svc
+                .workloads
+                .iter()
+                .filter(|w| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                .collect();
+            let name = cluster_name(svc.port, subset, &svc.host);
+            let mut cluster = ctx.cluster(svc, &name, &policy, &workloads, dr);
+            let setting = policy
+                .load_balancer
+                .as_ref()
+                .and_then(|lb| lb.locality_lb_setting.as_ref());
+            let plan = crate::istio::locality::LocalityPlan::new(
+                setting,
+                policy.outlier_detection.is_some(),
+                &workloads,
+            );
+            if let Some(plan) = &plan {
+                if plan.weights_localities() {
+                    cluster
+                        .common_lb_config
+                        .get_or_insert_with(Default::default)
+                        .locality_config_specifier = Some(
+                        cpb::cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                            Default::default(),
+                        ),
+                    );
+                }
+            }
+            match svc.dns {
+                // DNS services: the names go in the cluster, resolved by the client.
+                Some(logical) => {
+                    if logical && workloads.len() > 1 {
+                        if let Some(se) = config
+                            .service_entries
+                            .iter()
+                            .find(|se| se.spec.hosts.contains(&svc.host))
+                        {
+                            ctx.errors.push(se.origin.at(
+                                &[Seg::Key("spec"), Seg::Key("resolution")],
+                                format!(
+                                    "ServiceEntry {}: resolution DNS_ROUND_ROBIN needs exactly one endpoint (it has {})",
+                                    se.meta.name,
+                                    workloads.len()
+                                ),
+                            ));
+                        }
+                    }
+                    let explicit = setting.is_some_and(|s| {
+                        !(s.distribute.is_empty()
+                            && s.failover.is_empty()
+                            && s.failover_priority.is_empty())
+                    });
+                    if let (true, Some(dr)) = (explicit, dr) {
+                        ctx.errors.push(dr.origin.at(
+                            &[Seg::Key("spec")],
+                            format!(
+                                "DestinationRule {}: localityLbSetting applies to services with endpoints (resolution STATIC or NONE), not to {} (resolution DNS): its addresses are resolved by each client",
+                                dr.meta.name, svc.host
+                            ),
+                        ));
+                    }
+                    let kind = if logical {
+                        cpb::cluster::DiscoveryType::LogicalDns
+                    } else {
+                        cpb::cluster::DiscoveryType::StrictDns
+                    };
+                    cluster.cluster_discovery_type =
+                        Some(cpb::cluster::ClusterDiscoveryType::Type(kind as i32));
+                    cluster.eds_cluster_config = None;
+                    cluster.load_assignment = Some(assignment(&name, &workloads));
+                    out.resources.push(any(&cluster));
+                }
+                None => {
+                    out.resources.push(any(&cluster));
+                    out.resources.push(any(&assignment(&name, &workloads)));
+                    if let Some(plan) = plan {
+                        out.per_node.push(crate::ads::PerNode {
+                            type_url: <epb::ClusterLoadAssignment as Name>::type_url(),
+                            name: name.clone(),
+                            view: std::sync::Arc::new(plan),
+                        });
+                    }
+                }
+            }
+        }
+        let listener_name = format!("{}:{}", svc.host, svc.port);
+        out.resources
+            .push(any(&client_listener(&listener_name, !svc.http2())));
+        out.resources
+            .push(any(&ctx.route_config(svc, &listener_name)));
+        out.listeners.push(listener_name);
+    }
+    // Server listeners, one per workload port.
+    let mut ports: BTreeMap<u32, Vec<&Service>> = BTreeMap::new();
+    // DNS services are outside the mesh's workloads: they get no server listener.
+    for svc in services.iter().filter(|s| s.dns.is_none()) {
+        for w in &svc.workloads {
+            ports.entry(w.port).or_default().push(svc);
+        }
+    }
+    for (port, svcs) in ports {
+        let address = format!("0.0.0.0:{port}");
+        let name = opts.server_listener_template.replace("%s", &address);
+        let listener = ctx.server_listener(&name, port, &svcs);
+        out.resources.push(any(&listener));
+        out.server_listeners.push(name);
+    }
+    if ctx.errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ctx.errors)
+    }
+}
+
+impl Ctx<'_> {
+    fn duration(
+        &mut self,
+        origin: &crate::istio::Origin,
+        path: &[Seg<'_>],
+        s: &str,
+    ) -> Option<Duration> {
+        let d = parse_duration(s);
+        if d.is_none() {
+            self.errors.push(origin.at(
+                path,
+                format!("invalid duration {s:?} (use e.g. 500ms, 2s, 1m)"),
+            ));
+        }
+        d
+    }
+
+    fn spiffe(&self, ns: &str, sa: &str) -> String {
+        format!("spiffe://{}/ns/{ns}/sa/{sa}", self.opts.trust_domain)
+    }
+
+    /// Istio's generator for proxyless gRPC applies TLS only when the DestinationRule asks
+    /// for it (`tls.mode: ISTIO_MUTUAL`): it cannot know whether a client or server uses xDS
+    /// credentials, so there is no auto mTLS. `meshctl validate` warns when a STRICT server
+    /// would then refuse such clients.
+    fn mtls_on(&self, policy: &TrafficPolicy) -> bool {
+        policy.tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("ISTIO_MUTUAL")
+    }
+}
