@@ -290,6 +290,68 @@ impl Ctx<'_> {
     ) -> cpb::Cluster {
         let origin = dr.map(|d| d.origin.clone());
         let tp = [Seg::Key("spec"), Seg::Key("trafficPolicy")];
+        let (lb_policy, lb_config) = self.lb_policy(policy, dr);
+        let pool = policy.connection_pool.as_ref();
+        let thresholds = thresholds(pool);
+        let connect_timeout = pool
+            .and_then(|p| p.tcp.as_ref())
+            .and_then(|t| t.connect_timeout.clone())
+            .and_then(|s| {
+                let o = origin.clone()?;
+                self.duration(
+                    &o,
+                    &[
+                        tp[0],
+                        tp[1],
+                        Seg::Key("connectionPool"),
+                        Seg::Key("tcp"),
+                        Seg::Key("connectTimeout"),
+                    ],
+                    &s,
+                )
+            })
+            .unwrap_or(Duration::from_secs(10));
+        let outlier = policy
+            .outlier_detection
+            .as_ref()
+            .map(|od| self.outlier_detection(od, dr));
+        let typed_extension_protocol_options = if svc.http2() {
+            http2_options()
+        } else {
+            Default::default()
+        };
+        let transport_socket = self.transport_socket(svc, name, policy, workloads);
+        cpb::Cluster {
+            name: name.to_owned(),
+            cluster_discovery_type: Some(cpb::cluster::ClusterDiscoveryType::Type(
+                cpb::cluster::DiscoveryType::Eds as i32,
+            )),
+            eds_cluster_config: Some(cpb::cluster::EdsClusterConfig {
+                eds_config: Some(ads_source()),
+                service_name: name.to_owned(),
+            }),
+            connect_timeout: Some(pb_duration(connect_timeout)),
+            lb_policy: lb_policy as i32,
+            lb_config,
+            circuit_breakers: Some(cpb::CircuitBreakers {
+                thresholds: vec![thresholds],
+                ..Default::default()
+            }),
+            outlier_detection: outlier,
+            typed_extension_protocol_options,
+            transport_socket,
+            ..Default::default()
+        }
+    }
+
+    /// The load-balancing policy of a traffic policy, with its slow-start config.
+    fn lb_policy(
+        &mut self,
+        policy: &TrafficPolicy,
+        dr: Option<&Doc<crate::istio::DestinationRuleSpec>>,
+    ) -> (cpb::cluster::LbPolicy, Option<cpb::cluster::LbConfig>) {
+        let origin = dr.map(|d| d.origin.clone());
+        let tp = [Seg::Key("spec"), Seg::Key("trafficPolicy")];
         let lb = policy.load_balancer.as_ref();
         let lb_policy = match (
             lb.and_then(|l| l.simple.as_deref()),
@@ -329,101 +391,59 @@ impl Ctx<'_> {
             // Refused by `check_rule`.
             _ => None,
         });
-        let pool = policy.connection_pool.as_ref();
-        let max = u32::MAX;
-        let thresholds = cpb::circuit_breakers::Thresholds {
-            max_connections: u32v(
-                pool.and_then(|p| p.tcp.as_ref())
-                    .and_then(|t| t.max_connections)
-                    .unwrap_or(max),
-            ),
-            max_pending_requests: u32v(
-                pool.and_then(|p| p.http.as_ref())
-                    .and_then(|h| h.http1_max_pending_requests)
-                    .unwrap_or(max),
-            ),
-            max_requests: u32v(
-                pool.and_then(|p| p.http.as_ref())
-                    .and_then(|h| h.http2_max_requests)
-                    .unwrap_or(max),
-            ),
-            max_retries: u32v(
-                pool.and_then(|p| p.http.as_ref())
-                    .and_then(|h| h.max_retries)
-                    .unwrap_or(max),
-            ),
-            ..Default::default()
-        };
-        let connect_timeout = pool
-            .and_then(|p| p.tcp.as_ref())
-            .and_then(|t| t.connect_timeout.clone())
-            .and_then(|s| {
-                let o = origin.clone()?;
+        (lb_policy, lb_config)
+    }
+
+    /// Outlier detection as Istio maps it (the success-rate detector off).
+    fn outlier_detection(
+        &mut self,
+        od: &crate::istio::OutlierDetection,
+        dr: Option<&Doc<crate::istio::DestinationRuleSpec>>,
+    ) -> cpb::OutlierDetection {
+        let origin = dr.map(|d| d.origin.clone());
+        let tp = [Seg::Key("spec"), Seg::Key("trafficPolicy")];
+        let o = origin.clone();
+        let mut d = |field: &'static str, v: &Option<String>| {
+            v.as_ref().and_then(|s| {
+                let o = o.as_ref()?;
                 self.duration(
-                    &o,
-                    &[
-                        tp[0],
-                        tp[1],
-                        Seg::Key("connectionPool"),
-                        Seg::Key("tcp"),
-                        Seg::Key("connectTimeout"),
-                    ],
-                    &s,
+                    o,
+                    &[tp[0], tp[1], Seg::Key("outlierDetection"), Seg::Key(field)],
+                    s,
                 )
             })
-            .unwrap_or(Duration::from_secs(10));
-        let outlier = policy.outlier_detection.as_ref().map(|od| {
-            let o = origin.clone();
-            let mut d = |field: &'static str, v: &Option<String>| {
-                v.as_ref().and_then(|s| {
-                    let o = o.as_ref()?;
-                    self.duration(
-                        o,
-                        &[tp[0], tp[1], Seg::Key("outlierDetection"), Seg::Key(field)],
-                        s,
-                    )
-                })
-            };
-            cpb::OutlierDetection {
-                consecutive_5xx: od.consecutive_5xx_errors.and_then(u32v),
-                enforcing_consecutive_5xx: od.consecutive_5xx_errors.map(|_| 100).and_then(u32v),
-                consecutive_gateway_failure: od.consecutive_gateway_errors.and_then(u32v),
-                enforcing_consecutive_gateway_failure: od
-                    .consecutive_gateway_errors
-                    .map(|_| 100)
-                    .and_then(u32v),
-                interval: d("interval", &od.interval).map(pb_duration),
-                base_ejection_time: d("baseEjectionTime", &od.base_ejection_time).map(pb_duration),
-                max_ejection_percent: od.max_ejection_percent.and_then(u32v),
-                // Istio turns the success-rate detector off.
-                enforcing_success_rate: u32v(0),
-                ..Default::default()
-            }
-        });
-        let mut typed_extension_protocol_options = std::collections::HashMap::new();
-        if svc.http2() {
-            let opts = upstream_http::HttpProtocolOptions {
-                upstream_protocol_options: Some(upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
-                    upstream_http::http_protocol_options::ExplicitHttpConfig {
-                        protocol_config: Some(
-                            upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                                core::Http2ProtocolOptions::default(),
-                            ),
-                        ),
-                    },
-                )),
-                ..Default::default()
-            };
-            typed_extension_protocol_options.insert(
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_owned(),
-                any(&opts),
-            );
+        };
+        cpb::OutlierDetection {
+            consecutive_5xx: od.consecutive_5xx_errors.and_then(u32v),
+            enforcing_consecutive_5xx: od.consecutive_5xx_errors.map(|_| 100).and_then(u32v),
+            consecutive_gateway_failure: od.consecutive_gateway_errors.and_then(u32v),
+            enforcing_consecutive_gateway_failure: od
+                .consecutive_gateway_errors
+                .map(|_| 100)
+                .and_then(u32v),
+            interval: d("interval", &od.interval).map(pb_duration),
+            base_ejection_time: d("baseEjectionTime", &od.base_ejection_time).map(pb_duration),
+            max_ejection_percent: od.max_ejection_percent.and_then(u32v),
+            // Istio turns the success-rate detector off.
+            enforcing_success_rate: u32v(0),
+            ..Default::default()
         }
+    }
+
+    /// The cluster's transport socket: TLS to an external server (`SIMPLE`/`MUTUAL`), the
+    /// mesh's mTLS with the workloads' SPIFFE IDs (`ISTIO_MUTUAL`), or none.
+    fn transport_socket(
+        &self,
+        svc: &Service,
+        name: &str,
+        policy: &TrafficPolicy,
+        workloads: &[&Workload],
+    ) -> Option<core::TransportSocket> {
         let external = policy
             .tls
             .as_ref()
             .filter(|t| matches!(t.mode.as_deref(), Some("SIMPLE" | "MUTUAL")));
-        let transport_socket = if let Some(tls) = external {
+        if let Some(tls) = external {
             Some(self.external_tls(svc, tls))
         } else {
             self.mtls_on(policy).then(|| {
@@ -443,27 +463,6 @@ impl Ctx<'_> {
                     config_type: Some(core::transport_socket::ConfigType::TypedConfig(any(&ctx))),
                 }
             })
-        };
-        cpb::Cluster {
-            name: name.to_owned(),
-            cluster_discovery_type: Some(cpb::cluster::ClusterDiscoveryType::Type(
-                cpb::cluster::DiscoveryType::Eds as i32,
-            )),
-            eds_cluster_config: Some(cpb::cluster::EdsClusterConfig {
-                eds_config: Some(ads_source()),
-                service_name: name.to_owned(),
-            }),
-            connect_timeout: Some(pb_duration(connect_timeout)),
-            lb_policy: lb_policy as i32,
-            lb_config,
-            circuit_breakers: Some(cpb::CircuitBreakers {
-                thresholds: vec![thresholds],
-                ..Default::default()
-            }),
-            outlier_detection: outlier,
-            typed_extension_protocol_options,
-            transport_socket,
-            ..Default::default()
         }
     }
 
@@ -617,4 +616,52 @@ impl Ctx<'_> {
             }
         }
     }
+}
+
+/// The circuit-breaker thresholds of a connection pool (unset limits: none).
+fn thresholds(pool: Option<&crate::istio::ConnectionPool>) -> cpb::circuit_breakers::Thresholds {
+    let max = u32::MAX;
+    cpb::circuit_breakers::Thresholds {
+        max_connections: u32v(
+            pool.and_then(|p| p.tcp.as_ref())
+                .and_then(|t| t.max_connections)
+                .unwrap_or(max),
+        ),
+        max_pending_requests: u32v(
+            pool.and_then(|p| p.http.as_ref())
+                .and_then(|h| h.http1_max_pending_requests)
+                .unwrap_or(max),
+        ),
+        max_requests: u32v(
+            pool.and_then(|p| p.http.as_ref())
+                .and_then(|h| h.http2_max_requests)
+                .unwrap_or(max),
+        ),
+        max_retries: u32v(
+            pool.and_then(|p| p.http.as_ref())
+                .and_then(|h| h.max_retries)
+                .unwrap_or(max),
+        ),
+        ..Default::default()
+    }
+}
+
+/// Upstream HTTP/2 protocol options, for HTTP2 and gRPC ports.
+fn http2_options() -> std::collections::HashMap<String, Any> {
+    let opts = upstream_http::HttpProtocolOptions {
+            upstream_protocol_options: Some(upstream_http::http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                upstream_http::http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(
+                        upstream_http::http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                            core::Http2ProtocolOptions::default(),
+                        ),
+                    ),
+                },
+            )),
+            ..Default::default()
+        };
+    std::collections::HashMap::from([(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".to_owned(),
+        any(&opts),
+    )])
 }

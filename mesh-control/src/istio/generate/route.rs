@@ -12,6 +12,13 @@ use envoy_types::pb::envoy::r#type::v3 as types;
 use envoy_types::pb::google::protobuf::{Any, BoolValue};
 use std::time::Duration;
 
+/// The path of a VirtualService's `http[i]` rule, with `extra` below it.
+fn rule_path(i: usize, extra: &[Seg<'static>]) -> Vec<Seg<'static>> {
+    let mut p = vec![Seg::Key("spec"), Seg::Key("http"), Seg::Idx(i)];
+    p.extend_from_slice(extra);
+    p
+}
+
 pub(super) fn exact(s: &str) -> matcher::StringMatcher {
     matcher::StringMatcher {
         match_pattern: Some(matcher::string_matcher::MatchPattern::Exact(s.to_owned())),
@@ -116,6 +123,7 @@ impl Ctx<'_> {
         }
     }
 
+    /// The routes of a VirtualService's `http[i]` rule for `svc` (one per match).
     pub(super) fn routes_for(
         &mut self,
         svc: &Service,
@@ -123,96 +131,17 @@ impl Ctx<'_> {
         i: usize,
         http: &HttpRoute,
     ) -> Vec<rpb::Route> {
-        let path = |extra: &[Seg<'static>]| {
-            let mut p = vec![Seg::Key("spec"), Seg::Key("http"), Seg::Idx(i)];
-            p.extend_from_slice(extra);
-            p
-        };
+        let path = |extra: &[Seg<'static>]| rule_path(i, extra);
         let origin = vs.origin.clone();
-        let mut weighted = Vec::new();
-        let mut first_dest = None;
-        for (j, rd) in http.route.iter().enumerate() {
-            let Some(cluster) = self.destination_cluster(
-                &rd.destination,
-                svc,
-                vs,
-                &path(&[Seg::Key("route"), Seg::Idx(j), Seg::Key("destination")]),
-            ) else {
-                continue;
-            };
-            if first_dest.is_none() {
-                first_dest = Some(rd.destination.clone());
-            }
-            let weight = rd
-                .weight
-                .unwrap_or(if http.route.len() == 1 { 100 } else { 0 });
-            weighted.push((cluster, weight));
-        }
-        if http.route.is_empty() {
-            self.errors.push(origin.at(
-                &path(&[]),
-                format!("VirtualService {}: http[{i}] has no route", vs.meta.name),
-            ));
-        }
-        if weighted.is_empty() {
+        let Some((cluster_specifier, first_dest)) = self.destinations(svc, vs, i, http) else {
             return Vec::new();
-        }
-        if weighted.iter().all(|(_, w)| *w == 0) {
-            self.errors.push(origin.at(
-                &path(&[Seg::Key("route")]),
-                format!(
-                    "VirtualService {}: http[{i}].route: the weights add up to 0",
-                    vs.meta.name
-                ),
-            ));
-            return Vec::new();
-        }
-        let cluster_specifier = if weighted.len() == 1 {
-            rpb::route_action::ClusterSpecifier::Cluster(weighted[0].0.clone())
-        } else {
-            rpb::route_action::ClusterSpecifier::WeightedClusters(rpb::WeightedCluster {
-                clusters: weighted
-                    .iter()
-                    .map(|(name, w)| rpb::weighted_cluster::ClusterWeight {
-                        name: name.clone(),
-                        weight: u32v(*w),
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            })
         };
         let timeout = http
             .timeout
             .as_ref()
             .and_then(|t| self.duration(&origin, &path(&[Seg::Key("timeout")]), t))
             .unwrap_or(Duration::ZERO);
-        let retry_policy = match &http.retries {
-            None => Some(default_retry()),
-            Some(r) if r.attempts == 0 => None,
-            Some(r) => Some(rpb::RetryPolicy {
-                retry_on: r
-                    .retry_on
-                    .clone()
-                    .unwrap_or_else(|| DEFAULT_RETRY_ON.into()),
-                num_retries: u32v(r.attempts),
-                per_try_timeout: r
-                    .per_try_timeout
-                    .as_ref()
-                    .and_then(|t| {
-                        self.duration(
-                            &origin,
-                            &path(&[Seg::Key("retries"), Seg::Key("perTryTimeout")]),
-                            t,
-                        )
-                    })
-                    .map(pb_duration),
-                retriable_status_codes: vec![503],
-                retry_host_predicate: vec![previous_hosts()],
-                host_selection_retry_max_attempts: 5,
-                ..Default::default()
-            }),
-        };
+        let retry_policy = self.retry_policy(http, &origin, i);
         let mirrors = match &http.mirror {
             None => Vec::new(),
             Some(m) => self
@@ -228,55 +157,7 @@ impl Ctx<'_> {
                 .into_iter()
                 .collect(),
         };
-        let hash_policy = first_dest
-            .and_then(|d| {
-                let index = self.index;
-                let host = index.resolve_host(&d.host, vs.meta.ns())?;
-                let dr = index.destination_rule(host)?;
-                // The port `destination_cluster` picks (it reports the bad cases).
-                let ports = index.ports(host);
-                let port = d
-                    .port
-                    .as_ref()
-                    .map(|p| p.number)
-                    .unwrap_or(match ports[..] {
-                        [only] => only,
-                        _ => svc.port,
-                    });
-                let subset_policy = d
-                    .subset
-                    .as_ref()
-                    .and_then(|s| dr.spec.subsets.iter().find(|x| &x.name == s))
-                    .and_then(|s| s.traffic_policy.as_ref());
-                merged_policy(dr.spec.traffic_policy.as_ref(), subset_policy, port)
-                    .load_balancer
-                    .and_then(|lb| lb.consistent_hash)
-            })
-            .map(|ch| {
-                use rpb::route_action::hash_policy::{
-                    ConnectionProperties, Cookie, Header, PolicySpecifier, QueryParameter,
-                };
-                let spec = if let Some(h) = ch.http_header_name {
-                    PolicySpecifier::Header(Header {
-                        header_name: h,
-                        regex_rewrite: None,
-                    })
-                } else if let Some(c) = ch.http_cookie {
-                    PolicySpecifier::Cookie(Cookie {
-                        name: c.name,
-                        ..Default::default()
-                    })
-                } else if let Some(q) = ch.http_query_parameter_name {
-                    PolicySpecifier::QueryParameter(QueryParameter { name: q })
-                } else {
-                    PolicySpecifier::ConnectionProperties(ConnectionProperties { source_ip: true })
-                };
-                vec![rpb::route_action::HashPolicy {
-                    terminal: false,
-                    policy_specifier: Some(spec),
-                }]
-            })
-            .unwrap_or_default();
+        let hash_policy = self.hash_policy(&first_dest, svc, vs);
         let action = rpb::RouteAction {
             cluster_specifier: Some(cluster_specifier),
             timeout: Some(pb_duration(timeout)),
@@ -327,6 +208,179 @@ impl Ctx<'_> {
                 ..Default::default()
             })
             .collect()
+    }
+
+    /// The clusters of a rule's `route` destinations with their weights, and the first
+    /// destination (whose DestinationRule decides the hash policy); `None` (and errors) when
+    /// the rule routes nowhere.
+    fn destinations(
+        &mut self,
+        svc: &Service,
+        vs: &Doc<crate::istio::VirtualServiceSpec>,
+        i: usize,
+        http: &HttpRoute,
+    ) -> Option<(
+        rpb::route_action::ClusterSpecifier,
+        crate::istio::Destination,
+    )> {
+        let path = |extra: &[Seg<'static>]| rule_path(i, extra);
+        let origin = &vs.origin;
+        let mut weighted = Vec::new();
+        let mut first_dest = None;
+        for (j, rd) in http.route.iter().enumerate() {
+            let Some(cluster) = self.destination_cluster(
+                &rd.destination,
+                svc,
+                vs,
+                &path(&[Seg::Key("route"), Seg::Idx(j), Seg::Key("destination")]),
+            ) else {
+                continue;
+            };
+            if first_dest.is_none() {
+                first_dest = Some(rd.destination.clone());
+            }
+            let weight = rd
+                .weight
+                .unwrap_or(if http.route.len() == 1 { 100 } else { 0 });
+            weighted.push((cluster, weight));
+        }
+        if http.route.is_empty() {
+            self.errors.push(origin.at(
+                &path(&[]),
+                format!("VirtualService {}: http[{i}] has no route", vs.meta.name),
+            ));
+        }
+        if weighted.is_empty() {
+            return None;
+        }
+        if weighted.iter().all(|(_, w)| *w == 0) {
+            self.errors.push(origin.at(
+                &path(&[Seg::Key("route")]),
+                format!(
+                    "VirtualService {}: http[{i}].route: the weights add up to 0",
+                    vs.meta.name
+                ),
+            ));
+            return None;
+        }
+        let cluster_specifier = if weighted.len() == 1 {
+            rpb::route_action::ClusterSpecifier::Cluster(weighted[0].0.clone())
+        } else {
+            rpb::route_action::ClusterSpecifier::WeightedClusters(rpb::WeightedCluster {
+                clusters: weighted
+                    .iter()
+                    .map(|(name, w)| rpb::weighted_cluster::ClusterWeight {
+                        name: name.clone(),
+                        weight: u32v(*w),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        };
+        Some((cluster_specifier, first_dest?))
+    }
+
+    /// A rule's retry policy: Istio's default (2 attempts) when it sets none, no retries for
+    /// `attempts: 0`.
+    fn retry_policy(
+        &mut self,
+        http: &HttpRoute,
+        origin: &crate::istio::Origin,
+        i: usize,
+    ) -> Option<rpb::RetryPolicy> {
+        match &http.retries {
+            None => Some(default_retry()),
+            Some(r) if r.attempts == 0 => None,
+            Some(r) => Some(rpb::RetryPolicy {
+                retry_on: r
+                    .retry_on
+                    .clone()
+                    .unwrap_or_else(|| DEFAULT_RETRY_ON.into()),
+                num_retries: u32v(r.attempts),
+                per_try_timeout: r
+                    .per_try_timeout
+                    .as_ref()
+                    .and_then(|t| {
+                        self.duration(
+                            origin,
+                            &rule_path(i, &[Seg::Key("retries"), Seg::Key("perTryTimeout")]),
+                            t,
+                        )
+                    })
+                    .map(pb_duration),
+                retriable_status_codes: vec![503],
+                retry_host_predicate: vec![previous_hosts()],
+                host_selection_retry_max_attempts: 5,
+                ..Default::default()
+            }),
+        }
+    }
+
+    /// The hash policy of a rule: the consistent hash of the DestinationRule (and subset) of
+    /// its first destination, at the port the destination picks.
+    fn hash_policy(
+        &self,
+        first_dest: &crate::istio::Destination,
+        svc: &Service,
+        vs: &Doc<crate::istio::VirtualServiceSpec>,
+    ) -> Vec<rpb::route_action::HashPolicy> {
+        let Some(ch) = self.consistent_hash(first_dest, svc, vs) else {
+            return Vec::new();
+        };
+        use rpb::route_action::hash_policy::{
+            ConnectionProperties, Cookie, Header, PolicySpecifier, QueryParameter,
+        };
+        let spec = if let Some(h) = ch.http_header_name {
+            PolicySpecifier::Header(Header {
+                header_name: h,
+                regex_rewrite: None,
+            })
+        } else if let Some(c) = ch.http_cookie {
+            PolicySpecifier::Cookie(Cookie {
+                name: c.name,
+                ..Default::default()
+            })
+        } else if let Some(q) = ch.http_query_parameter_name {
+            PolicySpecifier::QueryParameter(QueryParameter { name: q })
+        } else {
+            PolicySpecifier::ConnectionProperties(ConnectionProperties { source_ip: true })
+        };
+        vec![rpb::route_action::HashPolicy {
+            terminal: false,
+            policy_specifier: Some(spec),
+        }]
+    }
+
+    /// The consistent hash of the DestinationRule (and subset) of a destination, at the port
+    /// [`destination_cluster`](Self::destination_cluster) picks for it (it reports the bad cases).
+    fn consistent_hash(
+        &self,
+        d: &crate::istio::Destination,
+        svc: &Service,
+        vs: &Doc<crate::istio::VirtualServiceSpec>,
+    ) -> Option<crate::istio::ConsistentHash> {
+        let index = self.index;
+        let host = index.resolve_host(&d.host, vs.meta.ns())?;
+        let dr = index.destination_rule(host)?;
+        // The port `destination_cluster` picks (it reports the bad cases).
+        let ports = index.ports(host);
+        let port = d
+            .port
+            .as_ref()
+            .map(|p| p.number)
+            .unwrap_or(match ports[..] {
+                [only] => only,
+                _ => svc.port,
+            });
+        let subset_policy = d
+            .subset
+            .as_ref()
+            .and_then(|s| dr.spec.subsets.iter().find(|x| &x.name == s))
+            .and_then(|s| s.traffic_policy.as_ref());
+        merged_policy(dr.spec.traffic_policy.as_ref(), subset_policy, port)
+            .load_balancer
+            .and_then(|lb| lb.consistent_hash)
     }
 
     pub(super) fn fault(
