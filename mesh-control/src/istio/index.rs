@@ -1,6 +1,8 @@
 //! The services, workloads and policies of an Istio configuration, indexed for generation and validation.
 
-use crate::istio::{Config, ConfigError, Doc, Seg, TrafficPolicy, WorkloadEntrySpec};
+use crate::istio::{
+    Config, ConfigError, Doc, Seg, ServiceEntrySpec, TrafficPolicy, WorkloadEntrySpec,
+};
 use std::collections::BTreeMap;
 
 /// A workload serving a service port.
@@ -47,59 +49,27 @@ pub(crate) fn cluster_name(port: u32, subset: &str, host: &str) -> String {
 fn services(config: &Config, errors: &mut Vec<ConfigError>) -> Vec<Service> {
     let mut out = Vec::new();
     for se in &config.service_entries {
-        let ns = se.meta.ns().to_owned();
-        let dns = match se.spec.resolution.as_deref() {
-            None | Some("STATIC") | Some("NONE") => None,
-            Some("DNS") => Some(false),
-            Some("DNS_ROUND_ROBIN") => Some(true),
-            Some(r) => {
-                errors.push(se.origin.at(
-                    &[Seg::Key("spec"), Seg::Key("resolution")],
-                    format!(
-                        "ServiceEntry {}: resolution {r} is not supported (STATIC, DNS or DNS_ROUND_ROBIN)",
-                        se.meta.name
-                    ),
-                ));
-                None
-            }
+        let ns = se.meta.ns();
+        let dns = resolution(se, errors);
+        let mut entries = endpoints(config, se);
+        // A DNS service without endpoints resolves its hosts (Istio's rule).
+        let hosts_as_endpoints: Vec<WorkloadEntrySpec> = if dns.is_some() && entries.is_empty() {
+            se.spec
+                .hosts
+                .iter()
+                .map(|h| WorkloadEntrySpec {
+                    address: h.clone(),
+                    ..Default::default()
+                })
+                .collect()
+        } else {
+            Vec::new()
         };
-        // Workloads: inline endpoints plus WorkloadEntries chosen by the selector.
-        let mut entries: Vec<(
-            &WorkloadEntrySpec,
-            String,
-            Vec<Seg<'static>>,
-            &crate::istio::Origin,
-        )> = se
-            .spec
-            .endpoints
-            .iter()
-            .enumerate()
-            .map(|(i, e)| {
-                (
-                    e,
-                    ns.clone(),
-                    vec![Seg::Key("spec"), Seg::Key("endpoints"), Seg::Idx(i)],
-                    &se.origin,
-                )
-            })
-            .collect();
-        if let Some(sel) = &se.spec.workload_selector {
-            for we in &config.workload_entries {
-                if we.meta.ns() == ns
-                    && sel
-                        .labels()
-                        .iter()
-                        .all(|(k, v)| we.spec.labels.get(k) == Some(v))
-                {
-                    entries.push((
-                        &we.spec,
-                        ns.clone(),
-                        vec![Seg::Key("spec"), Seg::Key("address")],
-                        &we.origin,
-                    ));
-                }
-            }
-        }
+        entries.extend(hosts_as_endpoints.iter().map(|e| Endpoint {
+            spec: e,
+            path: vec![Seg::Key("spec"), Seg::Key("hosts")],
+            origin: &se.origin,
+        }));
         for (pi, port) in se.spec.ports.iter().enumerate() {
             if port.number == 0 || port.number > 65535 {
                 errors.push(se.origin.at(
@@ -116,63 +86,11 @@ fn services(config: &Config, errors: &mut Vec<ConfigError>) -> Vec<Service> {
                 ));
                 continue;
             }
-            let mut workloads = Vec::new();
-            // A DNS service without endpoints resolves its hosts (Istio's rule).
-            let hosts_as_endpoints: Vec<WorkloadEntrySpec> = if dns.is_some() && entries.is_empty()
-            {
-                se.spec
-                    .hosts
-                    .iter()
-                    .map(|h| WorkloadEntrySpec {
-                        address: h.clone(),
-                        ..Default::default()
-                    })
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            let host_paths: Vec<_> = hosts_as_endpoints
-                .iter()
-                .map(|e| {
-                    (
-                        e,
-                        ns.clone(),
-                        vec![Seg::Key("spec"), Seg::Key("hosts")],
-                        &se.origin,
-                    )
-                })
-                .collect();
-            for (e, ns, path, origin) in entries.iter().chain(host_paths.iter()) {
-                if dns.is_none() && e.address.parse::<std::net::IpAddr>().is_err() {
-                    errors.push(origin.at(
-                        path,
-                        format!("endpoint address {:?} is not an IP address (with resolution STATIC; use DNS or DNS_ROUND_ROBIN for host names)", e.address),
-                    ));
-                    continue;
-                }
-                let target = e
-                    .ports
-                    .get(&port.name)
-                    .copied()
-                    .or(port.target_port)
-                    .unwrap_or(port.number);
-                workloads.push(Workload {
-                    address: e.address.clone(),
-                    port: target,
-                    labels: e.labels.clone(),
-                    locality: e.locality.clone(),
-                    weight: e.weight.unwrap_or(1).max(1),
-                    namespace: ns.clone(),
-                    service_account: e
-                        .service_account
-                        .clone()
-                        .unwrap_or_else(|| "default".into()),
-                });
-            }
+            let workloads = port_workloads(&entries, port, ns, dns.is_none(), errors);
             for host in &se.spec.hosts {
                 out.push(Service {
                     host: host.clone(),
-                    namespace: ns.clone(),
+                    namespace: ns.to_owned(),
                     port: port.number,
                     protocol: port.protocol.clone(),
                     workloads: workloads.clone(),
@@ -182,6 +100,110 @@ fn services(config: &Config, errors: &mut Vec<ConfigError>) -> Vec<Service> {
         }
     }
     out
+}
+
+/// A ServiceEntry's `resolution`: `None` for STATIC and NONE, `Some(false)` for DNS,
+/// `Some(true)` for DNS_ROUND_ROBIN; others are errors.
+fn resolution(se: &Doc<ServiceEntrySpec>, errors: &mut Vec<ConfigError>) -> Option<bool> {
+    match se.spec.resolution.as_deref() {
+        None | Some("STATIC") | Some("NONE") => None,
+        Some("DNS") => Some(false),
+        Some("DNS_ROUND_ROBIN") => Some(true),
+        Some(r) => {
+            errors.push(se.origin.at(
+                &[Seg::Key("spec"), Seg::Key("resolution")],
+                format!(
+                    "ServiceEntry {}: resolution {r} is not supported (STATIC, DNS or DNS_ROUND_ROBIN)",
+                    se.meta.name
+                ),
+            ));
+            None
+        }
+    }
+}
+
+/// An endpoint of a ServiceEntry, with where it was written.
+struct Endpoint<'a> {
+    spec: &'a WorkloadEntrySpec,
+    path: Vec<Seg<'static>>,
+    origin: &'a crate::istio::Origin,
+}
+
+/// A ServiceEntry's endpoints: inline ones plus the WorkloadEntries its selector chooses.
+fn endpoints<'a>(config: &'a Config, se: &'a Doc<ServiceEntrySpec>) -> Vec<Endpoint<'a>> {
+    let mut entries: Vec<Endpoint<'a>> = se
+        .spec
+        .endpoints
+        .iter()
+        .enumerate()
+        .map(|(i, e)| Endpoint {
+            spec: e,
+            path: vec![Seg::Key("spec"), Seg::Key("endpoints"), Seg::Idx(i)],
+            origin: &se.origin,
+        })
+        .collect();
+    if let Some(sel) = &se.spec.workload_selector {
+        for we in &config.workload_entries {
+            if we.meta.ns() == se.meta.ns()
+                && sel
+                    .labels()
+                    .iter()
+                    .all(|(k, v)| we.spec.labels.get(k) == Some(v))
+            {
+                entries.push(Endpoint {
+                    spec: &we.spec,
+                    path: vec![Seg::Key("spec"), Seg::Key("address")],
+                    origin: &we.origin,
+                });
+            }
+        }
+    }
+    entries
+}
+
+/// The workloads serving one port of a ServiceEntry; with `static_ips`, an endpoint address
+/// that is not an IP is an error.
+fn port_workloads(
+    entries: &[Endpoint<'_>],
+    port: &crate::istio::ServicePort,
+    ns: &str,
+    static_ips: bool,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<Workload> {
+    let mut workloads = Vec::new();
+    for Endpoint {
+        spec: e,
+        path,
+        origin,
+    } in entries
+    {
+        if static_ips && e.address.parse::<std::net::IpAddr>().is_err() {
+            errors.push(origin.at(
+                path,
+                format!("endpoint address {:?} is not an IP address (with resolution STATIC; use DNS or DNS_ROUND_ROBIN for host names)", e.address),
+            ));
+            continue;
+        }
+        let target = e
+            .ports
+            .get(&port.name)
+            .copied()
+            .or(port.target_port)
+            .unwrap_or(port.number);
+        workloads.push(Workload {
+            address: e.address.clone(),
+            port: target,
+            labels: e.labels.clone(),
+            locality: e.locality.clone(),
+            weight: e.weight.unwrap_or(1).max(1),
+            namespace: ns.to_owned(),
+            service_account: e
+                .service_account
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+        });
+    }
+    workloads
 }
 
 /// A configuration with its services resolved: what generation and validation both read.

@@ -271,20 +271,7 @@ pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
     let mut config = Config::default();
     let mut errors = Vec::new();
     let file_arc: Arc<str> = file.into();
-    // Split on document markers, remembering where each document starts.
-    let mut docs: Vec<(usize, String)> = Vec::new();
-    let mut current = String::new();
-    let mut start = 1;
-    for (i, line) in text.lines().enumerate() {
-        if line.trim_end() == "---" || line.starts_with("--- ") {
-            docs.push((start, std::mem::take(&mut current)));
-            start = i + 2;
-            continue;
-        }
-        current.push_str(line);
-        current.push('\n');
-    }
-    docs.push((start, current));
+    let docs = documents(text);
     for (line, doc) in docs {
         if doc.lines().all(blank) {
             continue;
@@ -330,31 +317,13 @@ pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
                 continue;
             }
         }
-        fn load<T: DeserializeOwned>(
-            doc: &str,
-            origin: Origin,
-            line: usize,
-            errors: &mut Vec<ConfigError>,
-        ) -> Option<Doc<T>> {
-            match serde_yaml_ng::from_str::<Raw<T>>(doc) {
-                Ok(raw) => Some(Doc {
-                    meta: raw.metadata,
-                    spec: raw.spec,
-                    origin,
-                }),
-                Err(e) => {
-                    errors.push(yaml_error(&origin.file, line, &e));
-                    None
-                }
-            }
-        }
         match kind.as_str() {
-            "ServiceEntry" => config.service_entries.extend(load(&doc, origin, line, &mut errors)),
-            "WorkloadEntry" => config.workload_entries.extend(load(&doc, origin, line, &mut errors)),
-            "VirtualService" => config.virtual_services.extend(load(&doc, origin, line, &mut errors)),
-            "DestinationRule" => config.destination_rules.extend(load(&doc, origin, line, &mut errors)),
-            "PeerAuthentication" => config.peer_authentications.extend(load(&doc, origin, line, &mut errors)),
-            "AuthorizationPolicy" => config.authorization_policies.extend(load(&doc, origin, line, &mut errors)),
+            "ServiceEntry" => config.service_entries.extend(load_doc(&doc, origin, line, &mut errors)),
+            "WorkloadEntry" => config.workload_entries.extend(load_doc(&doc, origin, line, &mut errors)),
+            "VirtualService" => config.virtual_services.extend(load_doc(&doc, origin, line, &mut errors)),
+            "DestinationRule" => config.destination_rules.extend(load_doc(&doc, origin, line, &mut errors)),
+            "PeerAuthentication" => config.peer_authentications.extend(load_doc(&doc, origin, line, &mut errors)),
+            "AuthorizationPolicy" => config.authorization_policies.extend(load_doc(&doc, origin, line, &mut errors)),
             other => errors.push(origin.at(
                 &[Seg::Key("kind")],
                 format!(
@@ -368,6 +337,44 @@ pub fn parse(text: &str, file: &str) -> Result<Config, Vec<ConfigError>> {
         Ok(config)
     } else {
         Err(errors)
+    }
+}
+
+/// Splits multi-document YAML on its `---` markers: each document with the line it starts at.
+fn documents(text: &str) -> Vec<(usize, String)> {
+    let mut docs: Vec<(usize, String)> = Vec::new();
+    let mut current = String::new();
+    let mut start = 1;
+    for (i, line) in text.lines().enumerate() {
+        if line.trim_end() == "---" || line.starts_with("--- ") {
+            docs.push((start, std::mem::take(&mut current)));
+            start = i + 2;
+            continue;
+        }
+        current.push_str(line);
+        current.push('\n');
+    }
+    docs.push((start, current));
+    docs
+}
+
+/// Reads one document as a resource of kind `T`.
+fn load_doc<T: DeserializeOwned>(
+    doc: &str,
+    origin: Origin,
+    line: usize,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Doc<T>> {
+    match serde_yaml_ng::from_str::<Raw<T>>(doc) {
+        Ok(raw) => Some(Doc {
+            meta: raw.metadata,
+            spec: raw.spec,
+            origin,
+        }),
+        Err(e) => {
+            errors.push(yaml_error(&origin.file, line, &e));
+            None
+        }
     }
 }
 

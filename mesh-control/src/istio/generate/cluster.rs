@@ -91,62 +91,82 @@ pub(super) fn check_rule(
             }
         }
         for (at, lb, od) in lb_blocks {
-            check_warmup(&at, lb, &mut error);
-            if let Some(setting) = &lb.locality_lb_setting {
-                let base = [at.as_slice(), &[Seg::Key("localityLbSetting")]].concat();
-                crate::istio::locality::check(setting, od, &mut |rel, index, message| {
-                    let mut path = base.clone();
-                    for (k, key) in rel.iter().enumerate() {
-                        path.push(Seg::Key(key));
-                        if k == 0 {
-                            if let Some(i) = index {
-                                path.push(Seg::Idx(i));
-                            }
-                        }
-                    }
-                    error(&path, message);
-                });
-            }
+            check_lb(&at, lb, od, &mut error);
         }
         for (at, tls) in tls_blocks {
-            let field = |name: &'static str| [at.as_slice(), &[Seg::Key(name)]].concat();
-            let mode = tls.mode.as_deref().unwrap_or("DISABLE");
-            let external = matches!(mode, "SIMPLE" | "MUTUAL");
-            if !matches!(mode, "DISABLE" | "SIMPLE" | "MUTUAL" | "ISTIO_MUTUAL") {
-                error(
-                    &field("mode"),
-                    format!("{mode:?} is not a TLS mode (DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL)"),
-                );
-                continue;
-            }
-            // Settings that only SIMPLE and MUTUAL read would be silently unused otherwise.
-            let set = [
-                ("caCertificates", tls.ca_certificates.is_some()),
-                ("sni", tls.sni.is_some()),
-                ("subjectAltNames", !tls.subject_alt_names.is_empty()),
-            ];
-            for (name, is_set) in set {
-                if is_set && !external {
-                    error(
-                        &field(name),
-                        format!("applies to modes SIMPLE and MUTUAL only (mode is {mode})"),
-                    );
+            check_tls(&at, tls, &mut error);
+        }
+    }
+}
+
+/// A `loadBalancer` block: its warmup and its locality settings (`od`: outlier detection
+/// reaches it).
+fn check_lb(
+    at: &[Seg<'static>],
+    lb: &crate::istio::LoadBalancer,
+    od: bool,
+    error: &mut impl FnMut(&[Seg<'_>], String),
+) {
+    check_warmup(at, lb, error);
+    if let Some(setting) = &lb.locality_lb_setting {
+        let base = [at, &[Seg::Key("localityLbSetting")]].concat();
+        crate::istio::locality::check(setting, od, &mut |rel, index, message| {
+            let mut path = base.clone();
+            for (k, key) in rel.iter().enumerate() {
+                path.push(Seg::Key(key));
+                if k == 0 {
+                    if let Some(i) = index {
+                        path.push(Seg::Idx(i));
+                    }
                 }
             }
-            for (name, is_set) in [
-                ("clientCertificate", tls.client_certificate.is_some()),
-                ("privateKey", tls.private_key.is_some()),
-            ] {
-                if mode == "MUTUAL" && !is_set {
-                    error(&field(name), "is required with mode MUTUAL".into());
-                }
-                if mode != "MUTUAL" && is_set {
-                    error(
-                        &field(name),
-                        format!("applies to mode MUTUAL only (mode is {mode})"),
-                    );
-                }
-            }
+            error(&path, message);
+        });
+    }
+}
+
+/// A `tls` block: a known mode, and only the settings that mode reads.
+fn check_tls(
+    at: &[Seg<'static>],
+    tls: &crate::istio::Tls,
+    error: &mut impl FnMut(&[Seg<'_>], String),
+) {
+    let field = |name: &'static str| [at, &[Seg::Key(name)]].concat();
+    let mode = tls.mode.as_deref().unwrap_or("DISABLE");
+    let external = matches!(mode, "SIMPLE" | "MUTUAL");
+    if !matches!(mode, "DISABLE" | "SIMPLE" | "MUTUAL" | "ISTIO_MUTUAL") {
+        error(
+            &field("mode"),
+            format!("{mode:?} is not a TLS mode (DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL)"),
+        );
+        return;
+    }
+    // Settings that only SIMPLE and MUTUAL read would be silently unused otherwise.
+    let set = [
+        ("caCertificates", tls.ca_certificates.is_some()),
+        ("sni", tls.sni.is_some()),
+        ("subjectAltNames", !tls.subject_alt_names.is_empty()),
+    ];
+    for (name, is_set) in set {
+        if is_set && !external {
+            error(
+                &field(name),
+                format!("applies to modes SIMPLE and MUTUAL only (mode is {mode})"),
+            );
+        }
+    }
+    for (name, is_set) in [
+        ("clientCertificate", tls.client_certificate.is_some()),
+        ("privateKey", tls.private_key.is_some()),
+    ] {
+        if mode == "MUTUAL" && !is_set {
+            error(&field(name), "is required with mode MUTUAL".into());
+        }
+        if mode != "MUTUAL" && is_set {
+            error(
+                &field(name),
+                format!("applies to mode MUTUAL only (mode is {mode})"),
+            );
         }
     }
 }

@@ -93,49 +93,7 @@ impl Ctx<'_> {
             .unwrap_or_else(|| ("default".into(), BTreeMap::new()));
         let mode = self.index.peer_mode(&ns, &labels);
         let h2 = svcs.iter().any(|s| s.http2());
-        let mut http_filters = Vec::new();
-        for (action, filter_name) in [
-            ("DENY", "envoy.filters.http.rbac.deny"),
-            ("ALLOW", "envoy.filters.http.rbac.allow"),
-        ] {
-            if let Some(r) = self.rbac(action, &ns, &labels) {
-                http_filters.push(hcm::HttpFilter {
-                    name: filter_name.into(),
-                    config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
-                        &rbac_filter::Rbac {
-                            rules: Some(r),
-                            ..Default::default()
-                        },
-                    ))),
-                    ..Default::default()
-                });
-            }
-        }
-        http_filters.push(router_filter());
-        let manager = hcm::HttpConnectionManager {
-            stat_prefix: name.to_owned(),
-            upgrade_configs: websocket(!h2),
-            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
-                rpb::RouteConfiguration {
-                    name: format!("inbound|{port}"),
-                    virtual_hosts: vec![rpb::VirtualHost {
-                        name: format!("inbound|http|{port}"),
-                        domains: vec!["*".into()],
-                        routes: vec![rpb::Route {
-                            r#match: Some(prefix_match("/")),
-                            action: Some(rpb::route::Action::NonForwardingAction(
-                                rpb::NonForwardingAction {},
-                            )),
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                },
-            )),
-            http_filters,
-            ..Default::default()
-        };
+        let manager = self.inbound_manager(name, port, &ns, &labels, h2);
         let filters = vec![lpb::Filter {
             name: "envoy.filters.network.http_connection_manager".into(),
             config_type: Some(lpb::filter::ConfigType::TypedConfig(any(&manager))),
@@ -175,6 +133,62 @@ impl Ctx<'_> {
             address: Some(socket("0.0.0.0", port)),
             filter_chains,
             traffic_direction: core::TrafficDirection::Inbound as i32,
+            ..Default::default()
+        }
+    }
+
+    /// The HTTP connection manager of a server listener: the RBAC filters of the workload's
+    /// AuthorizationPolicies (DENY before ALLOW), then the router, over a route that accepts
+    /// every request.
+    fn inbound_manager(
+        &mut self,
+        name: &str,
+        port: u32,
+        ns: &str,
+        labels: &BTreeMap<String, String>,
+        h2: bool,
+    ) -> hcm::HttpConnectionManager {
+        let mut http_filters = Vec::new();
+        for (action, filter_name) in [
+            ("DENY", "envoy.filters.http.rbac.deny"),
+            ("ALLOW", "envoy.filters.http.rbac.allow"),
+        ] {
+            if let Some(r) = self.rbac(action, ns, labels) {
+                http_filters.push(hcm::HttpFilter {
+                    name: filter_name.into(),
+                    config_type: Some(hcm::http_filter::ConfigType::TypedConfig(any(
+                        &rbac_filter::Rbac {
+                            rules: Some(r),
+                            ..Default::default()
+                        },
+                    ))),
+                    ..Default::default()
+                });
+            }
+        }
+        http_filters.push(router_filter());
+        hcm::HttpConnectionManager {
+            stat_prefix: name.to_owned(),
+            upgrade_configs: websocket(!h2),
+            route_specifier: Some(hcm::http_connection_manager::RouteSpecifier::RouteConfig(
+                rpb::RouteConfiguration {
+                    name: format!("inbound|{port}"),
+                    virtual_hosts: vec![rpb::VirtualHost {
+                        name: format!("inbound|http|{port}"),
+                        domains: vec!["*".into()],
+                        routes: vec![rpb::Route {
+                            r#match: Some(prefix_match("/")),
+                            action: Some(rpb::route::Action::NonForwardingAction(
+                                rpb::NonForwardingAction {},
+                            )),
+                            ..Default::default()
+                        }],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            )),
+            http_filters,
             ..Default::default()
         }
     }

@@ -20,7 +20,7 @@ use route::{exact, prefix_match};
 
 use crate::istio::index::{cluster_name, merged_policy, Index, Service, Workload};
 
-use crate::istio::{Config, ConfigError, Seg, TrafficPolicy};
+use crate::istio::{Config, ConfigError, Doc, Seg, TrafficPolicy};
 use envoy_types::pb::envoy::config::cluster::v3 as cpb;
 use envoy_types::pb::envoy::config::endpoint::v3 as epb;
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
@@ -147,105 +147,7 @@ pub fn generate(config: &Config, opts: &Options) -> Result<Generated, Vec<Config
     let mut out = Generated::default();
     let services = &index.services;
     for svc in services {
-        let dr = index.destination_rule(&svc.host);
-        let mut subsets: Vec<(String, BTreeMap<String, String>, Option<TrafficPolicy>)> =
-            vec![(String::new(), BTreeMap::new(), None)];
-        if let Some(dr) = dr {
-            for s in &dr.spec.subsets {
-                subsets.push((s.name.clone(), s.labels.clone(), s.traffic_policy.clone()));
-            }
-        }
-        for (subset, labels, subset_policy) in &subsets {
-            let policy = merged_policy(
-                dr.and_then(|d| d.spec.traffic_policy.as_ref()),
-                subset_policy.as_ref(),
-                svc.port,
-            );
-            let workloads: Vec<&Workload> = svc
-                .workloads
-                .iter()
-                .filter(|w| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
-                .collect();
-            let name = cluster_name(svc.port, subset, &svc.host);
-            let mut cluster = ctx.cluster(svc, &name, &policy, &workloads, dr);
-            let setting = policy
-                .load_balancer
-                .as_ref()
-                .and_then(|lb| lb.locality_lb_setting.as_ref());
-            let plan = crate::istio::locality::LocalityPlan::new(
-                setting,
-                policy.outlier_detection.is_some(),
-                &workloads,
-            );
-            if let Some(plan) = &plan {
-                if plan.weights_localities() {
-                    cluster
-                        .common_lb_config
-                        .get_or_insert_with(Default::default)
-                        .locality_config_specifier = Some(
-                        cpb::cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(
-                            Default::default(),
-                        ),
-                    );
-                }
-            }
-            match svc.dns {
-                // DNS services: the names go in the cluster, resolved by the client.
-                Some(logical) => {
-                    if logical && workloads.len() > 1 {
-                        if let Some(se) = config
-                            .service_entries
-                            .iter()
-                            .find(|se| se.spec.hosts.contains(&svc.host))
-                        {
-                            ctx.errors.push(se.origin.at(
-                                &[Seg::Key("spec"), Seg::Key("resolution")],
-                                format!(
-                                    "ServiceEntry {}: resolution DNS_ROUND_ROBIN needs exactly one endpoint (it has {})",
-                                    se.meta.name,
-                                    workloads.len()
-                                ),
-                            ));
-                        }
-                    }
-                    let explicit = setting.is_some_and(|s| {
-                        !(s.distribute.is_empty()
-                            && s.failover.is_empty()
-                            && s.failover_priority.is_empty())
-                    });
-                    if let (true, Some(dr)) = (explicit, dr) {
-                        ctx.errors.push(dr.origin.at(
-                            &[Seg::Key("spec")],
-                            format!(
-                                "DestinationRule {}: localityLbSetting applies to services with endpoints (resolution STATIC or NONE), not to {} (resolution DNS): its addresses are resolved by each client",
-                                dr.meta.name, svc.host
-                            ),
-                        ));
-                    }
-                    let kind = if logical {
-                        cpb::cluster::DiscoveryType::LogicalDns
-                    } else {
-                        cpb::cluster::DiscoveryType::StrictDns
-                    };
-                    cluster.cluster_discovery_type =
-                        Some(cpb::cluster::ClusterDiscoveryType::Type(kind as i32));
-                    cluster.eds_cluster_config = None;
-                    cluster.load_assignment = Some(assignment(&name, &workloads));
-                    out.resources.push(any(&cluster));
-                }
-                None => {
-                    out.resources.push(any(&cluster));
-                    out.resources.push(any(&assignment(&name, &workloads)));
-                    if let Some(plan) = plan {
-                        out.per_node.push(crate::ads::PerNode {
-                            type_url: <epb::ClusterLoadAssignment as Name>::type_url(),
-                            name: name.clone(),
-                            view: std::sync::Arc::new(plan),
-                        });
-                    }
-                }
-            }
-        }
+        ctx.service_clusters(svc, &mut out);
         let listener_name = format!("{}:{}", svc.host, svc.port);
         out.resources
             .push(any(&client_listener(&listener_name, !svc.http2())));
@@ -272,6 +174,127 @@ pub fn generate(config: &Config, opts: &Options) -> Result<Generated, Vec<Config
         Ok(out)
     } else {
         Err(ctx.errors)
+    }
+}
+
+impl Ctx<'_> {
+    /// The clusters of a service, one per DestinationRule subset plus the whole service, with
+    /// their endpoint assignments (or, for DNS services, the names to resolve).
+    fn service_clusters(&mut self, svc: &Service, out: &mut Generated) {
+        let dr = self.index.destination_rule(&svc.host);
+        let mut subsets: Vec<(String, BTreeMap<String, String>, Option<TrafficPolicy>)> =
+            vec![(String::new(), BTreeMap::new(), None)];
+        if let Some(dr) = dr {
+            for s in &dr.spec.subsets {
+                subsets.push((s.name.clone(), s.labels.clone(), s.traffic_policy.clone()));
+            }
+        }
+        for (subset, labels, subset_policy) in &subsets {
+            let policy = merged_policy(
+                dr.and_then(|d| d.spec.traffic_policy.as_ref()),
+                subset_policy.as_ref(),
+                svc.port,
+            );
+            let workloads: Vec<&Workload> = svc
+                .workloads
+                .iter()
+                .filter(|w| labels.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                .collect();
+            let name = cluster_name(svc.port, subset, &svc.host);
+            let mut cluster = self.cluster(svc, &name, &policy, &workloads, dr);
+            let setting = policy
+                .load_balancer
+                .as_ref()
+                .and_then(|lb| lb.locality_lb_setting.as_ref());
+            let plan = crate::istio::locality::LocalityPlan::new(
+                setting,
+                policy.outlier_detection.is_some(),
+                &workloads,
+            );
+            if let Some(plan) = &plan {
+                if plan.weights_localities() {
+                    cluster
+                        .common_lb_config
+                        .get_or_insert_with(Default::default)
+                        .locality_config_specifier = Some(
+                        cpb::cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(
+                            Default::default(),
+                        ),
+                    );
+                }
+            }
+            match svc.dns {
+                // DNS services: the names go in the cluster, resolved by the client.
+                Some(logical) => {
+                    self.dns_cluster(svc, &mut cluster, logical, &workloads, setting, dr);
+                    out.resources.push(any(&cluster));
+                }
+                None => {
+                    out.resources.push(any(&cluster));
+                    out.resources.push(any(&assignment(&name, &workloads)));
+                    if let Some(plan) = plan {
+                        out.per_node.push(crate::ads::PerNode {
+                            type_url: <epb::ClusterLoadAssignment as Name>::type_url(),
+                            name: name.clone(),
+                            view: std::sync::Arc::new(plan),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Turns an EDS cluster into a DNS one (STRICT_DNS, or LOGICAL_DNS for
+    /// DNS_ROUND_ROBIN), refusing what DNS clusters cannot do.
+    fn dns_cluster(
+        &mut self,
+        svc: &Service,
+        cluster: &mut cpb::Cluster,
+        logical: bool,
+        workloads: &[&Workload],
+        setting: Option<&crate::istio::LocalityLbSetting>,
+        dr: Option<&Doc<crate::istio::DestinationRuleSpec>>,
+    ) {
+        let name = cluster.name.clone();
+        if logical && workloads.len() > 1 {
+            if let Some(se) = self
+                .index
+                .config
+                .service_entries
+                .iter()
+                .find(|se| se.spec.hosts.contains(&svc.host))
+            {
+                self.errors.push(se.origin.at(
+                    &[Seg::Key("spec"), Seg::Key("resolution")],
+                    format!(
+                        "ServiceEntry {}: resolution DNS_ROUND_ROBIN needs exactly one endpoint (it has {})",
+                        se.meta.name,
+                        workloads.len()
+                    ),
+                ));
+            }
+        }
+        let explicit = setting.is_some_and(|s| {
+            !(s.distribute.is_empty() && s.failover.is_empty() && s.failover_priority.is_empty())
+        });
+        if let (true, Some(dr)) = (explicit, dr) {
+            self.errors.push(dr.origin.at(
+                &[Seg::Key("spec")],
+                format!(
+                    "DestinationRule {}: localityLbSetting applies to services with endpoints (resolution STATIC or NONE), not to {} (resolution DNS): its addresses are resolved by each client",
+                    dr.meta.name, svc.host
+                ),
+            ));
+        }
+        let kind = if logical {
+            cpb::cluster::DiscoveryType::LogicalDns
+        } else {
+            cpb::cluster::DiscoveryType::StrictDns
+        };
+        cluster.cluster_discovery_type =
+            Some(cpb::cluster::ClusterDiscoveryType::Type(kind as i32));
+        cluster.eds_cluster_config = None;
+        cluster.load_assignment = Some(assignment(&name, workloads));
     }
 }
 
