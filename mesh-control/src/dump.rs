@@ -41,18 +41,6 @@ pub async fn fetch_as(server: &str, node: Node, timeout: Duration) -> Result<Vec
             .map_err(|e| format!("cannot reach xDS server {uri}: {e}"))?
             .max_decoding_message_size(64 << 20);
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<DiscoveryRequest>();
-        let req = |rt: ResourceType,
-                   names: Vec<String>,
-                   version: String,
-                   nonce: String,
-                   node: Option<Node>| DiscoveryRequest {
-            version_info: version,
-            node,
-            resource_names: names,
-            type_url: rt.type_url().into(),
-            response_nonce: nonce,
-            ..Default::default()
-        };
         let _ = tx.send(req(
             ResourceType::Listener,
             vec![],
@@ -88,43 +76,9 @@ pub async fn fetch_as(server: &str, node: Node, timeout: Duration) -> Result<Vec
                 None,
             ));
             // Follow references with the translation mesh-core would apply.
-            let held = file::snapshot_from_resources(&resp.resources).unwrap_or_default();
-            match rt {
-                ResourceType::Listener => {
-                    let rds: Vec<String> = held
-                        .listeners()
-                        .values()
-                        .flat_map(|l| l.route_sources().into_iter().cloned().collect::<Vec<_>>())
-                        .filter_map(|s| match s {
-                            mesh_core::config::RouteSource::Rds(n) => Some(n),
-                            mesh_core::config::RouteSource::Inline(_) => None,
-                        })
-                        .collect();
-                    pending.insert(ResourceType::RouteConfiguration, rds.clone());
-                    let _ = tx.send(req(
-                        ResourceType::RouteConfiguration,
-                        rds,
-                        String::new(),
-                        String::new(),
-                        None,
-                    ));
-                }
-                ResourceType::Cluster => {
-                    let eds: Vec<String> = held
-                        .clusters()
-                        .values()
-                        .filter_map(|c| c.eds_service_name().map(str::to_owned))
-                        .collect();
-                    pending.insert(ResourceType::ClusterLoadAssignment, eds.clone());
-                    let _ = tx.send(req(
-                        ResourceType::ClusterLoadAssignment,
-                        eds,
-                        String::new(),
-                        String::new(),
-                        None,
-                    ));
-                }
-                _ => {}
+            if let Some((next, names)) = references(rt, &resp.resources) {
+                pending.insert(next, names.clone());
+                let _ = tx.send(req(next, names, String::new(), String::new(), None));
             }
             got.insert(rt, resp.resources);
             let done = ResourceType::ALL
@@ -139,6 +93,53 @@ pub async fn fetch_as(server: &str, node: Node, timeout: Duration) -> Result<Vec
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| format!("no complete answer from {uri} within {timeout:?}"))?
+}
+
+/// A discovery request.
+fn req(
+    rt: ResourceType,
+    names: Vec<String>,
+    version: String,
+    nonce: String,
+    node: Option<Node>,
+) -> DiscoveryRequest {
+    DiscoveryRequest {
+        version_info: version,
+        node,
+        resource_names: names,
+        type_url: rt.type_url().into(),
+        response_nonce: nonce,
+        ..Default::default()
+    }
+}
+
+/// What a response refers to that must be asked for next: the route configurations of
+/// listeners (RDS) and the endpoint assignments of clusters (EDS).
+fn references(rt: ResourceType, resources: &[Any]) -> Option<(ResourceType, Vec<String>)> {
+    let held = file::snapshot_from_resources(resources).unwrap_or_default();
+    match rt {
+        ResourceType::Listener => {
+            let rds: Vec<String> = held
+                .listeners()
+                .values()
+                .flat_map(|l| l.route_sources().into_iter().cloned().collect::<Vec<_>>())
+                .filter_map(|s| match s {
+                    mesh_core::config::RouteSource::Rds(n) => Some(n),
+                    mesh_core::config::RouteSource::Inline(_) => None,
+                })
+                .collect();
+            Some((ResourceType::RouteConfiguration, rds))
+        }
+        ResourceType::Cluster => {
+            let eds: Vec<String> = held
+                .clusters()
+                .values()
+                .filter_map(|c| c.eds_service_name().map(str::to_owned))
+                .collect();
+            Some((ResourceType::ClusterLoadAssignment, eds))
+        }
+        _ => None,
+    }
 }
 
 /// Resources as JSON: `{"listeners": [...], "route_configs": [...], "clusters": [...],
