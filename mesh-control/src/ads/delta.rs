@@ -6,17 +6,17 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
-use futures::StreamExt;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
 
-use super::sotw::{earliest, sleep_until_opt};
-use super::{BoxStream, EventLog, Source};
+use super::stream::Variant;
+use super::{EventLog, Source};
+
+/// Incremental: each response holds what changed since what the client holds, and names what
+/// was removed; the client subscribes and unsubscribes by name.
+pub(super) struct Delta;
 
 #[derive(Debug, Default)]
-struct Subscription {
+pub(super) struct Subscription {
     /// `None`: wildcard.
     names: Option<BTreeSet<String>>,
     /// What the client holds, by name: the version last sent or declared.
@@ -28,173 +28,122 @@ struct Subscription {
     told_missing: BTreeSet<String>,
 }
 
-pub(super) fn serve(
-    source: Source,
-    events: EventLog,
-    mut stopping: tokio::sync::watch::Receiver<bool>,
-    mut requests: Streaming<DeltaDiscoveryRequest>,
-) -> BoxStream<DeltaDiscoveryResponse> {
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        let mut changes = source.cache.subscribe();
-        let mut subs: HashMap<String, Subscription> = HashMap::new();
-        let mut node: Option<Node> = None;
-        let mut node_id = String::new();
-        let mut nonce_counter: u64 = 0;
-        let mut renew_at: Option<Instant> = None;
-        loop {
-            let mut push_all = false;
-            tokio::select! {
-                _ = super::stopped(&mut stopping) => {
-                    let _ = tx.send(Err(tonic::Status::unavailable("xDS server shutting down"))).await;
-                    return;
-                }
-                req = requests.next() => {
-                    let req = match req {
-                        Some(Ok(r)) => r,
-                        Some(Err(status)) => {
-                            tracing::debug!(node = %node_id, %status, "delta stream error");
-                            return;
-                        }
-                        None => return,
-                    };
-                    if node.is_none() {
-                        if let Some(n) = &req.node {
-                            node_id = n.id.clone();
-                            node = Some(n.clone());
-                            events.connected(&node_id, "delta");
-                        }
-                    }
-                    let first = !subs.contains_key(&req.type_url);
-                    let sub = subs.entry(req.type_url.clone()).or_default();
-                    if !req.response_nonce.is_empty() && req.response_nonce == sub.nonce {
-                        events.record(
-                            &node_id,
-                            &req.type_url,
-                            &req.response_nonce,
-                            req.error_detail.as_ref().map(|s| s.message.as_str()),
-                        );
-                    }
-                    if first {
-                        sub.client = req.initial_resource_versions.clone();
-                        let explicit: BTreeSet<String> = req
-                            .resource_names_subscribe
-                            .iter()
-                            .filter(|n| n.as_str() != "*")
-                            .cloned()
-                            .collect();
-                        let wildcard = req.resource_names_subscribe.is_empty()
-                            || req.resource_names_subscribe.iter().any(|n| n == "*");
-                        sub.names = if wildcard { None } else { Some(explicit) };
-                    } else {
-                        if req.resource_names_subscribe.iter().any(|n| n == "*") {
-                            sub.names = None;
-                        }
-                        if let Some(names) = &mut sub.names {
-                            names.extend(req.resource_names_subscribe.iter().cloned());
-                            for n in &req.resource_names_unsubscribe {
-                                names.remove(n);
-                                sub.client.remove(n);
-                                sub.told_missing.remove(n);
-                            }
-                        }
-                    }
-                    nonce_counter += 1;
-                    let (resp, renew) = respond(&source, node.as_ref(), &req.type_url, sub, nonce_counter);
-                    renew_at = earliest(renew_at, renew);
-                    if let Some(resp) = resp {
-                        if tx.send(Ok(resp)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    push_all = true;
-                }
-                _ = sleep_until_opt(renew_at) => {
-                    renew_at = None;
-                    push_all = true;
-                }
-            }
-            if push_all {
-                for (type_url, sub) in super::push_order(&mut subs) {
-                    nonce_counter += 1;
-                    let (resp, renew) =
-                        respond(&source, node.as_ref(), type_url, sub, nonce_counter);
-                    renew_at = earliest(renew_at, renew);
-                    if let Some(resp) = resp {
-                        if tx.send(Ok(resp)).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    });
-    Box::pin(ReceiverStream::new(rx).fuse())
-}
+impl Variant for Delta {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    type Subscription = Subscription;
+    const NAME: &'static str = "delta";
 
-/// The changes the client lacks, or `None` when it is up to date.
-fn respond(
-    source: &Source,
-    node: Option<&Node>,
-    type_url: &str,
-    sub: &mut Subscription,
-    nonce: u64,
-) -> (Option<DeltaDiscoveryResponse>, Option<Instant>) {
-    let (_, held, renew) = source.view(type_url, node, sub.names.as_ref());
-    let mut resources = Vec::new();
-    let mut removed = Vec::new();
-    for (name, v) in &held {
-        if sub.client.get(name) != Some(&v.version) {
-            resources.push(Resource {
-                name: name.clone(),
-                version: v.version.clone(),
-                resource: Some(v.resource.clone()),
-                ..Default::default()
-            });
-        }
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
     }
-    let wanted = |name: &str| sub.names.as_ref().is_none_or(|n| n.contains(name));
-    for name in sub.client.keys() {
-        if !held.contains_key(name) && wanted(name) {
-            removed.push(name.clone());
-        }
+
+    fn type_url(req: &DeltaDiscoveryRequest) -> &str {
+        &req.type_url
     }
-    // Listeners and clusters asked for by name that the server does not have: say so at
-    // once (as SotW's full state does for them). Endpoints and route configurations may
-    // follow the resource that names them, so their absence proves nothing.
-    let full_state = type_url.ends_with(".Listener") || type_url.ends_with(".Cluster");
-    if let Some(names) = sub.names.as_ref().filter(|_| full_state) {
-        for name in names {
-            if !held.contains_key(name)
-                && !sub.client.contains_key(name)
-                && sub.told_missing.insert(name.clone())
-            {
+
+    fn on_request(
+        sub: &mut Subscription,
+        req: &DeltaDiscoveryRequest,
+        first: bool,
+        events: &EventLog,
+        node_id: &str,
+    ) -> bool {
+        if !req.response_nonce.is_empty() && req.response_nonce == sub.nonce {
+            events.record(
+                node_id,
+                &req.type_url,
+                &req.response_nonce,
+                req.error_detail.as_ref().map(|s| s.message.as_str()),
+            );
+        }
+        if first {
+            sub.client = req.initial_resource_versions.clone();
+            let explicit: BTreeSet<String> = req
+                .resource_names_subscribe
+                .iter()
+                .filter(|n| n.as_str() != "*")
+                .cloned()
+                .collect();
+            let wildcard = req.resource_names_subscribe.is_empty()
+                || req.resource_names_subscribe.iter().any(|n| n == "*");
+            sub.names = if wildcard { None } else { Some(explicit) };
+        } else {
+            if req.resource_names_subscribe.iter().any(|n| n == "*") {
+                sub.names = None;
+            }
+            if let Some(names) = &mut sub.names {
+                names.extend(req.resource_names_subscribe.iter().cloned());
+                for n in &req.resource_names_unsubscribe {
+                    names.remove(n);
+                    sub.client.remove(n);
+                    sub.told_missing.remove(n);
+                }
+            }
+        }
+        true
+    }
+
+    /// The changes the client lacks, or `None` when it is up to date.
+    fn respond(
+        source: &Source,
+        node: Option<&Node>,
+        type_url: &str,
+        sub: &mut Subscription,
+        nonce: u64,
+        _pushed: bool,
+    ) -> (Option<DeltaDiscoveryResponse>, Option<Instant>) {
+        let (_, held, renew) = source.view(type_url, node, sub.names.as_ref());
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        for (name, v) in &held {
+            if sub.client.get(name) != Some(&v.version) {
+                resources.push(Resource {
+                    name: name.clone(),
+                    version: v.version.clone(),
+                    resource: Some(v.resource.clone()),
+                    ..Default::default()
+                });
+            }
+        }
+        let wanted = |name: &str| sub.names.as_ref().is_none_or(|n| n.contains(name));
+        for name in sub.client.keys() {
+            if !held.contains_key(name) && wanted(name) {
                 removed.push(name.clone());
             }
         }
+        // Listeners and clusters asked for by name that the server does not have: say so at
+        // once (as SotW's full state does for them). Endpoints and route configurations may
+        // follow the resource that names them, so their absence proves nothing.
+        let full_state = type_url.ends_with(".Listener") || type_url.ends_with(".Cluster");
+        if let Some(names) = sub.names.as_ref().filter(|_| full_state) {
+            for name in names {
+                if !held.contains_key(name)
+                    && !sub.client.contains_key(name)
+                    && sub.told_missing.insert(name.clone())
+                {
+                    removed.push(name.clone());
+                }
+            }
+        }
+        sub.told_missing.retain(|n| !held.contains_key(n));
+        if resources.is_empty() && removed.is_empty() {
+            return (None, renew);
+        }
+        for r in &resources {
+            sub.client.insert(r.name.clone(), r.version.clone());
+        }
+        for n in &removed {
+            sub.client.remove(n);
+        }
+        sub.nonce = nonce.to_string();
+        let resp = DeltaDiscoveryResponse {
+            resources,
+            type_url: type_url.to_owned(),
+            removed_resources: removed,
+            nonce: sub.nonce.clone(),
+            ..Default::default()
+        };
+        (Some(resp), renew)
     }
-    sub.told_missing.retain(|n| !held.contains_key(n));
-    if resources.is_empty() && removed.is_empty() {
-        return (None, renew);
-    }
-    for r in &resources {
-        sub.client.insert(r.name.clone(), r.version.clone());
-    }
-    for n in &removed {
-        sub.client.remove(n);
-    }
-    sub.nonce = nonce.to_string();
-    let resp = DeltaDiscoveryResponse {
-        resources,
-        type_url: type_url.to_owned(),
-        removed_resources: removed,
-        nonce: sub.nonce.clone(),
-        ..Default::default()
-    };
-    (Some(resp), renew)
 }

@@ -14,6 +14,7 @@ mod cache;
 mod delta;
 pub mod sds;
 mod sotw;
+mod stream;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -207,7 +208,7 @@ impl Source {
                     continue;
                 }
                 lingering += 1;
-                renew = sotw::earliest(renew, Some(*until));
+                renew = stream::earliest(renew, Some(*until));
                 if names.is_none_or(|n| n.contains(name)) {
                     resources.insert(name.clone(), v.clone());
                 }
@@ -338,7 +339,7 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let stream = sotw::serve(
+        let stream = stream::serve::<sotw::Sotw>(
             self.source(),
             self.events.clone(),
             self.stopping.subscribe(),
@@ -351,7 +352,7 @@ impl AggregatedDiscoveryService for AdsServer {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let stream = delta::serve(
+        let stream = stream::serve::<delta::Delta>(
             self.source(),
             self.events.clone(),
             self.stopping.subscribe(),

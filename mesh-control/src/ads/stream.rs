@@ -1,0 +1,194 @@
+//! The one ADS stream loop, shared by both variants of the protocol: requests in, responses
+//! out, a push to every subscription when the cache changes or per-node resources must be
+//! renewed, and an `UNAVAILABLE` when the server stops. What differs between SotW and delta
+//! (how a request changes a subscription, what a response holds) is a [`Variant`].
+
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+use super::{BoxStream, EventLog, Source};
+
+/// One variant of the ADS protocol: state of the world or incremental.
+pub(super) trait Variant {
+    /// What the client sends.
+    type Request: Send + 'static;
+    /// What the server sends.
+    type Response: Send + 'static;
+    /// What the server keeps per resource type for one stream.
+    type Subscription: Default + Send;
+    /// The variant's name in logs and in the event log (`sotw`, `delta`).
+    const NAME: &'static str;
+
+    /// The node a request carries (the first request of a stream must).
+    fn node(req: &Self::Request) -> Option<&Node>;
+
+    /// The resource type a request is about.
+    fn type_url(req: &Self::Request) -> &str;
+
+    /// Applies a request to its type's subscription (`first`: the stream's first request for
+    /// the type), recording an ACK or NACK in `events`; whether it needs an answer.
+    fn on_request(
+        sub: &mut Self::Subscription,
+        req: &Self::Request,
+        first: bool,
+        events: &EventLog,
+        node_id: &str,
+    ) -> bool;
+
+    /// The response a subscription is owed (`None` when the client is up to date), with the
+    /// next time per-node resources must be renewed. `pushed`: answering a change of the
+    /// cache rather than a request.
+    fn respond(
+        source: &Source,
+        node: Option<&Node>,
+        type_url: &str,
+        sub: &mut Self::Subscription,
+        nonce: u64,
+        pushed: bool,
+    ) -> (Option<Self::Response>, Option<Instant>);
+}
+
+type Sender<T> = mpsc::Sender<Result<T, tonic::Status>>;
+
+/// Serves one ADS stream of variant `V` until the client goes, the server stops or the
+/// response side closes.
+pub(super) fn serve<V: Variant + 'static>(
+    source: Source,
+    events: EventLog,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    mut requests: Streaming<V::Request>,
+) -> BoxStream<V::Response> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        let mut stream = Stream::<V> {
+            source,
+            events,
+            tx,
+            subs: HashMap::new(),
+            node: None,
+            node_id: String::new(),
+            nonce: 0,
+            renew_at: None,
+        };
+        let mut changes = stream.source.cache.subscribe();
+        loop {
+            let sent = tokio::select! {
+                _ = super::stopped(&mut stopping) => {
+                    let down = tonic::Status::unavailable("xDS server shutting down");
+                    let _ = stream.tx.send(Err(down)).await;
+                    return;
+                }
+                req = requests.next() => match req {
+                    Some(Ok(req)) => stream.on_request(req).await,
+                    Some(Err(status)) => {
+                        tracing::debug!(node = %stream.node_id, %status, kind = V::NAME, "ADS stream error");
+                        return;
+                    }
+                    None => return,
+                },
+                changed = changes.changed() => match changed {
+                    Ok(()) => stream.push_all().await,
+                    Err(_) => return,
+                },
+                _ = sleep_until_opt(stream.renew_at) => {
+                    stream.renew_at = None;
+                    stream.push_all().await
+                }
+            };
+            if !sent {
+                return;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx).fuse())
+}
+
+/// The state of one stream.
+struct Stream<V: Variant> {
+    source: Source,
+    events: EventLog,
+    tx: Sender<V::Response>,
+    subs: HashMap<String, V::Subscription>,
+    node: Option<Node>,
+    node_id: String,
+    nonce: u64,
+    renew_at: Option<Instant>,
+}
+
+impl<V: Variant> Stream<V> {
+    /// Handles a request; `false` once the response side is closed.
+    async fn on_request(&mut self, req: V::Request) -> bool {
+        if self.node.is_none() {
+            if let Some(n) = V::node(&req) {
+                self.node_id = n.id.clone();
+                self.node = Some(n.clone());
+                self.events.connected(&self.node_id, V::NAME);
+            }
+        }
+        let type_url = V::type_url(&req).to_owned();
+        let first = !self.subs.contains_key(&type_url);
+        let sub = self.subs.entry(type_url.clone()).or_default();
+        if !V::on_request(sub, &req, first, &self.events, &self.node_id) {
+            return true;
+        }
+        self.nonce += 1;
+        let (resp, renew) = V::respond(
+            &self.source,
+            self.node.as_ref(),
+            &type_url,
+            sub,
+            self.nonce,
+            false,
+        );
+        self.renew_at = earliest(self.renew_at, renew);
+        match resp {
+            Some(resp) => self.tx.send(Ok(resp)).await.is_ok(),
+            None => true,
+        }
+    }
+
+    /// Sends every subscription what it lacks, make-before-break; `false` once the response
+    /// side is closed.
+    async fn push_all(&mut self) -> bool {
+        for (type_url, sub) in super::push_order(&mut self.subs) {
+            self.nonce += 1;
+            let (resp, renew) = V::respond(
+                &self.source,
+                self.node.as_ref(),
+                type_url,
+                sub,
+                self.nonce,
+                true,
+            );
+            self.renew_at = earliest(self.renew_at, renew);
+            if let Some(resp) = resp {
+                if self.tx.send(Ok(resp)).await.is_err() {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+}
+
+/// The earlier of two optional instants.
+pub(super) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
