@@ -23,9 +23,7 @@ fn clusters(ports: &[(&str, u16)]) -> Vec<envoy_types::pb::google::protobuf::Any
 async fn delta_sends_only_changed_resources() {
     let cache = ResourceCache::new();
     cache.set_resources(clusters(&[("a", 1), ("b", 2), ("c", 3)]));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(AdsServer::new(cache.clone()).serve(listener, std::future::pending()));
+    let addr = support::ads_server(&cache).await;
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();

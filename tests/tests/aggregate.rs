@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
-use mesh_control::ads::{AdsServer, ResourceCache};
+use mesh_control::ads::ResourceCache;
 use mesh_core::xds::{Bootstrap, XdsClient};
 use mesh_tower::MeshClient;
 
@@ -64,9 +64,7 @@ async fn aggregate_fails_over_in_priority_order_and_back() {
     };
     let cache = ResourceCache::new();
     cache.set_resources(world(true));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(AdsServer::new(cache.clone()).serve(listener, std::future::pending()));
+    let addr = support::ads_server(&cache).await;
     let xds = XdsClient::builder(Bootstrap::new(addr.to_string(), "aggregate-test"))
         .build()
         .unwrap();

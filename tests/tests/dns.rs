@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
-use mesh_control::ads::{AdsServer, ResourceCache};
+use mesh_control::ads::ResourceCache;
 use mesh_core::xds::{Bootstrap, XdsClient};
 use mesh_tower::MeshClient;
 
@@ -137,9 +137,7 @@ async fn mesh(cluster: envoy_types::pb::google::protobuf::Any) -> (MeshClient, X
         support::xds::routes("svc-routes", &[("backend", 100)]),
         cluster,
     ]);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(AdsServer::new(cache).serve(listener, std::future::pending()));
+    let addr = support::ads_server(&cache).await;
     let xds = XdsClient::builder(Bootstrap::new(addr.to_string(), "dns-test"))
         .build()
         .unwrap();

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mesh_control::ads::{AdsServer, ResourceCache};
+use mesh_control::ads::ResourceCache;
 use mesh_control::istio::{self, Options};
 use mesh_core::xds::{Bootstrap, XdsClient};
 use mesh_tower::MeshClient;
@@ -167,9 +167,7 @@ async fn mesh(yaml: &str) -> (MeshClient, XdsClient) {
             .unwrap_or_else(|e| panic!("{e:?}"))
             .resources,
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(AdsServer::new(cache).serve(listener, std::future::pending()));
+    let addr = support::ads_server(&cache).await;
     let xds = XdsClient::builder(Bootstrap::new(addr.to_string(), "frontend"))
         .build()
         .unwrap();

@@ -11,6 +11,8 @@
 //! `cargo test -p mesh-tests --test istio_telemetry -- --ignored --nocapture`
 //! (`MESH_PROMETHEUS` names another binary).
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,9 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use mesh_control::ads::{AdsServer, ResourceCache};
 use mesh_control::ca::DevCa;
-use mesh_control::istio::{self, Options};
 use mesh_core::identity::IdentityStore;
 use mesh_core::xds::{Bootstrap, XdsClient};
 use mesh_tower::metrics::{Metrics, Workload};
@@ -287,16 +287,7 @@ async fn istio_dashboards_answer_right_from_a_real_prometheus() {
     ));
 
     // The control plane and the frontend's client.
-    let generated = istio::generate(
-        &istio::parse(&yaml(port), "backend.yaml").unwrap(),
-        &Options::default(),
-    )
-    .unwrap();
-    let cache = ResourceCache::new();
-    cache.set_resources(generated.resources);
-    let xds_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let xds_addr = xds_listener.local_addr().unwrap();
-    tokio::spawn(AdsServer::new(cache).serve(xds_listener, std::future::pending()));
+    let (_, xds_addr) = support::control_plane(&yaml(port), "backend.yaml").await;
     let xds = XdsClient::builder(Bootstrap::new(xds_addr.to_string(), "frontend"))
         .build()
         .unwrap();

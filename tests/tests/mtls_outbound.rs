@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mesh_control::ads::{AdsServer, ResourceCache};
+use mesh_control::ads::ResourceCache;
 use mesh_control::ca::DevCa;
 use mesh_control::istio::{self, Options};
 use mesh_core::identity::{peer_spiffe_id, server_config, IdentityStore};
@@ -105,9 +105,7 @@ async fn serve(yaml: &str) -> std::net::SocketAddr {
             .unwrap()
             .resources,
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(AdsServer::new(cache).serve(listener, std::future::pending()));
+    let addr = support::ads_server(&cache).await;
     addr
 }
 

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use mesh_control::ads::{AdsServer, ResourceCache};
+use mesh_control::ads::ResourceCache;
 use mesh_control::istio::{self, Options};
 use mesh_core::xds::{Bootstrap, XdsClient};
 use mesh_core::ConfigStore;
@@ -115,9 +115,7 @@ async fn golden_signals_and_admin_endpoint() {
     .unwrap();
     let cache = ResourceCache::new();
     cache.set_resources(generated.resources.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let xds_addr = listener.local_addr().unwrap();
-    tokio::spawn(AdsServer::new(cache.clone()).serve(listener, std::future::pending()));
+    let xds_addr = support::ads_server(&cache).await;
 
     let xds = XdsClient::builder(Bootstrap::new(xds_addr.to_string(), "observed"))
         .build()
@@ -422,16 +420,7 @@ async fn access_logs_are_structured_and_filtered() {
     let failing = backend(500, Duration::ZERO).await;
     let yaml = service("ok", ok, "retries: {attempts: 0}", "")
         + &service("bad", failing, "retries: {attempts: 0}", "");
-    let generated = istio::generate(
-        &istio::parse(&yaml, "log.yaml").unwrap(),
-        &Options::default(),
-    )
-    .unwrap();
-    let cache = ResourceCache::new();
-    cache.set_resources(generated.resources);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let xds_addr = listener.local_addr().unwrap();
-    tokio::spawn(AdsServer::new(cache).serve(listener, std::future::pending()));
+    let (_, xds_addr) = support::control_plane(&yaml, "log.yaml").await;
     let xds = XdsClient::builder(Bootstrap::new(xds_addr.to_string(), "logged"))
         .build()
         .unwrap();

@@ -9,8 +9,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
-use mesh_control::ads::{AdsServer, ResourceCache};
-use mesh_control::istio::{self, Options};
 use mesh_core::xds::{Bootstrap, XdsClient};
 use mesh_tower::otlp::{Otlp, Protocol};
 use mesh_tower::server::InboundLayer;
@@ -135,16 +133,7 @@ async fn one_trace_across_two_services(collector: mock_collector::Protocol, prot
     let acceptor = MeshAcceptor::new(TlsMode::Disable, None).unwrap();
 
     // The frontend's mesh client, configured over xDS.
-    let generated = istio::generate(
-        &istio::parse(&backend_yaml(backend_port), "backend.yaml").unwrap(),
-        &Options::default(),
-    )
-    .unwrap();
-    let cache = ResourceCache::new();
-    cache.set_resources(generated.resources);
-    let xds_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let xds_addr = xds_listener.local_addr().unwrap();
-    tokio::spawn(AdsServer::new(cache).serve(xds_listener, std::future::pending()));
+    let (_, xds_addr) = support::control_plane(&backend_yaml(backend_port), "backend.yaml").await;
     let xds = XdsClient::builder(Bootstrap::new(xds_addr.to_string(), "frontend"))
         .build()
         .unwrap();

@@ -17,7 +17,7 @@ use envoy_types::pb::google::protobuf::{Any, UInt32Value};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use mesh_control::ads::{AdsServer, ResourceCache};
+use mesh_control::ads::ResourceCache;
 use mesh_core::config::{ClusterSpecifier, RouteAction, Snapshot};
 use mesh_core::xds::{Bootstrap, XdsClient};
 use mesh_core::ConfigStore;
@@ -78,9 +78,7 @@ struct Mesh {
 async fn mesh(resources: Vec<Any>, ready: impl FnMut(&Snapshot) -> bool) -> Mesh {
     let cache = ResourceCache::new();
     cache.set_resources(resources);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(AdsServer::new(cache.clone()).serve(listener, std::future::pending()));
+    let addr = support::ads_server(&cache).await;
     let xds = XdsClient::builder(Bootstrap::new(addr.to_string(), "outbound"))
         .build()
         .unwrap();
@@ -1153,7 +1151,6 @@ async fn echo_backend(name: &'static str) -> std::net::SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_and_path_routing_with_rewrites() {
-    use mesh_control::istio::{self, Options};
     let (a, b, c) = (
         echo_backend("stable").await.port(),
         echo_backend("canary").await.port(),
@@ -1215,16 +1212,7 @@ spec:
   - route: [{{destination: {{host: web.prod.svc.cluster.local, subset: stable}}}}]
 "#
     );
-    let generated = istio::generate(
-        &istio::parse(&yaml, "web.yaml").unwrap(),
-        &Options::default(),
-    )
-    .unwrap();
-    let cache = ResourceCache::new();
-    cache.set_resources(generated.resources);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let xds_addr = listener.local_addr().unwrap();
-    tokio::spawn(AdsServer::new(cache).serve(listener, std::future::pending()));
+    let (_, xds_addr) = support::control_plane(&yaml, "web.yaml").await;
     let xds = XdsClient::builder(Bootstrap::new(xds_addr.to_string(), "web-client"))
         .build()
         .unwrap();

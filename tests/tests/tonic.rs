@@ -2,11 +2,13 @@
 //! xDS server listener (PeerAuthentication STRICT: mTLS only), the client a generated tonic
 //! client over a `MeshChannel`; a retry on UNAVAILABLE, a deadline, refusals as statuses.
 
+mod support;
+
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mesh_control::ads::{AdsServer, ResourceCache};
+use mesh_control::ads::ResourceCache;
 use mesh_control::ca::DevCa;
 use mesh_control::istio::{self, Options};
 use mesh_core::identity::IdentityStore;
@@ -118,9 +120,7 @@ async fn greeter_over_mtls_with_retry_and_deadline() {
     )
     .unwrap();
     cache.set_resources(generated.resources);
-    let xds_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let xds_addr = xds_listener.local_addr().unwrap();
-    tokio::spawn(AdsServer::new(cache).serve(xds_listener, std::future::pending()));
+    let xds_addr = support::ads_server(&cache).await;
 
     // The server: its mode (STRICT) comes from its xDS listener.
     let server_mesh = Mesh::new(

@@ -5,6 +5,8 @@
 //! by `mesh_tower::server::serve`; the clients are tower-http over a `MeshClient` (HTTP) and
 //! over a `MeshChannel` under a generated tonic client (gRPC), configured over xDS.
 
+mod support;
+
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,8 +16,6 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use mesh_control::ads::{AdsServer, ResourceCache};
-use mesh_control::istio::{self, Options};
 use mesh_core::xds::{Bootstrap, XdsClient};
 use mesh_examples::helloworld::greeter_client::GreeterClient;
 use mesh_examples::helloworld::greeter_server::{Greeter, GreeterServer};
@@ -235,16 +235,7 @@ async fn server() -> Server {
 }
 
 async fn control_plane(port: u16) -> XdsClient {
-    let generated = istio::generate(
-        &istio::parse(&yaml(port), "echo.yaml").unwrap(),
-        &Options::default(),
-    )
-    .unwrap();
-    let cache = ResourceCache::new();
-    cache.set_resources(generated.resources);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(AdsServer::new(cache).serve(listener, std::future::pending()));
+    let (_, addr) = support::control_plane(&yaml(port), "echo.yaml").await;
     XdsClient::builder(Bootstrap::new(addr.to_string(), "client"))
         .build()
         .unwrap()

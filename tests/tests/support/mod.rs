@@ -301,3 +301,32 @@ pub mod xds {
         })
     }
 }
+
+/// The xDS resources meshctl generates from Istio YAML (`file` names it in errors, which
+/// fail the test).
+pub fn istio(yaml: &str, file: &str) -> mesh_control::istio::Generated {
+    let config = mesh_control::istio::parse(yaml, file).unwrap_or_else(|e| panic!("{e:?}"));
+    mesh_control::istio::generate(&config, &mesh_control::istio::Options::default())
+        .unwrap_or_else(|e| panic!("{e:?}"))
+}
+
+/// A real ADS server on 127.0.0.1:0 serving `cache`: its address.
+pub async fn ads_server(cache: &mesh_control::ads::ResourceCache) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = mesh_control::ads::AdsServer::new(cache.clone());
+    tokio::spawn(server.serve(listener, std::future::pending()));
+    addr
+}
+
+/// A control plane serving what meshctl generates from Istio YAML: its cache (to change the
+/// configuration) and address.
+pub async fn control_plane(
+    yaml: &str,
+    file: &str,
+) -> (mesh_control::ads::ResourceCache, SocketAddr) {
+    let cache = mesh_control::ads::ResourceCache::new();
+    cache.set_resources(istio(yaml, file).resources);
+    let addr = ads_server(&cache).await;
+    (cache, addr)
+}
