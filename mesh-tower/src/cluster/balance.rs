@@ -12,6 +12,7 @@ use std::sync::Arc;
 use mesh_core::config::LbPolicy;
 
 use super::{ClusterRuntime, EndpointRuntime};
+use crate::ext::{Attempt, RequestHash};
 
 /// How an endpoint is picked; the default follows the cluster's `lb_policy`.
 pub trait PickEndpoint {
@@ -21,6 +22,55 @@ pub trait PickEndpoint {
         cluster: &ClusterRuntime,
         candidates: &'a [Arc<EndpointRuntime>],
     ) -> &'a Arc<EndpointRuntime>;
+}
+
+/// Chooses the endpoint for a request, or `None` when every endpoint is ejected.
+///
+/// The highest priority level with an endpoint that is not ejected serves (when a level is
+/// all ejected, traffic fails over to the next). Within it: the hash ring when the cluster
+/// hashes and the route hashed the request (the first endpoint at or after the hash that is
+/// not ejected); otherwise `picker`, drawn again while it lands on an ejected endpoint (at
+/// most 8 times, then the first that is not). A retry whose route avoids previous hosts
+/// draws again while it lands on a host already tried (`host_selection_max_attempts`).
+pub fn balance<P: PickEndpoint>(
+    cluster: &ClusterRuntime,
+    picker: &P,
+    hash: Option<&RequestHash>,
+    attempt: Option<&Attempt>,
+    now: tokio::time::Instant,
+) -> Option<Arc<EndpointRuntime>> {
+    let levels = cluster.levels();
+    let level = levels
+        .iter()
+        .position(|l| l.iter().any(|e| !cluster.is_ejected(e, now)))?;
+    let candidates = &levels[level];
+    let rings = cluster.rings();
+    let hashed = match (hash, rings.get(level)) {
+        (Some(h), Some(ring)) => ring
+            .lookup(h.0)
+            .map(|i| &candidates[i])
+            .find(|e| !cluster.is_ejected(e, now)),
+        _ => None,
+    };
+    let mut endpoint = hashed.unwrap_or_else(|| picker.pick(cluster, candidates));
+    for _ in 0..8 {
+        if hashed.is_some() || !cluster.is_ejected(endpoint, now) {
+            break;
+        }
+        endpoint = picker.pick(cluster, candidates);
+    }
+    if cluster.is_ejected(endpoint, now) {
+        endpoint = candidates.iter().find(|e| !cluster.is_ejected(e, now))?;
+    }
+    if let Some(attempt) = attempt.filter(|a| a.avoid_tried) {
+        for _ in 1..attempt.host_selection_max_attempts.max(1) {
+            if !attempt.tried.contains(&endpoint.address) {
+                break;
+            }
+            endpoint = picker.pick(cluster, candidates);
+        }
+    }
+    Some(endpoint.clone())
 }
 
 /// The policy of the cluster's configuration. With `peak_ewma`, LEAST_REQUEST compares

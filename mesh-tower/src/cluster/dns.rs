@@ -21,7 +21,7 @@ use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
 use mesh_core::config::{DnsDiscovery, DnsLookupFamily};
 
-use super::registry::ClusterRuntime;
+use super::ClusterRuntime;
 
 /// The shortest re-resolution interval when following TTLs (a TTL of 0 would spin).
 const MIN_TTL_REFRESH: Duration = Duration::from_millis(500);

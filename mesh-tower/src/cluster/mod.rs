@@ -31,14 +31,21 @@
 //! ```
 
 pub mod balance;
+mod breaker;
 mod dns;
+mod endpoint;
+mod outlier;
+mod pool;
 mod registry;
 pub mod ring;
+mod runtime;
 mod service;
 
-pub use registry::{
-    ClusterRegistry, ClusterRuntime, EndpointRuntime, Outcome, RequestGuard, RetryGuard,
-};
+pub use breaker::{RequestGuard, RetryGuard};
+pub(crate) use endpoint::EndpointStats;
+pub use endpoint::{EndpointRuntime, Outcome};
+pub use registry::ClusterRegistry;
+pub use runtime::ClusterRuntime;
 pub use service::{ClusterBody, ClusterService, GrpcEnd, MeshBody, ResponseFuture};
 
 #[cfg(test)]

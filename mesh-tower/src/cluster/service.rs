@@ -278,77 +278,30 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
             Ok(g) => g,
             Err(e) => return fail(e),
         };
-        let levels = cluster.levels();
         let now = tokio::time::Instant::now();
-        // The highest priority with an endpoint that is routable and not ejected; when a
-        // level is all ejected, traffic fails over to the next.
-        let Some(level) = levels
-            .iter()
-            .position(|l| l.iter().any(|e| !cluster.is_ejected(e, now)))
-        else {
+        let ext = req.extensions();
+        let chosen = super::balance::balance(
+            &cluster,
+            &self.picker,
+            ext.get::<crate::ext::RequestHash>(),
+            ext.get::<crate::ext::Attempt>(),
+            now,
+        );
+        let Some(endpoint) = chosen else {
             return fail(MeshError::NoHealthyEndpoint {
                 cluster: cluster_name.to_owned(),
             });
         };
-        let candidates = &levels[level];
-        // Consistent hashing when the cluster hashes and the route produced a hash: the
-        // first endpoint at or after the hash on the ring that is not ejected.
-        let rings = cluster.rings();
-        let hashed = match (
-            req.extensions().get::<crate::ext::RequestHash>(),
-            rings.get(level),
-        ) {
-            (Some(h), Some(ring)) => ring
-                .lookup(h.0)
-                .map(|i| &candidates[i])
-                .find(|e| !cluster.is_ejected(e, now)),
-            _ => None,
-        };
-        let mut endpoint = hashed.unwrap_or_else(|| self.picker.pick(&cluster, candidates));
-        for _ in 0..8 {
-            if hashed.is_some() || !cluster.is_ejected(endpoint, now) {
-                break;
-            }
-            endpoint = self.picker.pick(&cluster, candidates);
-        }
-        if cluster.is_ejected(endpoint, now) {
-            endpoint = candidates
-                .iter()
-                .find(|e| !cluster.is_ejected(e, now))
-                .expect("this level has an endpoint that is not ejected");
-        }
-        // A retry avoids the hosts already tried (retry_host_predicate previous_hosts).
-        if let Some(attempt) = req.extensions().get::<crate::ext::Attempt>() {
-            if attempt.avoid_tried {
-                for _ in 1..attempt.host_selection_max_attempts.max(1) {
-                    if !attempt.tried.contains(&endpoint.address) {
-                        break;
-                    }
-                    endpoint = self.picker.pick(&cluster, candidates);
-                }
-            }
-        }
+        let endpoint = &endpoint;
         guard.set_endpoint(endpoint.stats.clone());
         let address = endpoint.address;
-        // Keep the authority the application used in the Host header; dial the endpoint.
-        if !req.headers().contains_key(http::header::HOST) {
-            if let Some(a) = req.uri().authority() {
-                if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
-                    req.headers_mut().insert(http::header::HOST, v);
-                }
-            }
-        }
-        let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-        match format!("http://{address}{path}").parse() {
-            Ok(uri) => *req.uri_mut() = uri,
-            Err(e) => {
-                return fail(MeshError::Upstream {
-                    cluster: cluster_name.to_owned(),
-                    endpoint: address,
-                    connect: true,
-                    source: Box::new(e),
-                })
-            }
+        if let Err(e) = aim(&mut req, address) {
+            return fail(MeshError::Upstream {
+                cluster: cluster_name.to_owned(),
+                endpoint: address,
+                connect: true,
+                source: Box::new(e),
+            });
         }
         let overdue = req
             .extensions()
@@ -374,4 +327,22 @@ impl<P: PickEndpoint> Service<Request<MeshBody>> for ClusterService<P> {
             },
         }
     }
+}
+
+/// Points a request at an endpoint: the URI dials `address`, and the Host header keeps the
+/// authority the application used.
+fn aim(
+    req: &mut Request<MeshBody>,
+    address: std::net::SocketAddr,
+) -> Result<(), http::uri::InvalidUri> {
+    if !req.headers().contains_key(http::header::HOST) {
+        if let Some(a) = req.uri().authority() {
+            if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
+                req.headers_mut().insert(http::header::HOST, v);
+            }
+        }
+    }
+    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    *req.uri_mut() = format!("http://{address}{path}").parse()?;
+    Ok(())
 }
