@@ -18,6 +18,7 @@ use crate::cluster::{ClusterRegistry, ClusterService};
 use crate::error::{BoxError, MeshError};
 use crate::fault::{Fault, FaultLayer};
 use crate::metrics::{Direction, Metrics, MetricsLayer, MetricsService};
+use crate::mirror::{Mirror, MirrorLayer};
 use crate::ready::{ConfigReady, ConfigReadyLayer};
 use crate::retry::{Retry, RetryLayer};
 use crate::route::{Route, RouteLayer};
@@ -51,7 +52,7 @@ pub struct MeshClient {
     registry: Arc<ClusterRegistry>,
 }
 
-type Measured = MetricsService<Fault<Timeout<Retry<ClusterService>>>>;
+type Measured = MetricsService<Fault<Timeout<Mirror<Retry<ClusterService>>>>>;
 
 /// Configures a [`MeshClient`].
 #[derive(Debug)]
@@ -137,7 +138,8 @@ impl MeshClientBuilder {
         let retry = RetryLayer::new(registry.clone())
             .metrics(metrics.clone())
             .layer(cluster);
-        let timeout = TimeoutLayer::new().layer(retry);
+        let mirror = MirrorLayer::new().layer(retry);
+        let timeout = TimeoutLayer::new().layer(mirror);
         let fault = FaultLayer::new().metrics(metrics.clone()).layer(timeout);
         let mut measure = MetricsLayer::new(metrics.clone(), Direction::Outbound);
         if let Some(a) = self.access_log {
@@ -339,7 +341,7 @@ where
 type Routed = crate::route::ResponseFuture<
     crate::metrics::ResponseFuture<
         crate::fault::ResponseFuture<
-            Timeout<Retry<ClusterService>>,
+            Timeout<Mirror<Retry<ClusterService>>>,
             MeshBody,
             crate::timeout::ResponseFuture<
                 crate::retry::ResponseFuture<ClusterService, crate::cluster::ResponseFuture>,

@@ -37,9 +37,11 @@ mod error;
 pub mod ext;
 pub mod fault;
 pub mod metrics;
+pub mod mirror;
 #[cfg(feature = "otlp")]
 pub mod otlp;
 pub mod ready;
+pub mod replay;
 pub mod retry;
 pub mod route;
 pub mod server;

@@ -11,7 +11,9 @@
 //! No attempt waits for the request body: the first one goes out at once and streams the body
 //! as it arrives, while a copy of up to a cap (64 KiB by default) is kept for replay
 //! ([`ReplayBody`]). A retry happens only while that copy holds the whole body read so far;
-//! past the cap the request is simply not retried. Mirrors read the same copy.
+//! past the cap the request is simply not retried. Mirrors (the [`mirror`](crate::mirror)
+//! layer above) read the same copy. A request whose route has no retry policy (and mirror
+//! copies) pass straight through.
 //!
 //! # Example
 //!
@@ -32,12 +34,12 @@
 //! # drop(client); }
 //! ```
 
-mod body;
+mod backoff;
 mod classify;
 mod layer;
 mod service;
 
-pub use body::ReplayBody;
+pub use crate::replay::ReplayBody;
 pub use classify::{classify, RetryReason};
 pub use layer::RetryLayer;
 pub use service::{ResponseFuture, Retry};

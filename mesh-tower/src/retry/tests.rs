@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::FutureExt;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use mesh_core::config::*;
@@ -12,7 +13,7 @@ use tower::{Layer, Service, ServiceExt};
 
 use super::*;
 use crate::cluster::{ClusterRegistry, MeshBody};
-use crate::route::decide;
+use crate::route::{decide, RouteDecision};
 
 fn policy(retry_on: &str, num_retries: u32, per_try: Option<Duration>) -> RetryPolicy {
     RetryPolicy {
@@ -30,8 +31,17 @@ fn policy(retry_on: &str, num_retries: u32, per_try: Option<Duration>) -> RetryP
 }
 
 fn snapshot(p: RetryPolicy, max_retries: u32) -> (Arc<RouteConfig>, Snapshot) {
+    snapshot_with(Some(p), max_retries, Vec::new())
+}
+
+fn snapshot_with(
+    p: Option<RetryPolicy>,
+    max_retries: u32,
+    mirrors: Vec<MirrorPolicy>,
+) -> (Arc<RouteConfig>, Snapshot) {
     let mut fwd = ForwardAction::to_cluster("c");
-    fwd.retry_policy = Some(p);
+    fwd.retry_policy = p;
+    fwd.mirrors = mirrors;
     let rc = Arc::new(RouteConfig {
         name: "rc".into(),
         virtual_hosts: vec![VirtualHost {
@@ -356,4 +366,84 @@ async fn a_streamed_body_past_the_cap_is_sent_in_full_and_not_retried() {
     );
     send.send_response(response(503, 1));
     assert_eq!(fut.await.unwrap().unwrap().status(), 503, "not retried");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_without_retries_passes_straight_through() {
+    let (rc, snap) = snapshot_with(None, 3, Vec::new());
+    let store = ConfigStore::new();
+    store.publish(snap);
+    let (mock, mut handle) = tower_test::mock::pair::<Request<MeshBody>, Response<()>>();
+    let mut svc = RetryLayer::new(ClusterRegistry::new(store)).layer(mock);
+    handle.allow(10);
+    let fut = tokio::spawn(svc.ready().await.unwrap().call(request(&rc, "once")));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert!(
+        req.extensions().get::<Attempt>().is_none(),
+        "no attempt bookkeeping without a policy"
+    );
+    send.send_response(response(503, 1));
+    let resp = fut.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 503, "not retried");
+    assert_eq!(resp.extensions().get::<Retries>().map(|r| r.0), Some(0));
+    assert!(
+        handle.next_request().now_or_never().is_none(),
+        "one request went down"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn mirror_and_retry_read_one_copy_of_the_body() {
+    let mirror = MirrorPolicy {
+        cluster: "c".into(),
+        fraction: Fraction::ALWAYS,
+        shadow_suffix: true,
+    };
+    let (rc, snap) = snapshot_with(Some(policy("5xx", 1, None)), 3, vec![mirror]);
+    let store = ConfigStore::new();
+    store.publish(snap);
+    let (mock, mut handle) = tower_test::mock::pair::<Request<MeshBody>, Response<()>>();
+    let retry = RetryLayer::new(ClusterRegistry::new(store)).max_buffer(16);
+    let mut svc = crate::mirror::MirrorLayer::new()
+        .max_buffer(16)
+        .layer(retry.layer(mock));
+    handle.allow(10);
+    let mut req = request(&rc, "hello");
+    req.headers_mut()
+        .insert(http::header::HOST, http::HeaderValue::from_static("svc"));
+    let fut = tokio::spawn(svc.ready().await.unwrap().call(req));
+    let mut primary = Vec::new();
+    let mut copies = Vec::new();
+    for _ in 0..2 {
+        let (req, send) = handle.next_request().await.unwrap();
+        let is_mirror = req.extensions().get::<RouteDecision>().unwrap().is_mirror();
+        assert!(
+            req.extensions().get::<crate::replay::Replaying>().is_none(),
+            "the copy's handle stays between the layers"
+        );
+        let attempt = req.extensions().get::<Attempt>().map(|a| a.number);
+        let host = req.headers()[http::header::HOST].clone();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        if is_mirror {
+            assert_eq!(attempt, None, "a mirror copy is sent once");
+            assert_eq!(host, "svc-shadow");
+            copies.push(body);
+            send.send_response(response(200, 9));
+        } else {
+            assert_eq!(attempt, Some(0));
+            primary.push(body);
+            send.send_response(response(503, 1));
+        }
+    }
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(req.extensions().get::<Attempt>().map(|a| a.number), Some(1));
+    primary.push(req.into_body().collect().await.unwrap().to_bytes());
+    send.send_response(response(200, 2));
+    assert_eq!(fut.await.unwrap().unwrap().status(), 200);
+    assert_eq!(copies, vec!["hello"], "one mirror copy, the whole body");
+    assert_eq!(
+        primary,
+        vec!["hello", "hello"],
+        "the retry replays the same copy"
+    );
 }

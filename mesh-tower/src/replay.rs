@@ -1,3 +1,8 @@
+//! The request body read more than once: every attempt (and mirror) of a request reads its
+//! own [`ReplayBody`] clone. Shared by [`retry`](crate::retry) and
+//! [`mirror`](crate::mirror): the layer that first needs it wraps the body and leaves it in
+//! the request's extensions ([`Replaying`]) for the other, so it is copied once.
+//!
 //! The request body of a retryable request: every attempt (and mirror) reads its own
 //! [`ReplayBody`] clone, the first one live as the caller's body arrives, later ones replaying
 //! what was read so far and then reading on. Nothing waits for the body to end before the first
@@ -16,13 +21,18 @@ use http_body::{Body, Frame, SizeHint};
 use crate::body::MeshBody;
 use crate::error::BoxError;
 
+/// The replay copy of a request's body, left in its extensions by the layer that made it; a
+/// layer below reads new clones of it instead of wrapping the body again.
+#[derive(Clone, Debug)]
+pub struct Replaying(pub ReplayBody);
+
 /// A body that can be read again from its start by each clone, while the copy lasts.
 ///
 /// ```
 /// # async fn run() {
 /// use bytes::Bytes;
 /// use http_body_util::{BodyExt, Full};
-/// use mesh_tower::retry::ReplayBody;
+/// use mesh_tower::replay::ReplayBody;
 ///
 /// let body = Full::new(Bytes::from_static(b"hello")).map_err(|e| match e {}).boxed_unsync();
 /// let first = ReplayBody::new(body, 64 * 1024);
