@@ -3,7 +3,7 @@
 //! request itself. Sits above [`retry`](crate::retry): the copies go down the same stack
 //! with a mirror [`RouteDecision`] (which retry passes straight through), and the primary
 //! request goes on with the body's replay copy in its extensions
-//! ([`Replaying`](crate::replay::Replaying)), which retry reads instead of copying again.
+//! ([`crate::replay::Replaying`]), which retry reads instead of copying again.
 //!
 //! # Example
 //!
