@@ -99,6 +99,15 @@ impl ResourceStatus {
     }
 }
 
+/// A rejected (NACKed) update of a resource.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rejected {
+    /// The version that was rejected.
+    pub version: String,
+    /// Why: the resource, the field and what is wrong with it.
+    pub error: crate::error::TranslateError,
+}
+
 /// One resource in a [`ConfigDump`].
 #[derive(Clone, Debug, PartialEq)]
 pub struct ResourceDump {
@@ -111,7 +120,7 @@ pub struct ResourceDump {
     /// Status of the latest update.
     pub status: ResourceStatus,
     /// The rejected version and why, when the latest update was NACKed.
-    pub error: Option<(String, String)>,
+    pub error: Option<Rejected>,
     /// When the status last changed.
     pub updated: Option<SystemTime>,
     /// The resource as received (serialized `Any`), for CSDS.

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::config::Snapshot;
 use crate::resource::ResourceType;
-pub use crate::resource::{ConfigDump, ResourceDump, ResourceStatus};
+pub use crate::resource::{ConfigDump, Rejected, ResourceDump, ResourceStatus};
 
 #[derive(Debug)]
 struct Inner {

@@ -174,7 +174,7 @@ async fn lifecycle(mode: ProtocolMode) {
         .get(ResourceType::RouteConfiguration, "svc-routes")
         .unwrap();
     assert_eq!(rc.status, ResourceStatus::Nacked);
-    assert_eq!(rc.error.as_ref().unwrap().1, *detail);
+    assert_eq!(rc.error.as_ref().unwrap().error.to_string(), *detail);
     assert_eq!(
         weights(&store.load()),
         vec![("v1".into(), 100)],

@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use super::bootstrap::ProtocolMode;
 use super::bootstrap::{Bootstrap, ChannelCreds};
-use super::state::{AdsState, Outbound};
+use super::state::{AdsState, Outbound, Step, Verdict};
 use super::ResourceType;
 use crate::config::Listener;
 use crate::error::{BootstrapError, Error, XdsError};
@@ -368,8 +368,7 @@ impl XdsClient {
                     "rejected: {}",
                     r.error
                         .as_ref()
-                        .map(|(_, m)| m.as_str())
-                        .unwrap_or("unknown error")
+                        .map_or_else(|| "unknown error".into(), |r| r.error.to_string())
                 )),
                 ResourceStatus::DoesNotExist => {
                     parts.push("it does not exist on the server (removed, or never sent)".into())
@@ -434,8 +433,8 @@ impl Task {
                     }
                 }
             }
-            self.state.on_disconnected();
-            self.publish();
+            let step = self.state.on_disconnected();
+            self.apply(step);
             let jitter = 0.8 + fastrand::f64() * 0.4;
             let wait = delay.mul_f64(jitter);
             tracing::debug!(?wait, "reconnecting after backoff");
@@ -456,19 +455,27 @@ impl Task {
 
     fn command(&mut self, cmd: Command) -> Vec<Outbound> {
         let now = Instant::now();
-        let out = match cmd {
+        let step = match cmd {
             Command::Watch(name) => self.state.watch_listener(&name, now),
             Command::Unwatch(name) => self.state.unwatch_listener(&name, now),
         };
-        self.publish();
-        out
+        self.apply(step)
     }
 
-    fn publish(&mut self) {
+    /// Carries out a step of the state machine: counts its verdict, publishes what it
+    /// changed, and returns the requests to send.
+    fn apply(&mut self, step: Step) -> Vec<Outbound> {
+        if let Some(verdict) = &step.verdict {
+            self.store.count_response(*verdict == Verdict::Ack);
+        }
+        self.publish(step.snapshot_changed, step.dump_changed);
+        step.send
+    }
+
+    fn publish(&mut self, snapshot_changed: bool, dump_changed: bool) {
         // Correctness: the dump goes first, so whoever sees a new snapshot also sees the
         // statuses that came with it.
-        let snapshot_changed = self.state.take_snapshot_changed();
-        if self.state.take_dump_changed() || snapshot_changed {
+        if dump_changed || snapshot_changed {
             self.store
                 .publish_dump(self.state.config_dump(&self.uri, self.last_error.clone()));
         }
@@ -506,7 +513,8 @@ impl Task {
         let mut client =
             AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::unbounded_channel::<Outbound>();
-        let initial = self.state.on_connected(Instant::now());
+        let step = self.state.on_connected(Instant::now());
+        let initial = step.send;
         for out in initial {
             let _ = tx.send(out);
         }
@@ -547,7 +555,8 @@ impl Task {
         };
         tracing::info!(?mode, "ADS stream open");
         self.last_error = None;
-        self.publish();
+        // The dump shows the stream up (and the error gone).
+        self.publish(false, true);
         let mut received = false;
         loop {
             let deadline = self.state.next_deadline();
@@ -573,21 +582,9 @@ impl Task {
                         }
                     };
                     received = true;
-                    for o in &out {
-                        // The reply to a response carries its nonce; ACK or NACK by the
-                        // error detail. Other requests are subscription changes.
-                        let (nonce, error) = match o {
-                            Outbound::Sotw(r) => (&r.response_nonce, r.error_detail.is_some()),
-                            Outbound::Delta(r) => (&r.response_nonce, r.error_detail.is_some()),
-                        };
-                        if !nonce.is_empty() {
-                            self.store.count_response(!error);
-                        }
-                    }
-                    for o in out {
+                    for o in self.apply(out) {
                         let _ = tx.send(o);
                     }
-                    self.publish();
                 }
                 cmd = self.commands.recv() => match cmd {
                     None => return StreamEnd::Shutdown,
@@ -598,8 +595,8 @@ impl Task {
                     }
                 },
                 _ = sleep_until_opt(deadline) => {
-                    self.state.poll_timers(Instant::now());
-                    self.publish();
+                    let step = self.state.poll_timers(Instant::now());
+                    self.apply(step);
                 }
             }
         }

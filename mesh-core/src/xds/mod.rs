@@ -14,6 +14,6 @@ pub mod translate;
 
 pub use bootstrap::{Bootstrap, ProtocolMode};
 pub use client::{Target, XdsClient, XdsClientBuilder};
-pub use state::{AdsState, Outbound, DOES_NOT_EXIST_TIMEOUT, ROUTE_HOLD};
+pub use state::{AdsState, Outbound, Step, Verdict, DOES_NOT_EXIST_TIMEOUT, ROUTE_HOLD};
 
 pub use crate::resource::ResourceType;

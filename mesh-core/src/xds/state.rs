@@ -29,7 +29,7 @@ use super::bootstrap::ProtocolMode;
 use super::translate::TranslateError;
 use super::ResourceType;
 use crate::config::{Cluster, EndpointAssignment, Listener, RouteConfig, RouteSource, Snapshot};
-use crate::store::{ConfigDump, ResourceDump, ResourceStatus};
+use crate::store::{ConfigDump, Rejected, ResourceDump, ResourceStatus};
 
 /// How long a subscribed resource may go unanswered before it is taken not to exist
 /// (gRPC's default).
@@ -47,6 +47,31 @@ pub enum Outbound {
     Delta(DeltaDiscoveryRequest),
 }
 
+/// What the client said about a response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Accepted: every resource in it was applied.
+    Ack,
+    /// Rejected, with the message sent as the NACK's `error_detail` (what was good in it was
+    /// still applied; the rejected resources keep their last good version).
+    Nack(String),
+}
+
+/// What one event (a response, a subscription change, a timer, the stream going up or down)
+/// asks of the I/O task.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[must_use = "the requests must be sent and the changes published"]
+pub struct Step {
+    /// Requests to send, in order: the ACK or NACK first, then subscription changes.
+    pub send: Vec<Outbound>,
+    /// The verdict on the response handled, if the event was one.
+    pub verdict: Option<Verdict>,
+    /// The snapshot changed: publish [`AdsState::publish_view`].
+    pub snapshot_changed: bool,
+    /// A resource's status (or the connection state) changed: publish the dump.
+    pub dump_changed: bool,
+}
+
 #[derive(Clone, Debug)]
 enum Resource {
     Listener(Arc<Listener>),
@@ -62,7 +87,7 @@ struct Entry {
     resource: Option<Resource>,
     raw: Option<Arc<Any>>,
     status: ResourceStatus,
-    error: Option<(String, String)>,
+    error: Option<Rejected>,
     updated: Option<SystemTime>,
     /// Does-not-exist deadline, while waiting for the first answer.
     deadline: Option<Instant>,
@@ -109,10 +134,11 @@ struct TypeState {
 /// use tokio::time::Instant;
 ///
 /// let mut ads = AdsState::new(ProtocolMode::Sotw, Node { id: "n1".into(), ..Default::default() });
-/// ads.watch_listener("greeter:50051", Instant::now());
 /// // Nothing is sent before the stream is up; on connect the subscription goes out.
-/// let out = ads.on_connected(Instant::now());
-/// let Outbound::Sotw(req) = &out[0] else { unreachable!() };
+/// assert!(ads.watch_listener("greeter:50051", Instant::now()).send.is_empty());
+/// let step = ads.on_connected(Instant::now());
+/// assert!(step.dump_changed, "the dump shows the stream up");
+/// let Outbound::Sotw(req) = &step.send[0] else { unreachable!() };
 /// assert_eq!(req.resource_names, vec!["greeter:50051".to_string()]);
 /// assert_eq!(req.node.as_ref().unwrap().id, "n1");
 /// ```
@@ -140,7 +166,11 @@ pub struct AdsState {
 pub const ROUTE_HOLD: Duration = Duration::from_secs(5);
 
 /// The outcome of one resource in a response.
-type Decoded = (Option<String>, Result<Resource, String>, Option<Any>);
+type Decoded = (
+    Option<String>,
+    Result<Resource, TranslateError>,
+    Option<Any>,
+);
 
 impl AdsState {
     /// A state machine for a client identified by `node`.
@@ -173,24 +203,28 @@ impl AdsState {
 
     /// Subscribes to a listener (an `xds:///name` target) and, through it, to everything it
     /// references.
-    pub fn watch_listener(&mut self, name: &str, now: Instant) -> Vec<Outbound> {
-        if !self.roots.insert(name.to_owned()) {
-            return Vec::new();
-        }
-        self.resubscribe(now)
+    pub fn watch_listener(&mut self, name: &str, now: Instant) -> Step {
+        let send = if self.roots.insert(name.to_owned()) {
+            self.resubscribe(now)
+        } else {
+            Vec::new()
+        };
+        self.step(send, None)
     }
 
     /// Drops a listener subscription and whatever only it referenced.
-    pub fn unwatch_listener(&mut self, name: &str, now: Instant) -> Vec<Outbound> {
-        if !self.roots.remove(name) {
-            return Vec::new();
-        }
-        self.resubscribe(now)
+    pub fn unwatch_listener(&mut self, name: &str, now: Instant) -> Step {
+        let send = if self.roots.remove(name) {
+            self.resubscribe(now)
+        } else {
+            Vec::new()
+        };
+        self.step(send, None)
     }
 
     /// The stream is up: (re)send every subscription with the versions held, so the server
     /// need not resend what the client already has.
-    pub fn on_connected(&mut self, now: Instant) -> Vec<Outbound> {
+    pub fn on_connected(&mut self, now: Instant) -> Step {
         self.connected = true;
         self.node_sent = false;
         for t in &mut self.types {
@@ -200,12 +234,13 @@ impl AdsState {
             t.in_flight = false;
         }
         self.dump_dirty = true;
-        self.resubscribe(now)
+        let send = self.resubscribe(now);
+        self.step(send, None)
     }
 
     /// The stream is gone. Everything held stays and keeps serving; the does-not-exist timers
     /// stop, since silence from a dead stream says nothing.
-    pub fn on_disconnected(&mut self) {
+    pub fn on_disconnected(&mut self) -> Step {
         self.connected = false;
         for t in &mut self.types {
             for e in t.entries.values_mut() {
@@ -213,6 +248,7 @@ impl AdsState {
             }
         }
         self.dump_dirty = true;
+        self.step(Vec::new(), None)
     }
 
     /// The earliest does-not-exist deadline.
@@ -226,7 +262,7 @@ impl AdsState {
 
     /// Fires due does-not-exist timers. A resource that never arrived is marked
     /// DOES_NOT_EXIST; this changes status only (nothing held is removed).
-    pub fn poll_timers(&mut self, now: Instant) {
+    pub fn poll_timers(&mut self, now: Instant) -> Step {
         if self.holds.values().any(|since| *since + ROUTE_HOLD <= now) {
             self.snapshot_dirty = true;
         }
@@ -242,6 +278,7 @@ impl AdsState {
                 }
             }
         }
+        self.step(Vec::new(), None)
     }
 
     /// The translated configuration.
@@ -325,14 +362,14 @@ impl AdsState {
         }
     }
 
-    /// Whether the snapshot changed since the last call (and resets the flag).
-    pub fn take_snapshot_changed(&mut self) -> bool {
-        std::mem::take(&mut self.snapshot_dirty)
-    }
-
-    /// Whether any status changed since the last call (and resets the flag).
-    pub fn take_dump_changed(&mut self) -> bool {
-        std::mem::take(&mut self.dump_dirty)
+    /// The step of an event: `send`, the verdict, and what the event changed.
+    fn step(&mut self, send: Vec<Outbound>, verdict: Option<Verdict>) -> Step {
+        Step {
+            send,
+            verdict,
+            snapshot_changed: std::mem::take(&mut self.snapshot_dirty),
+            dump_changed: std::mem::take(&mut self.dump_dirty),
+        }
     }
 
     /// The status of one resource.
@@ -343,12 +380,12 @@ impl AdsState {
             .map(|e| e.status)
     }
 
-    /// The NACK error of one resource, if its latest update was rejected.
-    pub fn error(&self, resource_type: ResourceType, name: &str) -> Option<&str> {
+    /// Why the latest update of one resource was rejected, if it was.
+    pub fn error(&self, resource_type: ResourceType, name: &str) -> Option<&TranslateError> {
         self.types[resource_type.index()]
             .entries
             .get(name)
-            .and_then(|e| e.error.as_ref().map(|(_, m)| m.as_str()))
+            .and_then(|e| e.error.as_ref().map(|r| &r.error))
     }
 
     /// Every subscribed resource with its version and status.
@@ -385,17 +422,18 @@ impl AdsState {
 
     // ----- responses ---------------------------------------------------------------------
 
-    /// Handles a SotW response and returns the ACK or NACK, plus any subscription changes it
-    /// caused further down the cascade.
-    pub fn on_sotw_response(&mut self, resp: DiscoveryResponse, now: Instant) -> Vec<Outbound> {
+    /// Handles a SotW response: the ACK or NACK, plus any subscription changes it caused
+    /// further down the cascade.
+    pub fn on_sotw_response(&mut self, resp: DiscoveryResponse, now: Instant) -> Step {
         let Some(rt) = ResourceType::from_type_url(&resp.type_url) else {
             let detail = format!("unsupported type_url {:?}", resp.type_url);
-            return vec![Outbound::Sotw(DiscoveryRequest {
+            let nack = Outbound::Sotw(DiscoveryRequest {
                 type_url: resp.type_url,
                 response_nonce: resp.nonce,
-                error_detail: Some(nack_status(detail)),
+                error_detail: Some(nack_status(detail.clone())),
                 ..Default::default()
-            })];
+            });
+            return self.step(vec![nack], Some(Verdict::Nack(detail)));
         };
         let decoded: Vec<Decoded> = resp.resources.iter().map(|any| decode(rt, any)).collect();
         let mut errors = Vec::new();
@@ -410,10 +448,7 @@ impl AdsState {
                 continue;
             };
             if !present.insert(name.clone()) {
-                errors.push(format!(
-                    "{} {name:?}: duplicate resource in response",
-                    rt.short_name()
-                ));
+                errors.push(refused(rt, &name, "duplicate resource in response".into()));
                 continue;
             }
             if !self.types[rt.index()].entries.contains_key(&name) {
@@ -458,12 +493,17 @@ impl AdsState {
         self.types[rt.index()].in_flight = false;
         let t = &mut self.types[rt.index()];
         t.nonce = resp.nonce.clone();
-        let error_detail = if errors.is_empty() {
+        let verdict = if errors.is_empty() {
             t.version_info = resp.version_info.clone();
-            None
+            Verdict::Ack
         } else {
-            tracing::warn!(type_url = %resp.type_url, version = %resp.version_info, "NACK: {}", errors.join("; "));
-            Some(nack_status(errors.join("; ")))
+            let message = nack_message(&errors);
+            tracing::warn!(type_url = %resp.type_url, version = %resp.version_info, "NACK: {message}");
+            Verdict::Nack(message)
+        };
+        let error_detail = match &verdict {
+            Verdict::Ack => None,
+            Verdict::Nack(m) => Some(nack_status(m.clone())),
         };
         let ack = DiscoveryRequest {
             version_info: t.version_info.clone(),
@@ -475,23 +515,20 @@ impl AdsState {
         };
         let mut out = vec![Outbound::Sotw(ack)];
         out.extend(self.resubscribe(now));
-        out
+        self.step(out, Some(verdict))
     }
 
-    /// Handles a delta response and returns the ACK or NACK, plus any subscription changes.
-    pub fn on_delta_response(
-        &mut self,
-        resp: DeltaDiscoveryResponse,
-        now: Instant,
-    ) -> Vec<Outbound> {
+    /// Handles a delta response: the ACK or NACK, plus any subscription changes.
+    pub fn on_delta_response(&mut self, resp: DeltaDiscoveryResponse, now: Instant) -> Step {
         let Some(rt) = ResourceType::from_type_url(&resp.type_url) else {
             let detail = format!("unsupported type_url {:?}", resp.type_url);
-            return vec![Outbound::Delta(DeltaDiscoveryRequest {
+            let nack = Outbound::Delta(DeltaDiscoveryRequest {
                 type_url: resp.type_url,
                 response_nonce: resp.nonce,
-                error_detail: Some(nack_status(detail)),
+                error_detail: Some(nack_status(detail.clone())),
                 ..Default::default()
-            })];
+            });
+            return self.step(vec![nack], Some(Verdict::Nack(detail)));
         };
         let mut errors = Vec::new();
         for r in &resp.resources {
@@ -511,10 +548,10 @@ impl AdsState {
                 }
             };
             if !r.name.is_empty() && r.name != name {
-                errors.push(format!(
-                    "{} {:?}: the resource's own name is {name:?}",
-                    rt.short_name(),
-                    r.name
+                errors.push(refused(
+                    rt,
+                    &r.name,
+                    format!("the resource's own name is {name:?}"),
                 ));
                 continue;
             }
@@ -533,10 +570,17 @@ impl AdsState {
         }
         let t = &mut self.types[rt.index()];
         t.nonce = resp.nonce.clone();
-        let error_detail = (!errors.is_empty()).then(|| {
-            tracing::warn!(type_url = %resp.type_url, "NACK: {}", errors.join("; "));
-            nack_status(errors.join("; "))
-        });
+        let verdict = if errors.is_empty() {
+            Verdict::Ack
+        } else {
+            let message = nack_message(&errors);
+            tracing::warn!(type_url = %resp.type_url, "NACK: {message}");
+            Verdict::Nack(message)
+        };
+        let error_detail = match &verdict {
+            Verdict::Ack => None,
+            Verdict::Nack(m) => Some(nack_status(m.clone())),
+        };
         let mut out = vec![Outbound::Delta(DeltaDiscoveryRequest {
             type_url: rt.type_url().to_owned(),
             response_nonce: resp.nonce,
@@ -544,7 +588,7 @@ impl AdsState {
             ..Default::default()
         })];
         out.extend(self.resubscribe(now));
-        out
+        self.step(out, Some(verdict))
     }
 
     fn apply(
@@ -552,7 +596,7 @@ impl AdsState {
         rt: ResourceType,
         name: &str,
         version: &str,
-        result: Result<Resource, String>,
+        result: Result<Resource, TranslateError>,
         raw: Option<Any>,
     ) {
         let entry = self.types[rt.index()]
@@ -587,10 +631,13 @@ impl AdsState {
                     }
                 }
             }
-            Err(message) => {
+            Err(error) => {
                 // Correctness: the last good resource (if any) stays in the snapshot.
                 entry.status = ResourceStatus::Nacked;
-                entry.error = Some((version.to_owned(), message));
+                entry.error = Some(Rejected {
+                    version: version.to_owned(),
+                    error,
+                });
             }
         }
     }
@@ -767,6 +814,35 @@ impl AdsState {
     }
 }
 
+/// A resource that could not be decoded far enough to be named.
+fn undecodable(rt: ResourceType, message: String) -> TranslateError {
+    TranslateError {
+        resource_type: rt,
+        name: String::new(),
+        path: String::new(),
+        message,
+    }
+}
+
+/// A response-level problem with one named resource.
+fn refused(rt: ResourceType, name: &str, message: String) -> TranslateError {
+    TranslateError {
+        resource_type: rt,
+        name: name.to_owned(),
+        path: String::new(),
+        message,
+    }
+}
+
+/// The NACK message of a response: every problem in it.
+fn nack_message(errors: &[TranslateError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 fn nack_status(message: String) -> Status {
     Status {
         code: INVALID_ARGUMENT,
@@ -795,16 +871,16 @@ fn decode(rt: ResourceType, any: &Any) -> Decoded {
             Ok(_) => {
                 return (
                     None,
-                    Err(format!("{}: wrapped resource has no body", rt.short_name())),
+                    Err(undecodable(rt, "wrapped resource has no body".into())),
                     None,
                 )
             }
             Err(e) => {
                 return (
                     None,
-                    Err(format!(
-                        "{}: undecodable Resource wrapper: {e}",
-                        rt.short_name()
+                    Err(undecodable(
+                        rt,
+                        format!("undecodable Resource wrapper: {e}"),
                     )),
                     None,
                 )
@@ -816,11 +892,13 @@ fn decode(rt: ResourceType, any: &Any) -> Decoded {
     if any.type_url != rt.type_url() {
         return (
             None,
-            Err(format!(
-                "{}: resource of type {:?} in a {} response",
-                rt.short_name(),
-                any.type_url,
-                rt.type_url()
+            Err(undecodable(
+                rt,
+                format!(
+                    "resource of type {:?} in a {} response",
+                    any.type_url,
+                    rt.type_url()
+                ),
             )),
             None,
         );
@@ -835,14 +913,12 @@ fn decode(rt: ResourceType, any: &Any) -> Decoded {
         match P::decode(any.value.as_slice()) {
             Err(e) => (
                 None,
-                Err(format!("{}: cannot decode protobuf: {e}", rt.short_name())),
+                Err(undecodable(rt, format!("cannot decode protobuf: {e}"))),
                 None,
             ),
             Ok(p) => {
                 let n = name(&p);
-                let result = translate(&p)
-                    .map(|t| wrap(Arc::new(t)))
-                    .map_err(|e| e.to_string());
+                let result = translate(&p).map(|t| wrap(Arc::new(t)));
                 (Some(n), result, Some(any.clone()))
             }
         }

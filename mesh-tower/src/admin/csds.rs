@@ -72,15 +72,12 @@ impl Csds {
                     last_updated: r.updated.map(timestamp),
                     config_status: config_status as i32,
                     client_status: client_status as i32,
-                    error_state: r
-                        .error
-                        .as_ref()
-                        .map(|(version, details)| UpdateFailureState {
-                            failed_configuration: None,
-                            last_update_attempt: r.updated.map(timestamp),
-                            details: details.clone(),
-                            version_info: version.clone(),
-                        }),
+                    error_state: r.error.as_ref().map(|rejected| UpdateFailureState {
+                        failed_configuration: None,
+                        last_update_attempt: r.updated.map(timestamp),
+                        details: rejected.error.to_string(),
+                        version_info: rejected.version.clone(),
+                    }),
                     is_static_resource: false,
                 }
             })

@@ -78,7 +78,7 @@ pub fn config_dump_json(store: &ConfigStore) -> serde_json::Value {
                 "name": r.name,
                 "version": r.version,
                 "status": r.status.as_str(),
-                "error_state": r.error.as_ref().map(|(v, m)| json!({"failed_version": v, "details": m})),
+                "error_state": r.error.as_ref().map(|e| json!({"failed_version": e.version, "details": e.error.to_string()})),
                 "last_updated": r.updated.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_secs_f64()),
                 "resource": r.raw.as_ref().and_then(|a| mesh_core::xds::file::any_to_json(a).ok()),
             })

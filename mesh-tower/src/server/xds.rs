@@ -338,7 +338,7 @@ where
             let status = dump
                 .get(mesh_core::xds::ResourceType::Listener, &name)
                 .map(|r| match &r.error {
-                    Some((_, e)) => format!("{}: {e}", r.status.as_str()),
+                    Some(rejected) => format!("{}: {}", r.status.as_str(), rejected.error),
                     None => r.status.as_str().to_owned(),
                 })
                 .unwrap_or_else(|| "not received".into());

@@ -174,10 +174,10 @@ fn node() -> Node {
 fn sotw_cascade(now: Instant) -> AdsState {
     let mut ads = AdsState::new(ProtocolMode::Sotw, node());
     assert!(
-        ads.watch_listener("svc", now).is_empty(),
+        ads.watch_listener("svc", now).send.is_empty(),
         "nothing is sent before connecting"
     );
-    let out = ads.on_connected(now);
+    let out = ads.on_connected(now).send;
     let r = sotw_reqs(&out);
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].type_url, ResourceType::Listener.type_url());
@@ -188,15 +188,17 @@ fn sotw_cascade(now: Instant) -> AdsState {
         ("", "")
     );
 
-    let out = ads.on_sotw_response(
-        sotw(
-            ResourceType::Listener,
-            "1",
-            "n1",
-            vec![listener("svc", "rc")],
-        ),
-        now,
-    );
+    let out = ads
+        .on_sotw_response(
+            sotw(
+                ResourceType::Listener,
+                "1",
+                "n1",
+                vec![listener("svc", "rc")],
+            ),
+            now,
+        )
+        .send;
     let r = sotw_reqs(&out);
     assert_eq!(r.len(), 2, "ACK plus the RDS subscription: {r:?}");
     assert_eq!(
@@ -208,32 +210,36 @@ fn sotw_cascade(now: Instant) -> AdsState {
     assert_eq!(r[1].type_url, ResourceType::RouteConfiguration.type_url());
     assert_eq!(r[1].resource_names, vec!["rc"]);
 
-    let out = ads.on_sotw_response(
-        sotw(
-            ResourceType::RouteConfiguration,
-            "1",
-            "n2",
-            vec![routes("rc", &[("v1", 90), ("v2", 10)])],
-        ),
-        now,
-    );
+    let out = ads
+        .on_sotw_response(
+            sotw(
+                ResourceType::RouteConfiguration,
+                "1",
+                "n2",
+                vec![routes("rc", &[("v1", 90), ("v2", 10)])],
+            ),
+            now,
+        )
+        .send;
     let r = sotw_reqs(&out);
     assert_eq!(r[1].type_url, ResourceType::Cluster.type_url());
     assert_eq!(r[1].resource_names, vec!["v1", "v2"]);
 
-    let out = ads.on_sotw_response(
-        sotw(
-            ResourceType::Cluster,
-            "1",
-            "n3",
-            vec![cluster("v1"), cluster("v2")],
-        ),
-        now,
-    );
+    let out = ads
+        .on_sotw_response(
+            sotw(
+                ResourceType::Cluster,
+                "1",
+                "n3",
+                vec![cluster("v1"), cluster("v2")],
+            ),
+            now,
+        )
+        .send;
     let r = sotw_reqs(&out);
     assert_eq!(r[1].resource_names, vec!["v1-eds", "v2-eds"]);
 
-    let out = ads.on_sotw_response(
+    let step = ads.on_sotw_response(
         sotw(
             ResourceType::ClusterLoadAssignment,
             "1",
@@ -242,8 +248,10 @@ fn sotw_cascade(now: Instant) -> AdsState {
         ),
         now,
     );
+    assert!(step.snapshot_changed, "the endpoints complete the snapshot");
+    assert_eq!(step.verdict, Some(Verdict::Ack));
+    let out = step.send;
     assert_eq!(sotw_reqs(&out).len(), 1, "only the ACK");
-    assert!(ads.take_snapshot_changed());
     ads
 }
 
@@ -283,10 +291,19 @@ fn sotw_nack_keeps_last_good_and_applies_the_good_ones() {
         seconds: 2,
         nanos: 0,
     });
-    let out = ads.on_sotw_response(
+    let step = ads.on_sotw_response(
         sotw(ResourceType::Cluster, "2", "n5", vec![any(&good), bad]),
         now,
     );
+    assert_eq!(
+        step.verdict,
+        Some(Verdict::Nack(
+            "cluster \"v2\": load_assignment: a DNS cluster needs load_assignment".into()
+        ))
+    );
+    assert!(step.snapshot_changed, "the good cluster is applied");
+    assert!(step.dump_changed);
+    let out = step.send;
     let r = sotw_reqs(&out);
     assert_eq!(r.len(), 1);
     assert_eq!(
@@ -324,17 +341,32 @@ fn sotw_nack_keeps_last_good_and_applies_the_good_ones() {
         .find(|d| d.name == "v2" && d.resource_type == ResourceType::Cluster)
         .unwrap();
     assert_eq!(v2.version, "1");
-    assert_eq!(v2.error.as_ref().unwrap().0, "2");
-    // The next good push clears the NACK.
-    let out = ads.on_sotw_response(
-        sotw(
-            ResourceType::Cluster,
-            "3",
-            "n6",
-            vec![any(&good), cluster("v2")],
-        ),
-        now,
+    let rejected = v2.error.as_ref().unwrap();
+    assert_eq!(rejected.version, "2");
+    // The dump keeps the error typed: resource, field and message apart.
+    assert_eq!(rejected.error.resource_type, ResourceType::Cluster);
+    assert_eq!(rejected.error.name, "v2");
+    assert_eq!(rejected.error.path, "load_assignment");
+    assert_eq!(
+        rejected.error.message,
+        "a DNS cluster needs load_assignment"
     );
+    assert_eq!(
+        ads.error(ResourceType::Cluster, "v2"),
+        Some(&rejected.error)
+    );
+    // The next good push clears the NACK.
+    let out = ads
+        .on_sotw_response(
+            sotw(
+                ResourceType::Cluster,
+                "3",
+                "n6",
+                vec![any(&good), cluster("v2")],
+            ),
+            now,
+        )
+        .send;
     assert_eq!(sotw_reqs(&out)[0].version_info, "3");
     assert!(sotw_reqs(&out)[0].error_detail.is_none());
     assert_eq!(
@@ -348,25 +380,29 @@ fn sotw_deletion_semantics() {
     let now = Instant::now();
     let mut ads = sotw_cascade(now);
     // RDS/EDS: absence from a response is not deletion.
-    let out = ads.on_sotw_response(
-        sotw(
-            ResourceType::ClusterLoadAssignment,
-            "2",
-            "e2",
-            vec![endpoints("v1-eds", &[9001])],
-        ),
-        now,
-    );
+    let out = ads
+        .on_sotw_response(
+            sotw(
+                ResourceType::ClusterLoadAssignment,
+                "2",
+                "e2",
+                vec![endpoints("v1-eds", &[9001])],
+            ),
+            now,
+        )
+        .send;
     assert!(sotw_reqs(&out)[0].error_detail.is_none());
     assert!(
         ads.snapshot().endpoints_for_cluster("v2").is_some(),
         "v2 endpoints kept"
     );
     // CDS: absence is deletion, and the deleted cluster's EDS subscription is dropped.
-    let out = ads.on_sotw_response(
-        sotw(ResourceType::Cluster, "2", "c2", vec![cluster("v1")]),
-        now,
-    );
+    let out = ads
+        .on_sotw_response(
+            sotw(ResourceType::Cluster, "2", "c2", vec![cluster("v1")]),
+            now,
+        )
+        .send;
     let r = sotw_reqs(&out);
     assert_eq!(r.len(), 2);
     assert_eq!(
@@ -380,7 +416,9 @@ fn sotw_deletion_semantics() {
         Some(ResourceStatus::DoesNotExist)
     );
     // LDS: deleting the listener unwinds the cascade (empty lists, never wildcard).
-    let out = ads.on_sotw_response(sotw(ResourceType::Listener, "2", "l2", vec![]), now);
+    let out = ads
+        .on_sotw_response(sotw(ResourceType::Listener, "2", "l2", vec![]), now)
+        .send;
     let r = sotw_reqs(&out);
     let names: Vec<(&str, usize)> = r
         .iter()
@@ -413,7 +451,9 @@ fn sotw_unnamed_garbage_never_deletes() {
         type_url: ResourceType::Cluster.type_url().into(),
         value: vec![0xff, 0xff, 0xff],
     };
-    let out = ads.on_sotw_response(sotw(ResourceType::Cluster, "2", "c2", vec![garbage]), now);
+    let out = ads
+        .on_sotw_response(sotw(ResourceType::Cluster, "2", "c2", vec![garbage]), now)
+        .send;
     let r = sotw_reqs(&out);
     assert!(r[0]
         .error_detail
@@ -429,9 +469,9 @@ fn reconnect_resubscribes_with_versions_and_keeps_config() {
     let now = Instant::now();
     let mut ads = sotw_cascade(now);
     let before = ads.snapshot().clone();
-    ads.on_disconnected();
+    let _ = ads.on_disconnected();
     assert!(!ads.is_connected());
-    let out = ads.on_connected(now);
+    let out = ads.on_connected(now).send;
     let r = sotw_reqs(&out);
     assert_eq!(r.len(), 4, "every type resubscribed");
     assert!(r[0].node.is_some(), "node again on the new stream");
@@ -450,9 +490,9 @@ fn reconnect_resubscribes_with_versions_and_keeps_config() {
 fn does_not_exist_timer() {
     let now = Instant::now();
     let mut ads = AdsState::new(ProtocolMode::Sotw, node());
-    ads.watch_listener("svc", now);
-    ads.on_connected(now);
-    ads.on_sotw_response(
+    let _ = ads.watch_listener("svc", now);
+    let _ = ads.on_connected(now);
+    let _ = ads.on_sotw_response(
         sotw(
             ResourceType::Listener,
             "1",
@@ -462,12 +502,12 @@ fn does_not_exist_timer() {
         now,
     );
     assert_eq!(ads.next_deadline(), Some(now + DOES_NOT_EXIST_TIMEOUT));
-    ads.poll_timers(now + Duration::from_secs(14));
+    let _ = ads.poll_timers(now + Duration::from_secs(14));
     assert_eq!(
         ads.status(ResourceType::RouteConfiguration, "rc"),
         Some(ResourceStatus::Requested)
     );
-    ads.poll_timers(now + DOES_NOT_EXIST_TIMEOUT);
+    let _ = ads.poll_timers(now + DOES_NOT_EXIST_TIMEOUT);
     assert_eq!(
         ads.status(ResourceType::RouteConfiguration, "rc"),
         Some(ResourceStatus::DoesNotExist)
@@ -475,9 +515,9 @@ fn does_not_exist_timer() {
     assert_eq!(ads.next_deadline(), None);
     // While disconnected, silence proves nothing: timers are off.
     let mut ads = AdsState::new(ProtocolMode::Sotw, node());
-    ads.watch_listener("svc", now);
-    ads.on_connected(now);
-    ads.on_disconnected();
+    let _ = ads.watch_listener("svc", now);
+    let _ = ads.on_connected(now);
+    let _ = ads.on_disconnected();
     assert_eq!(ads.next_deadline(), None);
 }
 
@@ -485,16 +525,18 @@ fn does_not_exist_timer() {
 fn unknown_type_is_nacked() {
     let now = Instant::now();
     let mut ads = AdsState::new(ProtocolMode::Sotw, node());
-    ads.watch_listener("svc", now);
-    ads.on_connected(now);
-    let out = ads.on_sotw_response(
-        DiscoveryResponse {
-            type_url: "type.googleapis.com/example.Nope".into(),
-            nonce: "x".into(),
-            ..Default::default()
-        },
-        now,
-    );
+    let _ = ads.watch_listener("svc", now);
+    let _ = ads.on_connected(now);
+    let out = ads
+        .on_sotw_response(
+            DiscoveryResponse {
+                type_url: "type.googleapis.com/example.Nope".into(),
+                nonce: "x".into(),
+                ..Default::default()
+            },
+            now,
+        )
+        .send;
     let r = sotw_reqs(&out);
     assert!(r[0]
         .error_detail
@@ -531,38 +573,42 @@ fn delta(
 fn delta_cascade_nack_removal_and_reconnect() {
     let now = Instant::now();
     let mut ads = AdsState::new(ProtocolMode::Delta, node());
-    ads.watch_listener("svc", now);
-    let out = ads.on_connected(now);
+    let _ = ads.watch_listener("svc", now);
+    let out = ads.on_connected(now).send;
     let r = delta_reqs(&out);
     assert_eq!(r[0].resource_names_subscribe, vec!["svc"]);
     assert!(r[0].node.is_some());
-    let out = ads.on_delta_response(
-        delta(
-            ResourceType::Listener,
-            "d1",
-            vec![("svc", "l1", listener("svc", "rc"))],
-            &[],
-        ),
-        now,
-    );
+    let out = ads
+        .on_delta_response(
+            delta(
+                ResourceType::Listener,
+                "d1",
+                vec![("svc", "l1", listener("svc", "rc"))],
+                &[],
+            ),
+            now,
+        )
+        .send;
     let r = delta_reqs(&out);
     assert_eq!(r[0].response_nonce, "d1");
     assert!(r[0].error_detail.is_none());
     assert_eq!(r[1].resource_names_subscribe, vec!["rc"]);
-    let out = ads.on_delta_response(
-        delta(
-            ResourceType::RouteConfiguration,
-            "d2",
-            vec![("rc", "r1", routes("rc", &[("v1", 1), ("v2", 1)]))],
-            &[],
-        ),
-        now,
-    );
+    let out = ads
+        .on_delta_response(
+            delta(
+                ResourceType::RouteConfiguration,
+                "d2",
+                vec![("rc", "r1", routes("rc", &[("v1", 1), ("v2", 1)]))],
+                &[],
+            ),
+            now,
+        )
+        .send;
     assert_eq!(
         delta_reqs(&out)[1].resource_names_subscribe,
         vec!["v1", "v2"]
     );
-    ads.on_delta_response(
+    let _ = ads.on_delta_response(
         delta(
             ResourceType::Cluster,
             "d3",
@@ -571,7 +617,7 @@ fn delta_cascade_nack_removal_and_reconnect() {
         ),
         now,
     );
-    ads.on_delta_response(
+    let _ = ads.on_delta_response(
         delta(
             ResourceType::ClusterLoadAssignment,
             "d4",
@@ -586,15 +632,17 @@ fn delta_cascade_nack_removal_and_reconnect() {
     assert!(ads.snapshot().endpoints_for_cluster("v1").is_some());
 
     // A bad route update is NACKed; the old one serves.
-    let out = ads.on_delta_response(
-        delta(
-            ResourceType::RouteConfiguration,
-            "d5",
-            vec![("rc", "r2", routes("rc", &[("v1", 0), ("v2", 0)]))],
-            &[],
-        ),
-        now,
-    );
+    let out = ads
+        .on_delta_response(
+            delta(
+                ResourceType::RouteConfiguration,
+                "d5",
+                vec![("rc", "r2", routes("rc", &[("v1", 0), ("v2", 0)]))],
+                &[],
+            ),
+            now,
+        )
+        .send;
     let r = delta_reqs(&out);
     assert_eq!(r.len(), 1);
     assert_eq!(r[0].response_nonce, "d5");
@@ -610,22 +658,24 @@ fn delta_cascade_nack_removal_and_reconnect() {
     );
 
     // A good update shrinks the split to v1: v2 is unsubscribed down the cascade.
-    let out = ads.on_delta_response(
-        delta(
-            ResourceType::RouteConfiguration,
-            "d6",
-            vec![("rc", "r3", routes("rc", &[("v1", 1)]))],
-            &[],
-        ),
-        now,
-    );
+    let out = ads
+        .on_delta_response(
+            delta(
+                ResourceType::RouteConfiguration,
+                "d6",
+                vec![("rc", "r3", routes("rc", &[("v1", 1)]))],
+                &[],
+            ),
+            now,
+        )
+        .send;
     let r = delta_reqs(&out);
     assert_eq!(r[1].resource_names_unsubscribe, vec!["v2"]);
     assert_eq!(r[2].resource_names_unsubscribe, vec!["v2-eds"]);
     assert!(ads.snapshot().cluster("v2").is_none());
 
     // Removal by the server.
-    ads.on_delta_response(
+    let _ = ads.on_delta_response(
         delta(
             ResourceType::ClusterLoadAssignment,
             "d7",
@@ -641,8 +691,8 @@ fn delta_cascade_nack_removal_and_reconnect() {
     );
 
     // Reconnect: subscribe again with initial_resource_versions of what is held.
-    ads.on_disconnected();
-    let out = ads.on_connected(now);
+    let _ = ads.on_disconnected();
+    let out = ads.on_connected(now).send;
     let r = delta_reqs(&out);
     assert_eq!(r.len(), 4);
     assert_eq!(
@@ -670,7 +720,7 @@ fn delta_cascade_nack_removal_and_reconnect() {
 fn unwatch_drops_the_cascade() {
     let now = Instant::now();
     let mut ads = sotw_cascade(now);
-    let out = ads.unwatch_listener("svc", now);
+    let out = ads.unwatch_listener("svc", now).send;
     let r = sotw_reqs(&out);
     assert_eq!(r.len(), 4);
     assert!(r.iter().all(|r| r.resource_names.is_empty()));
@@ -682,13 +732,13 @@ fn unwatch_drops_the_cascade() {
 fn sotw_absence_of_a_new_name_counts_only_on_a_response_that_answers_it() {
     let now = Instant::now();
     let mut ads = AdsState::new(ProtocolMode::Sotw, node());
-    ads.watch_listener("svc", now);
-    ads.on_connected(now);
+    let _ = ads.watch_listener("svc", now);
+    let _ = ads.on_connected(now);
     // "new" is asked for while the response to the first request is still on its way.
-    let out = ads.watch_listener("new", now);
+    let out = ads.watch_listener("new", now).send;
     assert_eq!(sotw_reqs(&out)[0].resource_names, vec!["new", "svc"]);
     // That response predates the request for "new": its absence proves nothing.
-    ads.on_sotw_response(
+    let _ = ads.on_sotw_response(
         sotw(
             ResourceType::Listener,
             "1",
@@ -702,7 +752,7 @@ fn sotw_absence_of_a_new_name_counts_only_on_a_response_that_answers_it() {
         Some(ResourceStatus::Requested)
     );
     // The next one answers it: "new" does not exist, without waiting for the timer.
-    ads.on_sotw_response(
+    let _ = ads.on_sotw_response(
         sotw(
             ResourceType::Listener,
             "1",
@@ -716,9 +766,9 @@ fn sotw_absence_of_a_new_name_counts_only_on_a_response_that_answers_it() {
         Some(ResourceStatus::DoesNotExist)
     );
     // Asked for on a quiet stream, the first response is the answer.
-    let out = ads.watch_listener("other", now);
+    let out = ads.watch_listener("other", now).send;
     assert!(!sotw_reqs(&out).is_empty());
-    ads.on_sotw_response(
+    let _ = ads.on_sotw_response(
         sotw(
             ResourceType::Listener,
             "1",
@@ -756,7 +806,7 @@ fn a_route_update_waits_for_the_clusters_it_points_at() {
     let published = ads.publish_view(now);
     assert_eq!(split(&published), vec!["v1", "v2"]);
     // The route moves everything to v3, which the client does not hold yet.
-    ads.on_sotw_response(
+    let _ = ads.on_sotw_response(
         sotw(
             ResourceType::RouteConfiguration,
             "2",
@@ -770,7 +820,7 @@ fn a_route_update_waits_for_the_clusters_it_points_at() {
     assert!(published.cluster("v1").is_some() && published.endpoints_for_cluster("v1").is_some());
     assert_eq!(ads.next_deadline(), Some(now + ROUTE_HOLD));
     // v3 arrives, then its endpoints: only then does the new route apply.
-    ads.on_sotw_response(
+    let _ = ads.on_sotw_response(
         sotw(ResourceType::Cluster, "2", "n6", vec![cluster("v3")]),
         now,
     );
@@ -779,7 +829,7 @@ fn a_route_update_waits_for_the_clusters_it_points_at() {
         vec!["v1", "v2"],
         "endpoints missing"
     );
-    ads.on_sotw_response(
+    let _ = ads.on_sotw_response(
         sotw(
             ResourceType::ClusterLoadAssignment,
             "2",
@@ -797,7 +847,7 @@ fn a_route_update_waits_for_the_clusters_it_points_at() {
     assert_eq!(ads.holds_expired(), 0);
 
     // A route to a cluster that never comes applies after the bound, and is counted.
-    ads.on_sotw_response(
+    let _ = ads.on_sotw_response(
         sotw(
             ResourceType::RouteConfiguration,
             "3",
@@ -808,8 +858,9 @@ fn a_route_update_waits_for_the_clusters_it_points_at() {
     );
     assert_eq!(split(&ads.publish_view(now)), vec!["v3"]);
     let later = now + ROUTE_HOLD;
-    ads.poll_timers(later);
-    assert!(ads.take_snapshot_changed());
+    let step = ads.poll_timers(later);
+    assert!(step.snapshot_changed, "the held route applies at the bound");
+    assert_eq!(step.verdict, None);
     assert_eq!(split(&ads.publish_view(later)), vec!["v4"]);
     assert_eq!(ads.holds_expired(), 1);
 }
