@@ -236,7 +236,13 @@ async fn a_bad_resource_is_nacked_and_the_last_good_config_keeps_serving() {
         .unwrap();
     println!("NACK detail: {:?}", entry.error);
     assert!(
-        entry.error.as_ref().unwrap().error.to_string().contains("regex"),
+        entry
+            .error
+            .as_ref()
+            .unwrap()
+            .error
+            .to_string()
+            .contains("regex"),
         "the NACK names what was wrong: {:?}",
         entry.error
     );
