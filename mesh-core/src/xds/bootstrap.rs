@@ -189,170 +189,39 @@ impl Bootstrap {
             column: e.column(),
             message: e.to_string(),
         })?;
-        let field = |key: &str, message: String| BootstrapError::Field {
-            origin: origin.to_owned(),
-            key: key.to_owned(),
-            message,
-        };
+        let field = Fields(origin);
         let root = root
             .as_object()
-            .ok_or_else(|| field("(root)", "must be a JSON object".into()))?;
+            .ok_or_else(|| field.at("(root)", "must be a JSON object".into()))?;
 
         let servers_json = root
             .get("xds_servers")
-            .ok_or_else(|| field("xds_servers", "is required".into()))?
+            .ok_or_else(|| field.at("xds_servers", "is required".into()))?
             .as_array()
-            .ok_or_else(|| field("xds_servers", "must be a list".into()))?;
+            .ok_or_else(|| field.at("xds_servers", "must be a list".into()))?;
         if servers_json.is_empty() {
-            return Err(field("xds_servers", "must list at least one server".into()));
+            return Err(field.at("xds_servers", "must list at least one server".into()));
         }
-        let mut servers = Vec::new();
-        for (i, s) in servers_json.iter().enumerate() {
-            let key = |k: &str| format!("xds_servers[{i}]{k}");
-            let uri = s
-                .get("server_uri")
-                .and_then(Json::as_str)
-                .filter(|u| !u.is_empty())
-                .ok_or_else(|| {
-                    field(
-                        &key(".server_uri"),
-                        "is required and must be a non-empty string".into(),
-                    )
-                })?;
-            let creds_json = s
-                .get("channel_creds")
-                .and_then(Json::as_array)
-                .ok_or_else(|| {
-                    field(
-                        &key(".channel_creds"),
-                        "is required and must be a list".into(),
-                    )
-                })?;
-            let mut creds = None;
-            let mut seen = Vec::new();
-            for (j, c) in creds_json.iter().enumerate() {
-                let ty = c.get("type").and_then(Json::as_str).ok_or_else(|| {
-                    field(
-                        &key(&format!(".channel_creds[{j}].type")),
-                        "must be a string".into(),
-                    )
-                })?;
-                match ty {
-                    "insecure" => {
-                        creds = Some(ChannelCreds::Insecure);
-                        break;
-                    }
-                    "tls" => {
-                        let cfg = c.get("config");
-                        let get = |k: &str| {
-                            cfg.and_then(|c| c.get(k))
-                                .and_then(Json::as_str)
-                                .map(str::to_owned)
-                        };
-                        let ca = get("ca_certificate_file").ok_or_else(|| {
-                            field(
-                                &key(&format!(".channel_creds[{j}].config.ca_certificate_file")),
-                                "is required for tls channel credentials".into(),
-                            )
-                        })?;
-                        creds = Some(ChannelCreds::Tls {
-                            ca_certificate_file: ca,
-                            certificate_file: get("certificate_file"),
-                            private_key_file: get("private_key_file"),
-                        });
-                        break;
-                    }
-                    other => seen.push(other.to_owned()),
-                }
-            }
-            let creds = creds.ok_or_else(|| {
-                field(
-                    &key(".channel_creds"),
-                    format!("no supported type (insecure, tls) among {seen:?}"),
-                )
-            })?;
-            let features = match s.get("server_features") {
-                None => Vec::new(),
-                Some(f) => f
-                    .as_array()
-                    .ok_or_else(|| {
-                        field(&key(".server_features"), "must be a list of strings".into())
-                    })?
-                    .iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect(),
-            };
-            servers.push(XdsServer {
-                uri: uri.to_owned(),
-                creds,
-                features,
-            });
-        }
+        let servers = servers_json
+            .iter()
+            .enumerate()
+            .map(|(i, s)| server(&field, i, s))
+            .collect::<Result<Vec<_>, _>>()?;
 
-        let mut node = base_node(String::new());
-        if let Some(n) = root.get("node") {
-            let n = n
-                .as_object()
-                .ok_or_else(|| field("node", "must be an object".into()))?;
-            let s = |k: &str| -> Result<String, BootstrapError> {
-                match n.get(k) {
-                    None => Ok(String::new()),
-                    Some(Json::String(s)) => Ok(s.clone()),
-                    Some(_) => Err(field(&format!("node.{k}"), "must be a string".into())),
-                }
-            };
-            node.id = s("id")?;
-            node.cluster = s("cluster")?;
-            if let Some(l) = n.get("locality") {
-                let l = l
-                    .as_object()
-                    .ok_or_else(|| field("node.locality", "must be an object".into()))?;
-                let g = |k: &str| {
-                    l.get(k)
-                        .and_then(Json::as_str)
-                        .unwrap_or_default()
-                        .to_owned()
-                };
-                node.locality = Some(Locality {
-                    region: g("region"),
-                    zone: g("zone"),
-                    sub_zone: g("sub_zone"),
-                });
-            }
-            if let Some(m) = n.get("metadata") {
-                let m = m
-                    .as_object()
-                    .ok_or_else(|| field("node.metadata", "must be an object".into()))?;
-                node.metadata = Some(json_struct(m));
-            }
-        }
+        let node = match root.get("node") {
+            Some(n) => node(&field, n)?,
+            None => base_node(String::new()),
+        };
 
-        let mut certificate_providers = BTreeMap::new();
-        if let Some(cp) = root.get("certificate_providers") {
-            let cp = cp
-                .as_object()
-                .ok_or_else(|| field("certificate_providers", "must be an object".into()))?;
-            for (name, v) in cp {
-                let plugin_name = v.get("plugin_name").and_then(Json::as_str).ok_or_else(|| {
-                    field(
-                        &format!("certificate_providers.{name}.plugin_name"),
-                        "is required".into(),
-                    )
-                })?;
-                certificate_providers.insert(
-                    name.clone(),
-                    CertificateProviderConfig {
-                        plugin_name: plugin_name.to_owned(),
-                        config: v.get("config").cloned().unwrap_or(Json::Null),
-                    },
-                );
-            }
-        }
+        let certificate_providers = match root.get("certificate_providers") {
+            Some(cp) => certificate_providers(&field, cp)?,
+            None => BTreeMap::new(),
+        };
         let template = |k: &str| -> Result<Option<String>, BootstrapError> {
             match root.get(k) {
                 None => Ok(None),
                 Some(Json::String(s)) => Ok(Some(s.clone())),
-                Some(_) => Err(field(k, "must be a string".into())),
+                Some(_) => Err(field.at(k, "must be a string".into())),
             }
         };
         Ok(Self {
@@ -418,6 +287,169 @@ fn json_value(v: &Json) -> Value {
         Json::Object(o) => Kind::StructValue(json_struct(o)),
     };
     Value { kind: Some(kind) }
+}
+
+/// Names a bootstrap field in errors.
+struct Fields<'a>(&'a str);
+
+impl Fields<'_> {
+    /// The error for field `key`.
+    fn at(&self, key: &str, message: String) -> BootstrapError {
+        BootstrapError::Field {
+            origin: self.0.to_owned(),
+            key: key.to_owned(),
+            message,
+        }
+    }
+}
+
+/// `xds_servers[i]`: its URI, the first channel credentials this client supports, its
+/// features.
+fn server(field: &Fields<'_>, i: usize, s: &Json) -> Result<XdsServer, BootstrapError> {
+    let key = |k: &str| format!("xds_servers[{i}]{k}");
+    let uri = s
+        .get("server_uri")
+        .and_then(Json::as_str)
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| {
+            field.at(
+                &key(".server_uri"),
+                "is required and must be a non-empty string".into(),
+            )
+        })?;
+    let creds_json = s
+        .get("channel_creds")
+        .and_then(Json::as_array)
+        .ok_or_else(|| {
+            field.at(
+                &key(".channel_creds"),
+                "is required and must be a list".into(),
+            )
+        })?;
+    let mut creds = None;
+    let mut seen = Vec::new();
+    for (j, c) in creds_json.iter().enumerate() {
+        let ty = c.get("type").and_then(Json::as_str).ok_or_else(|| {
+            field.at(
+                &key(&format!(".channel_creds[{j}].type")),
+                "must be a string".into(),
+            )
+        })?;
+        match ty {
+            "insecure" => {
+                creds = Some(ChannelCreds::Insecure);
+                break;
+            }
+            "tls" => {
+                let cfg = c.get("config");
+                let get = |k: &str| {
+                    cfg.and_then(|c| c.get(k))
+                        .and_then(Json::as_str)
+                        .map(str::to_owned)
+                };
+                let ca = get("ca_certificate_file").ok_or_else(|| {
+                    field.at(
+                        &key(&format!(".channel_creds[{j}].config.ca_certificate_file")),
+                        "is required for tls channel credentials".into(),
+                    )
+                })?;
+                creds = Some(ChannelCreds::Tls {
+                    ca_certificate_file: ca,
+                    certificate_file: get("certificate_file"),
+                    private_key_file: get("private_key_file"),
+                });
+                break;
+            }
+            other => seen.push(other.to_owned()),
+        }
+    }
+    let creds = creds.ok_or_else(|| {
+        field.at(
+            &key(".channel_creds"),
+            format!("no supported type (insecure, tls) among {seen:?}"),
+        )
+    })?;
+    let features = match s.get("server_features") {
+        None => Vec::new(),
+        Some(f) => f
+            .as_array()
+            .ok_or_else(|| field.at(&key(".server_features"), "must be a list of strings".into()))?
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect(),
+    };
+    Ok(XdsServer {
+        uri: uri.to_owned(),
+        creds,
+        features,
+    })
+}
+
+/// `node`: id, cluster, locality and metadata.
+fn node(field: &Fields<'_>, n: &Json) -> Result<Node, BootstrapError> {
+    let mut node = base_node(String::new());
+    let n = n
+        .as_object()
+        .ok_or_else(|| field.at("node", "must be an object".into()))?;
+    let s = |k: &str| -> Result<String, BootstrapError> {
+        match n.get(k) {
+            None => Ok(String::new()),
+            Some(Json::String(s)) => Ok(s.clone()),
+            Some(_) => Err(field.at(&format!("node.{k}"), "must be a string".into())),
+        }
+    };
+    node.id = s("id")?;
+    node.cluster = s("cluster")?;
+    if let Some(l) = n.get("locality") {
+        let l = l
+            .as_object()
+            .ok_or_else(|| field.at("node.locality", "must be an object".into()))?;
+        let g = |k: &str| {
+            l.get(k)
+                .and_then(Json::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        node.locality = Some(Locality {
+            region: g("region"),
+            zone: g("zone"),
+            sub_zone: g("sub_zone"),
+        });
+    }
+    if let Some(m) = n.get("metadata") {
+        let m = m
+            .as_object()
+            .ok_or_else(|| field.at("node.metadata", "must be an object".into()))?;
+        node.metadata = Some(json_struct(m));
+    }
+    Ok(node)
+}
+
+/// `certificate_providers`: each instance's plugin name and config.
+fn certificate_providers(
+    field: &Fields<'_>,
+    cp: &Json,
+) -> Result<BTreeMap<String, CertificateProviderConfig>, BootstrapError> {
+    let mut certificate_providers = BTreeMap::new();
+    let cp = cp
+        .as_object()
+        .ok_or_else(|| field.at("certificate_providers", "must be an object".into()))?;
+    for (name, v) in cp {
+        let plugin_name = v.get("plugin_name").and_then(Json::as_str).ok_or_else(|| {
+            field.at(
+                &format!("certificate_providers.{name}.plugin_name"),
+                "is required".into(),
+            )
+        })?;
+        certificate_providers.insert(
+            name.clone(),
+            CertificateProviderConfig {
+                plugin_name: plugin_name.to_owned(),
+                config: v.get("config").cloned().unwrap_or(Json::Null),
+            },
+        );
+    }
+    Ok(certificate_providers)
 }
 
 #[cfg(test)]

@@ -519,30 +519,7 @@ impl Task {
             let _ = tx.send(out);
         }
         let mode = self.state.mode();
-        let opened: Result<InboundStream, tonic::Status> = match mode {
-            ProtocolMode::Sotw => {
-                let reqs = UnboundedReceiverStream::new(rx).filter_map(|o| async move {
-                    match o {
-                        Outbound::Sotw(r) => Some(r),
-                        Outbound::Delta(_) => None,
-                    }
-                });
-                client.stream_aggregated_resources(reqs).await.map(|r| {
-                    Box::pin(r.into_inner().map(|m| m.map(Inbound::Sotw))) as InboundStream
-                })
-            }
-            ProtocolMode::Delta => {
-                let reqs = UnboundedReceiverStream::new(rx).filter_map(|o| async move {
-                    match o {
-                        Outbound::Delta(r) => Some(r),
-                        Outbound::Sotw(_) => None,
-                    }
-                });
-                client.delta_aggregated_resources(reqs).await.map(|r| {
-                    Box::pin(r.into_inner().map(|m| m.map(Inbound::Delta))) as InboundStream
-                })
-            }
-        };
+        let opened = open_stream(&mut client, rx, mode).await;
         let mut inbound = match opened {
             Ok(s) => s,
             Err(status) => {
@@ -599,6 +576,40 @@ impl Task {
                     self.apply(step);
                 }
             }
+        }
+    }
+}
+
+/// Opens the ADS stream of `mode`, sending what arrives on `rx`.
+async fn open_stream(
+    client: &mut AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+    rx: mpsc::UnboundedReceiver<Outbound>,
+    mode: ProtocolMode,
+) -> Result<InboundStream, tonic::Status> {
+    match mode {
+        ProtocolMode::Sotw => {
+            let reqs = UnboundedReceiverStream::new(rx).filter_map(|o| async move {
+                match o {
+                    Outbound::Sotw(r) => Some(r),
+                    Outbound::Delta(_) => None,
+                }
+            });
+            client
+                .stream_aggregated_resources(reqs)
+                .await
+                .map(|r| Box::pin(r.into_inner().map(|m| m.map(Inbound::Sotw))) as InboundStream)
+        }
+        ProtocolMode::Delta => {
+            let reqs = UnboundedReceiverStream::new(rx).filter_map(|o| async move {
+                match o {
+                    Outbound::Delta(r) => Some(r),
+                    Outbound::Sotw(_) => None,
+                }
+            });
+            client
+                .delta_aggregated_resources(reqs)
+                .await
+                .map(|r| Box::pin(r.into_inner().map(|m| m.map(Inbound::Delta))) as InboundStream)
         }
     }
 }
