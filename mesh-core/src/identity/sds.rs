@@ -100,32 +100,7 @@ impl SdsProvider {
                         .into_inner();
                     while let Some(resp) = stream.next().await {
                         let resp: DiscoveryResponse = resp.map_err(|e| e.to_string())?;
-                        let mut chain = None;
-                        let mut key = None;
-                        let mut bundle = None;
-                        for any in &resp.resources {
-                            let Ok(s) = Secret::decode(any.value.as_slice()) else {
-                                continue;
-                            };
-                            match s.r#type {
-                                Some(secret::Type::TlsCertificate(t)) if s.name == cert => {
-                                    chain = bytes(t.certificate_chain.as_ref());
-                                    key = bytes(t.private_key.as_ref());
-                                }
-                                Some(secret::Type::ValidationContext(v)) if s.name == roots => {
-                                    bundle = bytes(v.trusted_ca.as_ref());
-                                }
-                                _ => {}
-                            }
-                        }
-                        let parsed =
-                            match (chain, key, bundle) {
-                                (Some(c), Some(k), Some(b)) => {
-                                    Identity::from_pem(&c, &k, &b).map_err(|e| e.to_string())
-                                }
-                                _ => Err("the response lacks the certificate or the trust bundle"
-                                    .to_owned()),
-                            };
+                        let parsed = identity_from(&resp, &cert, &roots);
                         let error_detail = match parsed {
                             Ok(identity) => {
                                 match &store {
@@ -149,18 +124,7 @@ impl SdsProvider {
                                 })
                             }
                         };
-                        let _ = tx.send(DiscoveryRequest {
-                            version_info: if error_detail.is_none() {
-                                resp.version_info.clone()
-                            } else {
-                                String::new()
-                            },
-                            resource_names: names.clone(),
-                            type_url: Secret::type_url(),
-                            response_nonce: resp.nonce.clone(),
-                            error_detail,
-                            ..Default::default()
-                        });
+                        let _ = tx.send(answer(&resp, &names, error_detail));
                         backoff = Duration::from_millis(200);
                     }
                     Ok::<_, String>(())
@@ -189,5 +153,52 @@ impl SdsProvider {
                 IdentityError::Config(format!("no certificate over SDS within {timeout:?}"))
             })?
             .map_err(|_| IdentityError::Config("the SDS task ended".into()))
+    }
+}
+
+/// The identity a response carries: the certificate chain and key of secret `cert` and the
+/// trust bundle of secret `roots`.
+fn identity_from(resp: &DiscoveryResponse, cert: &str, roots: &str) -> Result<Identity, String> {
+    let mut chain = None;
+    let mut key = None;
+    let mut bundle = None;
+    for any in &resp.resources {
+        let Ok(s) = Secret::decode(any.value.as_slice()) else {
+            continue;
+        };
+        match s.r#type {
+            Some(secret::Type::TlsCertificate(t)) if s.name == cert => {
+                chain = bytes(t.certificate_chain.as_ref());
+                key = bytes(t.private_key.as_ref());
+            }
+            Some(secret::Type::ValidationContext(v)) if s.name == roots => {
+                bundle = bytes(v.trusted_ca.as_ref());
+            }
+            _ => {}
+        }
+    }
+    match (chain, key, bundle) {
+        (Some(c), Some(k), Some(b)) => Identity::from_pem(&c, &k, &b).map_err(|e| e.to_string()),
+        _ => Err("the response lacks the certificate or the trust bundle".to_owned()),
+    }
+}
+
+/// The ACK (or, with `error_detail`, the NACK) of a response.
+fn answer(
+    resp: &DiscoveryResponse,
+    names: &[String],
+    error_detail: Option<Status>,
+) -> DiscoveryRequest {
+    DiscoveryRequest {
+        version_info: if error_detail.is_none() {
+            resp.version_info.clone()
+        } else {
+            String::new()
+        },
+        resource_names: names.to_vec(),
+        type_url: Secret::type_url(),
+        response_nonce: resp.nonce.clone(),
+        error_detail,
+        ..Default::default()
     }
 }
