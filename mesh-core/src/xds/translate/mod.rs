@@ -15,8 +15,10 @@ use prost::{Message, Name};
 use super::ResourceType;
 
 mod cluster;
+mod discovery;
 mod endpoint;
 mod fault;
+mod lb;
 pub mod ledger;
 mod listener;
 mod matcher;
