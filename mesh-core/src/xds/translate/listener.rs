@@ -276,35 +276,7 @@ fn server_side(m: HttpConnectionManager) -> Result<HttpConnectionManager, FieldE
 pub(crate) fn http_connection_manager(
     m: &hcm::HttpConnectionManager,
 ) -> Result<HttpConnectionManager, FieldError> {
-    use hcm::http_connection_manager::RouteSpecifier as R;
-    let routes = match &m.route_specifier {
-        Some(R::Rds(rds)) => {
-            if rds.route_config_name.is_empty() {
-                return err("route_config_name is empty")
-                    .at("route_config_name")
-                    .at("rds");
-            }
-            if let Some(cs) = &rds.config_source {
-                use core::config_source::ConfigSourceSpecifier as S;
-                match cs.config_source_specifier {
-                    Some(S::Ads(_)) | Some(S::Self_(_)) | None => {}
-                    Some(_) => {
-                        return err("only ads or self config sources are supported")
-                            .at("config_source")
-                            .at("rds")
-                    }
-                }
-            }
-            RouteSource::Rds(rds.route_config_name.clone())
-        }
-        Some(R::RouteConfig(rc)) => {
-            RouteSource::Inline(Arc::new(route_config(rc).at("route_config")?))
-        }
-        Some(R::ScopedRoutes(_)) => {
-            return err("scoped_routes is not supported").at("scoped_routes")
-        }
-        None => return err("one of rds or route_config is required"),
-    };
+    let routes = route_source(m)?;
     // The mesh never rewrites the `server` header: that is PASS_THROUGH. Envoy's default
     // (OVERWRITE with "envoy") is not something a proxyless service should do.
     match m.server_header_transformation {
@@ -316,46 +288,9 @@ pub(crate) fn http_connection_manager(
             .at("server_header_transformation")
         }
     }
-    let mut http_filters = Vec::with_capacity(m.http_filters.len());
-    for (i, f) in m.http_filters.iter().enumerate() {
-        if let Some(kind) = http_filter(f).at_index("http_filters", i)? {
-            http_filters.push(HttpFilter {
-                name: f.name.clone(),
-                kind,
-            });
-        }
-    }
-    match http_filters
-        .iter()
-        .position(|f| f.kind == HttpFilterKind::Router)
-    {
-        None => return err("the router filter is required").at("http_filters"),
-        Some(pos) if pos + 1 != http_filters.len() => {
-            return err("the router must be the last HTTP filter").at("http_filters")
-        }
-        Some(_) => {}
-    }
-    let mut upgrades = Vec::new();
-    for (i, u) in m.upgrade_configs.iter().enumerate() {
-        if !u.filters.is_empty() {
-            return err("filter chains per upgrade type are not supported")
-                .at("filters")
-                .at_index("upgrade_configs", i);
-        }
-        if u.upgrade_type.eq_ignore_ascii_case("connect") || u.upgrade_type.is_empty() {
-            return err(format!(
-                "upgrade type {:?} is not supported (HTTP/1.1 Upgrade types such as websocket are)",
-                u.upgrade_type
-            ))
-            .at("upgrade_type")
-            .at_index("upgrade_configs", i);
-        }
-        if u.enabled.is_none_or(|b| b.value) {
-            upgrades.push(u.upgrade_type.to_ascii_lowercase());
-        }
-    }
+    let http_filters = http_filters(m)?;
     let request = RequestPolicy {
-        upgrades,
+        upgrades: upgrades(m)?,
         normalize_path: m.normalize_path.map(|b| b.value).unwrap_or(false),
         merge_slashes: m.merge_slashes,
         escaped_slashes: match m.path_with_escaped_slashes_action {
@@ -395,6 +330,88 @@ pub(crate) fn http_connection_manager(
         .at("max_stream_duration")
         .at("common_http_protocol_options")?,
     })
+}
+
+/// Where a connection manager's routes come from: RDS (over ADS) or inline.
+fn route_source(m: &hcm::HttpConnectionManager) -> Result<RouteSource, FieldError> {
+    use hcm::http_connection_manager::RouteSpecifier as R;
+    let routes = match &m.route_specifier {
+        Some(R::Rds(rds)) => {
+            if rds.route_config_name.is_empty() {
+                return err("route_config_name is empty")
+                    .at("route_config_name")
+                    .at("rds");
+            }
+            if let Some(cs) = &rds.config_source {
+                use core::config_source::ConfigSourceSpecifier as S;
+                match cs.config_source_specifier {
+                    Some(S::Ads(_)) | Some(S::Self_(_)) | None => {}
+                    Some(_) => {
+                        return err("only ads or self config sources are supported")
+                            .at("config_source")
+                            .at("rds")
+                    }
+                }
+            }
+            RouteSource::Rds(rds.route_config_name.clone())
+        }
+        Some(R::RouteConfig(rc)) => {
+            RouteSource::Inline(Arc::new(route_config(rc).at("route_config")?))
+        }
+        Some(R::ScopedRoutes(_)) => {
+            return err("scoped_routes is not supported").at("scoped_routes")
+        }
+        None => return err("one of rds or route_config is required"),
+    };
+    Ok(routes)
+}
+
+/// A connection manager's HTTP filters: the ones the mesh acts on, ending with the router.
+fn http_filters(m: &hcm::HttpConnectionManager) -> Result<Vec<HttpFilter>, FieldError> {
+    let mut http_filters = Vec::with_capacity(m.http_filters.len());
+    for (i, f) in m.http_filters.iter().enumerate() {
+        if let Some(kind) = http_filter(f).at_index("http_filters", i)? {
+            http_filters.push(HttpFilter {
+                name: f.name.clone(),
+                kind,
+            });
+        }
+    }
+    match http_filters
+        .iter()
+        .position(|f| f.kind == HttpFilterKind::Router)
+    {
+        None => return err("the router filter is required").at("http_filters"),
+        Some(pos) if pos + 1 != http_filters.len() => {
+            return err("the router must be the last HTTP filter").at("http_filters")
+        }
+        Some(_) => {}
+    }
+    Ok(http_filters)
+}
+
+/// The HTTP/1.1 upgrade types a connection manager allows (websocket and the like).
+fn upgrades(m: &hcm::HttpConnectionManager) -> Result<Vec<String>, FieldError> {
+    let mut upgrades = Vec::new();
+    for (i, u) in m.upgrade_configs.iter().enumerate() {
+        if !u.filters.is_empty() {
+            return err("filter chains per upgrade type are not supported")
+                .at("filters")
+                .at_index("upgrade_configs", i);
+        }
+        if u.upgrade_type.eq_ignore_ascii_case("connect") || u.upgrade_type.is_empty() {
+            return err(format!(
+                "upgrade type {:?} is not supported (HTTP/1.1 Upgrade types such as websocket are)",
+                u.upgrade_type
+            ))
+            .at("upgrade_type")
+            .at_index("upgrade_configs", i);
+        }
+        if u.enabled.is_none_or(|b| b.value) {
+            upgrades.push(u.upgrade_type.to_ascii_lowercase());
+        }
+    }
+    Ok(upgrades)
 }
 
 /// `Ok(None)`: an optional filter the mesh does not implement, skipped.

@@ -332,10 +332,9 @@ fn redirect(rd: &pb::RedirectAction) -> Result<RouteAction, FieldError> {
     }))
 }
 
-fn forward(
-    ra: &pb::RouteAction,
-    vh_retry: Option<&RetryPolicy>,
-) -> Result<ForwardAction, FieldError> {
+/// Where a route sends requests: one cluster, a cluster named by a header, or weighted
+/// clusters.
+fn cluster_specifier(ra: &pb::RouteAction) -> Result<ClusterSpecifier, FieldError> {
     use pb::route_action::ClusterSpecifier as C;
     let cluster = match &ra.cluster_specifier {
         Some(C::Cluster(name)) if name.is_empty() => {
@@ -355,22 +354,12 @@ fn forward(
         }
         None => return err("one of cluster, cluster_header or weighted_clusters is required"),
     };
-    let timeout = match &ra.timeout {
-        None => Some(DEFAULT_ROUTE_TIMEOUT),
-        Some(d) => opt_nonzero_duration(Some(d)).at("timeout")?,
-    };
-    let retry_policy = match &ra.retry_policy {
-        Some(rp) => Some(retry_policy(rp).at("retry_policy")?),
-        None => vh_retry.cloned(),
-    };
-    let hash_policy = ra
-        .hash_policy
-        .iter()
-        .enumerate()
-        .filter_map(|(i, h)| hash_policy(h).at_index("hash_policy", i).transpose())
-        .collect::<Result<_, _>>()?;
-    let mirrors = ra
-        .request_mirror_policies
+    Ok(cluster)
+}
+
+/// A route's request mirror policies.
+fn mirrors(ra: &pb::RouteAction) -> Result<Vec<MirrorPolicy>, FieldError> {
+    ra.request_mirror_policies
         .iter()
         .enumerate()
         .map(|(i, m)| {
@@ -391,7 +380,29 @@ fn forward(
                 shadow_suffix: !m.disable_shadow_host_suffix_append,
             })
         })
+        .collect::<Result<_, _>>()
+}
+
+fn forward(
+    ra: &pb::RouteAction,
+    vh_retry: Option<&RetryPolicy>,
+) -> Result<ForwardAction, FieldError> {
+    let cluster = cluster_specifier(ra)?;
+    let timeout = match &ra.timeout {
+        None => Some(DEFAULT_ROUTE_TIMEOUT),
+        Some(d) => opt_nonzero_duration(Some(d)).at("timeout")?,
+    };
+    let retry_policy = match &ra.retry_policy {
+        Some(rp) => Some(retry_policy(rp).at("retry_policy")?),
+        None => vh_retry.cloned(),
+    };
+    let hash_policy = ra
+        .hash_policy
+        .iter()
+        .enumerate()
+        .filter_map(|(i, h)| hash_policy(h).at_index("hash_policy", i).transpose())
         .collect::<Result<_, _>>()?;
+    let mirrors = mirrors(ra)?;
     if !ra.prefix_rewrite.is_empty() && ra.regex_rewrite.is_some() {
         return err("prefix_rewrite and regex_rewrite are mutually exclusive").at("regex_rewrite");
     }
