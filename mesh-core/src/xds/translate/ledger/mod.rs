@@ -69,7 +69,7 @@ impl Entry {
 
 /// Every entry of the ledger.
 pub fn entries() -> &'static [Entry] {
-    table::ENTRIES
+    table::entries()
 }
 
 /// The entry for a key (a message's full name or an alias).
