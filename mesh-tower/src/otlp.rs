@@ -365,6 +365,13 @@ fn series_attributes(d: Direction, l: &crate::metrics::Labelled) -> Vec<KeyValue
 fn register(provider: &SdkMeterProvider, metrics: &Metrics) {
     use opentelemetry::metrics::MeterProvider as _;
     let meter = provider.meter(crate::trace::SCOPE);
+    register_requests(&meter, metrics);
+    register_latency(&meter, metrics);
+    register_events(&meter, metrics);
+}
+
+/// Requests by outcome and in flight, per series.
+fn register_requests(meter: &opentelemetry::metrics::Meter, metrics: &Metrics) {
     let m = metrics.clone();
     meter
         .u64_observable_counter("mesh.requests")
@@ -396,6 +403,10 @@ fn register(provider: &SdkMeterProvider, metrics: &Metrics) {
             }
         })
         .build();
+}
+
+/// Request latency per series: sum, count and quantiles.
+fn register_latency(meter: &opentelemetry::metrics::Meter, metrics: &Metrics) {
     let m = metrics.clone();
     meter
         .f64_observable_counter("mesh.request.duration.sum")
@@ -447,62 +458,43 @@ fn register(provider: &SdkMeterProvider, metrics: &Metrics) {
             })
             .build();
     }
+}
+
+/// The event counters (retries, overflows, ejections, faults, waits, handshake failures,
+/// xDS updates), as observable counters.
+fn register_events(meter: &opentelemetry::metrics::Meter, metrics: &Metrics) {
     type Read = fn(&Metrics) -> u64;
     let events: [(&'static str, &'static str, Read); 10] = [
         ("mesh.retries", "Retries sent.", |m| {
-            m.counters()
-                .retries
-                .load(std::sync::atomic::Ordering::Relaxed)
+            relaxed(&m.counters().retries)
         }),
         (
             "mesh.breaker.overflows",
             "Requests refused by circuit breakers.",
-            |m| {
-                m.counters()
-                    .overflows
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            },
+            |m| relaxed(&m.counters().overflows),
         ),
         (
             "mesh.outlier.ejections",
             "Endpoints ejected by outlier detection.",
-            |m| {
-                m.counters()
-                    .ejections
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            },
+            |m| relaxed(&m.counters().ejections),
         ),
         ("mesh.faults.injected", "Faults injected.", |m| {
-            m.counters()
-                .faults
-                .load(std::sync::atomic::Ordering::Relaxed)
+            relaxed(&m.counters().faults)
         }),
         (
             "mesh.config.waits",
             "Requests that waited for their configuration to arrive.",
-            |m| {
-                m.counters()
-                    .config_waits
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            },
+            |m| relaxed(&m.counters().config_waits),
         ),
         (
             "mesh.config.waits_expired",
             "Requests sent after waiting the whole bound for configuration that did not arrive.",
-            |m| {
-                m.counters()
-                    .config_waits_expired
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            },
+            |m| relaxed(&m.counters().config_waits_expired),
         ),
         (
             "mesh.tls.handshake_failures",
             "TLS handshakes that failed.",
-            |m| {
-                m.counters()
-                    .tls_failures
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            },
+            |m| relaxed(&m.counters().tls_failures),
         ),
         ("mesh.xds.updates", "xDS responses accepted.", |m| {
             m.xds_counts().acked
@@ -524,6 +516,10 @@ fn register(provider: &SdkMeterProvider, metrics: &Metrics) {
             .with_callback(move |o| o.observe(read(&m), &[]))
             .build();
     }
+}
+
+fn relaxed(counter: &std::sync::atomic::AtomicU64) -> u64 {
+    counter.load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Exports the metrics once more and stops when dropped.

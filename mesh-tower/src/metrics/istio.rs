@@ -396,89 +396,10 @@ impl Call {
             (Some((local, flags)), _) => (local, flags),
             (None, c) => (c.unwrap_or(0), "-"),
         };
-        let me = &self.istio.workload;
-        let unknown = || Arc::<str>::from(UNKNOWN);
         let s = |v: &str| Arc::<str>::from(v);
-        // Istio's cluster names: `outbound|PORT|SUBSET|HOST`.
-        let mut parts = self.cluster.splitn(4, '|');
-        let (host, subset) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(_), Some(_), Some(subset), Some(host)) => (host.to_owned(), subset.to_owned()),
-            _ => (self.cluster.clone(), String::new()),
-        };
-        let (host, subset) = if self.outbound {
-            (host, subset)
-        } else {
-            (me.service.clone(), String::new())
-        };
-        let service_name = host.split('.').next().unwrap_or(UNKNOWN).to_owned();
-        let service_namespace = host
-            .split('.')
-            .nth(1)
-            .filter(|_| host.contains(".svc"))
-            .unwrap_or(UNKNOWN)
-            .to_owned();
-        let peer = self.peer.as_ref();
-        let peer_field = |f: fn(&Workload) -> &str| peer.map_or_else(unknown, |p| s(f(p)));
-        let mine = |f: fn(&Workload) -> &str| s(f(me));
-        let my_principal = me.principal.as_deref().map_or_else(unknown, s);
-        let (source, destination): ([Arc<str>; 8], [Arc<str>; 7]) = if self.outbound {
-            (
-                [
-                    mine(|w| &w.name),
-                    mine(|w| &w.namespace),
-                    my_principal,
-                    mine(|w| &w.app),
-                    mine(|w| &w.version),
-                    mine(|w| &w.app),
-                    mine(|w| &w.version),
-                    mine(|w| &w.cluster),
-                ],
-                [
-                    peer_field(|w| &w.name),
-                    peer.map_or_else(|| s(&service_namespace), |p| s(&p.namespace)),
-                    // The server's identity is checked by the connector, not reported here.
-                    unknown(),
-                    peer_field(|w| &w.app),
-                    peer.map_or_else(
-                        || {
-                            if subset.is_empty() {
-                                unknown()
-                            } else {
-                                s(&subset)
-                            }
-                        },
-                        |p| s(&p.version),
-                    ),
-                    peer_field(|w| &w.app),
-                    peer_field(|w| &w.cluster),
-                ],
-            )
-        } else {
-            let principal = self.peer_principal.as_deref();
-            (
-                [
-                    peer_field(|w| &w.name),
-                    peer.map(|p| s(&p.namespace))
-                        .or_else(|| principal.and_then(spiffe_namespace).map(s))
-                        .unwrap_or_else(unknown),
-                    principal.map_or_else(unknown, s),
-                    peer_field(|w| &w.app),
-                    peer_field(|w| &w.version),
-                    peer_field(|w| &w.app),
-                    peer_field(|w| &w.version),
-                    peer_field(|w| &w.cluster),
-                ],
-                [
-                    mine(|w| &w.name),
-                    mine(|w| &w.namespace),
-                    my_principal,
-                    mine(|w| &w.app),
-                    mine(|w| &w.version),
-                    mine(|w| &w.app),
-                    mine(|w| &w.cluster),
-                ],
-            )
-        };
+        let unknown = || Arc::<str>::from(UNKNOWN);
+        let (host, service_name, service_namespace, subset) = self.destination_service();
+        let (source, destination) = self.parties(&service_namespace, &subset);
         let [sw, sns, sp, sa, sv, scs, scr, sc] = source;
         let [dw, dns, dp, da, dv, dcs, dc] = destination;
         let dcr = dv.clone();
@@ -532,6 +453,102 @@ impl Call {
         series
             .response_bytes
             .record(&SIZE_BUCKETS, self.response_bytes as f64);
+    }
+
+    /// The destination service of the request: host, name, namespace (`unknown` outside
+    /// Kubernetes names) and the subset of the cluster it went to (outbound).
+    fn destination_service(&self) -> (String, String, String, String) {
+        let me = &self.istio.workload;
+        // Istio's cluster names: `outbound|PORT|SUBSET|HOST`.
+        let mut parts = self.cluster.splitn(4, '|');
+        let (host, subset) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(_), Some(_), Some(subset), Some(host)) => (host.to_owned(), subset.to_owned()),
+            _ => (self.cluster.clone(), String::new()),
+        };
+        let (host, subset) = if self.outbound {
+            (host, subset)
+        } else {
+            (me.service.clone(), String::new())
+        };
+        let service_name = host.split('.').next().unwrap_or(UNKNOWN).to_owned();
+        let service_namespace = host
+            .split('.')
+            .nth(1)
+            .filter(|_| host.contains(".svc"))
+            .unwrap_or(UNKNOWN)
+            .to_owned();
+        (host, service_name, service_namespace, subset)
+    }
+
+    /// The source and destination workload labels (workload, namespace, principal, app,
+    /// version, canonical service and revision, cluster), one side from this workload and
+    /// the other from the peer's exchanged metadata.
+    fn parties(&self, service_namespace: &str, subset: &str) -> ([Arc<str>; 8], [Arc<str>; 7]) {
+        let me = &self.istio.workload;
+        let unknown = || Arc::<str>::from(UNKNOWN);
+        let s = |v: &str| Arc::<str>::from(v);
+        let peer = self.peer.as_ref();
+        let peer_field = |f: fn(&Workload) -> &str| peer.map_or_else(unknown, |p| s(f(p)));
+        let mine = |f: fn(&Workload) -> &str| s(f(me));
+        let my_principal = me.principal.as_deref().map_or_else(unknown, s);
+        if self.outbound {
+            (
+                [
+                    mine(|w| &w.name),
+                    mine(|w| &w.namespace),
+                    my_principal,
+                    mine(|w| &w.app),
+                    mine(|w| &w.version),
+                    mine(|w| &w.app),
+                    mine(|w| &w.version),
+                    mine(|w| &w.cluster),
+                ],
+                [
+                    peer_field(|w| &w.name),
+                    peer.map_or_else(|| s(service_namespace), |p| s(&p.namespace)),
+                    // The server's identity is checked by the connector, not reported here.
+                    unknown(),
+                    peer_field(|w| &w.app),
+                    peer.map_or_else(
+                        || {
+                            if subset.is_empty() {
+                                unknown()
+                            } else {
+                                s(subset)
+                            }
+                        },
+                        |p| s(&p.version),
+                    ),
+                    peer_field(|w| &w.app),
+                    peer_field(|w| &w.cluster),
+                ],
+            )
+        } else {
+            let principal = self.peer_principal.as_deref();
+            (
+                [
+                    peer_field(|w| &w.name),
+                    peer.map(|p| s(&p.namespace))
+                        .or_else(|| principal.and_then(spiffe_namespace).map(s))
+                        .unwrap_or_else(unknown),
+                    principal.map_or_else(unknown, s),
+                    peer_field(|w| &w.app),
+                    peer_field(|w| &w.version),
+                    peer_field(|w| &w.app),
+                    peer_field(|w| &w.version),
+                    peer_field(|w| &w.cluster),
+                ],
+                [
+                    mine(|w| &w.name),
+                    mine(|w| &w.namespace),
+                    my_principal,
+                    mine(|w| &w.app),
+                    mine(|w| &w.version),
+                    mine(|w| &w.app),
+                    mine(|w| &w.cluster),
+                ],
+            )
+        }
     }
 }
 

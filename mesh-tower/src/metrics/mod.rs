@@ -430,75 +430,96 @@ impl prometheus_client::collector::Collector for Metrics {
             .into_iter()
             .flat_map(|d| self.all(d).into_iter().map(move |l| (d, l)))
             .collect();
-        {
-            let mut m = encoder.encode_descriptor(
-                "mesh_requests",
-                "Requests by outcome (HTTP status class or gRPC status).",
-                None,
-                MetricType::Counter,
-            )?;
-            for (d, l) in &series {
-                for (outcome, v) in l.series.outcomes() {
-                    let labels = [
-                        ("direction", d.as_str()),
-                        ("route", l.route.as_str()),
-                        ("cluster", l.cluster.as_str()),
-                        ("peer", l.peer.as_str()),
-                        ("outcome", outcome),
-                    ];
-                    ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
-                }
-            }
+        encode_series(&series, &mut encoder)?;
+        self.encode_counters(&mut encoder)?;
+        if let Some(istio) = self.istio_state() {
+            encode_istio(istio, &mut encoder)?;
         }
-        {
-            let mut m = encoder.encode_descriptor(
-                "mesh_request_duration_seconds",
-                "Request latency.",
-                None,
-                MetricType::Histogram,
-            )?;
-            for (d, l) in &series {
-                let s = &l.series;
+        Ok(())
+    }
+}
+
+/// The per-series metrics: requests by outcome, the latency histogram, requests in flight.
+fn encode_series(
+    series: &[(Direction, Labelled)],
+    encoder: &mut DescriptorEncoder<'_>,
+) -> Result<(), std::fmt::Error> {
+    {
+        let mut m = encoder.encode_descriptor(
+            "mesh_requests",
+            "Requests by outcome (HTTP status class or gRPC status).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (d, l) in series {
+            for (outcome, v) in l.series.outcomes() {
                 let labels = [
                     ("direction", d.as_str()),
                     ("route", l.route.as_str()),
                     ("cluster", l.cluster.as_str()),
                     ("peer", l.peer.as_str()),
+                    ("outcome", outcome),
                 ];
-                // Per-bucket counts: prometheus-client's encoder accumulates them (passing
-                // running totals here made every bucket count the ones below it twice,
-                // which a real Prometheus's histogram_quantile showed).
-                let mut cumulative = 0;
-                let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
-                for (i, b) in s.buckets.iter().enumerate() {
-                    let n = b.load(Ordering::Relaxed);
-                    cumulative += n;
-                    buckets.push((BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), n));
-                }
-                let sum = s.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
-                m.encode_family(&labels)?
-                    .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                        sum, cumulative, &buckets, None,
-                    )?;
+                ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
             }
         }
-        {
-            let mut m = encoder.encode_descriptor(
-                "mesh_requests_in_flight",
-                "Requests in flight.",
-                None,
-                MetricType::Gauge,
-            )?;
-            for (d, l) in &series {
-                let labels = [
-                    ("direction", d.as_str()),
-                    ("route", l.route.as_str()),
-                    ("cluster", l.cluster.as_str()),
-                    ("peer", l.peer.as_str()),
-                ];
-                ConstGauge::new(l.series.in_flight()).encode(m.encode_family(&labels)?)?;
+    }
+    {
+        let mut m = encoder.encode_descriptor(
+            "mesh_request_duration_seconds",
+            "Request latency.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (d, l) in series {
+            let s = &l.series;
+            let labels = [
+                ("direction", d.as_str()),
+                ("route", l.route.as_str()),
+                ("cluster", l.cluster.as_str()),
+                ("peer", l.peer.as_str()),
+            ];
+            // Per-bucket counts: prometheus-client's encoder accumulates them (passing
+            // running totals here made every bucket count the ones below it twice,
+            // which a real Prometheus's histogram_quantile showed).
+            let mut cumulative = 0;
+            let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
+            for (i, b) in s.buckets.iter().enumerate() {
+                let n = b.load(Ordering::Relaxed);
+                cumulative += n;
+                buckets.push((BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), n));
             }
+            let sum = s.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+            m.encode_family(&labels)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    sum, cumulative, &buckets, None,
+                )?;
         }
+    }
+    {
+        let mut m = encoder.encode_descriptor(
+            "mesh_requests_in_flight",
+            "Requests in flight.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (d, l) in series {
+            let labels = [
+                ("direction", d.as_str()),
+                ("route", l.route.as_str()),
+                ("cluster", l.cluster.as_str()),
+                ("peer", l.peer.as_str()),
+            ];
+            ConstGauge::new(l.series.in_flight()).encode(m.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
+impl Metrics {
+    /// The event counters: retries, overflows, ejections, faults, waits, handshake
+    /// failures and xDS updates.
+    fn encode_counters(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let c = &self.inner.counters;
         for (name, help, v) in [
             ("mesh_retries", "Retries sent.", &c.retries),
@@ -552,9 +573,6 @@ impl prometheus_client::collector::Collector for Metrics {
         ] {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(v).encode(m)?;
-        }
-        if let Some(istio) = self.istio_state() {
-            encode_istio(istio, &mut encoder)?;
         }
         Ok(())
     }
