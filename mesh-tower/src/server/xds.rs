@@ -8,9 +8,11 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use mesh_core::config::{
     HttpFilterKind, Listener, ListenerKind, RbacConfig, RequestPolicy, RouteConfig, RouteSource,
+    Snapshot,
 };
 use mesh_core::identity::IdentityStore;
 use mesh_core::xds::XdsClient;
+use mesh_core::ConfigStore;
 use tokio::net::TcpListener;
 use tower::{Layer, Service};
 
@@ -327,30 +329,7 @@ where
         })?;
     xds.watch_listener(&name)?;
     let store = xds.store().clone();
-    let first = store
-        .wait_for(options.wait, |s| {
-            s.listener(&name)
-                .is_some_and(|l| matches!(l.kind, ListenerKind::Server(_)))
-        })
-        .await
-        .map_err(|_| {
-            let dump = store.dump();
-            let status = dump
-                .get(mesh_core::xds::ResourceType::Listener, &name)
-                .map(|r| match &r.error {
-                    Some(rejected) => format!("{}: {}", r.status.as_str(), rejected.error),
-                    None => r.status.as_str().to_owned(),
-                })
-                .unwrap_or_else(|| "not received".into());
-            ServeError::NotDelivered {
-                address: address.clone(),
-                name: name.clone(),
-                waited: options.wait,
-                status,
-                server: dump.server.clone(),
-                connected: dump.connected,
-            }
-        })?;
+    let first = delivered(&store, &name, &address, options.wait).await?;
     // Correctness: wait_for above saw a server listener under this name.
     let current: Arc<Listener> = first.listener(&name).cloned().expect("server listener");
     let policy = match server_policy(&current, &first).expect("a server listener") {
@@ -367,52 +346,103 @@ where
     let (tx, rx) = tokio::sync::watch::channel(options.build(&app, policy, &address)?);
 
     // Follow the listener: new connections get the new mode and rules.
-    let follow = {
-        let mut changes = store.subscribe();
-        async move {
-            let mut current = current;
-            let mut routes = None;
-            while changes.changed().await.is_ok() {
-                let snap = store.load();
-                let Some(next) = snap.listener(&name) else {
-                    tracing::warn!(listener = %name, "server listener removed; keeping the last one");
-                    continue;
-                };
-                let policy = match server_policy(next, &snap) {
-                    Some(Ok(p)) => p,
-                    Some(Err(e)) => {
-                        tracing::warn!(listener = %name, "{e}; keeping the last server configuration");
-                        continue;
-                    }
-                    None => continue,
-                };
-                // Rebuild when the listener or its routes change.
-                let same_routes = match (&routes, &policy.routes) {
-                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                    (None, None) => true,
-                    _ => false,
-                };
-                if Arc::ptr_eq(next, &current) && same_routes {
-                    continue;
-                }
-                current = next.clone();
-                routes = policy.routes.clone();
-                let mode = policy.tls_mode;
-                match options.build(&app, policy, &address) {
-                    Ok(c) => {
-                        tracing::info!(listener = %name, ?mode, "server listener updated");
-                        let _ = tx.send(c);
-                    }
-                    Err(e) => tracing::warn!("{e}; keeping the last server configuration"),
-                }
-            }
-            // The store outlives the server; should it not, keep serving what we have.
-            std::future::pending::<()>().await;
-        }
-    };
+    let follow = follow(store, name, current, options, app, address, tx);
     tokio::select! {
         () = super::serve_with_limits(listener, rx, limits, shutdown) => {}
         () = follow => {}
     }
     Ok(())
+}
+
+/// Waits up to `wait` for the server listener `name`: the snapshot that has it, or an error
+/// saying what the client knows of it (NACKed and why, does not exist, not received).
+async fn delivered(
+    store: &ConfigStore,
+    name: &str,
+    address: &str,
+    wait: Duration,
+) -> Result<Arc<Snapshot>, ServeError> {
+    store
+        .wait_for(wait, |s| {
+            s.listener(name)
+                .is_some_and(|l| matches!(l.kind, ListenerKind::Server(_)))
+        })
+        .await
+        .map_err(|_| {
+            let dump = store.dump();
+            let status = dump
+                .get(mesh_core::xds::ResourceType::Listener, name)
+                .map(|r| match &r.error {
+                    Some(rejected) => format!("{}: {}", r.status.as_str(), rejected.error),
+                    None => r.status.as_str().to_owned(),
+                })
+                .unwrap_or_else(|| "not received".into());
+            ServeError::NotDelivered {
+                address: address.to_owned(),
+                name: name.to_owned(),
+                waited: wait,
+                status,
+                server: dump.server.clone(),
+                connected: dump.connected,
+            }
+        })
+}
+
+/// Follows the server listener `name`: each change that alters its mode, rules or routes
+/// is built and sent to the accept loop (new connections take it); a bad one is logged and
+/// the last good configuration kept.
+async fn follow<A, B>(
+    store: ConfigStore,
+    name: String,
+    current: Arc<Listener>,
+    options: XdsServe,
+    app: A,
+    address: String,
+    tx: tokio::sync::watch::Sender<(MeshAcceptor, Inbound<A>)>,
+) where
+    A: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    A::Future: Send + 'static,
+    A::Error: Into<BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Default + Send + 'static,
+    B::Error: Into<BoxError> + std::fmt::Display,
+{
+    let mut changes = store.subscribe();
+    let mut current = current;
+    let mut routes = None;
+    while changes.changed().await.is_ok() {
+        let snap = store.load();
+        let Some(next) = snap.listener(&name) else {
+            tracing::warn!(listener = %name, "server listener removed; keeping the last one");
+            continue;
+        };
+        let policy = match server_policy(next, &snap) {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                tracing::warn!(listener = %name, "{e}; keeping the last server configuration");
+                continue;
+            }
+            None => continue,
+        };
+        // Rebuild when the listener or its routes change.
+        let same_routes = match (&routes, &policy.routes) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if Arc::ptr_eq(next, &current) && same_routes {
+            continue;
+        }
+        current = next.clone();
+        routes = policy.routes.clone();
+        let mode = policy.tls_mode;
+        match options.build(&app, policy, &address) {
+            Ok(c) => {
+                tracing::info!(listener = %name, ?mode, "server listener updated");
+                let _ = tx.send(c);
+            }
+            Err(e) => tracing::warn!("{e}; keeping the last server configuration"),
+        }
+    }
+    // The store outlives the server; should it not, keep serving what we have.
+    std::future::pending::<()>().await;
 }
