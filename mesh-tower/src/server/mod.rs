@@ -384,17 +384,7 @@ pub async fn serve_with_limits<S, B>(
 {
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     let mut shed = 0u64;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192));
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(limits.max_concurrent_streams);
+    let builder = connection_builder(&limits);
     let graceful = GracefulShutdown::new();
     let local = listener.local_addr().ok();
     tokio::pin!(shutdown);
@@ -442,29 +432,7 @@ pub async fn serve_with_limits<S, B>(
                 #[cfg(feature = "axum")]
                 req.extensions_mut()
                     .insert(axum::extract::ConnectInfo(remote));
-                let svc = service.clone();
-                async move {
-                    match svc.oneshot(req).await {
-                        Ok(resp) => Ok::<_, Infallible>(resp.map(|b| {
-                            http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
-                                b,
-                                Into::<BoxError>::into,
-                            ))
-                        })),
-                        Err(e) => {
-                            let e: BoxError = e.into();
-                            tracing::warn!("inbound service failed: {e}");
-                            let mut r = Response::new(http_body_util::BodyExt::boxed_unsync(
-                                http_body_util::BodyExt::map_err(
-                                    http_body_util::Empty::<bytes::Bytes>::new(),
-                                    |never: Infallible| -> BoxError { match never {} },
-                                ),
-                            ));
-                            *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
-                            Ok(r)
-                        }
-                    }
-                }
+                answer(service.clone(), req)
             });
             let conn = builder.serve_connection(TokioIo::new(stream), hyper_svc);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
@@ -474,6 +442,56 @@ pub async fn serve_with_limits<S, B>(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// The HTTP/1.1 and HTTP/2 connection settings of `limits`.
+fn connection_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.max_concurrent_streams);
+    builder
+}
+
+/// Calls the inbound service; a failure of the service itself (not an error response)
+/// becomes a 500, logged.
+async fn answer<S, B>(
+    svc: S,
+    req: Request<Incoming>,
+) -> Result<Response<crate::body::MeshBody>, Infallible>
+where
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    match svc.oneshot(req).await {
+        Ok(resp) => Ok(resp.map(|b| {
+            http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(
+                b,
+                Into::<BoxError>::into,
+            ))
+        })),
+        Err(e) => {
+            let e: BoxError = e.into();
+            tracing::warn!("inbound service failed: {e}");
+            let mut r = Response::new(http_body_util::BodyExt::boxed_unsync(
+                http_body_util::BodyExt::map_err(
+                    http_body_util::Empty::<bytes::Bytes>::new(),
+                    |never: Infallible| -> BoxError { match never {} },
+                ),
+            ));
+            *r.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            Ok(r)
+        }
+    }
 }
 
 #[cfg(test)]
