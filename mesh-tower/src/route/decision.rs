@@ -162,31 +162,7 @@ pub fn decide<B>(
             });
         }
         RouteAction::Redirect(r) => {
-            let scheme = req.uri().scheme_str().unwrap_or("http");
-            let path_and_query = req
-                .uri()
-                .path_and_query()
-                .map(|p| p.as_str())
-                .unwrap_or("/");
-            let prefix = match &route.matcher.path {
-                mesh_core::config::PathMatch::Prefix(p)
-                | mesh_core::config::PathMatch::SeparatedPrefix(p) => Some(p.as_str()),
-                _ => None,
-            };
-            let location = r.location(scheme, info.authority, path_and_query, prefix);
-            let mut headers = http::HeaderMap::new();
-            match http::HeaderValue::try_from(location) {
-                Ok(v) => {
-                    headers.insert(http::header::LOCATION, v);
-                }
-                Err(_) => return Err(no_route()),
-            }
-            return Err(MeshError::DirectResponse {
-                route: route.name.clone(),
-                status: r.status,
-                body: bytes::Bytes::new(),
-                headers: Box::new(headers),
-            });
+            return Err(redirect(req, route, r, info.authority).ok_or_else(no_route)?)
         }
         RouteAction::NonForwarding => return Err(no_route()),
     };
@@ -224,6 +200,39 @@ pub fn decide<B>(
         vh: vh_idx,
         route: route_idx,
         target,
+    })
+}
+
+/// The answer of a redirect route: its status with the `Location` Envoy's rules build;
+/// `None` when that location is not a valid header value.
+fn redirect<B>(
+    req: &Request<B>,
+    route: &mesh_core::config::Route,
+    r: &mesh_core::config::Redirect,
+    authority: &str,
+) -> Option<MeshError> {
+    let scheme = req.uri().scheme_str().unwrap_or("http");
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let prefix = match &route.matcher.path {
+        mesh_core::config::PathMatch::Prefix(p)
+        | mesh_core::config::PathMatch::SeparatedPrefix(p) => Some(p.as_str()),
+        _ => None,
+    };
+    let location = r.location(scheme, authority, path_and_query, prefix);
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::LOCATION,
+        http::HeaderValue::try_from(location).ok()?,
+    );
+    Some(MeshError::DirectResponse {
+        route: route.name.clone(),
+        status: r.status,
+        body: bytes::Bytes::new(),
+        headers: Box::new(headers),
     })
 }
 
