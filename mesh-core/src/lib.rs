@@ -20,6 +20,7 @@
 //! This crate knows nothing about tower layers: `mesh-tower` reads the store.
 
 pub mod config;
+mod dump;
 mod error;
 pub mod identity;
 mod resource;

@@ -9,8 +9,8 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::config::Snapshot;
+pub use crate::dump::{ConfigDump, Rejected, ResourceDump, ResourceStatus};
 use crate::resource::ResourceType;
-pub use crate::resource::{ConfigDump, Rejected, ResourceDump, ResourceStatus};
 
 #[derive(Debug)]
 struct Inner {

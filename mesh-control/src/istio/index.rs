@@ -207,8 +207,7 @@ fn port_workloads(
 }
 
 /// A configuration with its services resolved: what generation and validation both read.
-/// Built once; [`generate`](super::generate()) and [`validate`](super::validate::validate)
-/// borrow it.
+/// Built once; generation and `meshctl validate` borrow it.
 pub(crate) struct Index<'a> {
     /// The configuration as parsed.
     pub(crate) config: &'a Config,

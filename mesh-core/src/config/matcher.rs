@@ -268,6 +268,15 @@ impl Fraction {
     }
 }
 
+/// `regex_rewrite`: replace every match of `pattern` in the path with `substitution`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RegexRewrite {
+    /// What to find.
+    pub pattern: Pattern,
+    /// What to put instead (`\1` group references allowed).
+    pub substitution: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,6 +1,6 @@
 //! Redirect routes (`RedirectAction`): the new URL built by Envoy's rules.
 
-use super::route::RegexRewrite;
+use super::matcher::RegexRewrite;
 
 /// A redirect route (`RedirectAction`), with Envoy's rules for building the new URL.
 #[derive(Clone, Debug, PartialEq)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::fault::FaultConfig;
-use super::matcher::{Fraction, HeaderMatcher, Pattern, QueryParamMatcher};
+use super::matcher::{Fraction, HeaderMatcher, Pattern, QueryParamMatcher, RegexRewrite};
 use super::redirect::Redirect;
 use super::retry::RetryPolicy;
 
@@ -473,15 +473,6 @@ impl ForwardAction {
 
 /// Envoy's route timeout when `RouteAction.timeout` is absent.
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// `regex_rewrite`: replace every match of `pattern` in the path with `substitution`.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RegexRewrite {
-    /// What to find.
-    pub pattern: Pattern,
-    /// What to put instead (`\1` group references allowed).
-    pub substitution: String,
-}
 
 /// One input of the request hash for ring hash / maglev balancing.
 #[derive(Clone, Debug, PartialEq, Eq)]

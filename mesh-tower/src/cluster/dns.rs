@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_resolver::config::{
@@ -19,9 +19,7 @@ use hickory_resolver::config::{
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::TokioResolver;
-use mesh_core::config::{DnsDiscovery, DnsLookupFamily};
-
-use super::ClusterRuntime;
+use mesh_core::config::{DnsDiscovery, DnsLookupFamily, EndpointAssignment};
 
 /// The shortest re-resolution interval when following TTLs (a TTL of 0 would spin).
 const MIN_TTL_REFRESH: Duration = Duration::from_millis(500);
@@ -40,9 +38,14 @@ impl Drop for DnsTask {
 }
 
 impl DnsTask {
-    /// Starts resolving `discovery` for `runtime`.
-    pub(crate) fn spawn(runtime: Weak<ClusterRuntime>, discovery: Arc<DnsDiscovery>) -> Self {
-        let task = tokio::spawn(run(runtime, discovery.clone())).abort_handle();
+    /// Starts resolving `discovery` for cluster `name`, handing each answer to `apply`
+    /// (which says `false` once the cluster is gone, ending the task).
+    pub(crate) fn spawn(
+        name: String,
+        discovery: Arc<DnsDiscovery>,
+        apply: impl Fn(Arc<EndpointAssignment>) -> bool + Send + 'static,
+    ) -> Self {
+        let task = tokio::spawn(run(name, discovery.clone(), apply)).abort_handle();
         Self { discovery, task }
     }
 }
@@ -87,11 +90,7 @@ fn resolver(d: &DnsDiscovery) -> Result<TokioResolver, String> {
         .map_err(|e| format!("building the DNS resolver: {e}"))
 }
 
-async fn run(runtime: Weak<ClusterRuntime>, d: Arc<DnsDiscovery>) {
-    let name = match runtime.upgrade() {
-        Some(rt) => rt.name().to_owned(),
-        None => return,
-    };
+async fn run(name: String, d: Arc<DnsDiscovery>, apply: impl Fn(Arc<EndpointAssignment>) -> bool) {
     let resolver = match resolver(&d) {
         Ok(r) => r,
         Err(e) => {
@@ -127,11 +126,9 @@ async fn run(runtime: Weak<ClusterRuntime>, d: Arc<DnsDiscovery>) {
                 }
             }
         }
-        let Some(rt) = runtime.upgrade() else {
+        if !apply(Arc::new(d.assignment(&name, &resolved))) {
             return;
-        };
-        rt.apply_resolved(Arc::new(d.assignment(&name, &resolved)));
-        drop(rt);
+        }
         tokio::time::sleep(next).await;
     }
 }

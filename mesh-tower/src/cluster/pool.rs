@@ -5,12 +5,10 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use mesh_core::config::{Cluster, UpstreamProtocol};
 use mesh_core::identity::IdentityStore;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::service::MeshBody;
-use super::ClusterRuntime;
 
 /// The connector for a cluster: TLS when the cluster has an `UpstreamTlsContext`, with the
 /// workload identity, or with the trust and certificate the context names itself; `Err`
@@ -69,20 +67,4 @@ pub(super) fn client_for(
         }
     }
     builder.build(connector)
-}
-
-impl ClusterRuntime {
-    /// Connections open to the cluster's endpoints now.
-    pub fn open_connections(&self) -> u32 {
-        self.connections.open.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn client(&self) -> &Client<MeshConnector, MeshBody> {
-        &self.client
-    }
-
-    /// Why this cluster cannot send requests (TLS required without identity), if so.
-    pub fn tls_error(&self) -> Option<&str> {
-        self.tls_error.as_deref()
-    }
 }

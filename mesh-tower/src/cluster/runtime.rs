@@ -60,6 +60,20 @@ pub struct ClusterRuntime {
 type Applied = Option<(Arc<Cluster>, Option<Arc<EndpointAssignment>>)>;
 
 impl ClusterRuntime {
+    /// Connections open to the cluster's endpoints now.
+    pub fn open_connections(&self) -> u32 {
+        self.connections.open.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn client(&self) -> &Client<MeshConnector, MeshBody> {
+        &self.client
+    }
+
+    /// Why this cluster cannot send requests (TLS required without identity), if so.
+    pub fn tls_error(&self) -> Option<&str> {
+        self.tls_error.as_deref()
+    }
+
     pub(super) fn new(
         cluster: Arc<Cluster>,
         identity: Option<&IdentityStore>,
@@ -125,7 +139,19 @@ impl ClusterRuntime {
         match &cluster.discovery {
             Discovery::Dns(d) => {
                 if dns.as_ref().is_none_or(|t| t.discovery != *d) {
-                    *dns = Some(super::dns::DnsTask::spawn(Arc::downgrade(self), d.clone()));
+                    let runtime = Arc::downgrade(self);
+                    let apply = move |cla| match runtime.upgrade() {
+                        Some(rt) => {
+                            rt.apply_resolved(cla);
+                            true
+                        }
+                        None => false,
+                    };
+                    *dns = Some(super::dns::DnsTask::spawn(
+                        self.name().to_owned(),
+                        d.clone(),
+                        apply,
+                    ));
                 }
             }
             _ => {
