@@ -2,14 +2,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 
-use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 use tokio::time::Instant;
 
-use super::stream::Variant;
-use super::{EventLog, Source};
+use super::stream::{Ctx, Variant};
 
 /// Incremental: each response holds what changed since what the client holds, and names what
 /// was removed; the client subscribes and unsubscribes by name.
@@ -34,24 +32,15 @@ impl Variant for Delta {
     type Subscription = Subscription;
     const NAME: &'static str = "delta";
 
-    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
-        req.node.as_ref()
-    }
-
-    fn type_url(req: &DeltaDiscoveryRequest) -> &str {
-        &req.type_url
-    }
-
     fn on_request(
         sub: &mut Subscription,
         req: &DeltaDiscoveryRequest,
         first: bool,
-        events: &EventLog,
-        node_id: &str,
+        cx: &Ctx<'_>,
     ) -> bool {
         if !req.response_nonce.is_empty() && req.response_nonce == sub.nonce {
-            events.record(
-                node_id,
+            cx.events.record(
+                cx.node_id,
                 &req.type_url,
                 &req.response_nonce,
                 req.error_detail.as_ref().map(|s| s.message.as_str()),
@@ -86,14 +75,12 @@ impl Variant for Delta {
 
     /// The changes the client lacks, or `None` when it is up to date.
     fn respond(
-        source: &Source,
-        node: Option<&Node>,
-        type_url: &str,
         sub: &mut Subscription,
+        cx: &Ctx<'_>,
         nonce: u64,
         _pushed: bool,
     ) -> (Option<DeltaDiscoveryResponse>, Option<Instant>) {
-        let (_, held, renew) = source.view(type_url, node, sub.names.as_ref());
+        let (_, held, renew) = cx.source.view(cx.type_url, cx.node, sub.names.as_ref());
         let mut resources = Vec::new();
         let mut removed = Vec::new();
         for (name, v) in &held {
@@ -115,7 +102,7 @@ impl Variant for Delta {
         // Listeners and clusters asked for by name that the server does not have: say so at
         // once (as SotW's full state does for them). Endpoints and route configurations may
         // follow the resource that names them, so their absence proves nothing.
-        let full_state = type_url.ends_with(".Listener") || type_url.ends_with(".Cluster");
+        let full_state = cx.type_url.ends_with(".Listener") || cx.type_url.ends_with(".Cluster");
         if let Some(names) = sub.names.as_ref().filter(|_| full_state) {
             for name in names {
                 if !held.contains_key(name)
@@ -139,7 +126,7 @@ impl Variant for Delta {
         sub.nonce = nonce.to_string();
         let resp = DeltaDiscoveryResponse {
             resources,
-            type_url: type_url.to_owned(),
+            type_url: cx.type_url.to_owned(),
             removed_resources: removed,
             nonce: sub.nonce.clone(),
             ..Default::default()

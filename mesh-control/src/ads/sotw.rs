@@ -2,12 +2,10 @@
 
 use std::collections::BTreeSet;
 
-use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tokio::time::Instant;
 
-use super::stream::Variant;
-use super::{EventLog, Source};
+use super::stream::{Ctx, Variant};
 
 /// State of the world: each response holds every resource of its type the client subscribed
 /// to; the client ACKs or NACKs a response by its nonce and version.
@@ -33,28 +31,19 @@ impl Variant for Sotw {
     type Subscription = Subscription;
     const NAME: &'static str = "sotw";
 
-    fn node(req: &DiscoveryRequest) -> Option<&Node> {
-        req.node.as_ref()
-    }
-
-    fn type_url(req: &DiscoveryRequest) -> &str {
-        &req.type_url
-    }
-
     fn on_request(
         sub: &mut Subscription,
         req: &DiscoveryRequest,
         first: bool,
-        events: &EventLog,
-        node_id: &str,
+        cx: &Ctx<'_>,
     ) -> bool {
         if !req.response_nonce.is_empty() {
             if req.response_nonce != sub.nonce {
                 // A stale ACK/NACK for a response that has since been superseded.
                 return false;
             }
-            events.record(
-                node_id,
+            cx.events.record(
+                cx.node_id,
                 &req.type_url,
                 &req.version_info,
                 req.error_detail.as_ref().map(|s| s.message.as_str()),
@@ -86,14 +75,12 @@ impl Variant for Sotw {
     }
 
     fn respond(
-        source: &Source,
-        node: Option<&Node>,
-        type_url: &str,
         sub: &mut Subscription,
+        cx: &Ctx<'_>,
         nonce: u64,
         pushed: bool,
     ) -> (Option<DiscoveryResponse>, Option<Instant>) {
-        let (version, resources, renew) = source.view(type_url, node, sub.names.as_ref());
+        let (version, resources, renew) = cx.source.view(cx.type_url, cx.node, sub.names.as_ref());
         if pushed && sub.sent_version.as_deref() == Some(version.as_str()) {
             // The change left this type as the client holds it.
             return (None, renew);
@@ -108,7 +95,7 @@ impl Variant for Sotw {
         let resp = DiscoveryResponse {
             version_info: version,
             resources: resources.into_values().map(|v| v.resource).collect(),
-            type_url: type_url.to_owned(),
+            type_url: cx.type_url.to_owned(),
             nonce: sub.nonce.clone(),
             ..Default::default()
         };

@@ -14,10 +14,37 @@ use tonic::Streaming;
 
 use super::{BoxStream, EventLog, Source};
 
+/// What both variants' requests carry: the node (on a stream's first request) and the
+/// resource type.
+pub(super) trait AdsRequest {
+    /// The node a request carries (the first request of a stream must).
+    fn node(&self) -> Option<&Node>;
+    /// The resource type a request is about.
+    fn type_url(&self) -> &str;
+}
+
+macro_rules! ads_request {
+    ($($t:ty),*) => {$(
+        impl AdsRequest for $t {
+            fn node(&self) -> Option<&Node> {
+                self.node.as_ref()
+            }
+            fn type_url(&self) -> &str {
+                &self.type_url
+            }
+        }
+    )*};
+}
+
+ads_request!(
+    envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest,
+    envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest
+);
+
 /// One variant of the ADS protocol: state of the world or incremental.
 pub(super) trait Variant {
     /// What the client sends.
-    type Request: Send + 'static;
+    type Request: AdsRequest + Send + 'static;
     /// What the server sends.
     type Response: Send + 'static;
     /// What the server keeps per resource type for one stream.
@@ -25,33 +52,38 @@ pub(super) trait Variant {
     /// The variant's name in logs and in the event log (`sotw`, `delta`).
     const NAME: &'static str;
 
-    /// The node a request carries (the first request of a stream must).
-    fn node(req: &Self::Request) -> Option<&Node>;
-
-    /// The resource type a request is about.
-    fn type_url(req: &Self::Request) -> &str;
-
     /// Applies a request to its type's subscription (`first`: the stream's first request for
     /// the type), recording an ACK or NACK in `events`; whether it needs an answer.
     fn on_request(
         sub: &mut Self::Subscription,
         req: &Self::Request,
         first: bool,
-        events: &EventLog,
-        node_id: &str,
+        cx: &Ctx<'_>,
     ) -> bool;
 
     /// The response a subscription is owed (`None` when the client is up to date), with the
     /// next time per-node resources must be renewed. `pushed`: answering a change of the
     /// cache rather than a request.
     fn respond(
-        source: &Source,
-        node: Option<&Node>,
-        type_url: &str,
         sub: &mut Self::Subscription,
+        cx: &Ctx<'_>,
         nonce: u64,
         pushed: bool,
     ) -> (Option<Self::Response>, Option<Instant>);
+}
+
+/// What a variant sees of the stream while it handles one resource type.
+pub(super) struct Ctx<'a> {
+    /// What the stream serves.
+    pub(super) source: &'a Source,
+    /// The client's node, once it said.
+    pub(super) node: Option<&'a Node>,
+    /// The node's id (empty until it said), for the event log.
+    pub(super) node_id: &'a str,
+    /// Where ACKs and NACKs are recorded.
+    pub(super) events: &'a EventLog,
+    /// The resource type at hand.
+    pub(super) type_url: &'a str,
 }
 
 type Sender<T> = mpsc::Sender<Result<T, tonic::Status>>;
@@ -125,27 +157,27 @@ impl<V: Variant> Stream<V> {
     /// Handles a request; `false` once the response side is closed.
     async fn on_request(&mut self, req: V::Request) -> bool {
         if self.node.is_none() {
-            if let Some(n) = V::node(&req) {
+            if let Some(n) = req.node() {
                 self.node_id = n.id.clone();
                 self.node = Some(n.clone());
                 self.events.connected(&self.node_id, V::NAME);
             }
         }
-        let type_url = V::type_url(&req).to_owned();
+        let type_url = req.type_url().to_owned();
         let first = !self.subs.contains_key(&type_url);
         let sub = self.subs.entry(type_url.clone()).or_default();
-        if !V::on_request(sub, &req, first, &self.events, &self.node_id) {
+        let cx = Ctx {
+            source: &self.source,
+            node: self.node.as_ref(),
+            node_id: &self.node_id,
+            events: &self.events,
+            type_url: &type_url,
+        };
+        if !V::on_request(sub, &req, first, &cx) {
             return true;
         }
         self.nonce += 1;
-        let (resp, renew) = V::respond(
-            &self.source,
-            self.node.as_ref(),
-            &type_url,
-            sub,
-            self.nonce,
-            false,
-        );
+        let (resp, renew) = V::respond(sub, &cx, self.nonce, false);
         self.renew_at = earliest(self.renew_at, renew);
         match resp {
             Some(resp) => self.tx.send(Ok(resp)).await.is_ok(),
@@ -158,14 +190,14 @@ impl<V: Variant> Stream<V> {
     async fn push_all(&mut self) -> bool {
         for (type_url, sub) in super::push_order(&mut self.subs) {
             self.nonce += 1;
-            let (resp, renew) = V::respond(
-                &self.source,
-                self.node.as_ref(),
+            let cx = Ctx {
+                source: &self.source,
+                node: self.node.as_ref(),
+                node_id: &self.node_id,
+                events: &self.events,
                 type_url,
-                sub,
-                self.nonce,
-                true,
-            );
+            };
+            let (resp, renew) = V::respond(sub, &cx, self.nonce, true);
             self.renew_at = earliest(self.renew_at, renew);
             if let Some(resp) = resp {
                 if self.tx.send(Ok(resp)).await.is_err() {

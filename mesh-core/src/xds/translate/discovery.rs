@@ -285,12 +285,7 @@ fn aggregate(
     ct: &envoy_types::pb::envoy::config::cluster::v3::cluster::CustomClusterType,
 ) -> Result<Discovery, FieldError> {
     use envoy_types::pb::envoy::extensions::clusters::aggregate::v3::ClusterConfig;
-    let any = ct
-        .typed_config
-        .as_ref()
-        .ok_or_else(|| FieldError::new("typed_config is required"))
-        .at("cluster_type")?;
-    let agg: ClusterConfig = decode_any(any).at("typed_config").at("cluster_type")?;
+    let agg: ClusterConfig = extension_config(ct)?;
     if agg.clusters.is_empty() {
         return err("at least one cluster is required")
             .at("clusters")
@@ -316,12 +311,7 @@ fn dns_extension(
     ct: &envoy_types::pb::envoy::config::cluster::v3::cluster::CustomClusterType,
 ) -> Result<Discovery, FieldError> {
     use envoy_types::pb::envoy::extensions::clusters::dns::v3::DnsCluster;
-    let any = ct
-        .typed_config
-        .as_ref()
-        .ok_or_else(|| FieldError::new("typed_config is required"))
-        .at("cluster_type")?;
-    let d: DnsCluster = decode_any(any).at("typed_config").at("cluster_type")?;
+    let d: DnsCluster = extension_config(ct)?;
     let settings = DnsSettings {
         refresh_rate: d.dns_refresh_rate.as_ref(),
         respect_ttl: d.respect_dns_ttl,
@@ -334,4 +324,16 @@ fn dns_extension(
         settings,
         &["typed_config", "cluster_type"],
     )?)))
+}
+
+/// The `typed_config` of a custom cluster type, decoded.
+fn extension_config<T: prost::Message + Default + prost::Name>(
+    ct: &envoy_types::pb::envoy::config::cluster::v3::cluster::CustomClusterType,
+) -> Result<T, FieldError> {
+    let any = ct
+        .typed_config
+        .as_ref()
+        .ok_or_else(|| FieldError::new("typed_config is required"))
+        .at("cluster_type")?;
+    decode_any(any).at("typed_config").at("cluster_type")
 }
