@@ -111,13 +111,13 @@ impl Mesh {
     }
 
     /// Client spans with this layer (default: [`TraceLayer::client`]); servers use
-    /// [`crate::ServeOptions::trace`].
+    /// `ServeOptions::trace`.
     pub fn trace(mut self, layer: TraceLayer) -> Self {
         self.trace = Some(layer);
         self
     }
 
-    /// How long [`Mesh::channel`] and [`crate::serve`] wait for their configuration
+    /// How long [`Mesh::channel`] and `serve` wait for their configuration
     /// (default 10 s).
     pub fn wait_for_config(mut self, timeout: Duration) -> Self {
         self.wait = timeout;

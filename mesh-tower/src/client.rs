@@ -369,7 +369,7 @@ impl Future for ResponseFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut resp = futures::ready!(self.project().inner.poll(cx))?;
-        crate::mark_sensitive(resp.headers_mut());
+        crate::sensitive::mark_sensitive(resp.headers_mut());
         Poll::Ready(Ok(resp.map(|b| b.map_err(Into::into).boxed_unsync())))
     }
 }
@@ -403,7 +403,7 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         // Credentials are marked sensitive before any layer sees them: never printed by a
         // header map's Debug, never entered in HTTP/2's header compression table.
-        crate::mark_sensitive(req.headers_mut());
+        crate::sensitive::mark_sensitive(req.headers_mut());
         let req = req.map(|b| b.map_err(Into::into).boxed_unsync());
         ResponseFuture {
             inner: self.inner.call(req),

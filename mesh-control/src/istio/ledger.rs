@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use serde_yaml_ng::Value;
 
-use super::{ConfigError, Origin, Seg};
+use super::origin::{ConfigError, Origin, Seg};
 
 #[path = "ledger_table.rs"]
 mod table;

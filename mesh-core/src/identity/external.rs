@@ -16,7 +16,7 @@ use rustls::{ClientConfig, RootCertStore};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
-use super::{crypto_provider, IdentityStore};
+use super::store::{crypto_provider, IdentityStore};
 use crate::config::{CertSource, SanMatcher, SanType, UpstreamTls};
 
 /// Whether `tls` names its own trust rather than the workload trust bundle.
@@ -227,5 +227,5 @@ impl ServerCertVerifier for SanVerifier {
         )))
     }
 
-    crate::identity::signature_checks!();
+    crate::identity::store::signature_checks!();
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Identity, IdentityError, IdentityStore};
+use super::store::{Identity, IdentityError, IdentityStore};
 
 /// gRPC's `file_watcher` certificate provider config (as in the bootstrap's
 /// `certificate_providers`).

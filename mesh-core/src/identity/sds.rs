@@ -11,7 +11,7 @@ use envoy_types::pb::google::rpc::Status;
 use futures::StreamExt;
 use prost::{Message, Name};
 
-use super::{Identity, IdentityError, IdentityStore};
+use super::store::{Identity, IdentityError, IdentityStore};
 use crate::xds::Bootstrap;
 
 /// Subscribes to a certificate secret and a trust-bundle secret over SDS and keeps an

@@ -17,7 +17,8 @@ use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, ClientConfig, DistinguishedName, ServerConfig, SignatureScheme};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use super::{crypto_provider, peer_spiffe_id, Identity, IdentityStore, SpiffeId};
+use super::spiffe::{peer_spiffe_id, SpiffeId};
+use super::store::{crypto_provider, Identity, IdentityStore};
 use crate::config::{SanMatcher, SanType};
 
 pub(super) fn webpki_error(e: webpki::Error) -> rustls::Error {
@@ -110,7 +111,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         )))
     }
 
-    crate::identity::signature_checks!();
+    crate::identity::store::signature_checks!();
 }
 
 /// Verifies clients: chain to the trust bundle, SPIFFE ID in the bundle's trust domain.
@@ -156,7 +157,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         Ok(ClientCertVerified::assertion())
     }
 
-    crate::identity::signature_checks!();
+    crate::identity::store::signature_checks!();
 }
 
 /// Presents the current certificate (read at each handshake: rotation needs no new config).

@@ -1,4 +1,4 @@
-//! Istio's standard metrics, opt-in ([`Metrics::istio`](super::Metrics::istio)), so that
+//! Istio's standard metrics, opt-in (`Metrics::istio`), so that
 //! Istio's Grafana dashboards and Kiali work for proxyless services:
 //! `istio_requests_total`, `istio_request_duration_milliseconds` (Istio's buckets),
 //! `istio_request_bytes` and `istio_response_bytes`, with Istio's labels (`reporter`,

@@ -9,7 +9,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use super::{Direction, Metrics, Outcome, Series};
+use super::series::{Direction, Metrics, Outcome, Series};
 use crate::body::{grpc, End, Observed, OnEnd};
 use crate::error::{BoxError, MeshError};
 use crate::route::RouteDecision;

@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use super::*;
+use std::sync::atomic::Ordering;
 
 #[test]
 fn records_and_renders_parseable_prometheus_text() {

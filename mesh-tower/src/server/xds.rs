@@ -16,7 +16,7 @@ use mesh_core::ConfigStore;
 use tokio::net::TcpListener;
 use tower::{Layer, Service};
 
-use super::{Inbound, InboundLayer};
+use super::serve::{serve_with_limits, Inbound, InboundLayer, Limits};
 use crate::authz::AuthzLayer;
 use crate::error::BoxError;
 use crate::metrics::{AccessLog, Metrics};
@@ -82,7 +82,7 @@ pub struct XdsServe {
     access_log: Option<AccessLog>,
     tls_mode: Option<TlsMode>,
     wait: Duration,
-    limits: super::Limits,
+    limits: Limits,
 }
 
 impl XdsServe {
@@ -96,7 +96,7 @@ impl XdsServe {
             access_log: None,
             tls_mode: None,
             wait: Duration::from_secs(10),
-            limits: super::Limits::default(),
+            limits: Limits::default(),
         }
     }
 
@@ -130,8 +130,8 @@ impl XdsServe {
         self
     }
 
-    /// Connection, header and stream limits (default [`Limits::default`](super::Limits)).
-    pub fn limits(mut self, limits: super::Limits) -> Self {
+    /// Connection, header and stream limits (default [`Limits::default`](super::serve::Limits)).
+    pub fn limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
         self
     }
@@ -318,7 +318,7 @@ where
         };
         let config = options.build(&app, policy, &address)?;
         let (_keep, rx) = tokio::sync::watch::channel(config);
-        super::serve_with_limits(listener, rx, options.limits, shutdown).await;
+        serve_with_limits(listener, rx, options.limits, shutdown).await;
         return Ok(());
     }
     let name = xds
@@ -348,7 +348,7 @@ where
     // Follow the listener: new connections get the new mode and rules.
     let follow = follow(store, name, current, options, app, address, tx);
     tokio::select! {
-        () = super::serve_with_limits(listener, rx, limits, shutdown) => {}
+        () = serve_with_limits(listener, rx, limits, shutdown) => {}
         () = follow => {}
     }
     Ok(())

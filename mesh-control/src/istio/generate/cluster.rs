@@ -42,7 +42,7 @@ pub(super) fn check_rule(
             format!(
                 "DestinationRule {}: {}: {message}",
                 dr.meta.name,
-                crate::istio::path_text(path)
+                crate::istio::origin::path_text(path)
             ),
         ));
     };
