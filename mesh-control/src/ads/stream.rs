@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
-use super::{BoxStream, EventLog, Source};
+use super::source::{earliest, push_order, stopped, BoxStream, EventLog, Source};
 
 /// What both variants' requests carry: the node (on a stream's first request) and the
 /// resource type.
@@ -111,7 +111,7 @@ pub(super) fn serve<V: Variant + 'static>(
         let mut changes = stream.source.cache.subscribe();
         loop {
             let sent = tokio::select! {
-                _ = super::stopped(&mut stopping) => {
+                _ = stopped(&mut stopping) => {
                     let down = tonic::Status::unavailable("xDS server shutting down");
                     let _ = stream.tx.send(Err(down)).await;
                     return;
@@ -188,7 +188,7 @@ impl<V: Variant> Stream<V> {
     /// Sends every subscription what it lacks, make-before-break; `false` once the response
     /// side is closed.
     async fn push_all(&mut self) -> bool {
-        for (type_url, sub) in super::push_order(&mut self.subs) {
+        for (type_url, sub) in push_order(&mut self.subs) {
             self.nonce += 1;
             let cx = Ctx {
                 source: &self.source,
@@ -206,14 +206,6 @@ impl<V: Variant> Stream<V> {
             }
         }
         true
-    }
-}
-
-/// The earlier of two optional instants.
-pub(super) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
-    match (a, b) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
     }
 }
 

@@ -2,7 +2,8 @@
 //! (load balancing, slow start, connection pool, outlier detection, TLS) and the endpoint
 //! assignment of its workloads.
 
-use super::*;
+use super::common::*;
+use crate::istio::index::{Service, Workload};
 use crate::istio::{ConfigError, Doc, Seg, TrafficPolicy};
 use envoy_types::pb::envoy::config::cluster::v3 as cpb;
 use envoy_types::pb::envoy::config::core::v3 as core;
@@ -10,6 +11,7 @@ use envoy_types::pb::envoy::config::endpoint::v3 as epb;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3 as tls;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3 as upstream_http;
 use envoy_types::pb::envoy::r#type::matcher::v3 as matcher;
+use envoy_types::pb::google::protobuf::Any;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -286,16 +288,6 @@ pub(super) fn assignment(name: &str, workloads: &[&Workload]) -> epb::ClusterLoa
             })
             .collect(),
         ..Default::default()
-    }
-}
-
-pub(super) fn socket(address: &str, port: u32) -> core::Address {
-    core::Address {
-        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
-            address: address.to_owned(),
-            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(port)),
-            ..Default::default()
-        })),
     }
 }
 

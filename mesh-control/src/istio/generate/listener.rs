@@ -1,7 +1,8 @@
 //! Listeners: the client `api_listener` per service and the server listener per workload
 //! port, with its PeerAuthentication TLS mode and the HTTP filters.
 
-use super::*;
+use super::common::*;
+use crate::istio::index::{Service, Workload};
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::listener::v3 as lpb;
 use envoy_types::pb::envoy::config::route::v3 as rpb;
@@ -41,16 +42,6 @@ pub(super) fn client_listener(name: &str, http1: bool) -> lpb::Listener {
         api_listener: Some(lpb::ApiListener {
             api_listener: Some(any(&manager)),
         }),
-        ..Default::default()
-    }
-}
-
-pub(super) fn ads_source() -> core::ConfigSource {
-    core::ConfigSource {
-        resource_api_version: core::ApiVersion::V3 as i32,
-        config_source_specifier: Some(core::config_source::ConfigSourceSpecifier::Ads(
-            core::AggregatedConfigSource {},
-        )),
         ..Default::default()
     }
 }

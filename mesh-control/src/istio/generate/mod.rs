@@ -9,124 +9,26 @@
 //! listener (named by the `server_listener_resource_name_template`) with a
 //! `DownstreamTlsContext` per PeerAuthentication and RBAC per AuthorizationPolicy.
 
-mod cluster;
-mod listener;
-mod rbac;
-mod route;
-
-use cluster::{assignment, check_rule, socket};
-use listener::{ads_source, client_listener};
-use route::{exact, prefix_match};
-
 use crate::istio::index::{cluster_name, merged_policy, Index, Service, Workload};
-
 use crate::istio::{Config, ConfigError, Doc, Seg, TrafficPolicy};
+use cluster::{assignment, check_rule};
+use common::{any, Ctx};
 use envoy_types::pb::envoy::config::cluster::v3 as cpb;
 use envoy_types::pb::envoy::config::endpoint::v3 as epb;
-use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
-use prost::{Message, Name};
+use listener::client_listener;
+use prost::Name;
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-/// Generation settings.
-#[derive(Clone, Debug)]
-pub struct Options {
-    /// SPIFFE trust domain (default `cluster.local`).
-    pub trust_domain: String,
-    /// Server listener names; `%s` is `0.0.0.0:PORT` (Istio's:
-    /// `xds.istio.io/grpc/lds/inbound/%s`).
-    pub server_listener_template: String,
-    /// Bootstrap certificate provider instance holding the workload certificate and roots.
-    pub cert_provider_instance: String,
-    /// Who the resources are for: proxyless gRPC clients take certificates from their
-    /// bootstrap's certificate provider instances, Envoy takes them over SDS.
-    pub flavour: Flavour,
-}
+mod cluster;
+mod common;
 
-/// The kind of client resources are generated for (they differ only in where TLS
-/// certificates come from, as with Istio's generators).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Flavour {
-    /// Proxyless gRPC (and the mesh's own client): `tls_certificate_provider_instance` /
-    /// `ca_certificate_provider_instance` naming the bootstrap's instance.
-    #[default]
-    ProxylessGrpc,
-    /// Envoy: the SDS secrets `default` (workload certificate) and `ROOTCA` over ADS, as
-    /// istiod serves sidecars.
-    Envoy,
-}
+mod listener;
 
-impl Default for Options {
-    fn default() -> Self {
-        Self {
-            trust_domain: "cluster.local".into(),
-            server_listener_template: "xds.istio.io/grpc/lds/inbound/%s".into(),
-            cert_provider_instance: "default".into(),
-            flavour: Flavour::ProxylessGrpc,
-        }
-    }
-}
+mod rbac;
 
-/// What [`generate`] produced.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Generated {
-    /// Every resource, ready for the cache.
-    pub resources: Vec<Any>,
-    /// Client listener names (`HOST:PORT`).
-    pub listeners: Vec<String>,
-    /// Server listener names.
-    pub server_listeners: Vec<String>,
-    /// Resources each client sees its own way: endpoint assignments under locality load
-    /// balancing (see [`crate::istio::locality`]). Publish with
-    /// [`ResourceCache::set_resources_per_node`](crate::ads::ResourceCache::set_resources_per_node).
-    pub per_node: Vec<crate::ads::PerNode>,
-}
+mod route;
 
-fn any<M: Message + Name>(m: &M) -> Any {
-    Any {
-        type_url: M::type_url(),
-        value: m.encode_to_vec(),
-    }
-}
-
-/// Parses Istio durations (`1h`, `2s`, `500ms`, `1.5s`, `100us`).
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| c.is_ascii_alphabetic())?;
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    if n < 0.0 || !n.is_finite() {
-        return None;
-    }
-    let secs = match unit {
-        "h" => n * 3600.0,
-        "m" => n * 60.0,
-        "s" => n,
-        "ms" => n / 1e3,
-        "us" | "µs" => n / 1e6,
-        "ns" => n / 1e9,
-        _ => return None,
-    };
-    Some(Duration::from_secs_f64(secs))
-}
-
-fn pb_duration(d: Duration) -> PbDuration {
-    PbDuration {
-        seconds: d.as_secs() as i64,
-        nanos: d.subsec_nanos() as i32,
-    }
-}
-
-fn u32v(v: u32) -> Option<UInt32Value> {
-    Some(UInt32Value { value: v })
-}
-
-/// What generation reads (the index, the options) and the errors it collects.
-struct Ctx<'a> {
-    index: &'a Index<'a>,
-    opts: &'a Options,
-    errors: Vec<ConfigError>,
-}
+pub use common::{parse_duration, Flavour, Generated, Options};
 
 /// Generates the xDS resources for `config`.
 ///
@@ -295,35 +197,5 @@ impl Ctx<'_> {
             Some(cpb::cluster::ClusterDiscoveryType::Type(kind as i32));
         cluster.eds_cluster_config = None;
         cluster.load_assignment = Some(assignment(&name, workloads));
-    }
-}
-
-impl Ctx<'_> {
-    fn duration(
-        &mut self,
-        origin: &crate::istio::Origin,
-        path: &[Seg<'_>],
-        s: &str,
-    ) -> Option<Duration> {
-        let d = parse_duration(s);
-        if d.is_none() {
-            self.errors.push(origin.at(
-                path,
-                format!("invalid duration {s:?} (use e.g. 500ms, 2s, 1m)"),
-            ));
-        }
-        d
-    }
-
-    fn spiffe(&self, ns: &str, sa: &str) -> String {
-        format!("spiffe://{}/ns/{ns}/sa/{sa}", self.opts.trust_domain)
-    }
-
-    /// Istio's generator for proxyless gRPC applies TLS only when the DestinationRule asks
-    /// for it (`tls.mode: ISTIO_MUTUAL`): it cannot know whether a client or server uses xDS
-    /// credentials, so there is no auto mTLS. `meshctl validate` warns when a STRICT server
-    /// would then refuse such clients.
-    fn mtls_on(&self, policy: &TrafficPolicy) -> bool {
-        policy.tls.as_ref().and_then(|t| t.mode.as_deref()) == Some("ISTIO_MUTUAL")
     }
 }

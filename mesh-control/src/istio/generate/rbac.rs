@@ -1,7 +1,7 @@
 //! RBAC: AuthorizationPolicies compiled as Istio compiles them, into the server listener's
 //! RBAC filters.
 
-use super::*;
+use super::common::*;
 use crate::istio::Doc;
 use envoy_types::pb::envoy::config::rbac::v3 as rbac;
 use envoy_types::pb::envoy::config::route::v3 as rpb;

@@ -1,7 +1,8 @@
 //! Route configurations: a service's VirtualService rules as Envoy routes (matches, weighted
 //! destinations, retries, timeouts, faults, mirrors, header operations, hash policies).
 
-use super::*;
+use super::common::*;
+use crate::istio::index::{cluster_name, merged_policy, Service};
 use crate::istio::{Doc, HttpRoute, Seg, StringMatch};
 use envoy_types::pb::envoy::config::core::v3 as core;
 use envoy_types::pb::envoy::config::route::v3 as rpb;
@@ -17,13 +18,6 @@ fn rule_path(i: usize, extra: &[Seg<'static>]) -> Vec<Seg<'static>> {
     let mut p = vec![Seg::Key("spec"), Seg::Key("http"), Seg::Idx(i)];
     p.extend_from_slice(extra);
     p
-}
-
-pub(super) fn exact(s: &str) -> matcher::StringMatcher {
-    matcher::StringMatcher {
-        match_pattern: Some(matcher::string_matcher::MatchPattern::Exact(s.to_owned())),
-        ..Default::default()
-    }
 }
 
 pub(super) fn string_match(m: &StringMatch) -> Option<matcher::StringMatcher> {
@@ -506,13 +500,6 @@ pub(super) fn default_retry() -> rpb::RetryPolicy {
         retriable_status_codes: vec![503],
         retry_host_predicate: vec![previous_hosts()],
         host_selection_retry_max_attempts: 5,
-        ..Default::default()
-    }
-}
-
-pub(super) fn prefix_match(p: &str) -> rpb::RouteMatch {
-    rpb::RouteMatch {
-        path_specifier: Some(rpb::route_match::PathSpecifier::Prefix(p.into())),
         ..Default::default()
     }
 }

@@ -407,7 +407,5 @@ mod decode;
 mod response;
 mod subscribe;
 
-use decode::{decode, Decoded};
-
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,7 @@
 //! Responses: applying what a SotW or delta response carries, the ACK or NACK, and what a
 //! removal takes with it.
 
-use super::decode::{nack_message, nack_status, refused};
+use super::decode::{decode, nack_message, nack_status, refused, Decoded};
 use super::*;
 use crate::store::{Rejected, ResourceStatus};
 use crate::xds::translate::TranslateError;

@@ -1,8 +1,8 @@
 //! The ledger's entries for listeners, their filters (connection manager, router, fault, RBAC) and matchers.
 
-use super::super::Entry;
-use super::super::Treatment::{HonouredAs as As, Ignored};
-use super::*;
+use super::super::entry::Entry;
+use super::super::entry::Treatment::{HonouredAs as As, Ignored};
+use super::terms::*;
 
 pub(super) static ENTRIES: &[Entry] = &[
     entry(

@@ -1,8 +1,8 @@
 //! The ledger's entries for tLS contexts and certificates, and the cluster extensions.
 
-use super::super::Entry;
-use super::super::Treatment::Ignored;
-use super::*;
+use super::super::entry::Entry;
+use super::super::entry::Treatment::Ignored;
+use super::terms::*;
 
 pub(super) static ENTRIES: &[Entry] = &[
     entry(
