@@ -125,6 +125,7 @@ impl AdsState {
             return self.step(vec![nack], Some(Verdict::Nack(detail)));
         };
         let mut errors = Vec::new();
+        let mut present = BTreeSet::new();
         for r in &resp.resources {
             let Some(any) = &r.resource else {
                 // A resource without a body is a heartbeat for its TTL; nothing to update.
@@ -147,6 +148,12 @@ impl AdsState {
                     &r.name,
                     format!("the resource's own name is {name:?}"),
                 ));
+                continue;
+            }
+            if !present.insert(name.clone()) {
+                // As in SotW: the first is applied, a repeat is refused (it would otherwise
+                // leave the resource NACKed while serving the version just applied).
+                errors.push(refused(rt, &name, "duplicate resource in response".into()));
                 continue;
             }
             if !self.types[rt.index()].entries.contains_key(&name) {

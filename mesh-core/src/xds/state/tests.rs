@@ -864,3 +864,41 @@ fn a_route_update_waits_for_the_clusters_it_points_at() {
     assert_eq!(split(&ads.publish_view(later)), vec!["v4"]);
     assert_eq!(ads.holds_expired(), 1);
 }
+
+/// Found by the `ads_sequences` fuzz target: a delta response naming a resource twice, good
+/// then bad, applied the first and then marked the resource NACKed while it served the
+/// version just applied. The repeat is refused as SotW refuses it.
+#[test]
+fn delta_refuses_a_resource_named_twice_in_one_response() {
+    let now = Instant::now();
+    let mut ads = AdsState::new(ProtocolMode::Delta, node());
+    let _ = ads.watch_listener("svc", now);
+    let _ = ads.on_connected(now);
+    let mut bad = lpb::Listener::decode(listener("svc", "rc").value.as_slice()).unwrap();
+    bad.api_listener = None;
+    let step = ads.on_delta_response(
+        delta(
+            ResourceType::Listener,
+            "d1",
+            vec![
+                ("svc", "l1", listener("svc", "rc")),
+                ("svc", "l2", any(&bad)),
+            ],
+            &[],
+        ),
+        now,
+    );
+    let Some(Verdict::Nack(message)) = &step.verdict else {
+        panic!("{:?}", step.verdict);
+    };
+    assert!(
+        message.contains("duplicate resource in response"),
+        "{message}"
+    );
+    assert_eq!(
+        ads.status(ResourceType::Listener, "svc"),
+        Some(ResourceStatus::Acked),
+        "the first is applied and its status is what the snapshot serves"
+    );
+    assert!(ads.snapshot().listener("svc").is_some());
+}
