@@ -200,12 +200,10 @@ fn endpoints(name: &str, port: u32) -> Any {
         cluster_name: name.into(),
         endpoints: vec![epb::LocalityLbEndpoints {
             lb_endpoints: vec![epb::LbEndpoint {
-                host_identifier: Some(epb::lb_endpoint::HostIdentifier::Endpoint(
-                    epb::Endpoint {
-                        address: Some(address),
-                        ..Default::default()
-                    },
-                )),
+                host_identifier: Some(epb::lb_endpoint::HostIdentifier::Endpoint(epb::Endpoint {
+                    address: Some(address),
+                    ..Default::default()
+                })),
                 ..Default::default()
             }],
             ..Default::default()
@@ -230,7 +228,18 @@ fn build(kind: ResourceType, r: &Res) -> (Option<String>, Any) {
         }
         Shape::WrongType => {
             let other = KINDS[(KINDS.iter().position(|k| *k == kind).unwrap() + 1) % 4];
-            return (None, build(other, &Res { name: r.name, target: r.target, shape: Shape::Good }).1);
+            return (
+                None,
+                build(
+                    other,
+                    &Res {
+                        name: r.name,
+                        target: r.target,
+                        shape: Shape::Good,
+                    },
+                )
+                .1,
+            );
         }
         Shape::Good | Shape::Invalid => match kind {
             ResourceType::Listener => {
@@ -246,9 +255,14 @@ fn build(kind: ResourceType, r: &Res) -> (Option<String>, Any) {
             }
             ResourceType::Cluster => cluster(&n, good),
             // A port over 65535 is refused.
-            ResourceType::ClusterLoadAssignment => {
-                endpoints(&n, if good { 8000 + u32::from(r.target) } else { 70_000 })
-            }
+            ResourceType::ClusterLoadAssignment => endpoints(
+                &n,
+                if good {
+                    8000 + u32::from(r.target)
+                } else {
+                    70_000
+                },
+            ),
         },
     };
     (Some(n), any)
@@ -312,11 +326,17 @@ impl Harness {
         for o in &step.send {
             match o {
                 Outbound::Sotw(r) => {
-                    let k = KINDS.iter().position(|k| k.type_url() == r.type_url).unwrap();
+                    let k = KINDS
+                        .iter()
+                        .position(|k| k.type_url() == r.type_url)
+                        .unwrap();
                     self.requested[k] = r.resource_names.iter().cloned().collect();
                 }
                 Outbound::Delta(r) => {
-                    let k = KINDS.iter().position(|k| k.type_url() == r.type_url).unwrap();
+                    let k = KINDS
+                        .iter()
+                        .position(|k| k.type_url() == r.type_url)
+                        .unwrap();
                     self.requested[k].extend(r.resource_names_subscribe.iter().cloned());
                     for n in &r.resource_names_unsubscribe {
                         self.requested[k].remove(n);
@@ -434,8 +454,12 @@ impl Harness {
                     anys.push(a);
                 }
                 let held_before: BTreeSet<String> = match kind {
-                    ResourceType::Listener => self.ads.snapshot().listeners().keys().cloned().collect(),
-                    ResourceType::Cluster => self.ads.snapshot().clusters().keys().cloned().collect(),
+                    ResourceType::Listener => {
+                        self.ads.snapshot().listeners().keys().cloned().collect()
+                    }
+                    ResourceType::Cluster => {
+                        self.ads.snapshot().clusters().keys().cloned().collect()
+                    }
                     _ => BTreeSet::new(),
                 };
                 let before: BTreeMap<String, Option<String>> = names
@@ -479,8 +503,12 @@ impl Harness {
                 self.check_nacked(kind, &names, &before);
                 if unnamed {
                     let held_after: BTreeSet<String> = match kind {
-                        ResourceType::Listener => self.ads.snapshot().listeners().keys().cloned().collect(),
-                        ResourceType::Cluster => self.ads.snapshot().clusters().keys().cloned().collect(),
+                        ResourceType::Listener => {
+                            self.ads.snapshot().listeners().keys().cloned().collect()
+                        }
+                        ResourceType::Cluster => {
+                            self.ads.snapshot().clusters().keys().cloned().collect()
+                        }
                         _ => BTreeSet::new(),
                     };
                     for n in held_before.difference(&held_after) {
