@@ -124,6 +124,9 @@ impl MeshClientBuilder {
         let listener = self.listener;
         let metrics = self.metrics.unwrap_or_default();
         metrics.observe_xds(&self.store);
+        if let Some(id) = &self.identity {
+            metrics.observe_identity(id);
+        }
         let registry = self.registry.unwrap_or_else(|| {
             ClusterRegistry::build(
                 self.store.clone(),

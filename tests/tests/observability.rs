@@ -543,3 +543,32 @@ async fn access_logs_are_structured_and_filtered() {
         assert!(!text.contains(secret), "{secret} logged: {text}");
     }
 }
+
+/// A client built with an identity exposes its certificate's remaining lifetime and the
+/// handshakes that presented it expired.
+#[tokio::test]
+async fn the_workload_certificate_lifetime_is_a_metric() {
+    let ca = mesh_control::ca::DevCa::new("cluster.local").unwrap();
+    let identity = mesh_core::identity::IdentityStore::new(
+        ca.workload_identity("prod", "frontend", Duration::from_secs(3600))
+            .unwrap(),
+    );
+    let metrics = Metrics::default();
+    let client = MeshClient::builder(ConfigStore::new(), "xds:///svc:80")
+        .unwrap()
+        .identity(identity)
+        .metrics(metrics.clone())
+        .build();
+    let text = metrics.render();
+    let value = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    };
+    let left = value("mesh_identity_expiry_seconds");
+    assert!((3500.0..=3600.0).contains(&left), "{left}");
+    assert_eq!(value("mesh_identity_expired_handshakes_total"), 0.0);
+    drop(client);
+}

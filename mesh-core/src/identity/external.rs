@@ -133,9 +133,7 @@ pub fn external_client_config(
                 "the client certificate is the workload's, but the client has no workload identity"
                     .to_owned()
             })?;
-            builder.with_client_cert_resolver(Arc::new(super::verify::Resolver(
-                identity.swap().clone(),
-            )))
+            builder.with_client_cert_resolver(Arc::new(super::verify::Resolver(identity.clone())))
         }
         Some(other) => {
             return Err(format!(

@@ -56,6 +56,8 @@ pub struct Identity {
     pub spiffe_id: SpiffeId,
     /// Trusted roots.
     pub roots: Vec<CertificateDer<'static>>,
+    /// When the leaf certificate expires.
+    pub not_after: std::time::SystemTime,
     pub(crate) certified_key: Arc<CertifiedKey>,
 }
 
@@ -94,6 +96,16 @@ impl Identity {
                 "the leaf has no spiffe:// URI SAN".into(),
             )
         })?;
+        let not_after = x509_parser::parse_x509_certificate(chain[0].as_ref())
+            .ok()
+            .and_then(|(_, c)| u64::try_from(c.validity().not_after.timestamp()).ok())
+            .map(|secs| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+            .ok_or_else(|| {
+                pem(
+                    "certificate chain",
+                    "the leaf's validity does not parse".into(),
+                )
+            })?;
         let signing_key = crypto_provider()
             .key_provider
             .load_private_key(key)
@@ -111,6 +123,7 @@ impl Identity {
             chain,
             spiffe_id,
             roots,
+            not_after,
             certified_key,
         })
     }
@@ -121,6 +134,8 @@ impl Identity {
 pub struct IdentityStore {
     current: Arc<ArcSwap<Identity>>,
     changed: Arc<watch::Sender<u64>>,
+    /// Handshakes that presented the certificate after it expired.
+    expired_uses: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl IdentityStore {
@@ -129,6 +144,7 @@ impl IdentityStore {
         Self {
             current: Arc::new(ArcSwap::from_pointee(identity)),
             changed: Arc::new(watch::channel(0).0),
+            expired_uses: Arc::default(),
         }
     }
 
@@ -151,6 +167,35 @@ impl IdentityStore {
 
     pub(crate) fn swap(&self) -> &Arc<ArcSwap<Identity>> {
         &self.current
+    }
+
+    /// How many handshakes presented this workload's certificate after it had expired (the
+    /// renewal did not arrive in time: peers refuse those handshakes).
+    pub fn expired_uses(&self) -> u64 {
+        self.expired_uses.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The certificate to present in a handshake. An expired one is still presented (the
+    /// peer decides, and names the expiry in its error), counted, and logged at the first
+    /// use and then at every power of two.
+    pub(crate) fn certified_key(&self) -> Arc<CertifiedKey> {
+        let identity = self.current.load();
+        if std::time::SystemTime::now() > identity.not_after {
+            let n = self
+                .expired_uses
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if n.is_power_of_two() {
+                let expired_for = identity.not_after.elapsed().unwrap_or_default();
+                tracing::error!(
+                    identity = %identity.spiffe_id,
+                    ?expired_for,
+                    handshakes = n,
+                    "this workload's certificate has expired and no renewal has arrived: peers refuse its handshakes"
+                );
+            }
+        }
+        identity.certified_key.clone()
     }
 }
 

@@ -31,12 +31,17 @@ fn ca() -> Ca {
 
 /// (cert PEM, key PEM) for `spiffe_id`, valid from `from` to `until` days relative to now.
 fn leaf(ca: &Ca, spiffe_id: &str, from_days: i64, until_days: i64) -> (String, String) {
+    leaf_secs(ca, spiffe_id, from_days * 86_400, until_days * 86_400)
+}
+
+/// [`leaf`] with its validity in seconds relative to now.
+fn leaf_secs(ca: &Ca, spiffe_id: &str, from: i64, until: i64) -> (String, String) {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.subject_alt_names = vec![RcSan::URI(spiffe_id.try_into().unwrap())];
     let now = time::OffsetDateTime::now_utc();
-    params.not_before = now + time::Duration::days(from_days);
-    params.not_after = now + time::Duration::days(until_days);
+    params.not_before = now + time::Duration::seconds(from);
+    params.not_after = now + time::Duration::seconds(until);
     params.serial_number = Some(rcgen::SerialNumber::from(
         fastrand::u64(..).to_be_bytes().to_vec(),
     ));
@@ -310,4 +315,125 @@ fn spiffe_ids_and_bad_pem() {
         err.to_string(),
         "file_watcher: private_key_file is required"
     );
+}
+
+/// An identity for `id` signed by `signer`, trusting the roots in `bundle` (PEM, one or more).
+fn identity(signer: &Ca, id: &str, bundle: &str) -> Identity {
+    let (c, k) = leaf(signer, id, -1, 1);
+    Identity::from_pem(c.as_bytes(), k.as_bytes(), bundle.as_bytes()).unwrap()
+}
+
+#[tokio::test]
+async fn certificate_validity_is_checked_on_both_sides() {
+    let ca = ca();
+    let with = |from: i64, until: i64, id: &str| {
+        let (c, k) = leaf(&ca, id, from, until);
+        IdentityStore::new(
+            Identity::from_pem(c.as_bytes(), k.as_bytes(), ca.pem.as_bytes()).unwrap(),
+        )
+    };
+    // A server certificate not valid yet: the client names it.
+    let (addr, _) = server(with(1, 10, SERVER), true).await;
+    let err = connect(addr, &store(&ca, CLIENT), exact(SERVER))
+        .await
+        .unwrap_err();
+    assert!(err.contains("NotValidYet"), "{err}");
+    // An expired client certificate, and one not valid yet: the STRICT server names them.
+    for (from, until, what) in [(-10, -1, "Expired"), (1, 10, "NotValidYet")] {
+        let (addr, mut peers) = server(store(&ca, SERVER), true).await;
+        let _ = connect(addr, &with(from, until, CLIENT), exact(SERVER)).await;
+        let server_side = peers.recv().await.unwrap().unwrap_err();
+        assert!(server_side.contains(what), "{what}: {server_side}");
+    }
+}
+
+/// A mesh-wide root rotation, as a CA rotates: every workload first trusts both roots, then
+/// each gets a certificate from the new root, then the old root is dropped. Handshakes run
+/// all the while, from four callers; not one fails. After the rotation a certificate from
+/// the old root is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_bundle_rotates_to_a_new_root_with_an_overlap_under_load() {
+    let (old, new) = (ca(), ca());
+    let both = format!("{}{}", old.pem, new.pem);
+    let server_id = IdentityStore::new(identity(&old, SERVER, &old.pem));
+    let client_id = IdentityStore::new(identity(&old, CLIENT, &old.pem));
+    let (addr, mut peers) = server(server_id.clone(), true).await;
+    tokio::spawn(async move { while peers.recv().await.is_some() {} });
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (stop, client_id) = (stop.clone(), client_id.clone());
+            tokio::spawn(async move {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match connect(addr, &client_id, exact(SERVER)).await {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(e),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    let phase = || tokio::time::sleep(Duration::from_millis(300));
+    phase().await;
+    // 1. Both trust both roots.
+    server_id.store(identity(&old, SERVER, &both));
+    client_id.store(identity(&old, CLIENT, &both));
+    phase().await;
+    // 2. New certificates from the new root, one side at a time.
+    server_id.store(identity(&new, SERVER, &both));
+    phase().await;
+    client_id.store(identity(&new, CLIENT, &both));
+    phase().await;
+    // 3. The old root goes.
+    server_id.store(identity(&new, SERVER, &new.pem));
+    client_id.store(identity(&new, CLIENT, &new.pem));
+    phase().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (mut ok, mut failed) = (0, Vec::new());
+    for c in callers {
+        let (o, f) = c.await.unwrap();
+        ok += o;
+        failed.extend(f);
+    }
+    println!("root rotation: {ok} handshakes, {} failed", failed.len());
+    assert!(failed.is_empty(), "{failed:?}");
+    assert!(ok > 50, "only {ok} handshakes");
+    // The old root is no longer trusted.
+    let stale = IdentityStore::new(identity(&old, CLIENT, &both));
+    assert!(connect(addr, &stale, exact(SERVER)).await.is_err());
+}
+
+/// A workload whose certificate expires before its renewal arrives: it still presents it,
+/// every peer refuses the handshake naming the expiry, and each such handshake is counted
+/// (and logged at the first and then at powers of two); the renewal ends it.
+#[tokio::test]
+async fn an_expired_own_certificate_is_counted_until_the_renewal_arrives() {
+    let ca = ca();
+    let (c, k) = leaf_secs(&ca, SERVER, -60, 2);
+    let short = Identity::from_pem(c.as_bytes(), k.as_bytes(), ca.pem.as_bytes()).unwrap();
+    let expires = short.not_after;
+    let server_id = IdentityStore::new(short);
+    let (addr, mut peers) = server(server_id.clone(), true).await;
+    tokio::spawn(async move { while peers.recv().await.is_some() {} });
+    let client_id = store(&ca, CLIENT);
+    connect(addr, &client_id, exact(SERVER)).await.unwrap();
+    assert_eq!(server_id.expired_uses(), 0);
+    // Past its expiry (the validity has one-second resolution).
+    let wait = expires
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(1100)).await;
+    let mut refused = 0;
+    for _ in 0..5 {
+        let err = connect(addr, &client_id, exact(SERVER)).await.unwrap_err();
+        assert!(err.contains("Expired"), "{err}");
+        refused += 1;
+    }
+    assert_eq!(server_id.expired_uses(), refused);
+    // The renewal arrives: handshakes succeed again and the count stops.
+    server_id.store(identity(&ca, SERVER, &ca.pem));
+    connect(addr, &client_id, exact(SERVER)).await.unwrap();
+    assert_eq!(server_id.expired_uses(), refused);
 }

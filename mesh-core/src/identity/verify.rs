@@ -162,11 +162,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 
 /// Presents the current certificate (read at each handshake: rotation needs no new config).
 #[derive(Debug)]
-pub(super) struct Resolver(pub(super) Arc<ArcSwap<Identity>>);
+pub(super) struct Resolver(pub(super) IdentityStore);
 
 impl ResolvesClientCert for Resolver {
     fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.load().certified_key.clone())
+        Some(self.0.certified_key())
     }
 
     fn has_certs(&self) -> bool {
@@ -176,7 +176,7 @@ impl ResolvesClientCert for Resolver {
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.load().certified_key.clone())
+        Some(self.0.certified_key())
     }
 }
 
@@ -198,7 +198,7 @@ pub fn client_config(
         .with_safe_default_protocol_versions()?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(Resolver(identity.swap().clone())));
+        .with_client_cert_resolver(Arc::new(Resolver(identity.clone())));
     config.alpn_protocols = alpn;
     Ok(config)
 }
@@ -220,7 +220,7 @@ pub fn server_config(
     let mut config = ServerConfig::builder_with_provider(crypto_provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(Resolver(identity.swap().clone())));
+        .with_cert_resolver(Arc::new(Resolver(identity.clone())));
     config.alpn_protocols = alpn;
     Ok(config)
 }

@@ -213,6 +213,7 @@ pub(super) struct Inner {
     pub(super) write: Mutex<()>,
     pub(super) counters: Counters,
     pub(super) xds: std::sync::OnceLock<mesh_core::ConfigStore>,
+    pub(super) identity: std::sync::OnceLock<mesh_core::identity::IdentityStore>,
     pub(super) istio: std::sync::OnceLock<Arc<istio::Istio>>,
 }
 
@@ -273,6 +274,7 @@ impl Metrics {
                 write: Mutex::new(()),
                 counters: Counters::default(),
                 xds: std::sync::OnceLock::new(),
+                identity: std::sync::OnceLock::new(),
                 istio: std::sync::OnceLock::new(),
             }),
         }
@@ -303,6 +305,14 @@ impl Metrics {
     /// (`mesh_xds_updates_total`, `mesh_xds_nacks_total`). The first store given is kept.
     pub fn observe_xds(&self, store: &mesh_core::ConfigStore) {
         let _ = self.inner.xds.set(store.clone());
+    }
+
+    /// Exposes the certificate of `identity`: the seconds until it expires
+    /// (`mesh_identity_expiry_seconds`, negative once expired) and the handshakes that
+    /// presented it expired (`mesh_identity_expired_handshakes`). The first identity given
+    /// is the one shown.
+    pub fn observe_identity(&self, identity: &mesh_core::identity::IdentityStore) {
+        let _ = self.inner.identity.set(identity.clone());
     }
 
     /// The xDS responses accepted and rejected by the client of the store given to
@@ -524,6 +534,27 @@ impl Metrics {
         ] {
             let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
             ConstCounter::new(v.load(Ordering::Relaxed)).encode(m)?;
+        }
+        if let Some(id) = self.inner.identity.get() {
+            let not_after = id.load().not_after;
+            let expiry = match not_after.duration_since(std::time::SystemTime::now()) {
+                Ok(left) => left.as_secs_f64(),
+                Err(past) => -past.duration().as_secs_f64(),
+            };
+            let m = encoder.encode_descriptor(
+                "mesh_identity_expiry_seconds",
+                "Seconds until this workload's certificate expires (negative: expired, the renewal has not arrived).",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(expiry).encode(m)?;
+            let m = encoder.encode_descriptor(
+                "mesh_identity_expired_handshakes",
+                "Handshakes that presented this workload's certificate after it expired (peers refuse them).",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(id.expired_uses()).encode(m)?;
         }
         let xds = self.xds_counts();
         for (name, help, v) in [

@@ -307,6 +307,9 @@ where
     B: http_body::Body<Data = bytes::Bytes> + Default + Send + 'static,
     B::Error: Into<BoxError> + std::fmt::Display,
 {
+    if let Some(id) = &options.identity {
+        options.metrics.observe_identity(id);
+    }
     let port = listener.local_addr()?.port();
     let address = format!("0.0.0.0:{port}");
     if let Some(mode) = options.tls_mode {
