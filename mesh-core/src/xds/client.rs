@@ -14,7 +14,7 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 use tracing::Instrument;
 
 use super::bootstrap::ProtocolMode;
-use super::bootstrap::{Bootstrap, ChannelCreds};
+use super::bootstrap::{Bootstrap, ChannelCreds, XdsServer};
 use super::state::{AdsState, Outbound, Step, Verdict};
 use super::ResourceType;
 use crate::config::Listener;
@@ -146,68 +146,46 @@ impl XdsClientBuilder {
     /// # Panics
     /// Outside a tokio runtime.
     pub fn build(self) -> Result<XdsClient, Error> {
-        let server = self
-            .bootstrap
-            .servers
-            .first()
-            .ok_or_else(|| BootstrapError::Field {
+        let servers = &self.bootstrap.servers;
+        let Some(first) = servers.first() else {
+            return Err(BootstrapError::Field {
                 origin: "builder".into(),
                 key: "xds_servers".into(),
                 message: "must list at least one server".into(),
-            })?
-            .clone();
-        let uri = server.endpoint_uri();
-        let bad = |key: &str, message: String| BootstrapError::Field {
-            origin: "bootstrap".into(),
-            key: key.into(),
-            message,
-        };
-        let mut endpoint = Endpoint::from_shared(uri.clone())
-            .map_err(|e| {
-                bad(
-                    "xds_servers[0].server_uri",
-                    format!("{uri:?} is not a valid URI: {e}"),
-                )
-            })?
-            .connect_timeout(self.connect_timeout)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true);
-        if let ChannelCreds::Tls {
-            ca_certificate_file,
-            certificate_file,
-            private_key_file,
-        } = &server.creds
-        {
-            let read = |path: &str, key: &str| {
-                std::fs::read(path).map_err(|e| bad(key, format!("cannot read {path}: {e}")))
-            };
-            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(
-                ca_certificate_file,
-                "xds_servers[0].channel_creds.config.ca_certificate_file",
-            )?));
-            if let (Some(cert), Some(key)) = (certificate_file, private_key_file) {
-                tls = tls.identity(Identity::from_pem(
-                    read(cert, "xds_servers[0].channel_creds.config.certificate_file")?,
-                    read(key, "xds_servers[0].channel_creds.config.private_key_file")?,
-                ));
             }
-            endpoint = endpoint.tls_config(tls).map_err(|e| {
-                bad(
-                    "xds_servers[0].channel_creds",
-                    format!("bad TLS config: {e}"),
-                )
-            })?;
+            .into());
+        };
+        let mode = first.protocol();
+        let mut channels = Vec::with_capacity(servers.len());
+        for (i, server) in servers.iter().enumerate() {
+            if server.protocol() != mode {
+                return Err(BootstrapError::Field {
+                    origin: "bootstrap".into(),
+                    key: format!("xds_servers[{i}].server_features"),
+                    message: format!(
+                        "a fallback server must speak the protocol of the first ({mode:?}); this one asks for {:?}",
+                        server.protocol()
+                    ),
+                }
+                .into());
+            }
+            channels.push(Channel {
+                uri: server.endpoint_uri(),
+                endpoint: endpoint(server, i, self.connect_timeout)?,
+            });
         }
+        let uri = channels[0].uri.clone();
         let store = self.store.unwrap_or_default();
         let (commands, rx) = mpsc::unbounded_channel();
-        let mut state = AdsState::new(server.protocol(), self.bootstrap.node.clone());
+        let mut state = AdsState::new(mode, self.bootstrap.node.clone());
         for name in &self.listeners {
             // Not connected yet: the subscription goes out with the stream's first requests.
             drop(state.watch_listener(name, Instant::now()));
         }
         let task = Task {
             state,
-            endpoint,
+            channels,
+            current: 0,
             uri: uri.clone(),
             store: store.clone(),
             commands: rx,
@@ -399,9 +377,57 @@ enum Inbound {
 
 type InboundStream = Pin<Box<dyn Stream<Item = Result<Inbound, tonic::Status>> + Send>>;
 
+/// One server of the bootstrap, ready to connect.
+struct Channel {
+    uri: String,
+    endpoint: Endpoint,
+}
+
+/// The endpoint of `xds_servers[i]`, with its channel credentials.
+fn endpoint(server: &XdsServer, i: usize, connect_timeout: Duration) -> Result<Endpoint, Error> {
+    let uri = server.endpoint_uri();
+    let bad = |key: &str, message: String| BootstrapError::Field {
+        origin: "bootstrap".into(),
+        key: format!("xds_servers[{i}].{key}"),
+        message,
+    };
+    let mut endpoint = Endpoint::from_shared(uri.clone())
+        .map_err(|e| bad("server_uri", format!("{uri:?} is not a valid URI: {e}")))?
+        .connect_timeout(connect_timeout)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true);
+    if let ChannelCreds::Tls {
+        ca_certificate_file,
+        certificate_file,
+        private_key_file,
+    } = &server.creds
+    {
+        let read = |path: &str, key: &str| {
+            std::fs::read(path).map_err(|e| bad(key, format!("cannot read {path}: {e}")))
+        };
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(
+            ca_certificate_file,
+            "channel_creds.config.ca_certificate_file",
+        )?));
+        if let (Some(cert), Some(key)) = (certificate_file, private_key_file) {
+            tls = tls.identity(Identity::from_pem(
+                read(cert, "channel_creds.config.certificate_file")?,
+                read(key, "channel_creds.config.private_key_file")?,
+            ));
+        }
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| bad("channel_creds", format!("bad TLS config: {e}")))?;
+    }
+    Ok(endpoint)
+}
+
 struct Task {
     state: AdsState,
-    endpoint: Endpoint,
+    /// The bootstrap's servers, in priority order.
+    channels: Vec<Channel>,
+    /// The one in use.
+    current: usize,
     uri: String,
     store: ConfigStore,
     commands: mpsc::UnboundedReceiver<Command>,
@@ -415,6 +441,8 @@ enum StreamEnd {
     Shutdown,
     /// The stream failed; whether any response had arrived on it.
     Failed { received: bool },
+    /// A server of higher priority than the one in use answers again (gRFC A71): switch.
+    Primary(usize),
 }
 
 impl Task {
@@ -426,10 +454,33 @@ impl Task {
                     tracing::info!("xds client stopped");
                     return;
                 }
+                StreamEnd::Primary(i) => {
+                    tracing::info!(from = %self.uri, to = %self.channels[i].uri, "back to the higher-priority xDS server");
+                    let step = self.state.on_disconnected();
+                    self.apply(step);
+                    self.use_server(i);
+                    delay = self.backoff_initial;
+                    continue;
+                }
                 StreamEnd::Failed { received } => {
                     if received {
                         // The stream worked; start the backoff over (gRFC A57).
                         delay = self.backoff_initial;
+                    }
+                    // gRFC A71: fall back to the next server only when this one is
+                    // unreachable and a watched resource has not arrived; with everything
+                    // cached, the cache serves while this one is retried.
+                    let next = self.current + 1;
+                    if !received && next < self.channels.len() && self.state.is_waiting() {
+                        tracing::warn!(from = %self.uri, to = %self.channels[next].uri, "xDS server unreachable with resources still missing: falling back");
+                        let step = self.state.on_disconnected();
+                        self.apply(step);
+                        self.use_server(next);
+                        continue;
+                    }
+                    if received && self.current > 0 {
+                        // A fallback went away: start over from the primary.
+                        self.use_server(0);
                     }
                 }
             }
@@ -451,6 +502,12 @@ impl Task {
             }
             delay = delay.mul_f64(1.6).min(self.backoff_max);
         }
+    }
+
+    /// Makes `xds_servers[i]` the server in use.
+    fn use_server(&mut self, i: usize) {
+        self.current = i;
+        self.uri = self.channels[i].uri.clone();
     }
 
     fn command(&mut self, cmd: Command) -> Vec<Outbound> {
@@ -497,7 +554,7 @@ impl Task {
 
     async fn connect_and_serve(&mut self) -> StreamEnd {
         let channel = tokio::select! {
-            conn = self.endpoint.connect() => match conn {
+            conn = self.channels[self.current].endpoint.connect() => match conn {
                 Ok(c) => c,
                 Err(e) => {
                     let reason = XdsError::Unreachable { server: self.uri.clone(), reason: error_chain(&e) };
@@ -535,9 +592,17 @@ impl Task {
         // The dump shows the stream up (and the error gone).
         self.publish(false, true);
         let mut received = false;
+        // On a fallback, the servers before it are tried again and again (gRFC A71).
+        let higher: Vec<Endpoint> = self.channels[..self.current]
+            .iter()
+            .map(|c| c.endpoint.clone())
+            .collect();
+        let probe = reachable(higher, self.backoff_initial, self.backoff_max);
+        tokio::pin!(probe);
         loop {
             let deadline = self.state.next_deadline();
             tokio::select! {
+                i = &mut probe => return StreamEnd::Primary(i),
                 msg = inbound.next() => {
                     let now = Instant::now();
                     let out = match msg {
@@ -611,6 +676,24 @@ async fn open_stream(
                 .await
                 .map(|r| Box::pin(r.into_inner().map(|m| m.map(Inbound::Delta))) as InboundStream)
         }
+    }
+}
+
+/// The first of `servers` (in priority order) to accept a connection, tried with backoff;
+/// never resolves when there are none.
+async fn reachable(servers: Vec<Endpoint>, initial: Duration, max: Duration) -> usize {
+    if servers.is_empty() {
+        return std::future::pending().await;
+    }
+    let mut delay = initial;
+    loop {
+        tokio::time::sleep(delay.mul_f64(0.8 + fastrand::f64() * 0.4)).await;
+        for (i, endpoint) in servers.iter().enumerate() {
+            if endpoint.connect().await.is_ok() {
+                return i;
+            }
+        }
+        delay = delay.mul_f64(1.6).min(max);
     }
 }
 

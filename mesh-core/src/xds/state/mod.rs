@@ -233,6 +233,16 @@ impl AdsState {
         self.step(Vec::new(), None)
     }
 
+    /// Whether a subscribed resource has not arrived yet (nor been found not to exist): what
+    /// makes a client fall back to its next server when this one is unreachable (gRFC A71).
+    pub fn is_waiting(&self) -> bool {
+        self.types.iter().any(|t| {
+            t.entries
+                .values()
+                .any(|e| e.status == ResourceStatus::Requested)
+        })
+    }
+
     /// The earliest does-not-exist deadline.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.types
