@@ -73,6 +73,11 @@ pub struct ConfigDump {
     pub last_error: Option<String>,
     /// The node the client identifies as (for CSDS).
     pub node: Option<envoy_types::pb::envoy::config::core::v3::Node>,
+    /// When the configuration in use came from a cache file: when that file was saved
+    /// (cleared when a server answers).
+    pub from_cache: Option<SystemTime>,
+    /// A cache file is loaded and will serve unless a server answers first.
+    pub cache_pending: bool,
 }
 
 impl ConfigDump {

@@ -163,7 +163,13 @@ impl ConfigStore {
     /// [`pending`](Self::pending) for a given snapshot of this store.
     pub fn pending_in(&self, snap: &Snapshot, listener: &str) -> Option<String> {
         let dump = self.dump();
-        if !dump.connected && dump.last_error.is_some() {
+        // No server reachable: nothing is on its way, unless a cache file is about to serve
+        // or has just served (its dump is published before its snapshot).
+        if !dump.connected
+            && dump.last_error.is_some()
+            && !dump.cache_pending
+            && dump.from_cache.is_none()
+        {
             return None;
         }
         let on_its_way = |rt: ResourceType, name: &str, subscribed_yet: bool| {

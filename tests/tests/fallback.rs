@@ -196,3 +196,122 @@ async fn falls_back_while_the_primary_is_down_and_returns_to_it() {
     assert_eq!(failed, 0);
     assert!(sent > 100, "{sent}");
 }
+
+fn bootstrap(port: u16) -> Bootstrap {
+    Bootstrap::from_json(
+        &format!(
+            r#"{{"xds_servers": [{{"server_uri": "127.0.0.1:{port}", "channel_creds": [{{"type": "insecure"}}]}}],
+                "node": {{"id": "cold-start"}}}}"#
+        ),
+        "test",
+    )
+    .unwrap()
+}
+
+/// A service restarted while its control plane is down serves from the cache file its
+/// previous run wrote, without a failed request; the control plane's return (with a
+/// change) replaces what the file held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_start_with_the_control_plane_down_serves_from_the_cache_file() {
+    let v1 = support::backend("v1").await;
+    let v2 = support::backend("v2").await;
+    let (p1, p2) = (v1.addr.port(), v2.addr.port());
+    let dir = std::env::temp_dir().join(format!("mesh-cold-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (yaml_path, cache) = (dir.join("mesh.yaml"), dir.join("xds.cache"));
+    let _ = std::fs::remove_file(&cache);
+    std::fs::write(&yaml_path, yaml(p1, p2, "v1")).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let stop_cp = control_plane(yaml_path.clone(), listener);
+    let start = |bootstrap: Bootstrap| {
+        let xds = XdsClient::builder(bootstrap)
+            .backoff(Duration::from_millis(100), Duration::from_millis(400))
+            .connect_timeout(Duration::from_millis(500))
+            .cache_file(
+                &cache,
+                Duration::from_secs(3600),
+                Duration::from_millis(300),
+            )
+            .build()
+            .unwrap();
+        let metrics = mesh_tower::metrics::Metrics::default();
+        let client = MeshClient::from_xds(&xds, &format!("xds:///{HOST}:80"))
+            .unwrap()
+            .metrics(metrics.clone())
+            .build();
+        (xds, client, metrics)
+    };
+
+    // The first run: configured by the control plane, which writes the cache file.
+    let (xds, client, _) = start(bootstrap(port));
+    until_answered_by(&client, "v1").await;
+    assert!(xds.store().dump().from_cache.is_none());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cache.exists() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no cache file written"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop((client, xds));
+
+    // The control plane goes down; the service restarts and is called at once, from four
+    // callers: they wait for the configuration (MeshClient's bound), which comes from the
+    // file, and not one fails.
+    drop(stop_cp);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (xds, client, metrics) = start(bootstrap(port));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let callers: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, stop, sent, failed) =
+                (client.clone(), stop.clone(), sent.clone(), failed.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    match answer(&client).await.as_deref() {
+                        Ok("v1") | Ok("v2") => {}
+                        other => {
+                            eprintln!("failed: {other:?}");
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        answer(&client).await.as_deref(),
+        Ok("v1"),
+        "served from the file"
+    );
+    let dump = xds.store().dump();
+    assert!(
+        dump.from_cache.is_some(),
+        "the dump says where it came from"
+    );
+    assert!(!dump.connected);
+    let text = metrics.render();
+    assert!(text.contains("mesh_xds_cache_age_seconds"), "{text}");
+
+    // The control plane returns with a change: it replaces what the file held.
+    std::fs::write(&yaml_path, yaml(p1, p2, "v2")).unwrap();
+    let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let _cp = control_plane(yaml_path, listener);
+    until_answered_by(&client, "v2").await;
+    assert!(xds.store().dump().from_cache.is_none());
+    assert!(!metrics.render().contains("mesh_xds_cache_age_seconds"));
+    stop.store(true, Ordering::Relaxed);
+    for c in callers {
+        c.await.unwrap();
+    }
+    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!("cold start: {sent} requests from the restart through the control plane's return, {failed} failed");
+    assert_eq!(failed, 0);
+    assert!(sent > 100, "{sent}");
+}

@@ -10,11 +10,12 @@ use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Endpoint;
 use tracing::Instrument;
 
+use super::bootstrap::Bootstrap;
 use super::bootstrap::ProtocolMode;
-use super::bootstrap::{Bootstrap, ChannelCreds, XdsServer};
+use super::connect::{endpoint, reachable, Channel};
 use super::state::{AdsState, Outbound, Step, Verdict};
 use super::ResourceType;
 use crate::config::Listener;
@@ -107,6 +108,7 @@ pub struct XdsClientBuilder {
     backoff_max: Duration,
     connect_timeout: Duration,
     listeners: Vec<String>,
+    cache: Option<super::CacheFile>,
 }
 
 impl XdsClientBuilder {
@@ -121,6 +123,23 @@ impl XdsClientBuilder {
     /// Publishes into `store` instead of a new one.
     pub fn store(mut self, store: ConfigStore) -> Self {
         self.store = Some(store);
+        self
+    }
+
+    /// Keeps the last good configuration in `path` and, at a start when no server answers
+    /// within `wait`, serves from it if it is at most `max_age` old (see
+    /// [`CacheFile`](super::CacheFile) for what it guards against and what it risks).
+    pub fn cache_file(
+        mut self,
+        path: impl Into<std::path::PathBuf>,
+        max_age: Duration,
+        wait: Duration,
+    ) -> Self {
+        self.cache = Some(super::CacheFile {
+            path: path.into(),
+            max_age,
+            wait,
+        });
         self
     }
 
@@ -182,8 +201,23 @@ impl XdsClientBuilder {
             // Not connected yet: the subscription goes out with the stream's first requests.
             drop(state.watch_listener(name, Instant::now()));
         }
+        let cached = self.cache.as_ref().and_then(|c| {
+            match super::cache::load(&c.path, &self.bootstrap.node.id, c.max_age) {
+                Ok(cached) => Some(cached),
+                Err(reason) => {
+                    tracing::warn!(file = %c.path.display(), "xDS cache file not used: {reason}");
+                    None
+                }
+            }
+        });
+        if cached.is_some() {
+            state.set_cache_pending(true);
+        }
         let task = Task {
             state,
+            cache: self.cache.clone(),
+            cached,
+            started: Instant::now(),
             channels,
             current: 0,
             uri: uri.clone(),
@@ -213,6 +247,7 @@ impl XdsClient {
             store: None,
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(120),
+            cache: None,
             connect_timeout: Duration::from_secs(10),
             listeners: Vec::new(),
         }
@@ -377,53 +412,13 @@ enum Inbound {
 
 type InboundStream = Pin<Box<dyn Stream<Item = Result<Inbound, tonic::Status>> + Send>>;
 
-/// One server of the bootstrap, ready to connect.
-struct Channel {
-    uri: String,
-    endpoint: Endpoint,
-}
-
-/// The endpoint of `xds_servers[i]`, with its channel credentials.
-fn endpoint(server: &XdsServer, i: usize, connect_timeout: Duration) -> Result<Endpoint, Error> {
-    let uri = server.endpoint_uri();
-    let bad = |key: &str, message: String| BootstrapError::Field {
-        origin: "bootstrap".into(),
-        key: format!("xds_servers[{i}].{key}"),
-        message,
-    };
-    let mut endpoint = Endpoint::from_shared(uri.clone())
-        .map_err(|e| bad("server_uri", format!("{uri:?} is not a valid URI: {e}")))?
-        .connect_timeout(connect_timeout)
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true);
-    if let ChannelCreds::Tls {
-        ca_certificate_file,
-        certificate_file,
-        private_key_file,
-    } = &server.creds
-    {
-        let read = |path: &str, key: &str| {
-            std::fs::read(path).map_err(|e| bad(key, format!("cannot read {path}: {e}")))
-        };
-        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(
-            ca_certificate_file,
-            "channel_creds.config.ca_certificate_file",
-        )?));
-        if let (Some(cert), Some(key)) = (certificate_file, private_key_file) {
-            tls = tls.identity(Identity::from_pem(
-                read(cert, "channel_creds.config.certificate_file")?,
-                read(key, "channel_creds.config.private_key_file")?,
-            ));
-        }
-        endpoint = endpoint
-            .tls_config(tls)
-            .map_err(|e| bad("channel_creds", format!("bad TLS config: {e}")))?;
-    }
-    Ok(endpoint)
-}
-
 struct Task {
     state: AdsState,
+    /// Where the last good configuration is kept, if anywhere.
+    cache: Option<super::CacheFile>,
+    /// What the cache file held at start, until used or a server answers.
+    cached: Option<super::cache::Cached>,
+    started: Instant,
     /// The bootstrap's servers, in priority order.
     channels: Vec<Channel>,
     /// The one in use.
@@ -467,6 +462,7 @@ impl Task {
                         // The stream worked; start the backoff over (gRFC A57).
                         delay = self.backoff_initial;
                     }
+                    self.restore_if_due();
                     // gRFC A71: fall back to the next server only when this one is
                     // unreachable and a watched resource has not arrived; with everything
                     // cached, the cache serves while this one is retried.
@@ -491,9 +487,15 @@ impl Task {
             tracing::debug!(?wait, "reconnecting after backoff");
             let until = Instant::now() + wait;
             // Keep taking watches while waiting, so they go out on the next stream.
+            // The cache file is due when the wait runs out, whatever the backoff.
+            let cache_due = match (&self.cache, &self.cached) {
+                (Some(c), Some(_)) => Some(self.started + c.wait),
+                _ => None,
+            };
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => break,
+                    _ = sleep_until_opt(cache_due), if self.cached.is_some() => self.restore_if_due(),
                     cmd = self.commands.recv() => match cmd {
                         None => return,
                         Some(cmd) => { self.command(cmd); }
@@ -501,6 +503,39 @@ impl Task {
                 }
             }
             delay = delay.mul_f64(1.6).min(self.backoff_max);
+        }
+    }
+
+    /// No server has answered since start and the wait is over: serve from the cache file.
+    fn restore_if_due(&mut self) {
+        let due = self
+            .cache
+            .as_ref()
+            .is_some_and(|c| self.started.elapsed() >= c.wait);
+        if !due {
+            return;
+        }
+        if let Some(cached) = self.cached.take() {
+            let age = cached.saved_at.elapsed().unwrap_or_default();
+            tracing::warn!(
+                ?age,
+                "no xDS server answered: serving the configuration from the cache file"
+            );
+            let step = self
+                .state
+                .restore(cached.responses, cached.saved_at, Instant::now());
+            self.apply(step);
+        }
+    }
+
+    /// Writes what is held to the cache file (after a change a server sent).
+    fn save_cache(&self) {
+        let Some(c) = &self.cache else {
+            return;
+        };
+        let node = self.state.node_id().to_owned();
+        if let Err(e) = super::cache::save(&c.path, &node, &self.state.held()) {
+            tracing::warn!(file = %c.path.display(), "cannot write the xDS cache file: {e}");
         }
     }
 
@@ -624,8 +659,15 @@ impl Task {
                         }
                     };
                     received = true;
+                    // A server answered: the cache file is not needed (the state machine
+                    // clears its pending mark with this response).
+                    self.cached = None;
+                    let changed = out.snapshot_changed;
                     for o in self.apply(out) {
                         let _ = tx.send(o);
+                    }
+                    if changed {
+                        self.save_cache();
                     }
                 }
                 cmd = self.commands.recv() => match cmd {
@@ -676,24 +718,6 @@ async fn open_stream(
                 .await
                 .map(|r| Box::pin(r.into_inner().map(|m| m.map(Inbound::Delta))) as InboundStream)
         }
-    }
-}
-
-/// The first of `servers` (in priority order) to accept a connection, tried with backoff;
-/// never resolves when there are none.
-async fn reachable(servers: Vec<Endpoint>, initial: Duration, max: Duration) -> usize {
-    if servers.is_empty() {
-        return std::future::pending().await;
-    }
-    let mut delay = initial;
-    loop {
-        tokio::time::sleep(delay.mul_f64(0.8 + fastrand::f64() * 0.4)).await;
-        for (i, endpoint) in servers.iter().enumerate() {
-            if endpoint.connect().await.is_ok() {
-                return i;
-            }
-        }
-        delay = delay.mul_f64(1.6).min(max);
     }
 }
 

@@ -7,12 +7,15 @@
 //! over a tonic channel and publishes into a [`crate::ConfigStore`].
 
 pub mod bootstrap;
+mod cache;
 mod client;
+mod connect;
 pub mod file;
 mod state;
 pub mod translate;
 
 pub use bootstrap::{Bootstrap, ProtocolMode};
+pub use cache::CacheFile;
 pub use client::{Target, XdsClient, XdsClientBuilder};
 pub use state::{AdsState, Outbound, Step, Verdict, DOES_NOT_EXIST_TIMEOUT, ROUTE_HOLD};
 

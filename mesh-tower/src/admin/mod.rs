@@ -88,6 +88,9 @@ pub fn config_dump_json(store: &ConfigStore) -> serde_json::Value {
         "server": dump.server,
         "connected": dump.connected,
         "last_error": dump.last_error,
+        "from_cache_age_seconds": dump
+            .from_cache
+            .map(|saved| saved.elapsed().unwrap_or_default().as_secs()),
         "generation": store.load().generation(),
         "resources": resources,
     })

@@ -556,6 +556,15 @@ impl Metrics {
             )?;
             ConstCounter::new(id.expired_uses()).encode(m)?;
         }
+        if let Some(saved) = self.inner.xds.get().and_then(|s| s.dump().from_cache) {
+            let m = encoder.encode_descriptor(
+                "mesh_xds_cache_age_seconds",
+                "Age of the cache file the configuration in use came from (present only while no xDS server has answered).",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::new(saved.elapsed().unwrap_or_default().as_secs_f64()).encode(m)?;
+        }
         let xds = self.xds_counts();
         for (name, help, v) in [
             (

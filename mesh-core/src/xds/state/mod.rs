@@ -13,7 +13,9 @@ use super::ResourceType;
 use crate::config::{Cluster, EndpointAssignment, Listener, RouteConfig, Snapshot};
 use crate::store::{ConfigDump, Rejected, ResourceDump, ResourceStatus};
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
+};
 use envoy_types::pb::google::protobuf::Any;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -148,6 +150,10 @@ pub struct AdsState {
     holds: BTreeMap<String, Instant>,
     /// Holds that ran out before the clusters arrived (the update was then applied).
     holds_expired: u64,
+    /// When the cache file in use was saved, until a server answers.
+    from_cache: Option<SystemTime>,
+    /// A cache file is loaded and will serve if no server answers first.
+    cache_pending: bool,
 }
 
 /// The longest a route update waits for the clusters and endpoints it points at before it
@@ -170,7 +176,14 @@ impl AdsState {
             published: Snapshot::default(),
             holds: BTreeMap::new(),
             holds_expired: 0,
+            from_cache: None,
+            cache_pending: false,
         }
+    }
+
+    /// The node's id.
+    pub fn node_id(&self) -> &str {
+        &self.node.id
     }
 
     /// The protocol variant.
@@ -231,6 +244,47 @@ impl AdsState {
         }
         self.dump_dirty = true;
         self.step(Vec::new(), None)
+    }
+
+    /// Every resource held, at its version in use: what a cache file keeps.
+    pub(crate) fn held(&self) -> Vec<(ResourceType, String, String, Any)> {
+        let mut out = Vec::new();
+        for rt in ResourceType::ALL {
+            for (name, e) in &self.types[rt.index()].entries {
+                if let (Some(_), Some(raw)) = (&e.resource, &e.raw) {
+                    out.push((rt, name.clone(), e.version.clone(), (**raw).clone()));
+                }
+            }
+        }
+        out
+    }
+
+    /// Applies what a cache file held, in cascade order, as if a server had sent it (each
+    /// resource only if the watches need it); nothing is sent. The dump says the
+    /// configuration came from a file saved at `saved_at` until a server answers.
+    pub(crate) fn restore(
+        &mut self,
+        responses: Vec<DeltaDiscoveryResponse>,
+        saved_at: SystemTime,
+        now: Instant,
+    ) -> Step {
+        let mut changed = Step::default();
+        for r in responses {
+            let step = self.on_delta_response(r, now);
+            changed.snapshot_changed |= step.snapshot_changed;
+            changed.dump_changed |= step.dump_changed;
+        }
+        self.from_cache = Some(saved_at);
+        self.cache_pending = false;
+        changed.dump_changed = true;
+        changed
+    }
+
+    /// Says a cache file is loaded and will serve unless a server answers first (so callers
+    /// wait for it rather than fail at once while no server is reachable).
+    pub(crate) fn set_cache_pending(&mut self, pending: bool) {
+        self.cache_pending = pending;
+        self.dump_dirty = true;
     }
 
     /// Whether a subscribed resource has not arrived yet (nor been found not to exist): what
@@ -409,6 +463,8 @@ impl AdsState {
             connected: self.connected,
             last_error,
             node: Some(self.node.clone()),
+            from_cache: self.from_cache,
+            cache_pending: self.cache_pending,
         }
     }
 }

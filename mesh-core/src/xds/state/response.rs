@@ -19,6 +19,11 @@ impl AdsState {
     /// Handles a SotW response: the ACK or NACK, plus any subscription changes it caused
     /// further down the cascade.
     pub fn on_sotw_response(&mut self, resp: DiscoveryResponse, now: Instant) -> Step {
+        // A server's answer replaces what a cache file held.
+        if self.from_cache.take().is_some() || self.cache_pending {
+            self.cache_pending = false;
+            self.dump_dirty = true;
+        }
         let Some(rt) = ResourceType::from_type_url(&resp.type_url) else {
             let detail = format!("unsupported type_url {:?}", resp.type_url);
             let nack = Outbound::Sotw(DiscoveryRequest {
@@ -114,6 +119,11 @@ impl AdsState {
 
     /// Handles a delta response: the ACK or NACK, plus any subscription changes.
     pub fn on_delta_response(&mut self, resp: DeltaDiscoveryResponse, now: Instant) -> Step {
+        // A server's answer replaces what a cache file held.
+        if self.from_cache.take().is_some() || self.cache_pending {
+            self.cache_pending = false;
+            self.dump_dirty = true;
+        }
         let Some(rt) = ResourceType::from_type_url(&resp.type_url) else {
             let detail = format!("unsupported type_url {:?}", resp.type_url);
             let nack = Outbound::Delta(DeltaDiscoveryRequest {
