@@ -10,29 +10,76 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::google::rpc::Status;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::SystemTime;
 use tokio::time::Instant;
 
 impl AdsState {
-    /// Handles a SotW response: the ACK or NACK, plus any subscription changes it caused
-    /// further down the cascade.
-    pub fn on_sotw_response(&mut self, resp: DiscoveryResponse, now: Instant) -> Step {
-        // A server's answer replaces what a cache file held.
+    /// What every response starts with: a server's answer replaces what a cache file held;
+    /// the type must be one of the cascade's (else the NACK's status).
+    fn begin_response(&mut self, type_url: &str) -> Result<ResourceType, Status> {
         if self.from_cache.take().is_some() || self.cache_pending {
             self.cache_pending = false;
             self.dump_dirty = true;
         }
-        let Some(rt) = ResourceType::from_type_url(&resp.type_url) else {
-            let detail = format!("unsupported type_url {:?}", resp.type_url);
-            let nack = Outbound::Sotw(DiscoveryRequest {
-                type_url: resp.type_url,
-                response_nonce: resp.nonce,
-                error_detail: Some(nack_status(detail.clone())),
-                ..Default::default()
-            });
-            return self.step(vec![nack], Some(Verdict::Nack(detail)));
+        ResourceType::from_type_url(type_url)
+            .ok_or_else(|| nack_status(format!("unsupported type_url {type_url:?}")))
+    }
+
+    /// One named resource of a response: the first of a name is applied if subscribed
+    /// (extras are ignored, as gRPC does), a repeat is refused (it would otherwise leave the
+    /// resource NACKed while serving the version just applied); a refusal is recorded.
+    #[allow(clippy::too_many_arguments)]
+    fn take(
+        &mut self,
+        rt: ResourceType,
+        name: &str,
+        version: &str,
+        result: Result<Resource, TranslateError>,
+        raw: Option<Any>,
+        present: &mut BTreeSet<String>,
+        errors: &mut Vec<TranslateError>,
+    ) {
+        if !present.insert(name.to_owned()) {
+            errors.push(refused(rt, name, "duplicate resource in response".into()));
+            return;
+        }
+        if !self.types[rt.index()].entries.contains_key(name) {
+            return;
+        }
+        if let Err(e) = &result {
+            errors.push(e.clone());
+        }
+        self.apply(rt, name, version, result, raw);
+    }
+
+    /// The step answering a response of a type the client does not know: its NACK.
+    fn unsupported(&mut self, nack: Outbound) -> Step {
+        let detail = match &nack {
+            Outbound::Sotw(r) => r.error_detail.as_ref(),
+            Outbound::Delta(r) => r.error_detail.as_ref(),
+        }
+        .map(|s| s.message.clone())
+        .unwrap_or_default();
+        self.step(vec![nack], Some(Verdict::Nack(detail)))
+    }
+
+    /// Handles a SotW response: the ACK or NACK, plus any subscription changes it caused
+    /// further down the cascade.
+    pub fn on_sotw_response(&mut self, resp: DiscoveryResponse, now: Instant) -> Step {
+        let rt = match self.begin_response(&resp.type_url) {
+            Ok(rt) => rt,
+            Err(status) => {
+                let nack = DiscoveryRequest {
+                    type_url: resp.type_url,
+                    response_nonce: resp.nonce,
+                    error_detail: Some(status),
+                    ..Default::default()
+                };
+                return self.unsupported(Outbound::Sotw(nack));
+            }
         };
         let decoded: Vec<Decoded> = resp.resources.iter().map(|any| decode(rt, any)).collect();
         let mut errors = Vec::new();
@@ -46,18 +93,15 @@ impl AdsState {
                 }
                 continue;
             };
-            if !present.insert(name.clone()) {
-                errors.push(refused(rt, &name, "duplicate resource in response".into()));
-                continue;
-            }
-            if !self.types[rt.index()].entries.contains_key(&name) {
-                // Not subscribed (the server sent extra); ignore, as gRPC does.
-                continue;
-            }
-            if let Err(e) = &result {
-                errors.push(e.clone());
-            }
-            self.apply(rt, &name, &resp.version_info, result, raw);
+            self.take(
+                rt,
+                &name,
+                &resp.version_info,
+                result,
+                raw,
+                &mut present,
+                &mut errors,
+            );
         }
         // LDS and CDS: a subscribed resource missing from a SotW response is deleted. When a
         // resource could not be decoded far enough to be named, it may be the missing one,
@@ -119,20 +163,17 @@ impl AdsState {
 
     /// Handles a delta response: the ACK or NACK, plus any subscription changes.
     pub fn on_delta_response(&mut self, resp: DeltaDiscoveryResponse, now: Instant) -> Step {
-        // A server's answer replaces what a cache file held.
-        if self.from_cache.take().is_some() || self.cache_pending {
-            self.cache_pending = false;
-            self.dump_dirty = true;
-        }
-        let Some(rt) = ResourceType::from_type_url(&resp.type_url) else {
-            let detail = format!("unsupported type_url {:?}", resp.type_url);
-            let nack = Outbound::Delta(DeltaDiscoveryRequest {
-                type_url: resp.type_url,
-                response_nonce: resp.nonce,
-                error_detail: Some(nack_status(detail.clone())),
-                ..Default::default()
-            });
-            return self.step(vec![nack], Some(Verdict::Nack(detail)));
+        let rt = match self.begin_response(&resp.type_url) {
+            Ok(rt) => rt,
+            Err(status) => {
+                let nack = DeltaDiscoveryRequest {
+                    type_url: resp.type_url,
+                    response_nonce: resp.nonce,
+                    error_detail: Some(status),
+                    ..Default::default()
+                };
+                return self.unsupported(Outbound::Delta(nack));
+            }
         };
         let mut errors = Vec::new();
         let mut present = BTreeSet::new();
@@ -160,19 +201,15 @@ impl AdsState {
                 ));
                 continue;
             }
-            if !present.insert(name.clone()) {
-                // As in SotW: the first is applied, a repeat is refused (it would otherwise
-                // leave the resource NACKed while serving the version just applied).
-                errors.push(refused(rt, &name, "duplicate resource in response".into()));
-                continue;
-            }
-            if !self.types[rt.index()].entries.contains_key(&name) {
-                continue;
-            }
-            if let Err(e) = &result {
-                errors.push(e.clone());
-            }
-            self.apply(rt, &name, &r.version, result, raw);
+            self.take(
+                rt,
+                &name,
+                &r.version,
+                result,
+                raw,
+                &mut present,
+                &mut errors,
+            );
         }
         for name in &resp.removed_resources {
             if self.types[rt.index()].entries.contains_key(name) {
