@@ -327,3 +327,50 @@ async fn removing_an_endpoint_from_eds_drains_it_under_load() {
     let late = b[2].arrivals_after(applied + Duration::from_millis(100));
     assert_eq!(late, 0, "no new request goes to the removed endpoint");
 }
+
+/// A flapping control plane: every 100 ms the server drops every open ADS stream (the
+/// connection stays, the stream ends with UNAVAILABLE). Requests never notice (the last good
+/// configuration serves), the client reconnects with its backoff (gRFC A57: it starts over
+/// at the first delay after a stream that answered, so about one attempt a second, not ten),
+/// and memory stays put. `MESH_FLAP_SECS=30` is the documented long run; CI runs 5 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_control_plane_loses_no_request_and_is_reconnected_with_backoff() {
+    let _serial = SERIAL.lock().await;
+    let secs: u64 = std::env::var("MESH_FLAP_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let epoch = Instant::now();
+    let b = backends(3, None, epoch).await;
+    let cp = ControlPlane::start(&yaml(&ports(&b), false)).await;
+    let (_xds, client) = client(&cp, None).await;
+    let server = cp.server.clone().expect("running");
+    let connects_before = server.connects();
+    let rss_before = rss_kib();
+    let run = tokio::spawn(load(client.clone(), 300, Duration::from_secs(secs)));
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut flaps = 0u64;
+    while Instant::now() < end {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        server.drop_streams();
+        flaps += 1;
+    }
+    let f = run.await.unwrap();
+    let rss_after = rss_kib();
+    let connects = server.connects() - connects_before;
+    f.report("flapping control plane", &client);
+    println!(
+        "flapping: {flaps} drops in {secs} s, {connects} reconnections, RSS {rss_before} -> {rss_after} KiB"
+    );
+    assert_eq!(f.failed, 0, "no request may fail: {:?}", f.errors);
+    // The client's backoff: first delay 1 s with ±20 % jitter after a stream that answered.
+    let most = (secs as f64 / 0.8).ceil() as u64 + 1;
+    assert!(
+        (1..=most).contains(&connects),
+        "{connects} reconnections in {secs} s: the backoff allows at most {most}"
+    );
+    assert!(
+        rss_after.saturating_sub(rss_before) < 16 * 1024,
+        "memory grew from {rss_before} to {rss_after} KiB"
+    );
+}

@@ -45,6 +45,8 @@ pub struct AdsServer {
     events: EventLog,
     /// Flipped to `true` when the server shuts down, ending every open stream.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Bumped to end the streams open now (clients reconnect; the server keeps serving).
+    dropping: tokio::sync::watch::Sender<u64>,
 }
 
 impl AdsServer {
@@ -56,6 +58,7 @@ impl AdsServer {
             sds: None,
             events: EventLog::default(),
             stopping: tokio::sync::watch::channel(false).0,
+            dropping: tokio::sync::watch::channel(0).0,
         }
     }
 
@@ -118,6 +121,12 @@ impl AdsServer {
         self.stopping.send_replace(true);
     }
 
+    /// Ends the streams open now with UNAVAILABLE, as a flapping connection would; the
+    /// server keeps serving and the clients reconnect (with their backoff).
+    pub fn drop_streams(&self) {
+        self.dropping.send_modify(|n| *n += 1);
+    }
+
     /// Serves on `listener` until `shutdown` completes; open streams then end with
     /// UNAVAILABLE so clients reconnect elsewhere.
     ///
@@ -155,6 +164,7 @@ impl AggregatedDiscoveryService for AdsServer {
             self.source(),
             self.events.clone(),
             self.stopping.subscribe(),
+            self.dropping.subscribe(),
             request.into_inner(),
         );
         Ok(Response::new(stream))
@@ -168,6 +178,7 @@ impl AggregatedDiscoveryService for AdsServer {
             self.source(),
             self.events.clone(),
             self.stopping.subscribe(),
+            self.dropping.subscribe(),
             request.into_inner(),
         );
         Ok(Response::new(stream))

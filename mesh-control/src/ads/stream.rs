@@ -94,6 +94,7 @@ pub(super) fn serve<V: Variant + 'static>(
     source: Source,
     events: EventLog,
     mut stopping: tokio::sync::watch::Receiver<bool>,
+    mut dropping: tokio::sync::watch::Receiver<u64>,
     mut requests: Streaming<V::Request>,
 ) -> BoxStream<V::Response> {
     let (tx, rx) = mpsc::channel(16);
@@ -111,6 +112,11 @@ pub(super) fn serve<V: Variant + 'static>(
         let mut changes = stream.source.cache.subscribe();
         loop {
             let sent = tokio::select! {
+                _ = dropping.changed() => {
+                    let dropped = tonic::Status::unavailable("xDS stream dropped by the server");
+                    let _ = stream.tx.send(Err(dropped)).await;
+                    return;
+                }
                 _ = stopped(&mut stopping) => {
                     let down = tonic::Status::unavailable("xDS server shutting down");
                     let _ = stream.tx.send(Err(down)).await;

@@ -203,6 +203,8 @@ pub fn generate(yaml: &str) -> Vec<envoy_types::pb::google::protobuf::Any> {
 pub struct ControlPlane {
     pub cache: ResourceCache,
     pub port: u16,
+    /// The server while it runs (to drop its streams, count its connections).
+    pub server: Option<AdsServer>,
     stop: Option<(
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
@@ -216,6 +218,7 @@ impl ControlPlane {
         let mut cp = Self {
             cache,
             port: 0,
+            server: None,
             stop: None,
         };
         cp.run().await;
@@ -237,6 +240,7 @@ impl ControlPlane {
         self.port = listener.local_addr().unwrap().port();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = AdsServer::new(self.cache.clone());
+        self.server = Some(server.clone());
         let task = tokio::spawn(async move {
             let _ = server
                 .serve(listener, async move {
@@ -402,4 +406,19 @@ pub async fn backends(n: usize, identity: Option<&IdentityStore>, epoch: Instant
 
 pub fn ports(b: &[Backend]) -> Vec<u16> {
     b.iter().map(|b| b.port).collect()
+}
+
+/// The process's resident memory, in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
 }
