@@ -114,9 +114,8 @@ where
     }
 
     fn call(&mut self, req: Request<MeshBody>) -> S::Future {
-        // Correctness: the primary goes to the service that was made ready.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        // The primary goes to the service made ready (its future owns what it needs); the
+        // copies to clones, which `oneshot` makes ready themselves.
         let hits = match req.extensions().get::<RouteDecision>() {
             Some(d) if !d.is_mirror() => d
                 .forward()
@@ -129,7 +128,7 @@ where
             _ => Vec::new(),
         };
         if hits.is_empty() || req.body().size_hint().lower() > self.max_buffer as u64 {
-            return inner.call(req);
+            return self.inner.call(req);
         }
         let (mut parts, body) = req.into_parts();
         let body = match parts.extensions.get::<Replaying>() {
@@ -148,7 +147,8 @@ where
             tokio::spawn(futures::FutureExt::map(sent, log_mirror::<ResB>));
         }
         parts.extensions.insert(Replaying(body.clone()));
-        inner.call(Request::from_parts(parts, body.boxed_unsync()))
+        self.inner
+            .call(Request::from_parts(parts, body.boxed_unsync()))
     }
 }
 

@@ -84,6 +84,59 @@ async fn answer(client: &MeshClient) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
 }
 
+/// Four callers asking through the client every 5 ms until finished; a call fails unless
+/// v1 or v2 answers it.
+struct Callers {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Callers {
+    fn start(client: &MeshClient) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let tasks = (0..4)
+            .map(|_| {
+                let (client, stop, sent, failed) =
+                    (client.clone(), stop.clone(), sent.clone(), failed.clone());
+                tokio::spawn(async move {
+                    while !stop.load(Ordering::Relaxed) {
+                        match answer(&client).await.as_deref() {
+                            Ok("v1") | Ok("v2") => {}
+                            other => {
+                                eprintln!("failed: {other:?}");
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            sent,
+            failed,
+            tasks,
+        }
+    }
+
+    /// Stops the callers: (sent, failed).
+    async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (
+            self.sent.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
 async fn until_answered_by(client: &MeshClient, body: &str) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -150,24 +203,7 @@ async fn falls_back_while_the_primary_is_down_and_returns_to_it() {
 
     // 3. Under load, the primary goes away with everything cached: the cache serves (no
     //    fallback, A71), not one request fails; it comes back with a change, which applies.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let callers: Vec<_> = (0..4)
-        .map(|_| {
-            let (client, stop, sent, failed) =
-                (client.clone(), stop.clone(), sent.clone(), failed.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = answer(&client).await {
-                        eprintln!("failed: {e}");
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-        })
-        .collect();
+    let load = Callers::start(&client);
     tokio::time::sleep(Duration::from_millis(300)).await;
     drop(stop_primary);
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -187,11 +223,7 @@ async fn falls_back_while_the_primary_is_down_and_returns_to_it() {
         format!("http://127.0.0.1:{primary_port}"),
         "the change came from the primary"
     );
-    stop.store(true, Ordering::Relaxed);
-    for c in callers {
-        c.await.unwrap();
-    }
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (sent, failed) = load.finish().await;
     println!("fallback: {sent} requests through the primary's outage, {failed} failed");
     assert_eq!(failed, 0);
     assert!(sent > 100, "{sent}");
@@ -263,27 +295,7 @@ async fn a_cold_start_with_the_control_plane_down_serves_from_the_cache_file() {
     drop(stop_cp);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (xds, client, metrics) = start(bootstrap(port));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (sent, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let callers: Vec<_> = (0..4)
-        .map(|_| {
-            let (client, stop, sent, failed) =
-                (client.clone(), stop.clone(), sent.clone(), failed.clone());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    match answer(&client).await.as_deref() {
-                        Ok("v1") | Ok("v2") => {}
-                        other => {
-                            eprintln!("failed: {other:?}");
-                            failed.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    sent.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-        })
-        .collect();
+    let load = Callers::start(&client);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         answer(&client).await.as_deref(),
@@ -306,11 +318,7 @@ async fn a_cold_start_with_the_control_plane_down_serves_from_the_cache_file() {
     until_answered_by(&client, "v2").await;
     assert!(xds.store().dump().from_cache.is_none());
     assert!(!metrics.render().contains("mesh_xds_cache_age_seconds"));
-    stop.store(true, Ordering::Relaxed);
-    for c in callers {
-        c.await.unwrap();
-    }
-    let (sent, failed) = (sent.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    let (sent, failed) = load.finish().await;
     println!("cold start: {sent} requests from the restart through the control plane's return, {failed} failed");
     assert_eq!(failed, 0);
     assert!(sent > 100, "{sent}");

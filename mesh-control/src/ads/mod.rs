@@ -93,7 +93,7 @@ impl AdsServer {
         self.events
             .inner
             .lock()
-            .expect("event log lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .list
             .clone()
     }
@@ -108,7 +108,11 @@ impl AdsServer {
 
     /// How many streams have been opened.
     pub fn connects(&self) -> u64 {
-        self.events.inner.lock().expect("event log lock").connects
+        self.events
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .connects
     }
 
     /// The tonic service, to mount in a `tonic::transport::Server` of your own.

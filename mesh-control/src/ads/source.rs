@@ -56,7 +56,10 @@ impl EventLog {
                 Verdict::Ack
             }
         };
-        let mut events = self.inner.lock().expect("event log lock");
+        let mut events = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Bounded: a long-running server keeps the most recent events.
         if events.list.len() >= 10_000 {
             events.list.drain(..5_000);
@@ -72,7 +75,10 @@ impl EventLog {
 
     pub(crate) fn connected(&self, node: &str, kind: &str) {
         tracing::info!(node, kind, "client connected");
-        self.inner.lock().expect("event log lock").connects += 1;
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .connects += 1;
     }
 }
 

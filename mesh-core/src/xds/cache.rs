@@ -36,6 +36,39 @@ pub struct CacheFile {
     pub wait: Duration,
 }
 
+/// Why a cache file is not used (logged at start).
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CacheFileError {
+    /// It cannot be read (missing, permissions).
+    #[error("cannot read it: {0}")]
+    Read(#[from] std::io::Error),
+    /// Its header is not a mesh cache file's.
+    #[error("not a mesh xDS cache file ({0})")]
+    NotCache(&'static str),
+    /// Another node wrote it.
+    #[error("it belongs to node {owner:?}, not {node:?}")]
+    Foreign {
+        /// The node that wrote it.
+        owner: String,
+        /// This client's node.
+        node: String,
+    },
+    /// Its body does not match its checksum.
+    #[error("its checksum does not match (torn or edited)")]
+    Torn,
+    /// It is older than the maximum age.
+    #[error("it is {}s old, more than the maximum {}s", age.as_secs(), max.as_secs())]
+    TooOld {
+        /// How old it is.
+        age: Duration,
+        /// The maximum.
+        max: Duration,
+    },
+    /// Its body does not decode.
+    #[error("its body does not decode: {0}")]
+    Body(#[from] prost::DecodeError),
+}
+
 /// What a cache file held: one delta response per resource type, in cascade order.
 #[derive(Debug)]
 pub(crate) struct Cached {
@@ -92,55 +125,52 @@ pub(crate) fn save(
 }
 
 /// Reads the cache for `node`, or says why it cannot be used.
-pub(crate) fn load(path: &Path, node: &str, max_age: Duration) -> Result<Cached, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read it: {e}"))?;
+pub(crate) fn load(path: &Path, node: &str, max_age: Duration) -> Result<Cached, CacheFileError> {
+    let bytes = std::fs::read(path)?;
     let mut rest = bytes.as_slice();
-    let mut line = || -> Result<&str, String> {
+    let mut line = |what: &'static str| -> Result<&str, CacheFileError> {
         let end = rest
             .iter()
             .position(|b| *b == b'\n')
-            .ok_or("truncated header")?;
+            .ok_or(CacheFileError::NotCache(what))?;
         let (l, r) = rest.split_at(end);
         rest = &r[1..];
-        std::str::from_utf8(l).map_err(|_| "a header line is not text".to_owned())
+        std::str::from_utf8(l).map_err(|_| CacheFileError::NotCache(what))
     };
-    if line()? != MAGIC {
-        return Err("not a mesh xDS cache file".into());
+    if line("no header")? != MAGIC {
+        return Err(CacheFileError::NotCache("no header"));
     }
-    let owner = line()?
+    let owner = line("no node line")?
         .strip_prefix("node ")
-        .ok_or("no node line")?
+        .ok_or(CacheFileError::NotCache("no node line"))?
         .to_owned();
     if owner != node {
-        return Err(format!("it belongs to node {owner:?}, not {node:?}"));
+        return Err(CacheFileError::Foreign {
+            owner,
+            node: node.to_owned(),
+        });
     }
-    let saved: u64 = line()?
+    let saved: u64 = line("no saved line")?
         .strip_prefix("saved ")
         .and_then(|s| s.parse().ok())
-        .ok_or("no saved line")?;
-    let sum = line()?
+        .ok_or(CacheFileError::NotCache("no saved line"))?;
+    let sum = line("no sum line")?
         .strip_prefix("sum ")
         .and_then(|s| u64::from_str_radix(s, 16).ok())
-        .ok_or("no sum line")?;
+        .ok_or(CacheFileError::NotCache("no sum line"))?;
     if checksum(rest) != sum {
-        return Err("its checksum does not match (torn or edited)".into());
+        return Err(CacheFileError::Torn);
     }
     let saved_at = UNIX_EPOCH + Duration::from_secs(saved);
     let age = SystemTime::now()
         .duration_since(saved_at)
         .unwrap_or_default();
     if age > max_age {
-        return Err(format!(
-            "it is {}s old, more than the maximum {}s",
-            age.as_secs(),
-            max_age.as_secs()
-        ));
+        return Err(CacheFileError::TooOld { age, max: max_age });
     }
     let mut responses = Vec::new();
     while !rest.is_empty() {
-        let r = DeltaDiscoveryResponse::decode_length_delimited(&mut rest)
-            .map_err(|e| format!("its body does not decode: {e}"))?;
-        responses.push(r);
+        responses.push(DeltaDiscoveryResponse::decode_length_delimited(&mut rest)?);
     }
     Ok(Cached {
         saved_at,
@@ -172,26 +202,34 @@ mod tests {
         assert_eq!(clusters.resources[0].resource, Some(any(1)));
         assert!(c.saved_at.elapsed().unwrap() < Duration::from_secs(5));
         // Another node's file.
-        let e = load(&path, "n2", Duration::from_secs(60)).unwrap_err();
+        let e = load(&path, "n2", Duration::from_secs(60))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("belongs to node \"n1\""), "{e}");
         // Too old.
-        let e = load(&path, "n1", Duration::ZERO).unwrap_err();
+        let e = load(&path, "n1", Duration::ZERO).unwrap_err().to_string();
         assert!(e.contains("more than the maximum 0s"), "{e}");
         // Torn: the last byte gone.
         let mut bytes = std::fs::read(&path).unwrap();
         bytes.pop();
         std::fs::write(&path, &bytes).unwrap();
-        let e = load(&path, "n1", Duration::from_secs(60)).unwrap_err();
+        let e = load(&path, "n1", Duration::from_secs(60))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("checksum"), "{e}");
         // Not a cache file at all.
         std::fs::write(&path, b"{}").unwrap();
-        let e = load(&path, "n1", Duration::from_secs(60)).unwrap_err();
+        let e = load(&path, "n1", Duration::from_secs(60))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("truncated header") || e.contains("not a mesh"),
             "{e}"
         );
         // Missing.
-        let e = load(&dir.join("none"), "n1", Duration::from_secs(60)).unwrap_err();
+        let e = load(&dir.join("none"), "n1", Duration::from_secs(60))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot read"), "{e}");
     }
 }

@@ -129,6 +129,17 @@ impl XdsClientBuilder {
     /// Keeps the last good configuration in `path` and, at a start when no server answers
     /// within `wait`, serves from it if it is at most `max_age` old (see
     /// [`CacheFile`](super::CacheFile) for what it guards against and what it risks).
+    ///
+    /// ```no_run
+    /// # fn run() -> Result<(), mesh_core::Error> {
+    /// use std::time::Duration;
+    /// use mesh_core::xds::{Bootstrap, XdsClient};
+    /// let xds = XdsClient::builder(Bootstrap::from_env()?)
+    ///     // Serve a file at most a day old when no server answers within 2 s of start.
+    ///     .cache_file("/var/lib/app/xds.cache", Duration::from_secs(86_400), Duration::from_secs(2))
+    ///     .build()?;
+    /// # drop(xds); Ok(()) }
+    /// ```
     pub fn cache_file(
         mut self,
         path: impl Into<std::path::PathBuf>,
@@ -220,7 +231,6 @@ impl XdsClientBuilder {
             started: Instant::now(),
             channels,
             current: 0,
-            uri: uri.clone(),
             store: store.clone(),
             commands: rx,
             backoff_initial: self.backoff_initial,
@@ -423,7 +433,6 @@ struct Task {
     channels: Vec<Channel>,
     /// The one in use.
     current: usize,
-    uri: String,
     store: ConfigStore,
     commands: mpsc::UnboundedReceiver<Command>,
     backoff_initial: Duration,
@@ -450,7 +459,7 @@ impl Task {
                     return;
                 }
                 StreamEnd::Primary(i) => {
-                    tracing::info!(from = %self.uri, to = %self.channels[i].uri, "back to the higher-priority xDS server");
+                    tracing::info!(from = %self.uri(), to = %self.channels[i].uri, "back to the higher-priority xDS server");
                     let step = self.state.on_disconnected();
                     self.apply(step);
                     self.use_server(i);
@@ -468,7 +477,7 @@ impl Task {
                     // cached, the cache serves while this one is retried.
                     let next = self.current + 1;
                     if !received && next < self.channels.len() && self.state.is_waiting() {
-                        tracing::warn!(from = %self.uri, to = %self.channels[next].uri, "xDS server unreachable with resources still missing: falling back");
+                        tracing::warn!(from = %self.uri(), to = %self.channels[next].uri, "xDS server unreachable with resources still missing: falling back");
                         let step = self.state.on_disconnected();
                         self.apply(step);
                         self.use_server(next);
@@ -539,10 +548,14 @@ impl Task {
         }
     }
 
+    /// The URI of the server in use.
+    fn uri(&self) -> &str {
+        &self.channels[self.current].uri
+    }
+
     /// Makes `xds_servers[i]` the server in use.
     fn use_server(&mut self, i: usize) {
         self.current = i;
-        self.uri = self.channels[i].uri.clone();
     }
 
     fn command(&mut self, cmd: Command) -> Vec<Outbound> {
@@ -569,7 +582,7 @@ impl Task {
         // statuses that came with it.
         if dump_changed || snapshot_changed {
             self.store
-                .publish_dump(self.state.config_dump(&self.uri, self.last_error.clone()));
+                .publish_dump(self.state.config_dump(self.uri(), self.last_error.clone()));
         }
         if snapshot_changed {
             let now = tokio::time::Instant::now();
@@ -580,11 +593,11 @@ impl Task {
     }
 
     fn fail(&mut self, reason: String) {
-        tracing::warn!(server = %self.uri, "{reason}");
+        tracing::warn!(server = %self.uri(), "{reason}");
         self.last_error = Some(reason);
         // Make sure the dump shows the error even if no resource changed.
         self.store
-            .publish_dump(self.state.config_dump(&self.uri, self.last_error.clone()));
+            .publish_dump(self.state.config_dump(self.uri(), self.last_error.clone()));
     }
 
     async fn connect_and_serve(&mut self) -> StreamEnd {
@@ -592,7 +605,7 @@ impl Task {
             conn = self.channels[self.current].endpoint.connect() => match conn {
                 Ok(c) => c,
                 Err(e) => {
-                    let reason = XdsError::Unreachable { server: self.uri.clone(), reason: error_chain(&e) };
+                    let reason = XdsError::Unreachable { server: self.uri().to_owned(), reason: error_chain(&e) };
                     self.fail(reason.to_string());
                     return StreamEnd::Failed { received: false };
                 }
@@ -617,7 +630,7 @@ impl Task {
             Err(status) => {
                 self.fail(format!(
                     "ADS stream to {} failed to open: {status}",
-                    self.uri
+                    self.uri()
                 ));
                 return StreamEnd::Failed { received: false };
             }
@@ -650,11 +663,11 @@ impl Task {
                             self.state.on_delta_response(resp, now)
                         }
                         Some(Err(status)) => {
-                            self.fail(format!("ADS stream to {} ended: {status}", self.uri));
+                            self.fail(format!("ADS stream to {} ended: {status}", self.uri()));
                             return StreamEnd::Failed { received };
                         }
                         None => {
-                            self.fail(format!("ADS stream to {} closed by the server", self.uri));
+                            self.fail(format!("ADS stream to {} closed by the server", self.uri()));
                             return StreamEnd::Failed { received };
                         }
                     };

@@ -358,7 +358,11 @@ impl Metrics {
         {
             return s.clone();
         }
-        let _w = self.inner.write.lock().expect("metrics write lock");
+        let _w = self
+            .inner
+            .write
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut next = (**map.load()).clone();
         let series = next
             .entry(Arc::from(cluster))

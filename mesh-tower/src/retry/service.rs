@@ -269,15 +269,17 @@ where
             .filter(|d| !d.is_mirror())
             .and_then(|d| d.forward().retry_policy.clone())
             .filter(|p| p.num_retries > 0 || p.per_try_timeout.is_some());
-        let cluster = decision.and_then(|d| self.registry.get(d.cluster()));
-        // Correctness: take the service that was made ready; leave a clone in its place.
-        let clone = self.inner.clone();
-        let mut svc = std::mem::replace(&mut self.inner, clone);
         let Some(policy) = policy else {
             return ResponseFuture {
-                inner: Inner::Passthrough { fut: svc.call(req) },
+                inner: Inner::Passthrough {
+                    fut: self.inner.call(req),
+                },
             };
         };
+        let cluster = decision.and_then(|d| self.registry.get(d.cluster()));
+        // Correctness: the attempts need the service that was made ready; a clone stays.
+        let clone = self.inner.clone();
+        let svc = std::mem::replace(&mut self.inner, clone);
         let (mut parts, body) = req.into_parts();
         let attempt = Attempt {
             number: 0,

@@ -10,7 +10,6 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::google::protobuf::Any;
-use envoy_types::pb::google::rpc::Status;
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -18,14 +17,14 @@ use tokio::time::Instant;
 
 impl AdsState {
     /// What every response starts with: a server's answer replaces what a cache file held;
-    /// the type must be one of the cascade's (else the NACK's status).
-    fn begin_response(&mut self, type_url: &str) -> Result<ResourceType, Status> {
+    /// the type must be one of the cascade's (else what the NACK says).
+    fn begin_response(&mut self, type_url: &str) -> Result<ResourceType, String> {
         if self.from_cache.take().is_some() || self.cache_pending {
             self.cache_pending = false;
             self.dump_dirty = true;
         }
         ResourceType::from_type_url(type_url)
-            .ok_or_else(|| nack_status(format!("unsupported type_url {type_url:?}")))
+            .ok_or_else(|| format!("unsupported type_url {type_url:?}"))
     }
 
     /// One named resource of a response: the first of a name is applied if subscribed
@@ -55,30 +54,19 @@ impl AdsState {
         self.apply(rt, name, version, result, raw);
     }
 
-    /// The step answering a response of a type the client does not know: its NACK.
-    fn unsupported(&mut self, nack: Outbound) -> Step {
-        let detail = match &nack {
-            Outbound::Sotw(r) => r.error_detail.as_ref(),
-            Outbound::Delta(r) => r.error_detail.as_ref(),
-        }
-        .map(|s| s.message.clone())
-        .unwrap_or_default();
-        self.step(vec![nack], Some(Verdict::Nack(detail)))
-    }
-
     /// Handles a SotW response: the ACK or NACK, plus any subscription changes it caused
     /// further down the cascade.
     pub fn on_sotw_response(&mut self, resp: DiscoveryResponse, now: Instant) -> Step {
         let rt = match self.begin_response(&resp.type_url) {
             Ok(rt) => rt,
-            Err(status) => {
+            Err(detail) => {
                 let nack = DiscoveryRequest {
                     type_url: resp.type_url,
                     response_nonce: resp.nonce,
-                    error_detail: Some(status),
+                    error_detail: Some(nack_status(detail.clone())),
                     ..Default::default()
                 };
-                return self.unsupported(Outbound::Sotw(nack));
+                return self.step(vec![Outbound::Sotw(nack)], Some(Verdict::Nack(detail)));
             }
         };
         let decoded: Vec<Decoded> = resp.resources.iter().map(|any| decode(rt, any)).collect();
@@ -165,14 +153,14 @@ impl AdsState {
     pub fn on_delta_response(&mut self, resp: DeltaDiscoveryResponse, now: Instant) -> Step {
         let rt = match self.begin_response(&resp.type_url) {
             Ok(rt) => rt,
-            Err(status) => {
+            Err(detail) => {
                 let nack = DeltaDiscoveryRequest {
                     type_url: resp.type_url,
                     response_nonce: resp.nonce,
-                    error_detail: Some(status),
+                    error_detail: Some(nack_status(detail.clone())),
                     ..Default::default()
                 };
-                return self.unsupported(Outbound::Delta(nack));
+                return self.step(vec![Outbound::Delta(nack)], Some(Verdict::Nack(detail)));
             }
         };
         let mut errors = Vec::new();
