@@ -48,8 +48,8 @@ pub struct XdsServer {
     pub uri: String,
     /// The first supported entry of `channel_creds`.
     pub creds: ChannelCreds,
-    /// `server_features`, e.g. `xds_v3`, `ignore_resource_deletion`; `delta` selects the
-    /// incremental protocol.
+    /// `server_features`, e.g. `xds_v3`; `ignore_resource_deletion` keeps what the client
+    /// holds when this server deletes it (gRFC A53); `delta` selects the incremental protocol.
     pub features: Vec<String>,
 }
 

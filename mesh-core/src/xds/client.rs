@@ -201,6 +201,10 @@ impl XdsClientBuilder {
             }
             channels.push(Channel {
                 uri: server.endpoint_uri(),
+                ignore_deletion: server
+                    .features
+                    .iter()
+                    .any(|f| f == "ignore_resource_deletion"),
                 endpoint: endpoint(server, i, self.connect_timeout)?,
             });
         }
@@ -224,6 +228,7 @@ impl XdsClientBuilder {
         if cached.is_some() {
             state.set_cache_pending(true);
         }
+        state.set_ignore_resource_deletion(channels[0].ignore_deletion);
         let task = Task {
             state,
             cache: self.cache.clone(),
@@ -556,6 +561,8 @@ impl Task {
     /// Makes `xds_servers[i]` the server in use.
     fn use_server(&mut self, i: usize) {
         self.current = i;
+        self.state
+            .set_ignore_resource_deletion(self.channels[i].ignore_deletion);
     }
 
     fn command(&mut self, cmd: Command) -> Vec<Outbound> {

@@ -12,6 +12,8 @@ use crate::error::{BootstrapError, Error};
 pub(super) struct Channel {
     pub(super) uri: String,
     pub(super) endpoint: Endpoint,
+    /// The server lists `ignore_resource_deletion` (gRFC A53).
+    pub(super) ignore_deletion: bool,
 }
 
 /// The endpoint of `xds_servers[i]`, with its channel credentials.

@@ -154,6 +154,8 @@ pub struct AdsState {
     from_cache: Option<SystemTime>,
     /// A cache file is loaded and will serve if no server answers first.
     cache_pending: bool,
+    /// The server in use lists `ignore_resource_deletion` (gRFC A53).
+    ignore_deletion: bool,
 }
 
 /// The longest a route update waits for the clusters and endpoints it points at before it
@@ -178,6 +180,7 @@ impl AdsState {
             holds_expired: 0,
             from_cache: None,
             cache_pending: false,
+            ignore_deletion: false,
         }
     }
 
@@ -278,6 +281,13 @@ impl AdsState {
         self.cache_pending = false;
         changed.dump_changed = true;
         changed
+    }
+
+    /// Whether the server in use has `ignore_resource_deletion` (gRFC A53): its deletions
+    /// of resources the client holds (a SotW LDS/CDS response without them, a delta
+    /// removal) are logged and not applied.
+    pub fn set_ignore_resource_deletion(&mut self, on: bool) {
+        self.ignore_deletion = on;
     }
 
     /// Says a cache file is loaded and will serve unless a server answers first (so callers

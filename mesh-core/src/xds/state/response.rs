@@ -279,9 +279,19 @@ impl AdsState {
     }
 
     pub(super) fn remove(&mut self, rt: ResourceType, name: &str) {
+        let ignore = self.ignore_deletion;
         let Some(entry) = self.types[rt.index()].entries.get_mut(name) else {
             return;
         };
+        // gRFC A53: a server with `ignore_resource_deletion` cannot take away what is held.
+        if ignore && entry.resource.is_some() {
+            tracing::warn!(
+                kind = rt.short_name(),
+                name,
+                "the server deleted a resource; kept (ignore_resource_deletion)"
+            );
+            return;
+        }
         entry.deadline = None;
         entry.resource = None;
         entry.raw = None;

@@ -902,3 +902,43 @@ fn delta_refuses_a_resource_named_twice_in_one_response() {
     );
     assert!(ads.snapshot().listener("svc").is_some());
 }
+
+/// gRFC A53: a server with `ignore_resource_deletion` cannot take away what the client holds,
+/// neither by leaving it out of a SotW LDS/CDS response nor by a delta removal.
+#[test]
+fn ignore_resource_deletion_keeps_what_is_held() {
+    let now = Instant::now();
+    let mut ads = sotw_cascade(now);
+    ads.set_ignore_resource_deletion(true);
+    let _ = ads.on_sotw_response(sotw(ResourceType::Cluster, "2", "n9", vec![]), now);
+    assert!(
+        ads.snapshot().cluster("v1").is_some() && ads.snapshot().cluster("v2").is_some(),
+        "clusters missing from the response are kept"
+    );
+    ads.set_ignore_resource_deletion(false);
+    let _ = ads.on_sotw_response(sotw(ResourceType::Cluster, "3", "n10", vec![]), now);
+    assert!(ads.snapshot().clusters().is_empty(), "without it they go");
+
+    let mut ads = AdsState::new(ProtocolMode::Delta, node());
+    let _ = ads.watch_listener("svc", now);
+    let _ = ads.on_connected(now);
+    let _ = ads.on_delta_response(
+        delta(
+            ResourceType::Listener,
+            "d1",
+            vec![("svc", "l1", listener("svc", "rc"))],
+            &[],
+        ),
+        now,
+    );
+    ads.set_ignore_resource_deletion(true);
+    let _ = ads.on_delta_response(delta(ResourceType::Listener, "d2", vec![], &["svc"]), now);
+    assert!(
+        ads.snapshot().listener("svc").is_some(),
+        "a delta removal is ignored"
+    );
+    assert_eq!(
+        ads.status(ResourceType::Listener, "svc"),
+        Some(ResourceStatus::Acked)
+    );
+}
