@@ -1,20 +1,39 @@
 //! `meshctl serve`: Istio YAML on disk, watched, translated and served over ADS.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::ads::{AdsServer, ResourceCache};
-use crate::istio::{self, ConfigError, Options};
+use crate::istio::{self, Config, ConfigError, Options};
+
+/// How often `meshctl serve` looks at its files unless told otherwise.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// One file as last read: its content hash and what it parsed to.
+#[derive(Debug)]
+struct File {
+    hash: u64,
+    parsed: Result<Config, Vec<ConfigError>>,
+}
+
+/// The YAML files of a source as they are on disk now: path -> (content hash, content).
+type Scan = BTreeMap<PathBuf, (u64, Result<String, String>)>;
 
 /// Loads, translates and publishes a file or directory of Istio YAML; on change, reloads.
 /// An invalid change never replaces the last good configuration.
+///
+/// Files are parsed one by one and kept parsed: a change re-reads only the files that
+/// changed.
 #[derive(Debug)]
 pub struct ConfigSource {
     path: PathBuf,
     opts: Options,
     cache: ResourceCache,
     envoy_cache: Option<ResourceCache>,
-    fingerprint: Option<Vec<(PathBuf, u64)>>,
+    /// The files as last taken (`None` before the first load), in the order
+    /// [`istio::load`] reads them.
+    files: Option<BTreeMap<PathBuf, File>>,
 }
 
 /// The outcome of one (re)load.
@@ -36,7 +55,7 @@ impl ConfigSource {
             opts,
             cache,
             envoy_cache: None,
-            fingerprint: None,
+            files: None,
         }
     }
 
@@ -46,56 +65,134 @@ impl ConfigSource {
         self
     }
 
-    /// File names and content hashes: robust to edits within the mtime granularity and
-    /// to editors that replace files.
-    fn fingerprint(path: &Path) -> Vec<(PathBuf, u64)> {
+    /// The YAML files (every `.yaml`/`.yml` of a directory, or the one file) with content
+    /// hashes: robust to edits within the mtime granularity and to editors that replace
+    /// files. A file that cannot be read is kept with the reason, so that it is reported.
+    fn scan(path: &Path) -> Scan {
         use std::hash::{Hash, Hasher};
         let mut files = Vec::new();
         if path.is_dir() {
             if let Ok(rd) = std::fs::read_dir(path) {
-                files.extend(rd.filter_map(|e| e.ok().map(|e| e.path())));
+                files.extend(
+                    rd.filter_map(|e| e.ok().map(|e| e.path()))
+                        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml")),
+                );
             }
         } else {
             files.push(path.to_path_buf());
         }
-        let mut out: Vec<_> = files
+        files
             .into_iter()
-            .filter_map(|f| {
-                let bytes = std::fs::read(&f).ok()?;
+            .map(|f| {
+                let text = std::fs::read_to_string(&f).map_err(|e| e.to_string());
                 let mut h = std::collections::hash_map::DefaultHasher::new();
-                bytes.hash(&mut h);
-                Some((f, h.finish()))
+                match &text {
+                    Ok(t) => t.hash(&mut h),
+                    Err(e) => e.hash(&mut h),
+                }
+                (f, (h.finish(), text))
             })
-            .collect();
-        out.sort();
-        out
+            .collect()
     }
 
-    /// Reloads if the files changed (or on the first call).
+    fn parse(path: &Path, hash: u64, text: &Result<String, String>) -> File {
+        let file = path.display().to_string();
+        let parsed = match text {
+            Ok(t) => istio::parse(t, &file),
+            Err(e) => Err(vec![ConfigError {
+                file,
+                line: 0,
+                message: e.clone(),
+            }]),
+        };
+        File { hash, parsed }
+    }
+
+    /// Reloads if the files changed (or on the first call), taking every file as it is now.
     pub fn poll(&mut self) -> Reload {
-        let fp = Self::fingerprint(&self.path);
-        if self.fingerprint.as_ref() == Some(&fp) {
+        let scan = Self::scan(&self.path);
+        let ready: Vec<PathBuf> = match &self.files {
+            None => scan.keys().cloned().collect(),
+            Some(files) => Self::differing(files, &scan).collect(),
+        };
+        if self.files.is_some() && ready.is_empty() {
             return Reload::Unchanged;
         }
-        self.fingerprint = Some(fp);
-        self.reload()
+        self.take(&scan, ready)
     }
 
-    /// Loads unconditionally.
+    /// Loads unconditionally, re-reading every file.
     pub fn reload(&mut self) -> Reload {
-        let result = istio::load(&self.path).and_then(|c| {
+        self.files = None;
+        self.poll()
+    }
+
+    /// The paths whose content on disk differs from what was taken (changed, added or
+    /// removed).
+    fn differing<'a>(
+        files: &'a BTreeMap<PathBuf, File>,
+        scan: &'a Scan,
+    ) -> impl Iterator<Item = PathBuf> + 'a {
+        let changed = scan
+            .iter()
+            .filter(|(p, (h, _))| files.get(*p).is_none_or(|f| f.hash != *h))
+            .map(|(p, _)| p.clone());
+        let removed = files.keys().filter(|p| !scan.contains_key(*p)).cloned();
+        changed.chain(removed)
+    }
+
+    /// Takes the `ready` paths as `scan` has them (a path `scan` lacks is removed), then
+    /// generates and publishes the whole configuration.
+    fn take(&mut self, scan: &Scan, ready: Vec<PathBuf>) -> Reload {
+        let files = self.files.get_or_insert_with(BTreeMap::new);
+        for p in ready {
+            match scan.get(&p) {
+                Some((hash, text)) => {
+                    files.insert(p.clone(), Self::parse(&p, *hash, text));
+                }
+                None => {
+                    files.remove(&p);
+                }
+            }
+        }
+        let mut config = Config::default();
+        let mut errors = Vec::new();
+        for f in files.values() {
+            match &f.parsed {
+                Ok(c) => config.extend(c.clone()),
+                Err(e) => errors.extend(e.iter().cloned()),
+            }
+        }
+        if errors.is_empty() {
+            self.publish(&config)
+        } else {
+            Self::rejected(&self.path, errors)
+        }
+    }
+
+    fn rejected(path: &Path, errors: Vec<ConfigError>) -> Reload {
+        for e in &errors {
+            tracing::error!("{e}");
+        }
+        tracing::warn!(path = %path.display(), "configuration rejected; the last good one keeps serving");
+        Reload::Rejected(errors)
+    }
+
+    /// Generates both flavours and publishes them.
+    fn publish(&self, config: &Config) -> Reload {
+        let result = (|| {
             let envoy = match &self.envoy_cache {
                 Some(_) => {
                     let opts = Options {
                         flavour: istio::Flavour::Envoy,
                         ..self.opts.clone()
                     };
-                    Some(istio::generate(&c, &opts)?)
+                    Some(istio::generate(config, &opts)?)
                 }
                 None => None,
             };
-            istio::generate(&c, &self.opts).map(|g| (g, envoy))
-        });
+            istio::generate(config, &self.opts).map(|g| (g, envoy))
+        })();
         match result {
             Ok((generated, envoy)) => {
                 let n = generated.resources.len();
@@ -108,32 +205,44 @@ impl ConfigSource {
                 tracing::info!(path = %self.path.display(), resources = n, listeners = ?generated.listeners, "configuration applied");
                 Reload::Applied(n)
             }
-            Err(errors) => {
-                for e in &errors {
-                    tracing::error!("{e}");
-                }
-                tracing::warn!(path = %self.path.display(), "configuration rejected; the last good one keeps serving");
-                Reload::Rejected(errors)
-            }
+            Err(errors) => Self::rejected(&self.path, errors),
         }
     }
 
     /// Polls for changes every `interval` until the future is dropped.
     ///
-    /// A change is read once the files have held still for one interval: a file being
-    /// written in place (truncated, then filled) is never read half way, which would publish
-    /// a configuration with half the resources (or none).
+    /// A file is read once it has held still for one interval: a file being written in
+    /// place (truncated, then filled) is never read half way, which would publish a
+    /// configuration with half its resources (or none). Files are judged one by one, so a
+    /// directory whose files keep changing (endpoints churning) is still followed: each
+    /// file is taken as soon as it settles, never held back by the others.
     pub async fn watch(mut self, interval: Duration) {
-        let mut seen = None;
+        let mut seen: Option<Scan> = None;
         loop {
             tokio::time::sleep(interval).await;
-            let now = Self::fingerprint(&self.path);
-            if seen.as_ref() != Some(&now) {
-                seen = Some(now);
-                continue;
+            let now = Self::scan(&self.path);
+            let ready: Vec<PathBuf> = match (&self.files, &seen) {
+                (Some(files), Some(seen)) => Self::differing(files, &now)
+                    .filter(|p| settled(seen, &now, p))
+                    .collect(),
+                (Some(_), None) => Vec::new(),
+                (None, _) => now.keys().cloned().collect(),
+            };
+            if !ready.is_empty() {
+                self.take(&now, ready);
             }
-            self.poll();
+            seen = Some(now);
         }
+    }
+}
+
+/// Whether `path` is the same in two consecutive scans (present with one content, or
+/// absent from both).
+fn settled(before: &Scan, now: &Scan, path: &Path) -> bool {
+    match (before.get(path), now.get(path)) {
+        (Some((a, _)), Some((b, _))) => a == b,
+        (None, None) => true,
+        _ => false,
     }
 }
 
@@ -162,6 +271,21 @@ pub async fn serve_with_sds(
     sds: Option<crate::ads::sds::SdsIssuer>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<AdsServer, String> {
+    serve_polling(path, listener, opts, sds, POLL_INTERVAL, shutdown).await
+}
+
+/// [`serve_with_sds`], looking at the files every `poll` instead of [`POLL_INTERVAL`].
+///
+/// # Errors
+/// As [`serve`].
+pub async fn serve_polling(
+    path: &Path,
+    listener: tokio::net::TcpListener,
+    opts: Options,
+    sds: Option<crate::ads::sds::SdsIssuer>,
+    poll: Duration,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<AdsServer, String> {
     let cache = ResourceCache::new();
     let envoy_cache = ResourceCache::new();
     let mut source =
@@ -177,9 +301,150 @@ pub async fn serve_with_sds(
     if let Some(issuer) = sds {
         server = server.with_sds(issuer);
     }
-    let watcher = tokio::spawn(source.watch(Duration::from_millis(250)));
+    let watcher = tokio::spawn(source.watch(poll));
     let result = server.clone().serve(listener, shutdown).await;
     watcher.abort();
     result.map_err(|e| e.to_string())?;
     Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use prost::Message;
+
+    fn service(n: usize, last_octet: usize) -> String {
+        format!(
+            "apiVersion: networking.istio.io/v1beta1
+kind: ServiceEntry
+metadata: {{name: svc{n}, namespace: watch}}
+spec:
+  hosts: [svc{n}.watch.svc.cluster.local]
+  ports: [{{number: 80, name: http, protocol: HTTP}}]
+  resolution: STATIC
+  endpoints:
+  - {{address: 10.0.{n}.{last_octet}, ports: {{http: 8080}}}}
+"
+        )
+    }
+
+    /// Replaces a file the way config syncers do: write beside it, rename over it.
+    fn replace(dir: &Path, n: usize, last_octet: usize) {
+        let tmp = dir.join(format!(".svc{n}.tmp"));
+        std::fs::write(&tmp, service(n, last_octet)).unwrap();
+        std::fs::rename(&tmp, dir.join(format!("svc{n}.yaml"))).unwrap();
+    }
+
+    /// The address of service `n`'s one endpoint as served.
+    fn served(cache: &ResourceCache, n: usize) -> Option<String> {
+        cache.resources().iter().find_map(|a| {
+            let cla = ClusterLoadAssignment::decode(a.value.as_slice()).ok()?;
+            if !a.type_url.ends_with("ClusterLoadAssignment")
+                || cla.cluster_name != format!("outbound|80||svc{n}.watch.svc.cluster.local")
+            {
+                return None;
+            }
+            let ep = cla.endpoints.first()?.lb_endpoints.first()?;
+            let Some(
+                envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier::Endpoint(
+                    e,
+                ),
+            ) = &ep.host_identifier
+            else {
+                return None;
+            };
+            let envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(s) =
+                e.address.as_ref()?.address.as_ref()?
+            else {
+                return None;
+            };
+            Some(s.address.clone())
+        })
+    }
+
+    /// A directory whose files change more often than the poll interval (endpoints
+    /// churning, one file at a time) is still followed: every file that settles is taken,
+    /// though the directory as a whole never holds still.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_directory_that_never_holds_still_is_still_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in 0..10 {
+            replace(dir.path(), n, 1);
+        }
+        let cache = ResourceCache::new();
+        let mut source = ConfigSource::new(dir.path(), Options::default(), cache.clone());
+        assert!(matches!(source.poll(), Reload::Applied(_)));
+        let watch = tokio::spawn(source.watch(Duration::from_millis(50)));
+        // Service 0 changes once; the others keep changing every 10 ms, round robin, so
+        // some file of the directory changes within every interval.
+        replace(dir.path(), 0, 2);
+        let churn = tokio::task::spawn_blocking({
+            let dir = dir.path().to_path_buf();
+            move || {
+                for i in 0..150 {
+                    replace(&dir, 1 + i % 9, 10 + i % 200);
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while served(&cache, 0).as_deref() != Some("10.0.0.2") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the settled file is taken while the others churn: {:?}",
+                served(&cache, 0)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        churn.await.unwrap();
+        // Once the churn stops, the last content of every file is served.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while served(&cache, 9).as_deref() != Some("10.0.9.153") {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}",
+                served(&cache, 9)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        watch.abort();
+    }
+
+    /// A file being written in place is not read until it holds still: nothing of a
+    /// half-written file is ever served, and a file that disappears is removed only once
+    /// it stays away.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_is_read_once_it_holds_still() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in 0..2 {
+            replace(dir.path(), n, 1);
+        }
+        let cache = ResourceCache::new();
+        let mut source = ConfigSource::new(dir.path(), Options::default(), cache.clone());
+        assert!(matches!(source.poll(), Reload::Applied(_)));
+        let watch = tokio::spawn(source.watch(Duration::from_millis(100)));
+        // Written in place, a line every 20 ms, for 400 ms: each poll sees it changed.
+        let path = dir.path().join("svc1.yaml");
+        let text = service(1, 7);
+        let lines: Vec<&str> = text.split_inclusive('\n').collect();
+        std::fs::write(&path, "").unwrap();
+        let mut written = String::new();
+        for line in &lines {
+            written.push_str(line);
+            std::fs::write(&path, &written).unwrap();
+            assert_eq!(
+                served(&cache, 1).as_deref(),
+                Some("10.0.1.1"),
+                "nothing of the half-written file is served"
+            );
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while served(&cache, 1).as_deref() != Some("10.0.1.7") {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        watch.abort();
+    }
 }

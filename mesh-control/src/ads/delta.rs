@@ -7,6 +7,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 };
 use tokio::time::Instant;
 
+use super::source::Held;
 use super::stream::{Ctx, Variant};
 
 /// Incremental: each response holds what changed since what the client holds, and names what
@@ -24,6 +25,51 @@ pub(super) struct Subscription {
     /// Subscribed names the client was told do not exist (listed in `removed_resources`
     /// once, so it need not wait out its does-not-exist timer).
     told_missing: BTreeSet<String>,
+}
+
+impl Delta {
+    /// What the client lacks of `held` (resources to send) and holds that is gone (names).
+    fn changes(
+        sub: &mut Subscription,
+        names: Option<&BTreeSet<String>>,
+        type_url: &str,
+        held: &Held<'_>,
+    ) -> (Vec<Resource>, Vec<String>) {
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        for (name, v) in held.iter() {
+            if sub.client.get(name) != Some(&v.version) {
+                resources.push(Resource {
+                    name: name.to_owned(),
+                    version: v.version.clone(),
+                    resource: Some(held.resource(v)),
+                    ..Default::default()
+                });
+            }
+        }
+        let wanted = |name: &str| names.is_none_or(|n| n.contains(name));
+        for name in sub.client.keys() {
+            if held.get(name).is_none() && wanted(name) {
+                removed.push(name.clone());
+            }
+        }
+        // Listeners and clusters asked for by name that the server does not have: say so at
+        // once (as SotW's full state does for them). Endpoints and route configurations may
+        // follow the resource that names them, so their absence proves nothing.
+        let full_state = type_url.ends_with(".Listener") || type_url.ends_with(".Cluster");
+        if let Some(names) = names.filter(|_| full_state) {
+            for name in names {
+                if held.get(name).is_none()
+                    && !sub.client.contains_key(name)
+                    && sub.told_missing.insert(name.clone())
+                {
+                    removed.push(name.clone());
+                }
+            }
+        }
+        sub.told_missing.retain(|n| held.get(n).is_none());
+        (resources, removed)
+    }
 }
 
 impl Variant for Delta {
@@ -80,40 +126,14 @@ impl Variant for Delta {
         nonce: u64,
         _pushed: bool,
     ) -> (Option<DeltaDiscoveryResponse>, Option<Instant>) {
-        let (_, held, renew) = cx.source.view(cx.type_url, cx.node, sub.names.as_ref());
-        let mut resources = Vec::new();
-        let mut removed = Vec::new();
-        for (name, v) in &held {
-            if sub.client.get(name) != Some(&v.version) {
-                resources.push(Resource {
-                    name: name.clone(),
-                    version: v.version.clone(),
-                    resource: Some(v.resource.clone()),
-                    ..Default::default()
+        // Lent out while the subscription is borrowed mutably, not cloned.
+        let names = sub.names.take();
+        let ((resources, removed), renew) =
+            cx.source
+                .view(cx.type_url, cx.node, names.as_ref(), |_, held| {
+                    Self::changes(sub, names.as_ref(), cx.type_url, held)
                 });
-            }
-        }
-        let wanted = |name: &str| sub.names.as_ref().is_none_or(|n| n.contains(name));
-        for name in sub.client.keys() {
-            if !held.contains_key(name) && wanted(name) {
-                removed.push(name.clone());
-            }
-        }
-        // Listeners and clusters asked for by name that the server does not have: say so at
-        // once (as SotW's full state does for them). Endpoints and route configurations may
-        // follow the resource that names them, so their absence proves nothing.
-        let full_state = cx.type_url.ends_with(".Listener") || cx.type_url.ends_with(".Cluster");
-        if let Some(names) = sub.names.as_ref().filter(|_| full_state) {
-            for name in names {
-                if !held.contains_key(name)
-                    && !sub.client.contains_key(name)
-                    && sub.told_missing.insert(name.clone())
-                {
-                    removed.push(name.clone());
-                }
-            }
-        }
-        sub.told_missing.retain(|n| !held.contains_key(n));
+        sub.names = names;
         if resources.is_empty() && removed.is_empty() {
             return (None, renew);
         }

@@ -80,25 +80,29 @@ impl Variant for Sotw {
         nonce: u64,
         pushed: bool,
     ) -> (Option<DiscoveryResponse>, Option<Instant>) {
-        let (version, resources, renew) = cx.source.view(cx.type_url, cx.node, sub.names.as_ref());
-        if pushed && sub.sent_version.as_deref() == Some(version.as_str()) {
-            // The change left this type as the client holds it.
-            return (None, renew);
-        }
-        if sub.names.as_ref().is_some_and(|n| n.is_empty()) && sub.sent_version.is_some() {
-            // Unsubscribed from everything: nothing to send.
-            sub.sent_version = Some(version);
-            return (None, renew);
-        }
-        sub.sent_version = Some(version.clone());
-        sub.nonce = nonce.to_string();
-        let resp = DiscoveryResponse {
-            version_info: version,
-            resources: resources.into_values().map(|v| v.resource).collect(),
-            type_url: cx.type_url.to_owned(),
-            nonce: sub.nonce.clone(),
-            ..Default::default()
-        };
-        (Some(resp), renew)
+        let names = sub.names.as_ref();
+        let (resp, renew) = cx
+            .source
+            .view(cx.type_url, cx.node, names, |version, held| {
+                if pushed && sub.sent_version.as_deref() == Some(version) {
+                    // The change left this type as the client holds it.
+                    return None;
+                }
+                if sub.names.as_ref().is_some_and(|n| n.is_empty()) && sub.sent_version.is_some() {
+                    // Unsubscribed from everything: nothing to send.
+                    sub.sent_version = Some(version.to_owned());
+                    return None;
+                }
+                sub.sent_version = Some(version.to_owned());
+                sub.nonce = nonce.to_string();
+                Some(DiscoveryResponse {
+                    version_info: version.to_owned(),
+                    resources: held.iter().map(|(_, v)| held.resource(v)).collect(),
+                    type_url: cx.type_url.to_owned(),
+                    nonce: sub.nonce.clone(),
+                    ..Default::default()
+                })
+            });
+        (resp, renew)
     }
 }

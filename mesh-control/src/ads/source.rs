@@ -2,7 +2,11 @@
 //! event log of ACKs and NACKs, the push order and the shutdown signal.
 
 pub(super) use super::cache::ResourceCache;
+use super::cache::Versioned;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::protobuf::Any;
 use futures::Stream;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -127,78 +131,124 @@ pub(crate) fn push_order<T>(
 
 /// Whether a node is Envoy (which takes TLS certificates over SDS) rather than a proxyless
 /// gRPC client (which takes them from its bootstrap's certificate providers).
-pub fn is_envoy(node: &envoy_types::pb::envoy::config::core::v3::Node) -> bool {
+pub fn is_envoy(node: &Node) -> bool {
     node.user_agent_name == "envoy"
 }
 
+/// What a stream may send of one resource type, borrowed from the cache while its lock is
+/// held: nothing is cloned until a response needs it.
+pub(crate) struct Held<'a> {
+    live: Option<&'a BTreeMap<String, Versioned>>,
+    /// Retired resources still in their grace (and not live again), as the names allow.
+    lingering: BTreeMap<&'a str, &'a Versioned>,
+    names: Option<&'a BTreeSet<String>>,
+    node: Option<&'a Node>,
+}
+
+impl<'a> Held<'a> {
+    fn wanted(&self, name: &str) -> bool {
+        self.names.is_none_or(|n| n.contains(name))
+    }
+
+    /// The resource `name`, if it is served and subscribed.
+    pub(crate) fn get(&self, name: &str) -> Option<&'a Versioned> {
+        if !self.wanted(name) {
+            return None;
+        }
+        self.live
+            .and_then(|m| m.get(name))
+            .or_else(|| self.lingering.get(name).copied())
+    }
+
+    /// Every resource served and subscribed.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&'a str, &'a Versioned)> + '_ {
+        let live: Box<dyn Iterator<Item = (&'a str, &'a Versioned)>> = match (self.live, self.names)
+        {
+            (None, _) => Box::new(std::iter::empty()),
+            // Few names of many resources: look them up.
+            (Some(m), Some(names)) if names.len() * 4 < m.len() => Box::new(
+                names
+                    .iter()
+                    .filter_map(|n| m.get_key_value(n))
+                    .map(|(k, v)| (k.as_str(), v)),
+            ),
+            (Some(m), names) => Box::new(
+                m.iter()
+                    .filter(move |(k, _)| names.is_none_or(|n| n.contains(*k)))
+                    .map(|(k, v)| (k.as_str(), v)),
+            ),
+        };
+        live.chain(self.lingering.iter().map(|(k, v)| (*k, *v)))
+    }
+
+    /// A resource as this node sees it (per-node rewrites applied).
+    pub(crate) fn resource(&self, v: &Versioned) -> Any {
+        v.for_node(self.node)
+    }
+}
+
 impl Source {
-    /// The version and resources of `type_url` for `node` (only `names` if given), and when
-    /// per-node resources must be refreshed.
-    pub(crate) fn view(
+    /// Calls `f` with the version of `type_url` for `node` and what it may be sent (only
+    /// `names` if given); returns what `f` returns and when per-node resources must be
+    /// refreshed. `f` runs under the cache's lock: it should copy only what it sends.
+    pub(crate) fn view<T>(
         &self,
         type_url: &str,
-        node: Option<&envoy_types::pb::envoy::config::core::v3::Node>,
-        names: Option<&std::collections::BTreeSet<String>>,
-    ) -> (
-        String,
-        std::collections::BTreeMap<String, super::cache::Versioned>,
-        Option<tokio::time::Instant>,
-    ) {
+        node: Option<&Node>,
+        names: Option<&BTreeSet<String>>,
+        f: impl FnOnce(&str, &Held<'_>) -> T,
+    ) -> (T, Option<tokio::time::Instant>) {
         if type_url == super::sds::SECRET_TYPE {
-            let (Some(issuer), Some(node)) = (&self.sds, node) else {
-                return (String::new(), Default::default(), None);
+            let (secrets, renew) = match (&self.sds, node) {
+                (Some(issuer), Some(node)) => issuer.secrets(node, names),
+                _ => (BTreeMap::new(), None),
             };
-            let (secrets, renew) = issuer.secrets(node, names);
             let version = secrets
                 .values()
                 .map(|v| v.version.as_str())
                 .collect::<Vec<_>>()
                 .join("-");
-            return (version, secrets, renew);
+            let held = Held {
+                live: Some(&secrets),
+                lingering: BTreeMap::new(),
+                names,
+                node,
+            };
+            return (f(&version, &held), renew);
         }
         let cache = match (&self.envoy_cache, node) {
             (Some(envoy), Some(n)) if is_envoy(n) => envoy,
             _ => &self.cache,
         };
         cache.with_state(|s| {
-            let mut resources: std::collections::BTreeMap<String, super::cache::Versioned> = s
-                .resources(type_url)
-                .map(|m| {
-                    m.iter()
-                        .filter(|(name, _)| names.is_none_or(|n| n.contains(*name)))
-                        .map(|(k, v)| {
-                            let v = match &v.view {
-                                Some(_) => super::cache::Versioned {
-                                    resource: v.for_node(node),
-                                    ..v.clone()
-                                },
-                                None => v.clone(),
-                            };
-                            (k.clone(), v)
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+            let live = s.resources(type_url);
             // Retired resources, until their grace ends: the version says how many are
             // left, so their expiry is a change that streams push (woken by `renew`).
             let now = tokio::time::Instant::now();
-            let mut lingering = 0;
+            let mut lingering = BTreeMap::new();
+            let mut count = 0;
             let mut renew = None;
             for (name, (v, until)) in s.retired.get(type_url).into_iter().flatten() {
-                if *until <= now || resources.contains_key(name) {
+                if *until <= now || live.is_some_and(|m| m.contains_key(name)) {
                     continue;
                 }
-                lingering += 1;
+                count += 1;
                 renew = earliest(renew, Some(*until));
                 if names.is_none_or(|n| n.contains(name)) {
-                    resources.insert(name.clone(), v.clone());
+                    lingering.insert(name.as_str(), v);
                 }
             }
-            let version = match lingering {
+            let version = match count {
                 0 => s.type_version(type_url),
                 n => format!("{}+{n}", s.type_version(type_url)),
             };
-            (version, resources, renew)
+            let held = Held {
+                live,
+                lingering,
+                names,
+                node,
+            };
+            (f(&version, &held), renew)
         })
     }
 }

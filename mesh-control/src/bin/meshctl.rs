@@ -78,6 +78,10 @@ struct ServeArgs {
     /// Write the SDS CA's root certificate to DIR/root-cert.pem.
     #[arg(long, value_name = "DIR", requires = "sds")]
     ca_out: Option<PathBuf>,
+    /// How often to look for changed files (e.g. 100ms, 1s). A file is read once it has
+    /// held still for one interval, so a change applies within two.
+    #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = duration)]
+    poll: Duration,
 }
 
 #[derive(Debug, Args)]
@@ -226,7 +230,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
     };
-    mesh_control::serve::serve_with_sds(&args.config, listener, opts, sds, shutdown).await?;
+    mesh_control::serve::serve_polling(&args.config, listener, opts, sds, args.poll, shutdown)
+        .await?;
     Ok(ExitCode::SUCCESS)
 }
 
