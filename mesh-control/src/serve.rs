@@ -215,24 +215,54 @@ impl ConfigSource {
     /// place (truncated, then filled) is never read half way, which would publish a
     /// configuration with half its resources (or none). Files are judged one by one, so a
     /// directory whose files keep changing (endpoints churning) is still followed: each
-    /// file is taken as soon as it settles, never held back by the others.
+    /// file is taken as soon as it settles, never held back by the others. A file that
+    /// never holds still (rewritten more often than the interval) is taken after
+    /// [`UNSETTLED_POLLS`] intervals of change if it parses whole, as Istio's debounce has
+    /// a maximum delay: a change is never held back forever.
     pub async fn watch(mut self, interval: Duration) {
         let mut seen: Option<Scan> = None;
+        let mut unsettled: BTreeMap<PathBuf, u32> = BTreeMap::new();
         loop {
             tokio::time::sleep(interval).await;
             let now = Self::scan(&self.path);
             let ready: Vec<PathBuf> = match (&self.files, &seen) {
-                (Some(files), Some(seen)) => Self::differing(files, &now)
-                    .filter(|p| settled(seen, &now, p))
-                    .collect(),
+                (Some(files), Some(seen)) => {
+                    let differing: Vec<PathBuf> = Self::differing(files, &now).collect();
+                    unsettled.retain(|p, _| differing.contains(p));
+                    differing
+                        .into_iter()
+                        .filter(|p| {
+                            let polls = unsettled.entry(p.clone()).or_default();
+                            *polls += 1;
+                            settled(seen, &now, p)
+                                || *polls >= UNSETTLED_POLLS && parses_whole(&now, p)
+                        })
+                        .collect()
+                }
                 (Some(_), None) => Vec::new(),
                 (None, _) => now.keys().cloned().collect(),
             };
             if !ready.is_empty() {
+                for p in &ready {
+                    unsettled.remove(p);
+                }
                 self.take(&now, ready);
             }
             seen = Some(now);
         }
+    }
+}
+
+/// How many intervals a file that keeps changing is waited for before it is taken as it is
+/// (if it parses).
+pub const UNSETTLED_POLLS: u32 = 4;
+
+/// Whether `path` as scanned reads as whole YAML (it may be a removal: nothing to read).
+fn parses_whole(scan: &Scan, path: &Path) -> bool {
+    match scan.get(path) {
+        Some((_, Ok(text))) => istio::parse(text, &path.display().to_string()).is_ok(),
+        Some((_, Err(_))) => false,
+        None => true,
     }
 }
 
@@ -313,6 +343,7 @@ mod tests {
     use super::*;
     use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
     use prost::Message;
+    use std::sync::Arc;
 
     fn service(n: usize, last_octet: usize) -> String {
         format!(
@@ -411,6 +442,47 @@ spec:
         watch.abort();
     }
 
+    /// A file rewritten more often than the interval (it never holds still) is still
+    /// taken, once it has been changing for a few intervals.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_file_that_never_holds_still_is_taken_after_a_bounded_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        replace(dir.path(), 0, 1);
+        let cache = ResourceCache::new();
+        let mut source = ConfigSource::new(dir.path(), Options::default(), cache.clone());
+        assert!(matches!(source.poll(), Reload::Applied(_)));
+        let watch = tokio::spawn(source.watch(Duration::from_millis(50)));
+        let seen = Arc::new(std::sync::Mutex::new(std::collections::BTreeSet::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let churn = tokio::task::spawn_blocking({
+            let (dir, stop) = (dir.path().to_path_buf(), stop.clone());
+            move || {
+                let mut i = 0;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    i += 1;
+                    replace(&dir, 0, 2 + i % 250);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while tokio::time::Instant::now() < deadline {
+            if let Some(a) = served(&cache, 0) {
+                seen.lock().unwrap().insert(a);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        churn.await.unwrap();
+        watch.abort();
+        let seen = seen.lock().unwrap();
+        // 2 s of change, taken at most every four 50 ms intervals: several versions.
+        assert!(
+            seen.len() >= 4,
+            "versions served while the file churned: {seen:?}"
+        );
+    }
+
     /// A file being written in place is not read until it holds still: nothing of a
     /// half-written file is ever served, and a file that disappears is removed only once
     /// it stays away.
@@ -424,7 +496,8 @@ spec:
         let mut source = ConfigSource::new(dir.path(), Options::default(), cache.clone());
         assert!(matches!(source.poll(), Reload::Applied(_)));
         let watch = tokio::spawn(source.watch(Duration::from_millis(100)));
-        // Written in place, a line every 20 ms, for 400 ms: each poll sees it changed.
+        // Written in place, a line every 30 ms (270 ms in all, less than the four intervals a
+        // file that keeps changing is waited for): each poll sees it changed.
         let path = dir.path().join("svc1.yaml");
         let text = service(1, 7);
         let lines: Vec<&str> = text.split_inclusive('\n').collect();
@@ -438,7 +511,7 @@ spec:
                 Some("10.0.1.1"),
                 "nothing of the half-written file is served"
             );
-            tokio::time::sleep(Duration::from_millis(40)).await;
+            tokio::time::sleep(Duration::from_millis(30)).await;
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         while served(&cache, 1).as_deref() != Some("10.0.1.7") {
