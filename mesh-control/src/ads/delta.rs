@@ -25,6 +25,10 @@ pub(super) struct Subscription {
     /// Subscribed names the client was told do not exist (listed in `removed_resources`
     /// once, so it need not wait out its does-not-exist timer).
     told_missing: BTreeSet<String>,
+    /// The type's version when the client was last brought up to date, while the
+    /// subscription has not changed since: the same version again owes nothing, so a push
+    /// of another type and an ACK cost no walk through the resources.
+    answered: Option<String>,
 }
 
 impl Delta {
@@ -37,27 +41,37 @@ impl Delta {
     ) -> (Vec<Resource>, Vec<String>) {
         let mut resources = Vec::new();
         let mut removed = Vec::new();
+        // How many of the client's resources are still held, and how many are held at all:
+        // when they cover what the client has and what it asked for, nothing is missing.
+        let (mut kept, mut count) = (0, 0);
         for (name, v) in held.iter() {
-            if sub.client.get(name) != Some(&v.version) {
-                resources.push(Resource {
-                    name: name.to_owned(),
-                    version: v.version.clone(),
-                    resource: Some(held.resource(v)),
-                    ..Default::default()
-                });
+            count += 1;
+            match sub.client.get(name) {
+                Some(version) if *version == v.version => kept += 1,
+                had => {
+                    kept += usize::from(had.is_some());
+                    resources.push(Resource {
+                        name: name.to_owned(),
+                        version: v.version.clone(),
+                        resource: Some(held.resource(v)),
+                        ..Default::default()
+                    });
+                }
             }
         }
         let wanted = |name: &str| names.is_none_or(|n| n.contains(name));
-        for name in sub.client.keys() {
-            if held.get(name).is_none() && wanted(name) {
-                removed.push(name.clone());
+        if kept < sub.client.len() {
+            for name in sub.client.keys() {
+                if held.get(name).is_none() && wanted(name) {
+                    removed.push(name.clone());
+                }
             }
         }
         // Listeners and clusters asked for by name that the server does not have: say so at
         // once (as SotW's full state does for them). Endpoints and route configurations may
         // follow the resource that names them, so their absence proves nothing.
         let full_state = type_url.ends_with(".Listener") || type_url.ends_with(".Cluster");
-        if let Some(names) = names.filter(|_| full_state) {
+        if let Some(names) = names.filter(|n| full_state && n.len() > count) {
             for name in names {
                 if held.get(name).is_none()
                     && !sub.client.contains_key(name)
@@ -67,7 +81,9 @@ impl Delta {
                 }
             }
         }
-        sub.told_missing.retain(|n| held.get(n).is_none());
+        if !sub.told_missing.is_empty() {
+            sub.told_missing.retain(|n| held.get(n).is_none());
+        }
         (resources, removed)
     }
 }
@@ -91,6 +107,12 @@ impl Variant for Delta {
                 &req.response_nonce,
                 req.error_detail.as_ref().map(|s| s.message.as_str()),
             );
+        }
+        if first
+            || !req.resource_names_subscribe.is_empty()
+            || !req.resource_names_unsubscribe.is_empty()
+        {
+            sub.answered = None;
         }
         if first {
             sub.client = req.initial_resource_versions.clone();
@@ -130,7 +152,11 @@ impl Variant for Delta {
         let names = sub.names.take();
         let ((resources, removed), renew) =
             cx.source
-                .view(cx.type_url, cx.node, names.as_ref(), |_, held| {
+                .view(cx.type_url, cx.node, names.as_ref(), |version, held| {
+                    if sub.answered.as_deref() == Some(version) {
+                        return (Vec::new(), Vec::new());
+                    }
+                    sub.answered = Some(version.to_owned());
                     Self::changes(sub, names.as_ref(), cx.type_url, held)
                 });
         sub.names = names;

@@ -165,18 +165,20 @@ impl<'a> Held<'a> {
         let live: Box<dyn Iterator<Item = (&'a str, &'a Versioned)>> = match (self.live, self.names)
         {
             (None, _) => Box::new(std::iter::empty()),
+            (Some(m), None) => Box::new(m.iter().map(|(k, v)| (k.as_str(), v))),
             // Few names of many resources: look them up.
-            (Some(m), Some(names)) if names.len() * 4 < m.len() => Box::new(
+            (Some(m), Some(names)) if names.len() * 8 < m.len() => Box::new(
                 names
                     .iter()
                     .filter_map(|n| m.get_key_value(n))
                     .map(|(k, v)| (k.as_str(), v)),
             ),
-            (Some(m), names) => Box::new(
-                m.iter()
-                    .filter(move |(k, _)| names.is_none_or(|n| n.contains(*k)))
-                    .map(|(k, v)| (k.as_str(), v)),
-            ),
+            // Both sorted by name: walk them side by side.
+            (Some(m), Some(names)) => Box::new(Join {
+                live: m.iter().peekable(),
+                names: names.iter().peekable(),
+                _names: std::marker::PhantomData,
+            }),
         };
         live.chain(self.lingering.iter().map(|(k, v)| (*k, *v)))
     }
@@ -184,6 +186,40 @@ impl<'a> Held<'a> {
     /// A resource as this node sees it (per-node rewrites applied).
     pub(crate) fn resource(&self, v: &Versioned) -> Any {
         v.for_node(self.node)
+    }
+}
+
+/// The resources of a sorted map whose names are in a sorted set, one comparison a step.
+struct Join<'a, L: Iterator, N: Iterator> {
+    live: std::iter::Peekable<L>,
+    names: std::iter::Peekable<N>,
+    _names: std::marker::PhantomData<&'a ()>,
+}
+
+impl<'a, L, N> Iterator for Join<'a, L, N>
+where
+    L: Iterator<Item = (&'a String, &'a Versioned)>,
+    N: Iterator<Item = &'a String>,
+{
+    type Item = (&'a str, &'a Versioned);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let (k, _) = self.live.peek()?;
+            let n = self.names.peek()?;
+            match k.as_str().cmp(n.as_str()) {
+                std::cmp::Ordering::Less => {
+                    self.live.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    self.names.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    self.names.next();
+                    return self.live.next().map(|(k, v)| (k.as_str(), v));
+                }
+            }
+        }
     }
 }
 

@@ -145,7 +145,11 @@ impl AdsState {
             ..Default::default()
         };
         let mut out = vec![Outbound::Sotw(ack)];
-        out.extend(self.resubscribe(now));
+        // What is wanted follows from listeners, routes and clusters; endpoints name
+        // nothing, so a response of them leaves the subscriptions as they are.
+        if rt != ResourceType::ClusterLoadAssignment {
+            out.extend(self.resubscribe(now));
+        }
         self.step(out, Some(verdict))
     }
 
@@ -223,7 +227,11 @@ impl AdsState {
             error_detail,
             ..Default::default()
         })];
-        out.extend(self.resubscribe(now));
+        // What is wanted follows from listeners, routes and clusters; endpoints name
+        // nothing, so a response of them leaves the subscriptions as they are.
+        if rt != ResourceType::ClusterLoadAssignment {
+            out.extend(self.resubscribe(now));
+        }
         self.step(out, Some(verdict))
     }
 

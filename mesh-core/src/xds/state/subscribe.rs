@@ -66,6 +66,7 @@ impl AdsState {
     pub(super) fn resubscribe(&mut self, now: Instant) -> Vec<Outbound> {
         let desired = self.desired();
         let mut out = Vec::new();
+        let mut dropped = false;
         for rt in ResourceType::ALL {
             let want = &desired[rt.index()];
             // Track new names, forget ones no longer wanted.
@@ -84,6 +85,7 @@ impl AdsState {
                     .or_insert_with(Entry::requested);
             }
             if !removed.is_empty() {
+                dropped = true;
                 self.dump_dirty = true;
                 for name in &removed {
                     if self.drop_from_snapshot(rt, name) {
@@ -150,7 +152,7 @@ impl AdsState {
             out.push(req);
         }
         // A removal above may have changed what is held, and so what is desired.
-        if self.desired() != desired {
+        if dropped && self.desired() != desired {
             out.extend(self.resubscribe(now));
         }
         out
