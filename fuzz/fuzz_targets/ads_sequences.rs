@@ -9,7 +9,9 @@
 //!    configurations, the clusters those name, the clusters' endpoint assignments) is
 //!    requested on the stream;
 //! 4. the SotW ACK carries the response's version, a NACK the last accepted one, and the
-//!    answer to a response carries its nonce and its verdict.
+//!    answer to a response carries its nonce and its verdict;
+//! 5. the config dump, kept up to date entry by entry, says what a dump built from scratch
+//!    says.
 #![no_main]
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -582,6 +584,13 @@ impl Harness {
             }
         }
         self.check_subscriptions();
+        self.check_dump();
+    }
+
+    /// Invariant 5: the incremental dump equals one rebuilt from every entry.
+    fn check_dump(&mut self) {
+        let kept: Vec<_> = self.ads.config_dump("s", None).resources.iter().cloned().collect();
+        assert_eq!(kept, self.ads.dump(), "the incremental dump differs from a full one");
     }
 }
 

@@ -64,7 +64,7 @@ pub struct ResourceDump {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ConfigDump {
     /// Every subscribed resource.
-    pub resources: Vec<ResourceDump>,
+    pub resources: DumpResources,
     /// Server URI.
     pub server: String,
     /// Whether the ADS stream is up.
@@ -83,8 +83,93 @@ pub struct ConfigDump {
 impl ConfigDump {
     /// A resource's entry.
     pub fn get(&self, resource_type: ResourceType, name: &str) -> Option<&ResourceDump> {
-        self.resources
-            .iter()
-            .find(|r| r.resource_type == resource_type && r.name == name)
+        self.resources.get(resource_type, name)
+    }
+}
+
+/// The subscribed resources of a [`ConfigDump`]: by type (in cascade order), then by name.
+///
+/// Persistent maps: the client keeps one and updates the entries a response touched, and
+/// publishing a dump clones it in O(1), so the cost of an update follows what it changed,
+/// not how much the client holds.
+///
+/// ```
+/// use mesh_core::{DumpResources, ResourceDump, ResourceStatus};
+/// use mesh_core::xds::ResourceType;
+/// let mut all = DumpResources::default();
+/// all.insert(ResourceDump {
+///     resource_type: ResourceType::Cluster,
+///     name: "backend".into(),
+///     version: "1".into(),
+///     status: ResourceStatus::Acked,
+///     error: None,
+///     updated: None,
+///     raw: None,
+/// });
+/// assert_eq!(all.len(), 1);
+/// assert_eq!(all.get(ResourceType::Cluster, "backend").unwrap().version, "1");
+/// assert!(all.get(ResourceType::Listener, "backend").is_none());
+/// ```
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DumpResources {
+    by_type: [imbl::OrdMap<String, Arc<ResourceDump>>; 4],
+}
+
+impl DumpResources {
+    /// A resource's entry.
+    pub fn get(&self, resource_type: ResourceType, name: &str) -> Option<&ResourceDump> {
+        self.by_type[resource_type.index()].get(name).map(|r| &**r)
+    }
+
+    /// Every entry: listeners, route configurations, clusters, endpoints, each by name.
+    pub fn iter(&self) -> impl Iterator<Item = &ResourceDump> + '_ {
+        self.by_type.iter().flat_map(|m| m.values().map(|r| &**r))
+    }
+
+    /// The entries of one type, by name.
+    pub fn of_type(&self, resource_type: ResourceType) -> impl Iterator<Item = &ResourceDump> + '_ {
+        self.by_type[resource_type.index()].values().map(|r| &**r)
+    }
+
+    /// How many resources are subscribed.
+    pub fn len(&self) -> usize {
+        self.by_type.iter().map(imbl::OrdMap::len).sum()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.by_type.iter().all(imbl::OrdMap::is_empty)
+    }
+
+    /// Adds or replaces an entry.
+    pub fn insert(&mut self, r: ResourceDump) {
+        self.by_type[r.resource_type.index()].insert(r.name.clone(), Arc::new(r));
+    }
+
+    /// Removes an entry.
+    pub fn remove(&mut self, resource_type: ResourceType, name: &str) {
+        let m = &mut self.by_type[resource_type.index()];
+        if m.contains_key(name) {
+            m.remove(name);
+        }
+    }
+}
+
+impl<'a> IntoIterator for &'a DumpResources {
+    type Item = &'a ResourceDump;
+    type IntoIter = Box<dyn Iterator<Item = &'a ResourceDump> + 'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        Box::new(self.iter())
+    }
+}
+
+impl FromIterator<ResourceDump> for DumpResources {
+    fn from_iter<I: IntoIterator<Item = ResourceDump>>(iter: I) -> Self {
+        let mut all = DumpResources::default();
+        for r in iter {
+            all.insert(r);
+        }
+        all
     }
 }

@@ -28,5 +28,7 @@ mod store;
 pub mod xds;
 
 pub use error::{BootstrapError, Error, XdsError};
-pub use store::{ConfigDump, ConfigStore, Rejected, ResourceDump, ResourceStatus, XdsCounts};
+pub use store::{
+    ConfigDump, ConfigStore, DumpResources, Rejected, ResourceDump, ResourceStatus, XdsCounts,
+};
 pub use xds::translate::TranslateError;

@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::config::Snapshot;
-pub use crate::dump::{ConfigDump, Rejected, ResourceDump, ResourceStatus};
+pub use crate::dump::{ConfigDump, DumpResources, Rejected, ResourceDump, ResourceStatus};
 use crate::resource::ResourceType;
 
 #[derive(Debug)]

@@ -1,6 +1,5 @@
 //! An immutable, complete view of the configuration at one moment.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::cluster::{Cluster, Discovery};
@@ -8,10 +7,13 @@ use super::endpoint::EndpointAssignment;
 use super::listener::{Listener, RouteSource};
 use super::route::RouteConfig;
 
-type Map<T> = Arc<BTreeMap<String, Arc<T>>>;
+use super::map::ResourceMap;
 
-/// Every resource the mesh holds, by name. Cheap to clone: each kind is shared behind an
-/// `Arc`, and an update rebuilds only the kinds it touched.
+type Map<T> = ResourceMap<T>;
+
+/// Every resource the mesh holds, by name. Cheap to clone: each kind is a persistent
+/// [`ResourceMap`], so an update of one resource copies O(log n) of its kind's map and
+/// shares the rest with the snapshot it came from.
 ///
 /// A snapshot comes from the xDS client, from a static file or from code:
 ///
@@ -43,22 +45,22 @@ impl Snapshot {
     }
 
     /// All listeners.
-    pub fn listeners(&self) -> &BTreeMap<String, Arc<Listener>> {
+    pub fn listeners(&self) -> &ResourceMap<Listener> {
         &self.listeners
     }
 
     /// All route configurations.
-    pub fn route_configs(&self) -> &BTreeMap<String, Arc<RouteConfig>> {
+    pub fn route_configs(&self) -> &ResourceMap<RouteConfig> {
         &self.route_configs
     }
 
     /// All clusters.
-    pub fn clusters(&self) -> &BTreeMap<String, Arc<Cluster>> {
+    pub fn clusters(&self) -> &ResourceMap<Cluster> {
         &self.clusters
     }
 
     /// All endpoint assignments, by EDS name.
-    pub fn endpoint_assignments(&self) -> &BTreeMap<String, Arc<EndpointAssignment>> {
+    pub fn endpoint_assignments(&self) -> &ResourceMap<EndpointAssignment> {
         &self.endpoints
     }
 
@@ -128,47 +130,42 @@ impl Snapshot {
 
     /// Adds or replaces a listener in place.
     pub fn set_listener(&mut self, v: Arc<Listener>) {
-        Arc::make_mut(&mut self.listeners).insert(v.name.clone(), v);
+        self.listeners.insert(v.name.clone(), v);
     }
 
     /// Adds or replaces a route configuration in place.
     pub fn set_route_config(&mut self, v: Arc<RouteConfig>) {
-        Arc::make_mut(&mut self.route_configs).insert(v.name.clone(), v);
+        self.route_configs.insert(v.name.clone(), v);
     }
 
     /// Adds or replaces a cluster in place.
     pub fn set_cluster(&mut self, v: Arc<Cluster>) {
-        Arc::make_mut(&mut self.clusters).insert(v.name.clone(), v);
+        self.clusters.insert(v.name.clone(), v);
     }
 
     /// Adds or replaces an endpoint assignment in place.
     pub fn set_endpoints(&mut self, v: Arc<EndpointAssignment>) {
-        Arc::make_mut(&mut self.endpoints).insert(v.cluster_name.clone(), v);
+        self.endpoints.insert(v.cluster_name.clone(), v);
     }
 
     /// Removes a listener.
     pub fn remove_listener(&mut self, name: &str) -> bool {
-        self.listeners.contains_key(name)
-            && Arc::make_mut(&mut self.listeners).remove(name).is_some()
+        self.listeners.contains_key(name) && self.listeners.remove(name).is_some()
     }
 
     /// Removes a route configuration.
     pub fn remove_route_config(&mut self, name: &str) -> bool {
-        self.route_configs.contains_key(name)
-            && Arc::make_mut(&mut self.route_configs)
-                .remove(name)
-                .is_some()
+        self.route_configs.contains_key(name) && self.route_configs.remove(name).is_some()
     }
 
     /// Removes a cluster.
     pub fn remove_cluster(&mut self, name: &str) -> bool {
-        self.clusters.contains_key(name) && Arc::make_mut(&mut self.clusters).remove(name).is_some()
+        self.clusters.contains_key(name) && self.clusters.remove(name).is_some()
     }
 
     /// Removes an endpoint assignment.
     pub fn remove_endpoints(&mut self, name: &str) -> bool {
-        self.endpoints.contains_key(name)
-            && Arc::make_mut(&mut self.endpoints).remove(name).is_some()
+        self.endpoints.contains_key(name) && self.endpoints.remove(name).is_some()
     }
 
     /// Marks the snapshot as the next generation (done by [`crate::ConfigStore::publish`]).

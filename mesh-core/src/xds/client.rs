@@ -588,8 +588,9 @@ impl Task {
         // Correctness: the dump goes first, so whoever sees a new snapshot also sees the
         // statuses that came with it.
         if dump_changed || snapshot_changed {
+            let uri = self.uri().to_owned();
             self.store
-                .publish_dump(self.state.config_dump(self.uri(), self.last_error.clone()));
+                .publish_dump(self.state.config_dump(&uri, self.last_error.clone()));
         }
         if snapshot_changed {
             let now = tokio::time::Instant::now();
@@ -603,8 +604,9 @@ impl Task {
         tracing::warn!(server = %self.uri(), "{reason}");
         self.last_error = Some(reason);
         // Make sure the dump shows the error even if no resource changed.
+        let uri = self.uri().to_owned();
         self.store
-            .publish_dump(self.state.config_dump(self.uri(), self.last_error.clone()));
+            .publish_dump(self.state.config_dump(&uri, self.last_error.clone()));
     }
 
     async fn connect_and_serve(&mut self) -> StreamEnd {

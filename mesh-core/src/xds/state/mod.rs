@@ -11,7 +11,7 @@ use super::bootstrap::ProtocolMode;
 use super::translate::TranslateError;
 use super::ResourceType;
 use crate::config::{Cluster, EndpointAssignment, Listener, RouteConfig, Snapshot};
-use crate::store::{ConfigDump, Rejected, ResourceDump, ResourceStatus};
+use crate::store::{ConfigDump, DumpResources, Rejected, ResourceDump, ResourceStatus};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
@@ -100,6 +100,19 @@ impl Entry {
             answers_needed: 0,
         }
     }
+
+    /// The entry as the dump shows it.
+    fn dump(&self, resource_type: ResourceType, name: &str) -> ResourceDump {
+        ResourceDump {
+            resource_type,
+            name: name.to_owned(),
+            version: self.version.clone(),
+            status: self.status,
+            error: self.error.clone(),
+            updated: self.updated,
+            raw: self.raw.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -144,6 +157,10 @@ pub struct AdsState {
     snapshot: Snapshot,
     snapshot_dirty: bool,
     dump_dirty: bool,
+    /// The dump's entries as last built, and the names changed since (rebuilt from
+    /// their entries by [`Self::config_dump`]).
+    dumped: DumpResources,
+    dump_stale: BTreeSet<(ResourceType, String)>,
     /// What was last published: [`Self::snapshot`] with route updates held back.
     published: Snapshot,
     /// Route configurations held back (their previous version published), since when.
@@ -175,6 +192,8 @@ impl AdsState {
             snapshot: Snapshot::default(),
             snapshot_dirty: false,
             dump_dirty: false,
+            dumped: DumpResources::default(),
+            dump_stale: BTreeSet::new(),
             published: Snapshot::default(),
             holds: BTreeMap::new(),
             holds_expired: 0,
@@ -322,14 +341,15 @@ impl AdsState {
         if self.holds.values().any(|since| *since + ROUTE_HOLD <= now) {
             self.snapshot_dirty = true;
         }
-        for t in &mut self.types {
-            for e in t.entries.values_mut() {
+        for rt in ResourceType::ALL {
+            for (name, e) in self.types[rt.index()].entries.iter_mut() {
                 if e.deadline.is_some_and(|d| d <= now) {
                     e.deadline = None;
                     if e.resource.is_none() {
                         e.status = ResourceStatus::DoesNotExist;
                         e.updated = Some(SystemTime::now());
                         self.dump_dirty = true;
+                        self.dump_stale.insert((rt, name.clone()));
                     }
                 }
             }
@@ -351,7 +371,21 @@ impl AdsState {
     pub fn publish_view(&mut self, now: Instant) -> Snapshot {
         let mut out = self.snapshot.clone();
         let mut holds = BTreeMap::new();
-        for (name, rc) in self.snapshot.route_configs() {
+        // Only a route configuration that differs from the one published can be held back:
+        // one changed since (found without visiting what the two snapshots share), or one
+        // held now.
+        let candidates: BTreeSet<String> = self
+            .snapshot
+            .route_configs()
+            .changes_from(self.published.route_configs())
+            .filter(|(_, rc)| rc.is_some())
+            .map(|(name, _)| name.to_owned())
+            .chain(self.holds.keys().cloned())
+            .collect();
+        for name in &candidates {
+            let Some(rc) = self.snapshot.route_config(name) else {
+                continue;
+            };
             let Some(prev) = self.published.route_config(name).cloned() else {
                 continue;
             };
@@ -452,23 +486,22 @@ impl AdsState {
                 self.types[rt.index()]
                     .entries
                     .iter()
-                    .map(move |(name, e)| ResourceDump {
-                        resource_type: *rt,
-                        name: name.clone(),
-                        version: e.version.clone(),
-                        status: e.status,
-                        error: e.error.clone(),
-                        updated: e.updated,
-                        raw: e.raw.clone(),
-                    })
+                    .map(move |(name, e)| e.dump(*rt, name))
             })
             .collect()
     }
 
-    /// Builds a full [`ConfigDump`].
-    pub fn config_dump(&self, server: &str, last_error: Option<String>) -> ConfigDump {
+    /// Builds a full [`ConfigDump`]. The entries changed since the last one are rebuilt;
+    /// the rest are shared with it.
+    pub fn config_dump(&mut self, server: &str, last_error: Option<String>) -> ConfigDump {
+        for (rt, name) in std::mem::take(&mut self.dump_stale) {
+            match self.types[rt.index()].entries.get(&name) {
+                Some(e) => self.dumped.insert(e.dump(rt, &name)),
+                None => self.dumped.remove(rt, &name),
+            }
+        }
         ConfigDump {
-            resources: self.dump(),
+            resources: self.dumped.clone(),
             server: server.to_owned(),
             connected: self.connected,
             last_error,

@@ -250,6 +250,7 @@ impl AdsState {
         entry.deadline = None;
         entry.updated = Some(SystemTime::now());
         self.dump_dirty = true;
+        self.dump_stale.insert((rt, name.to_owned()));
         match result {
             Ok(resource) => {
                 entry.version = version.to_owned();
@@ -308,6 +309,7 @@ impl AdsState {
         entry.status = ResourceStatus::DoesNotExist;
         entry.updated = Some(SystemTime::now());
         self.dump_dirty = true;
+        self.dump_stale.insert((rt, name.to_owned()));
         if self.drop_from_snapshot(rt, name) {
             self.snapshot_dirty = true;
         }

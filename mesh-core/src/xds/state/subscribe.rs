@@ -80,14 +80,17 @@ impl AdsState {
                 keep
             });
             for name in want {
-                t.entries
-                    .entry(name.clone())
-                    .or_insert_with(Entry::requested);
+                if let std::collections::btree_map::Entry::Vacant(v) = t.entries.entry(name.clone())
+                {
+                    v.insert(Entry::requested());
+                    self.dump_stale.insert((rt, name.clone()));
+                }
             }
             if !removed.is_empty() {
                 dropped = true;
                 self.dump_dirty = true;
                 for name in &removed {
+                    self.dump_stale.insert((rt, name.clone()));
                     if self.drop_from_snapshot(rt, name) {
                         self.snapshot_dirty = true;
                     }

@@ -942,3 +942,124 @@ fn ignore_resource_deletion_keeps_what_is_held() {
         Some(ResourceStatus::Acked)
     );
 }
+
+/// The dump the client publishes is kept entry by entry; after every kind of change it says
+/// what a dump rebuilt from all entries says, and an unchanged entry is shared, not copied.
+#[test]
+fn the_dump_is_kept_entry_by_entry() {
+    fn same(ads: &mut AdsState, at: &str) -> ConfigDump {
+        let dump = ads.config_dump("s", None);
+        let kept: Vec<ResourceDump> = dump.resources.iter().cloned().collect();
+        assert_eq!(kept, ads.dump(), "after {at}");
+        dump
+    }
+    let now = Instant::now();
+    let mut ads = AdsState::new(ProtocolMode::Delta, node());
+    let _ = ads.watch_listener("svc", now);
+    let _ = ads.on_connected(now);
+    same(&mut ads, "connect");
+    let steps: Vec<(&str, DeltaDiscoveryResponse)> = vec![
+        (
+            "listener",
+            delta(
+                ResourceType::Listener,
+                "d1",
+                vec![("svc", "l1", listener("svc", "rc"))],
+                &[],
+            ),
+        ),
+        (
+            "routes",
+            delta(
+                ResourceType::RouteConfiguration,
+                "d2",
+                vec![("rc", "r1", routes("rc", &[("v1", 1), ("v2", 1)]))],
+                &[],
+            ),
+        ),
+        (
+            "clusters",
+            delta(
+                ResourceType::Cluster,
+                "d3",
+                vec![("v1", "c1", cluster("v1")), ("v2", "c1", cluster("v2"))],
+                &[],
+            ),
+        ),
+        (
+            "endpoints",
+            delta(
+                ResourceType::ClusterLoadAssignment,
+                "d4",
+                vec![
+                    ("v1-eds", "e1", endpoints("v1-eds", &[1])),
+                    ("v2-eds", "e1", endpoints("v2-eds", &[2])),
+                ],
+                &[],
+            ),
+        ),
+        (
+            "a NACK",
+            delta(
+                ResourceType::RouteConfiguration,
+                "d5",
+                vec![("rc", "r2", routes("rc", &[("v1", 0), ("v2", 0)]))],
+                &[],
+            ),
+        ),
+        (
+            "a shrink",
+            delta(
+                ResourceType::RouteConfiguration,
+                "d6",
+                vec![("rc", "r3", routes("rc", &[("v1", 1)]))],
+                &[],
+            ),
+        ),
+        (
+            "a removal",
+            delta(
+                ResourceType::ClusterLoadAssignment,
+                "d7",
+                vec![],
+                &["v1-eds"],
+            ),
+        ),
+    ];
+    for (at, resp) in steps {
+        let _ = ads.on_delta_response(resp, now);
+        same(&mut ads, at);
+    }
+    // One endpoints update: the listener's entry is the one published before, not a copy.
+    let before = same(&mut ads, "before an update");
+    let _ = ads.on_delta_response(
+        delta(
+            ResourceType::ClusterLoadAssignment,
+            "d8",
+            vec![("v1-eds", "e2", endpoints("v1-eds", &[3]))],
+            &[],
+        ),
+        now,
+    );
+    let after = same(&mut ads, "an update");
+    let l = |d: &ConfigDump| d.get(ResourceType::Listener, "svc").map(|r| r as *const _);
+    assert_eq!(l(&before), l(&after), "an unchanged entry is shared");
+    assert_eq!(
+        after
+            .get(ResourceType::ClusterLoadAssignment, "v1-eds")
+            .map(|r| r.version.as_str()),
+        Some("e2")
+    );
+    // A timer: a listener that never comes is DOES_NOT_EXIST in the kept dump too.
+    let _ = ads.watch_listener("never", now);
+    same(&mut ads, "a new watch");
+    let _ = ads.poll_timers(now + Duration::from_secs(60));
+    let dump = same(&mut ads, "the does-not-exist timer");
+    assert_eq!(
+        dump.get(ResourceType::Listener, "never").map(|r| r.status),
+        Some(ResourceStatus::DoesNotExist)
+    );
+    let _ = ads.unwatch_listener("svc", now);
+    let _ = ads.unwatch_listener("never", now);
+    assert!(same(&mut ads, "unwatching everything").resources.is_empty());
+}
