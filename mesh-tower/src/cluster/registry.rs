@@ -4,7 +4,7 @@ use arc_swap::ArcSwap;
 use mesh_core::config::{Cluster, Discovery, Snapshot};
 use mesh_core::identity::IdentityStore;
 use mesh_core::ConfigStore;
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::PoisonError;
 use std::sync::{Arc, Mutex};
@@ -15,17 +15,78 @@ use super::ClusterRuntime;
 /// Every cluster's runtime, following the config store.
 #[derive(Debug)]
 pub struct ClusterRegistry {
-    pub(super) clusters: ArcSwap<HashMap<String, Arc<ClusterRuntime>>>,
+    /// A persistent map: publishing a change of one cluster copies O(log n) of it.
+    pub(super) clusters: ArcSwap<imbl::HashMap<String, Arc<ClusterRuntime>>>,
     pub(super) store: ConfigStore,
     pub(super) identity: Option<IdentityStore>,
     pub(super) metrics: Option<crate::metrics::Metrics>,
-    /// Serializes writers (the sync task and on-demand creation).
-    pub(super) write: Mutex<()>,
+    /// Serializes writers (the sync task and on-demand creation), and holds what they
+    /// applied last.
+    pub(super) write: Mutex<Synced>,
     /// The snapshot generation last applied.
     pub(super) generation: AtomicU64,
     /// Clusters the configuration dropped lately, with when: a request routed by the
     /// snapshot before (its route still names them) is still served (break after make).
     pub(super) retired: Mutex<HashMap<String, (Arc<ClusterRuntime>, tokio::time::Instant)>>,
+}
+
+/// What the registry applied last: the snapshot, and which clusters use each EDS name.
+#[derive(Debug, Default)]
+pub(super) struct Synced {
+    snapshot: Option<Snapshot>,
+    by_eds: HashMap<String, BTreeSet<String>>,
+}
+
+impl Synced {
+    /// The clusters `snapshot` may have changed since the one applied last: those whose
+    /// config or EDS assignment is not the same `Arc` (found without visiting what the two
+    /// snapshots share), or, the first time, all of them.
+    fn changed(
+        &self,
+        snapshot: &Snapshot,
+        current: &imbl::HashMap<String, Arc<ClusterRuntime>>,
+    ) -> BTreeSet<String> {
+        let Some(prev) = &self.snapshot else {
+            return snapshot
+                .clusters()
+                .keys()
+                .chain(current.keys())
+                .cloned()
+                .collect();
+        };
+        let mut names: BTreeSet<String> = snapshot
+            .clusters()
+            .changes_from(prev.clusters())
+            .map(|(n, _)| n.to_owned())
+            .collect();
+        for (eds, _) in snapshot
+            .endpoint_assignments()
+            .changes_from(prev.endpoint_assignments())
+        {
+            names.extend(self.by_eds.get(eds).into_iter().flatten().cloned());
+        }
+        names
+    }
+
+    /// Records which EDS name `cluster` uses now (`None`: it is gone).
+    fn index(&mut self, name: &str, old: Option<&Cluster>, new: Option<&Cluster>) {
+        let eds = |c: Option<&Cluster>| c.and_then(|c| c.eds_service_name().map(str::to_owned));
+        let (old, new) = (eds(old), eds(new));
+        if old == new {
+            return;
+        }
+        if let Some(o) = old {
+            if let Some(set) = self.by_eds.get_mut(&o) {
+                set.remove(name);
+                if set.is_empty() {
+                    self.by_eds.remove(&o);
+                }
+            }
+        }
+        if let Some(n) = new {
+            self.by_eds.entry(n).or_default().insert(name.to_owned());
+        }
+    }
 }
 
 /// How long a dropped cluster still serves requests routed to it before it was dropped.
@@ -59,11 +120,11 @@ impl ClusterRegistry {
         metrics: Option<crate::metrics::Metrics>,
     ) -> Arc<Self> {
         let registry = Arc::new(Self {
-            clusters: ArcSwap::from_pointee(HashMap::new()),
+            clusters: ArcSwap::from_pointee(imbl::HashMap::new()),
             store: store.clone(),
             identity,
             metrics,
-            write: Mutex::new(()),
+            write: Mutex::new(Synced::default()),
             generation: AtomicU64::new(0),
             retired: Mutex::new(HashMap::new()),
         });
@@ -161,63 +222,85 @@ impl ClusterRegistry {
         })
     }
 
-    /// Applies `snapshot`: creates, updates and drops cluster runtimes.
+    /// Applies `snapshot`: creates, updates and drops cluster runtimes. Only the clusters
+    /// whose config or assignment changed since the last snapshot applied are visited, so an
+    /// update of one cluster costs the same among ten clusters as among ten thousand.
     pub fn sync(&self, snapshot: &Snapshot) {
-        let _w = self.write.lock().expect("registry write lock");
+        let mut w = self.write.lock().unwrap_or_else(PoisonError::into_inner);
         if snapshot.generation() != 0
             && snapshot.generation() <= self.generation.load(Ordering::Acquire)
         {
             return;
         }
         let current = self.clusters.load_full();
-        let mut next = HashMap::with_capacity(snapshot.clusters().len());
-        for (name, cluster) in snapshot.clusters() {
-            let runtime = match current.get(name) {
-                // A change of protocol or TLS settings needs a new pool; everything else updates
-                // in place.
-                Some(rt) if rt.protocol == cluster.protocol && rt.tls == cluster.tls => rt.clone(),
-                _ => Arc::new(ClusterRuntime::new(
-                    cluster.clone(),
-                    self.identity.as_ref(),
-                    self.metrics.clone(),
-                )),
-            };
-            runtime.follow_dns(cluster);
-            let cla = match &cluster.discovery {
-                Discovery::Dns(_) => runtime.resolved.load_full(),
-                _ => snapshot.endpoints_for_cluster(name),
-            };
-            {
-                // `applied` is written here (under `write`) and by a DNS cluster's resolving
-                // task, each under the `applied` lock, whole values at a time: a poisoned lock
-                // still holds a consistent value.
-                let mut applied = runtime
-                    .applied
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let same = applied.as_ref().is_some_and(|(c, a)| {
-                    Arc::ptr_eq(c, cluster)
-                        && a.as_ref().map(Arc::as_ptr) == cla.as_ref().map(Arc::as_ptr)
-                });
-                if !same {
-                    runtime.update(cluster.clone(), cla.as_deref());
-                    *applied = Some((cluster.clone(), cla));
+        let mut next = (*current).clone();
+        let mut dropped = Vec::new();
+        for name in w.changed(snapshot, &current) {
+            let old = w.snapshot.as_ref().and_then(|p| p.cluster(&name).cloned());
+            let Some(cluster) = snapshot.cluster(&name) else {
+                w.index(&name, old.as_deref(), None);
+                if let Some(rt) = next.remove(&name) {
+                    dropped.push((name, rt));
                 }
-            }
-            next.insert(name.clone(), runtime);
+                continue;
+            };
+            w.index(&name, old.as_deref(), Some(cluster));
+            let runtime = self.apply(snapshot, current.get(&name), cluster);
+            next.insert(name, runtime);
         }
         {
             let now = tokio::time::Instant::now();
             let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
             retired.retain(|n, (_, at)| !next.contains_key(n) && at.elapsed() < RETIRED_GRACE);
-            for (name, rt) in current.iter() {
-                if !next.contains_key(name) {
-                    retired.insert(name.clone(), (rt.clone(), now));
-                }
+            for (name, rt) in dropped {
+                retired.insert(name, (rt, now));
             }
         }
         self.clusters.store(Arc::new(next));
+        w.snapshot = Some(snapshot.clone());
         self.generation
             .store(snapshot.generation(), Ordering::Release);
+    }
+
+    /// The runtime of `cluster` in `snapshot`: the one it has (updated in place) or, for a
+    /// new cluster or a change of protocol or TLS settings, a new one.
+    fn apply(
+        &self,
+        snapshot: &Snapshot,
+        current: Option<&Arc<ClusterRuntime>>,
+        cluster: &Arc<Cluster>,
+    ) -> Arc<ClusterRuntime> {
+        let name = cluster.name.as_str();
+        let runtime = match current {
+            // A change of protocol or TLS settings needs a new pool; everything else updates
+            // in place.
+            Some(rt) if rt.protocol == cluster.protocol && rt.tls == cluster.tls => rt.clone(),
+            _ => Arc::new(ClusterRuntime::new(
+                cluster.clone(),
+                self.identity.as_ref(),
+                self.metrics.clone(),
+            )),
+        };
+        runtime.follow_dns(cluster);
+        let cla = match &cluster.discovery {
+            Discovery::Dns(_) => runtime.resolved.load_full(),
+            _ => snapshot.endpoints_for_cluster(name),
+        };
+        // `applied` is written here (under `write`) and by a DNS cluster's resolving task,
+        // each under the `applied` lock, whole values at a time: a poisoned lock still holds
+        // a consistent value.
+        let mut applied = runtime
+            .applied
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let same = applied.as_ref().is_some_and(|(c, a)| {
+            Arc::ptr_eq(c, cluster) && a.as_ref().map(Arc::as_ptr) == cla.as_ref().map(Arc::as_ptr)
+        });
+        if !same {
+            runtime.update(cluster.clone(), cla.as_deref());
+            *applied = Some((cluster.clone(), cla));
+        }
+        drop(applied);
+        runtime
     }
 }

@@ -291,3 +291,87 @@ async fn slow_start_ramps_a_new_endpoint_up_over_its_window() {
         );
     }
 }
+
+fn eds_cluster(name: &str, eds: &str) -> Cluster {
+    let mut c = cluster(&[], None).cluster("c").unwrap().as_ref().clone();
+    c.name = name.into();
+    c.discovery = Discovery::Eds {
+        service_name: eds.into(),
+    };
+    c
+}
+
+fn assignment(eds: &str, ports: &[u16]) -> EndpointAssignment {
+    let mut cla = match &cluster(ports, None).cluster("c").unwrap().discovery {
+        Discovery::Static(cla) => cla.as_ref().clone(),
+        _ => unreachable!(),
+    };
+    cla.cluster_name = eds.into();
+    cla
+}
+
+fn ports(registry: &ClusterRegistry, name: &str) -> Vec<u16> {
+    let c = registry.get(name).unwrap();
+    c.endpoints().iter().map(|e| e.address.port()).collect()
+}
+
+/// The registry visits only what changed between two snapshots: an EDS update reaches the
+/// clusters that use that assignment (and only those are touched), a cluster that moves to
+/// another EDS name follows the new one, and a removed cluster retires.
+#[tokio::test(start_paused = true)]
+async fn the_registry_applies_what_changed() {
+    let store = ConfigStore::new();
+    let mut snap = Snapshot::default();
+    for i in 0..50 {
+        snap.set_cluster(Arc::new(eds_cluster(&format!("c{i}"), &format!("e{i}"))));
+        snap.set_endpoints(Arc::new(assignment(&format!("e{i}"), &[i])));
+    }
+    // Two clusters share one assignment.
+    snap.set_cluster(Arc::new(eds_cluster("twin", "e7")));
+    store.publish(snap.clone());
+    let registry = ClusterRegistry::new(store.clone());
+    assert_eq!(ports(&registry, "c7"), [7]);
+    assert_eq!(ports(&registry, "twin"), [7]);
+    let untouched = registry.get("c3").unwrap().endpoints();
+
+    snap.set_endpoints(Arc::new(assignment("e7", &[70, 71])));
+    store.publish(snap.clone());
+    assert_eq!(ports(&registry, "c7"), [70, 71]);
+    assert_eq!(
+        ports(&registry, "twin"),
+        [70, 71],
+        "both users of e7 follow it"
+    );
+    assert!(
+        Arc::ptr_eq(&untouched, &registry.get("c3").unwrap().endpoints()),
+        "a cluster whose config and assignment did not change is not rebuilt"
+    );
+
+    // `twin` moves to e9; an update of e7 no longer reaches it, one of e9 does.
+    snap.set_cluster(Arc::new(eds_cluster("twin", "e9")));
+    store.publish(snap.clone());
+    assert_eq!(ports(&registry, "twin"), [9]);
+    snap.set_endpoints(Arc::new(assignment("e7", &[72])));
+    snap.set_endpoints(Arc::new(assignment("e9", &[90])));
+    store.publish(snap.clone());
+    assert_eq!(ports(&registry, "c7"), [72]);
+    assert_eq!(ports(&registry, "twin"), [90]);
+    assert_eq!(ports(&registry, "c9"), [90]);
+
+    // An assignment that goes away leaves its clusters with no endpoints; one that comes
+    // back is applied.
+    assert!(snap.remove_endpoints("e9"));
+    store.publish(snap.clone());
+    assert!(ports(&registry, "twin").is_empty());
+    snap.set_endpoints(Arc::new(assignment("e9", &[91])));
+    store.publish(snap.clone());
+    assert_eq!(ports(&registry, "twin"), [91]);
+
+    // A removed cluster retires: gone for new routing, still there for a request routed
+    // before; the others stay.
+    assert!(snap.remove_cluster("c5"));
+    store.publish(snap.clone());
+    assert!(registry.get("c5").is_none());
+    assert!(registry.get_routed("c5").is_some());
+    assert_eq!(ports(&registry, "c6"), [6]);
+}
