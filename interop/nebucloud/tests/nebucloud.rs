@@ -49,14 +49,16 @@ fn load(case: &str) -> Vec<envoy_types::pb::google::protobuf::Any> {
 
 fn name_of(any: &envoy_types::pb::google::protobuf::Any) -> String {
     let snap = file::snapshot_from_resources(std::slice::from_ref(any)).unwrap();
-    snap.listeners()
+    let name = snap
+        .listeners()
         .keys()
         .chain(snap.route_configs().keys())
         .chain(snap.clusters().keys())
         .chain(snap.endpoint_assignments().keys())
         .next()
         .unwrap()
-        .clone()
+        .clone();
+    name
 }
 
 /// A fixture resource in nebucloud's resource trait (its own `AnyResource` is not exported).
