@@ -92,11 +92,53 @@ impl Versioned {
 /// for it, so that routes pointing at it are replaced before it goes (break after make).
 pub const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The names each recent change of a type touched (changed, added or removed), so a
+/// stream brought up to date at one version finds what it lacks by reading the changes
+/// since, not by comparing every resource of the type.
+#[derive(Debug, Default)]
+pub(crate) struct ChangeLog {
+    /// (the type's version after the change, the names it touched), oldest first.
+    entries: std::collections::VecDeque<(u64, Vec<String>)>,
+    /// Changes at or before this version are no longer listed.
+    floor: u64,
+}
+
+/// How many changes of a type the log keeps: a stream further behind compares everything.
+const CHANGES_KEPT: usize = 256;
+
+impl ChangeLog {
+    fn record(&mut self, version: u64, names: Vec<String>) {
+        if self.entries.len() == CHANGES_KEPT {
+            if let Some((v, _)) = self.entries.pop_front() {
+                self.floor = v;
+            }
+        }
+        self.entries.push_back((version, names));
+    }
+
+    /// The names touched after version `since`, or `None` when the log does not reach back
+    /// that far (or `since` is not a version of this cache).
+    pub(crate) fn since(&self, since: &str) -> Option<impl Iterator<Item = &str> + '_> {
+        let since: u64 = since.parse().ok()?;
+        if since < self.floor {
+            return None;
+        }
+        let start = self.entries.partition_point(|(v, _)| *v <= since);
+        Some(
+            self.entries
+                .range(start..)
+                .flat_map(|(_, names)| names.iter().map(String::as_str)),
+        )
+    }
+}
+
 #[derive(Debug, Default)]
 pub(crate) struct CacheState {
     counter: u64,
     /// type_url -> (version of the type's last change, resources by name)
     pub(crate) types: HashMap<String, (String, BTreeMap<String, Versioned>)>,
+    /// type_url -> the names its recent changes touched.
+    pub(crate) changes: HashMap<String, ChangeLog>,
     /// Clusters and endpoint assignments removed by the last changes, still served until
     /// their deadline: type_url -> name -> (resource, until).
     pub(crate) retired: HashMap<String, BTreeMap<String, (Versioned, tokio::time::Instant)>>,
@@ -218,8 +260,12 @@ impl ResourceCache {
                 }
             }
             let (type_version, old) = state.types.entry(type_url.clone()).or_default();
-            let mut type_changed =
-                old.len() != new.len() || old.keys().any(|k| !new.contains_key(k));
+            // Every name the change touches: removed, added or changed.
+            let mut touched: Vec<String> = old
+                .keys()
+                .filter(|k| !new.contains_key(*k))
+                .cloned()
+                .collect();
             let mut merged = BTreeMap::new();
             for (name, any) in new {
                 let view = views.get(&(type_url.clone(), name.clone())).cloned();
@@ -228,7 +274,7 @@ impl ResourceCache {
                         merged.insert(name, v.clone());
                     }
                     _ => {
-                        type_changed = true;
+                        touched.push(name.clone());
                         merged.insert(
                             name,
                             Versioned {
@@ -240,10 +286,16 @@ impl ResourceCache {
                     }
                 }
             }
-            if type_changed {
+            if !touched.is_empty() {
                 *type_version = version.clone();
                 *old = merged;
                 changed = true;
+                let counter = state.counter;
+                state
+                    .changes
+                    .entry(type_url)
+                    .or_default()
+                    .record(counter, touched);
             }
         }
         drop(state);
@@ -272,14 +324,21 @@ impl ResourceCache {
             return true;
         }
         *type_version = version.clone();
+        let type_url = resource.type_url.clone();
         map.insert(
-            name,
+            name.clone(),
             Versioned {
                 version,
                 resource,
                 view: None,
             },
         );
+        let counter = state.counter;
+        state
+            .changes
+            .entry(type_url)
+            .or_default()
+            .record(counter, vec![name]);
         drop(state);
         self.inner.changed.send_modify(|v| *v = v.wrapping_add(1));
         true
@@ -297,6 +356,12 @@ impl ResourceCache {
             return false;
         }
         *type_version = version;
+        let counter = state.counter;
+        state
+            .changes
+            .entry(type_url.to_owned())
+            .or_default()
+            .record(counter, vec![name.to_owned()]);
         drop(state);
         self.inner.changed.send_modify(|v| *v = v.wrapping_add(1));
         true

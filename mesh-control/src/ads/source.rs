@@ -2,7 +2,7 @@
 //! event log of ACKs and NACKs, the push order and the shutdown signal.
 
 pub(super) use super::cache::ResourceCache;
-use super::cache::Versioned;
+use super::cache::{ChangeLog, Versioned};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::Any;
 use futures::Stream;
@@ -143,9 +143,17 @@ pub(crate) struct Held<'a> {
     lingering: BTreeMap<&'a str, &'a Versioned>,
     names: Option<&'a BTreeSet<String>>,
     node: Option<&'a Node>,
+    /// The names the type's recent changes touched.
+    log: Option<&'a ChangeLog>,
 }
 
 impl<'a> Held<'a> {
+    /// The names touched by the changes after `version` (subscribed or not), or `None` when
+    /// they are not known: then every resource must be compared.
+    pub(crate) fn touched_since(&self, version: &str) -> Option<impl Iterator<Item = &'a str>> {
+        self.log?.since(version)
+    }
+
     fn wanted(&self, name: &str) -> bool {
         self.names.is_none_or(|n| n.contains(name))
     }
@@ -249,6 +257,7 @@ impl Source {
                 lingering: BTreeMap::new(),
                 names,
                 node,
+                log: None,
             };
             return (f(&version, &held), renew);
         }
@@ -283,6 +292,7 @@ impl Source {
                 lingering,
                 names,
                 node,
+                log: s.changes.get(type_url),
             };
             (f(&version, &held), renew)
         })
