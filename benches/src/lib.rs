@@ -14,6 +14,21 @@ use envoy_types::pb::envoy::config::core::v3 as core_pb;
 use envoy_types::pb::envoy::config::endpoint::v3 as eds;
 use mesh_core::config::Snapshot;
 
+/// Resident set size of process `pid` in KiB (0 if it cannot be read).
+pub fn rss_kib(pid: impl std::fmt::Display) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
 /// The body of every bench request and response: empty, allocation-free to build and drop.
 pub type Body = http_body_util::Empty<Bytes>;
 

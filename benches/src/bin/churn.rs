@@ -21,6 +21,7 @@
 //! cargo run -p mesh-benches --bin churn -- --smoke               # the short form CI runs
 //! ```
 
+use mesh_benches::rss_kib;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::io::Write;
@@ -290,20 +291,6 @@ fn follow(xds: &XdsClient, arrivals: Arc<Mutex<Vec<(u32, u128)>>>) {
             }
         }
     });
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 /// CPU time (user + system) of a process, in seconds.

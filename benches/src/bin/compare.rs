@@ -22,6 +22,7 @@
 //! `/proc/<pid>/task/*/schedstat` (nanoseconds) at the start and end of the measuring window of
 //! every process in the path; RSS from `/proc/<pid>/status`.
 
+use mesh_benches::rss_kib;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -83,21 +84,6 @@ fn cpu_ns(pid: &str) -> u64 {
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
         .sum()
-}
-
-/// Resident set size of `pid` in KiB.
-fn rss_kib(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
 }
 
 /// A gRPC message frame (uncompressed) around `payload`.
