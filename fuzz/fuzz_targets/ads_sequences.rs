@@ -456,12 +456,20 @@ impl Harness {
                     anys.push(a);
                 }
                 let held_before: BTreeSet<String> = match kind {
-                    ResourceType::Listener => {
-                        self.ads.snapshot().listeners().keys().cloned().collect()
-                    }
-                    ResourceType::Cluster => {
-                        self.ads.snapshot().clusters().keys().cloned().collect()
-                    }
+                    ResourceType::Listener => self
+                        .ads
+                        .snapshot()
+                        .listeners()
+                        .keys()
+                        .map(str::to_owned)
+                        .collect(),
+                    ResourceType::Cluster => self
+                        .ads
+                        .snapshot()
+                        .clusters()
+                        .keys()
+                        .map(str::to_owned)
+                        .collect(),
                     _ => BTreeSet::new(),
                 };
                 let before: BTreeMap<String, Option<String>> = names
@@ -505,12 +513,20 @@ impl Harness {
                 self.check_nacked(kind, &names, &before);
                 if unnamed {
                     let held_after: BTreeSet<String> = match kind {
-                        ResourceType::Listener => {
-                            self.ads.snapshot().listeners().keys().cloned().collect()
-                        }
-                        ResourceType::Cluster => {
-                            self.ads.snapshot().clusters().keys().cloned().collect()
-                        }
+                        ResourceType::Listener => self
+                            .ads
+                            .snapshot()
+                            .listeners()
+                            .keys()
+                            .map(str::to_owned)
+                            .collect(),
+                        ResourceType::Cluster => self
+                            .ads
+                            .snapshot()
+                            .clusters()
+                            .keys()
+                            .map(str::to_owned)
+                            .collect(),
                         _ => BTreeSet::new(),
                     };
                     for n in held_before.difference(&held_after) {
@@ -589,8 +605,18 @@ impl Harness {
 
     /// Invariant 5: the incremental dump equals one rebuilt from every entry.
     fn check_dump(&mut self) {
-        let kept: Vec<_> = self.ads.config_dump("s", None).resources.iter().cloned().collect();
-        assert_eq!(kept, self.ads.dump(), "the incremental dump differs from a full one");
+        let kept: Vec<_> = self
+            .ads
+            .config_dump("s", None)
+            .resources
+            .iter()
+            .cloned()
+            .collect();
+        assert_eq!(
+            kept,
+            self.ads.dump(),
+            "the incremental dump differs from a full one"
+        );
     }
 }
 

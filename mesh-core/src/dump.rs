@@ -112,7 +112,7 @@ impl ConfigDump {
 /// ```
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct DumpResources {
-    by_type: [imbl::OrdMap<String, Arc<ResourceDump>>; 4],
+    by_type: [imbl::OrdMap<Arc<str>, Arc<ResourceDump>>; 4],
 }
 
 impl DumpResources {
@@ -143,7 +143,7 @@ impl DumpResources {
 
     /// Adds or replaces an entry.
     pub fn insert(&mut self, r: ResourceDump) {
-        self.by_type[r.resource_type.index()].insert(r.name.clone(), Arc::new(r));
+        self.by_type[r.resource_type.index()].insert(Arc::from(r.name.as_str()), Arc::new(r));
     }
 
     /// Removes an entry.

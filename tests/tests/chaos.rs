@@ -147,7 +147,7 @@ fn resource_names(s: &Snapshot) -> Vec<String> {
         .chain(s.route_configs().keys())
         .chain(s.clusters().keys())
         .chain(s.endpoint_assignments().keys())
-        .cloned()
+        .map(str::to_owned)
         .collect();
     v.sort();
     v

@@ -57,7 +57,7 @@ fn name_of(any: &envoy_types::pb::google::protobuf::Any) -> String {
         .chain(snap.endpoint_assignments().keys())
         .next()
         .unwrap()
-        .clone();
+        .to_owned();
     name
 }
 

@@ -23,7 +23,8 @@ impl<T> PartialEq for Shared<T> {
 
 /// The resources of one kind, by name, in name order.
 ///
-/// A persistent map: cloning it is O(1), and a clone shares its structure with the original,
+/// A persistent map keyed by shared names (`Arc<str>`, so copying a node on a change copies
+/// no string): cloning it is O(1), and a clone shares its structure with the original,
 /// so a snapshot that changes one cluster among thousands copies O(log n) of the map, not
 /// all of it, and [`changes_from`](Self::changes_from) finds what changed between two
 /// snapshots without visiting what they share.
@@ -44,7 +45,7 @@ impl<T> PartialEq for Shared<T> {
 /// assert_eq!(b.route_configs().len(), 2);
 /// assert!(a.route_configs().get("b").is_none(), "a is unchanged");
 /// ```
-pub struct ResourceMap<T>(imbl::OrdMap<String, Shared<T>>);
+pub struct ResourceMap<T>(imbl::OrdMap<Arc<str>, Shared<T>>);
 
 impl<T> Clone for ResourceMap<T> {
     fn clone(&self) -> Self {
@@ -102,8 +103,8 @@ impl<T> ResourceMap<T> {
     }
 
     /// Every name, in order.
-    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &String> + '_ {
-        self.0.keys()
+    pub fn keys(&self) -> impl DoubleEndedIterator<Item = &str> + '_ {
+        self.0.keys().map(|k| &**k)
     }
 
     /// Every resource, in name order.
@@ -120,15 +121,15 @@ impl<T> ResourceMap<T> {
         older: &'a ResourceMap<T>,
     ) -> impl Iterator<Item = (&'a str, Option<&'a Arc<T>>)> + 'a {
         older.0.diff(&self.0).map(|d| match d {
-            imbl::ordmap::DiffItem::Add(k, v) => (k.as_str(), Some(&v.0)),
-            imbl::ordmap::DiffItem::Update { new: (k, v), .. } => (k.as_str(), Some(&v.0)),
-            imbl::ordmap::DiffItem::Remove(k, _) => (k.as_str(), None),
+            imbl::ordmap::DiffItem::Add(k, v) => (&**k, Some(&v.0)),
+            imbl::ordmap::DiffItem::Update { new: (k, v), .. } => (&**k, Some(&v.0)),
+            imbl::ordmap::DiffItem::Remove(k, _) => (&**k, None),
         })
     }
 
     /// Adds or replaces `value` under `name`; returns the one it replaced.
-    pub fn insert(&mut self, name: String, value: Arc<T>) -> Option<Arc<T>> {
-        self.0.insert(name, Shared(value)).map(|s| s.0)
+    pub fn insert(&mut self, name: impl Into<Arc<str>>, value: Arc<T>) -> Option<Arc<T>> {
+        self.0.insert(name.into(), Shared(value)).map(|s| s.0)
     }
 
     /// Removes a resource; returns it.
@@ -139,7 +140,7 @@ impl<T> ResourceMap<T> {
 
 /// An iterator over a [`ResourceMap`]'s resources with their names, in name order.
 pub struct Iter<'a, T>(
-    imbl::ordmap::Iter<'a, String, Shared<T>, imbl::shared_ptr::DefaultSharedPtr>,
+    imbl::ordmap::Iter<'a, Arc<str>, Shared<T>, imbl::shared_ptr::DefaultSharedPtr>,
 );
 
 impl<T> fmt::Debug for Iter<'_, T> {
@@ -149,10 +150,10 @@ impl<T> fmt::Debug for Iter<'_, T> {
 }
 
 impl<'a, T> Iterator for Iter<'a, T> {
-    type Item = (&'a String, &'a Arc<T>);
+    type Item = (&'a str, &'a Arc<T>);
 
     fn next(&mut self) -> Option<Self::Item> {
-        self.0.next().map(|(k, v)| (k, &v.0))
+        self.0.next().map(|(k, v)| (&**k, &v.0))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -162,12 +163,12 @@ impl<'a, T> Iterator for Iter<'a, T> {
 
 impl<T> DoubleEndedIterator for Iter<'_, T> {
     fn next_back(&mut self) -> Option<Self::Item> {
-        self.0.next_back().map(|(k, v)| (k, &v.0))
+        self.0.next_back().map(|(k, v)| (&**k, &v.0))
     }
 }
 
 impl<'a, T> IntoIterator for &'a ResourceMap<T> {
-    type Item = (&'a String, &'a Arc<T>);
+    type Item = (&'a str, &'a Arc<T>);
     type IntoIter = Iter<'a, T>;
 
     fn into_iter(self) -> Self::IntoIter {
@@ -177,7 +178,11 @@ impl<'a, T> IntoIterator for &'a ResourceMap<T> {
 
 impl<T> FromIterator<(String, Arc<T>)> for ResourceMap<T> {
     fn from_iter<I: IntoIterator<Item = (String, Arc<T>)>>(iter: I) -> Self {
-        ResourceMap(iter.into_iter().map(|(k, v)| (k, Shared(v))).collect())
+        ResourceMap(
+            iter.into_iter()
+                .map(|(k, v)| (Arc::from(k), Shared(v)))
+                .collect(),
+        )
     }
 }
 

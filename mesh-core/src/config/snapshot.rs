@@ -130,22 +130,26 @@ impl Snapshot {
 
     /// Adds or replaces a listener in place.
     pub fn set_listener(&mut self, v: Arc<Listener>) {
-        self.listeners.insert(v.name.clone(), v);
+        let name: Arc<str> = v.name.as_str().into();
+        self.listeners.insert(name, v);
     }
 
     /// Adds or replaces a route configuration in place.
     pub fn set_route_config(&mut self, v: Arc<RouteConfig>) {
-        self.route_configs.insert(v.name.clone(), v);
+        let name: Arc<str> = v.name.as_str().into();
+        self.route_configs.insert(name, v);
     }
 
     /// Adds or replaces a cluster in place.
     pub fn set_cluster(&mut self, v: Arc<Cluster>) {
-        self.clusters.insert(v.name.clone(), v);
+        let name: Arc<str> = v.name.as_str().into();
+        self.clusters.insert(name, v);
     }
 
     /// Adds or replaces an endpoint assignment in place.
     pub fn set_endpoints(&mut self, v: Arc<EndpointAssignment>) {
-        self.endpoints.insert(v.cluster_name.clone(), v);
+        let name: Arc<str> = v.cluster_name.as_str().into();
+        self.endpoints.insert(name, v);
     }
 
     /// Removes a listener.

@@ -16,7 +16,7 @@ use super::ClusterRuntime;
 #[derive(Debug)]
 pub struct ClusterRegistry {
     /// A persistent map: publishing a change of one cluster copies O(log n) of it.
-    pub(super) clusters: ArcSwap<imbl::HashMap<String, Arc<ClusterRuntime>>>,
+    pub(super) clusters: ArcSwap<imbl::HashMap<Arc<str>, Arc<ClusterRuntime>>>,
     pub(super) store: ConfigStore,
     pub(super) identity: Option<IdentityStore>,
     pub(super) metrics: Option<crate::metrics::Metrics>,
@@ -44,14 +44,14 @@ impl Synced {
     fn changed(
         &self,
         snapshot: &Snapshot,
-        current: &imbl::HashMap<String, Arc<ClusterRuntime>>,
+        current: &imbl::HashMap<Arc<str>, Arc<ClusterRuntime>>,
     ) -> BTreeSet<String> {
         let Some(prev) = &self.snapshot else {
             return snapshot
                 .clusters()
                 .keys()
-                .chain(current.keys())
-                .cloned()
+                .chain(current.keys().map(|k| &**k))
+                .map(str::to_owned)
                 .collect();
         };
         let mut names: BTreeSet<String> = snapshot
@@ -239,19 +239,21 @@ impl ClusterRegistry {
             let old = w.snapshot.as_ref().and_then(|p| p.cluster(&name).cloned());
             let Some(cluster) = snapshot.cluster(&name) else {
                 w.index(&name, old.as_deref(), None);
-                if let Some(rt) = next.remove(&name) {
+                if let Some(rt) = next.remove(name.as_str()) {
                     dropped.push((name, rt));
                 }
                 continue;
             };
             w.index(&name, old.as_deref(), Some(cluster));
-            let runtime = self.apply(snapshot, current.get(&name), cluster);
-            next.insert(name, runtime);
+            let runtime = self.apply(snapshot, current.get(name.as_str()), cluster);
+            next.insert(Arc::from(name), runtime);
         }
         {
             let now = tokio::time::Instant::now();
             let mut retired = self.retired.lock().unwrap_or_else(PoisonError::into_inner);
-            retired.retain(|n, (_, at)| !next.contains_key(n) && at.elapsed() < RETIRED_GRACE);
+            retired.retain(|n, (_, at)| {
+                !next.contains_key(n.as_str()) && at.elapsed() < RETIRED_GRACE
+            });
             for (name, rt) in dropped {
                 retired.insert(name, (rt, now));
             }
