@@ -32,6 +32,16 @@ pub(super) struct Subscription {
 }
 
 impl Delta {
+    /// A resource as a delta response carries it, as this node sees it.
+    fn send(held: &Held<'_>, name: &str, v: &super::cache::Versioned) -> Resource {
+        Resource {
+            name: name.to_owned(),
+            version: v.version.clone(),
+            resource: Some(held.resource(v)),
+            ..Default::default()
+        }
+    }
+
     /// What the client lacks of `held` (resources to send) and holds that is gone (names).
     fn changes(
         sub: &mut Subscription,
@@ -50,12 +60,7 @@ impl Delta {
                 Some(version) if *version == v.version => kept += 1,
                 had => {
                     kept += usize::from(had.is_some());
-                    resources.push(Resource {
-                        name: name.to_owned(),
-                        version: v.version.clone(),
-                        resource: Some(held.resource(v)),
-                        ..Default::default()
-                    });
+                    resources.push(Self::send(held, name, v));
                 }
             }
         }
@@ -111,12 +116,7 @@ impl Delta {
             }
             match held.get(name) {
                 Some(v) if sub.client.get(name) != Some(&v.version) => {
-                    resources.push(Resource {
-                        name: name.to_owned(),
-                        version: v.version.clone(),
-                        resource: Some(held.resource(v)),
-                        ..Default::default()
-                    });
+                    resources.push(Self::send(held, name, v));
                 }
                 Some(_) => {}
                 None if names.is_none_or(|n| n.contains(name)) => {
