@@ -61,14 +61,13 @@ pub(super) fn nack_status(message: String) -> Status {
 
 /// Decodes and translates one resource. The name is `None` when the bytes could not be
 /// decoded far enough to find it.
-pub(super) fn decode(rt: ResourceType, any: &Any) -> Decoded {
+pub(super) fn decode(rt: ResourceType, any: Any) -> Decoded {
     let any = match unwrap(rt, any) {
         Ok(any) => any,
         Err(e) => return (None, Err(e), None),
     };
-    let any = any.as_ref();
     fn run<P: Message + Default, T>(
-        any: &Any,
+        any: Any,
         rt: ResourceType,
         name: impl Fn(&P) -> String,
         translate: impl Fn(&P) -> Result<T, TranslateError>,
@@ -83,7 +82,7 @@ pub(super) fn decode(rt: ResourceType, any: &Any) -> Decoded {
             Ok(p) => {
                 let n = name(&p);
                 let result = translate(&p).map(|t| wrap(Arc::new(t)));
-                (Some(n), result, Some(any.clone()))
+                (Some(n), result, Some(any))
             }
         }
     }
@@ -121,16 +120,19 @@ pub(super) fn decode(rt: ResourceType, any: &Any) -> Decoded {
 
 /// The resource itself: some servers wrap resources in `envoy.service.discovery.v3.Resource`;
 /// either way it must be of the response's type.
-fn unwrap(rt: ResourceType, any: &Any) -> Result<std::borrow::Cow<'_, Any>, TranslateError> {
-    let any = if any
+fn unwrap(rt: ResourceType, any: Any) -> Result<Any, TranslateError> {
+    let wrapped = any
         .type_url
-        .ends_with(&format!("/{}", PbResource::full_name()))
-    {
+        .strip_suffix(PbResource::NAME)
+        .and_then(|u| u.strip_suffix('.'))
+        .and_then(|u| u.strip_suffix(PbResource::PACKAGE))
+        .is_some_and(|u| u.ends_with('/'));
+    let any = if wrapped {
         match PbResource::decode(any.value.as_slice()) {
             Ok(PbResource {
                 resource: Some(inner),
                 ..
-            }) => std::borrow::Cow::Owned(inner),
+            }) => inner,
             Ok(_) => return Err(undecodable(rt, "wrapped resource has no body".into())),
             Err(e) => {
                 return Err(undecodable(
@@ -140,7 +142,7 @@ fn unwrap(rt: ResourceType, any: &Any) -> Result<std::borrow::Cow<'_, Any>, Tran
             }
         }
     } else {
-        std::borrow::Cow::Borrowed(any)
+        any
     };
     if any.type_url != rt.type_url() {
         return Err(undecodable(

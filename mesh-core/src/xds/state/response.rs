@@ -56,7 +56,7 @@ impl AdsState {
 
     /// Handles a SotW response: the ACK or NACK, plus any subscription changes it caused
     /// further down the cascade.
-    pub fn on_sotw_response(&mut self, resp: DiscoveryResponse, now: Instant) -> Step {
+    pub fn on_sotw_response(&mut self, mut resp: DiscoveryResponse, now: Instant) -> Step {
         let rt = match self.begin_response(&resp.type_url) {
             Ok(rt) => rt,
             Err(detail) => {
@@ -69,7 +69,10 @@ impl AdsState {
                 return self.step(vec![Outbound::Sotw(nack)], Some(Verdict::Nack(detail)));
             }
         };
-        let decoded: Vec<Decoded> = resp.resources.iter().map(|any| decode(rt, any)).collect();
+        let decoded: Vec<Decoded> = std::mem::take(&mut resp.resources)
+            .into_iter()
+            .map(|any| decode(rt, any))
+            .collect();
         let mut errors = Vec::new();
         let mut present = BTreeSet::new();
         let mut unnamed = false;
@@ -154,7 +157,7 @@ impl AdsState {
     }
 
     /// Handles a delta response: the ACK or NACK, plus any subscription changes.
-    pub fn on_delta_response(&mut self, resp: DeltaDiscoveryResponse, now: Instant) -> Step {
+    pub fn on_delta_response(&mut self, mut resp: DeltaDiscoveryResponse, now: Instant) -> Step {
         let rt = match self.begin_response(&resp.type_url) {
             Ok(rt) => rt,
             Err(detail) => {
@@ -169,8 +172,8 @@ impl AdsState {
         };
         let mut errors = Vec::new();
         let mut present = BTreeSet::new();
-        for r in &resp.resources {
-            let Some(any) = &r.resource else {
+        for r in std::mem::take(&mut resp.resources) {
+            let Some(any) = r.resource else {
                 // A resource without a body is a heartbeat for its TTL; nothing to update.
                 continue;
             };

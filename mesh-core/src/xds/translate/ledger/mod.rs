@@ -60,13 +60,16 @@ pub const ROOTS: [&str; 4] = [
 
 /// Checks every set field of a resource against the ledger.
 pub(crate) fn check_resource<M: Message + Name>(resource: &M) -> Result<(), FieldError> {
-    let pool = crate::xds::file::descriptors();
-    let Some(desc) = pool.get_message_by_name(&M::full_name()) else {
-        return err(format!("no descriptor for {}", M::full_name()));
+    // The root's name without formatting one (`Name::full_name` allocates).
+    let root = ROOTS
+        .iter()
+        .find(|r| r.strip_prefix(M::PACKAGE).and_then(|n| n.strip_prefix('.')) == Some(M::NAME));
+    let Some(root) = root else {
+        return err(format!("no ledger root for {}", M::full_name()));
     };
     // The typed message re-encoded holds exactly the fields it has set (defaults of fields
     // without presence are not written, unknown fields were dropped when it was decoded).
-    wire::walk(&resource.encode_to_vec(), &desc, &M::full_name())
+    wire::check(&resource.encode_to_vec(), root)
 }
 
 /// Renders the ledger as a Markdown table (what `docs/xds-field-ledger.md` holds).
