@@ -92,6 +92,10 @@ impl Versioned {
 /// for it, so that routes pointing at it are replaced before it goes (break after make).
 pub const RETIRE_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long a stream waits for the ACK or NACK of a push before it pushes that type again
+/// (see [`ResourceCache::set_ack_wait`]).
+pub const ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The names each recent change of a type touched (changed, added or removed), so a
 /// stream brought up to date at one version finds what it lacks by reading the changes
 /// since, not by comparing every resource of the type.
@@ -144,6 +148,9 @@ pub(crate) struct CacheState {
     pub(crate) retired: HashMap<String, BTreeMap<String, (Versioned, tokio::time::Instant)>>,
     /// The grace of retired resources (`None`: [`RETIRE_GRACE`]).
     grace: Option<std::time::Duration>,
+    /// How long a stream waits for the ACK of a push before it pushes again (`None`:
+    /// [`ACK_WAIT`]).
+    ack_wait: Option<std::time::Duration>,
 }
 
 impl CacheState {
@@ -309,6 +316,23 @@ impl ResourceCache {
     /// ask for them (default [`RETIRE_GRACE`]; zero removes them at once).
     pub fn set_retire_grace(&self, grace: std::time::Duration) {
         self.state().grace = Some(grace);
+    }
+
+    /// How long a stream waits for a client to ACK or NACK a push before it sends the next
+    /// one (default [`ACK_WAIT`]; zero pushes every change at once, without waiting).
+    ///
+    /// While a push of a type is unanswered, the changes that come are held and sent
+    /// together, merged, when the client answers: a client slower than the rate of change
+    /// gets the latest state in fewer, larger responses instead of a queue of stale ones
+    /// (istiod's `PILOT_ENABLE_FLOW_CONTROL`). A client that never answers gets a push once
+    /// per wait.
+    pub fn set_ack_wait(&self, wait: std::time::Duration) {
+        self.state().ack_wait = Some(wait);
+    }
+
+    /// The wait set by [`Self::set_ack_wait`].
+    pub(crate) fn ack_wait(&self) -> std::time::Duration {
+        self.state().ack_wait.unwrap_or(ACK_WAIT)
     }
 
     /// Adds or replaces one resource, leaving the others as they are.

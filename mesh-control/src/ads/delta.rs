@@ -162,10 +162,10 @@ impl Variant for Delta {
                 req.error_detail.as_ref().map(|s| s.message.as_str()),
             );
         }
-        if first
+        let changed = first
             || !req.resource_names_subscribe.is_empty()
-            || !req.resource_names_unsubscribe.is_empty()
-        {
+            || !req.resource_names_unsubscribe.is_empty();
+        if changed {
             sub.answered = None;
         }
         if first {
@@ -192,7 +192,8 @@ impl Variant for Delta {
                 }
             }
         }
-        true
+        // An ACK or NACK alone needs no answer: the changes since come as pushes.
+        changed || req.response_nonce.is_empty()
     }
 
     /// The changes the client lacks, or `None` when it is up to date.

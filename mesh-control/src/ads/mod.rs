@@ -10,7 +10,7 @@
 //! # }
 //! ```
 
-pub use cache::{resource_name, NodeView, PerNode, ResourceCache, RETIRE_GRACE};
+pub use cache::{resource_name, NodeView, PerNode, ResourceCache, ACK_WAIT, RETIRE_GRACE};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };

@@ -2,6 +2,12 @@
 //! out, a push to every subscription when the cache changes or per-node resources must be
 //! renewed, and an `UNAVAILABLE` when the server stops. What differs between SotW and delta
 //! (how a request changes a subscription, what a response holds) is a [`Variant`].
+//!
+//! Pushes are flow controlled: while a type's last push is unanswered (no ACK or NACK yet,
+//! for at most the cache's ACK wait), changes of that type are held and sent together when
+//! the client answers, and the types pushed after it wait too, so make-before-break holds.
+//! A client slower than the rate of change so gets the latest state, merged, instead of a
+//! queue of stale responses it must work through first.
 
 use std::collections::HashMap;
 
@@ -21,6 +27,8 @@ pub(super) trait AdsRequest {
     fn node(&self) -> Option<&Node>;
     /// The resource type a request is about.
     fn type_url(&self) -> &str;
+    /// The nonce of the response a request answers (empty on a request that answers none).
+    fn response_nonce(&self) -> &str;
 }
 
 macro_rules! ads_request {
@@ -31,6 +39,9 @@ macro_rules! ads_request {
             }
             fn type_url(&self) -> &str {
                 &self.type_url
+            }
+            fn response_nonce(&self) -> &str {
+                &self.response_nonce
             }
         }
     )*};
@@ -99,6 +110,7 @@ pub(super) fn serve<V: Variant + 'static>(
 ) -> BoxStream<V::Response> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
+        let ack_wait = source.cache.ack_wait();
         let mut stream = Stream::<V> {
             source,
             events,
@@ -108,6 +120,8 @@ pub(super) fn serve<V: Variant + 'static>(
             node_id: String::new(),
             nonce: 0,
             renew_at: None,
+            ack_wait,
+            held_until: None,
         };
         let mut changes = stream.source.cache.subscribe();
         loop {
@@ -138,6 +152,10 @@ pub(super) fn serve<V: Variant + 'static>(
                     stream.renew_at = None;
                     stream.push_all().await
                 }
+                _ = sleep_until_opt(stream.held_until) => {
+                    stream.held_until = None;
+                    stream.push_owed().await
+                }
             };
             if !sent {
                 return;
@@ -152,11 +170,36 @@ struct Stream<V: Variant> {
     source: Source,
     events: EventLog,
     tx: Sender<V::Response>,
-    subs: HashMap<String, V::Subscription>,
+    subs: HashMap<String, Slot<V::Subscription>>,
     node: Option<Node>,
     node_id: String,
     nonce: u64,
     renew_at: Option<Instant>,
+    /// How long a push may stay unanswered before the next one goes anyway.
+    ack_wait: std::time::Duration,
+    /// When the earliest held push stops waiting for its type's answer.
+    held_until: Option<Instant>,
+}
+
+/// One resource type of a stream: its subscription, and its flow control.
+#[derive(Default)]
+struct Slot<S> {
+    sub: S,
+    /// The nonce of the last response sent, and when, until the client answers it.
+    unanswered: Option<(String, Instant)>,
+    /// What the type is owed.
+    owed: Owed,
+}
+
+/// What a type of a stream is owed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+enum Owed {
+    #[default]
+    Nothing,
+    /// The cache changed: what the client lacks, if anything.
+    Push,
+    /// A request needs an answer (a first request, a change of subscription).
+    Answer,
 }
 
 impl<V: Variant> Stream<V> {
@@ -171,7 +214,14 @@ impl<V: Variant> Stream<V> {
         }
         let type_url = req.type_url().to_owned();
         let first = !self.subs.contains_key(&type_url);
-        let sub = self.subs.entry(type_url.clone()).or_default();
+        let slot = self.subs.entry(type_url.clone()).or_default();
+        let answered = slot
+            .unanswered
+            .as_ref()
+            .is_some_and(|(nonce, _)| *nonce == req.response_nonce());
+        if answered {
+            slot.unanswered = None;
+        }
         let cx = Ctx {
             source: &self.source,
             node: self.node.as_ref(),
@@ -179,22 +229,52 @@ impl<V: Variant> Stream<V> {
             events: &self.events,
             type_url: &type_url,
         };
-        if !V::on_request(sub, &req, first, &cx) {
-            return true;
+        let needs_answer = V::on_request(&mut slot.sub, &req, first, &cx);
+        if needs_answer {
+            slot.owed = Owed::Answer;
         }
-        self.nonce += 1;
-        let (resp, renew) = V::respond(sub, &cx, self.nonce, false);
-        self.renew_at = earliest(self.renew_at, renew);
-        match resp {
-            Some(resp) => self.tx.send(Ok(resp)).await.is_ok(),
-            None => true,
+        if answered || needs_answer {
+            // The answer, and pushes held for this type's answer (of this type, or of types
+            // after it), go now, in push order.
+            return self.push_owed().await;
         }
+        true
     }
 
-    /// Sends every subscription what it lacks, make-before-break; `false` once the response
-    /// side is closed.
+    /// A change: every subscription is owed what it lacks.
     async fn push_all(&mut self) -> bool {
-        for (type_url, sub) in push_order(&mut self.subs) {
+        for slot in self.subs.values_mut() {
+            slot.owed = slot.owed.max(Owed::Push);
+        }
+        self.push_owed().await
+    }
+
+    /// Sends every subscription that is owed a push what it lacks, make-before-break: in
+    /// push order, holding a type whose last push is unanswered, and every type after a held
+    /// one. `false` once the response side is closed.
+    async fn push_owed(&mut self) -> bool {
+        let now = Instant::now();
+        let wait = self.ack_wait;
+        // The earliest time a held type stops waiting; set while a type is held.
+        let mut held: Option<Instant> = None;
+        self.held_until = None;
+        for (type_url, slot) in push_order(&mut self.subs) {
+            if slot.owed == Owed::Nothing {
+                continue;
+            }
+            let waiting = slot
+                .unanswered
+                .as_ref()
+                .map(|(_, at)| *at + wait)
+                .filter(|until| *until > now);
+            if let Some(until) = waiting {
+                held = earliest(held, Some(until));
+            }
+            if held.is_some() {
+                continue;
+            }
+            let pushed = slot.owed == Owed::Push;
+            slot.owed = Owed::Nothing;
             self.nonce += 1;
             let cx = Ctx {
                 source: &self.source,
@@ -203,14 +283,16 @@ impl<V: Variant> Stream<V> {
                 events: &self.events,
                 type_url,
             };
-            let (resp, renew) = V::respond(sub, &cx, self.nonce, true);
+            let (resp, renew) = V::respond(&mut slot.sub, &cx, self.nonce, pushed);
             self.renew_at = earliest(self.renew_at, renew);
             if let Some(resp) = resp {
+                slot.unanswered = Some((self.nonce.to_string(), now));
                 if self.tx.send(Ok(resp)).await.is_err() {
                     return false;
                 }
             }
         }
+        self.held_until = held;
         true
     }
 }
