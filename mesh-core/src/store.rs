@@ -22,6 +22,21 @@ struct Inner {
     route_holds_expired: AtomicU64,
     /// Listeners the client was asked to subscribe to (see `note_watched`).
     watched: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Run with each snapshot before it is published (see `on_publish`).
+    hooks: std::sync::Mutex<Hooks>,
+}
+
+/// One function run with each snapshot before readers can load it; `false`: not again.
+type Hook = Box<dyn Fn(&Snapshot) -> bool + Send + Sync>;
+
+/// What runs with each snapshot before readers can load it.
+#[derive(Default)]
+struct Hooks(Vec<Hook>);
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} publish hooks", self.0.len())
+    }
 }
 
 /// How many xDS responses the client accepted and rejected.
@@ -73,6 +88,7 @@ impl ConfigStore {
                 route_holds_expired: AtomicU64::new(0),
                 nacks: AtomicU64::new(0),
                 watched: std::sync::Mutex::new(std::collections::HashSet::new()),
+                hooks: std::sync::Mutex::new(Hooks::default()),
             }),
         }
     }
@@ -129,9 +145,45 @@ impl ConfigStore {
     pub fn publish(&self, mut snapshot: Snapshot) -> u64 {
         let generation = self.inner.snapshot.load().generation() + 1;
         snapshot.set_generation(generation);
+        self.inner
+            .hooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .retain(|hook| hook(&snapshot));
         self.inner.snapshot.store(Arc::new(snapshot));
         self.inner.changed.send_replace(generation);
         generation
+    }
+
+    /// Runs `hook` with every snapshot published from now on, on the publishing thread,
+    /// before readers can load it; a hook that returns `false` is not run again.
+    ///
+    /// What follows the configuration (a cluster registry) is so up to date before any
+    /// request can route by a snapshot, and its work is done by the publisher (the xDS
+    /// client, on its own thread by default), not by the first request that meets the new
+    /// snapshot. A hook must not publish to, or add a hook to, the same store.
+    ///
+    /// ```
+    /// use mesh_core::{config::Snapshot, ConfigStore};
+    /// use std::sync::{atomic::{AtomicU64, Ordering}, Arc};
+    /// let store = ConfigStore::new();
+    /// let seen = Arc::new(AtomicU64::new(0));
+    /// let s = seen.clone();
+    /// store.on_publish(move |snap| {
+    ///     s.store(snap.generation(), Ordering::Relaxed);
+    ///     true
+    /// });
+    /// store.publish(Snapshot::default());
+    /// assert_eq!(seen.load(Ordering::Relaxed), 1);
+    /// ```
+    pub fn on_publish(&self, hook: impl Fn(&Snapshot) -> bool + Send + Sync + 'static) {
+        self.inner
+            .hooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .push(Box::new(hook));
     }
 
     /// A receiver that sees every new generation.

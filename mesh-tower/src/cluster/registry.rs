@@ -93,8 +93,9 @@ impl Synced {
 const RETIRED_GRACE: Duration = Duration::from_secs(5);
 
 impl ClusterRegistry {
-    /// A registry following `store`. Spawns the task that applies each new snapshot (it ends
-    /// when the registry is dropped).
+    /// A registry following `store`: each new snapshot is applied by its publisher (the xDS
+    /// client's thread) before requests can load it ([`ConfigStore::on_publish`]; the hook
+    /// ends when the registry is dropped).
     ///
     /// # Panics
     /// Outside a tokio runtime.
@@ -129,17 +130,26 @@ impl ClusterRegistry {
             retired: Mutex::new(HashMap::new()),
         });
         registry.sync(&store.load());
+        // Each snapshot is applied by its publisher before requests can route by it. What
+        // clusters spawn (DNS followers, health checks) goes to this runtime, the service's,
+        // whichever thread publishes.
         let weak = Arc::downgrade(&registry);
-        let mut changes = store.subscribe();
-        tokio::spawn(async move {
-            while changes.changed().await.is_ok() {
-                let Some(registry) = weak.upgrade() else {
-                    return;
-                };
-                registry.sync(&registry.store.load());
+        let handle = tokio::runtime::Handle::current();
+        store.on_publish(move |snapshot| match weak.upgrade() {
+            Some(registry) => {
+                let _runtime = handle.enter();
+                registry.sync(snapshot);
+                true
             }
+            None => false,
         });
         registry
+    }
+
+    /// The generation of the last snapshot applied.
+    #[cfg(test)]
+    pub(crate) fn applied_generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The runtime of a cluster in the store's current snapshot (applied here first if the

@@ -375,3 +375,57 @@ async fn the_registry_applies_what_changed() {
     assert!(registry.get_routed("c5").is_some());
     assert_eq!(ports(&registry, "c6"), [6]);
 }
+
+/// Each snapshot is applied by its publisher before readers can load it: a publish from a
+/// plain thread (as from the xDS client's own thread) leaves the registry on the new
+/// generation the moment it returns, so no request applies it; what a cluster spawns (a DNS
+/// cluster's resolver) runs on the registry's runtime; a dropped registry stops following.
+#[tokio::test]
+async fn the_publisher_applies_each_snapshot() {
+    let store = ConfigStore::new();
+    let registry = ClusterRegistry::new(store.clone());
+    let publisher = store.clone();
+    let generation = std::thread::spawn(move || {
+        let mut snap = Snapshot::default();
+        snap.set_cluster(Arc::new(eds_cluster("c1", "e1")));
+        snap.set_endpoints(Arc::new(assignment("e1", &[1])));
+        let mut dns = eds_cluster("dns", "unused");
+        dns.discovery = Discovery::Dns(Arc::new(DnsDiscovery {
+            logical: false,
+            localities: vec![DnsLocality {
+                locality: Locality::default(),
+                weight: 1,
+                priority: 0,
+                targets: vec![DnsTarget {
+                    host: "127.0.0.1".into(),
+                    port: 4242,
+                    weight: 1,
+                    health: HealthStatus::Unknown,
+                }],
+            }],
+            refresh_rate: Duration::from_secs(5),
+            respect_ttl: false,
+            family: DnsLookupFamily::Auto,
+            nameservers: Vec::new(),
+        }));
+        snap.set_cluster(Arc::new(dns));
+        let generation = publisher.publish(snap);
+        // Nothing has loaded the snapshot yet: the publisher applied it.
+        (generation, registry.applied_generation(), registry)
+    })
+    .join()
+    .expect("a publish from a thread without a runtime");
+    let (generation, applied, registry) = generation;
+    assert_eq!(applied, generation);
+    assert_eq!(ports(&registry, "c1"), [1]);
+    let resolved = async {
+        while ports(&registry, "dns") != [4242] {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), resolved)
+        .await
+        .expect("the DNS cluster resolved on the registry's runtime");
+    drop(registry);
+    store.publish(Snapshot::default());
+}
