@@ -100,6 +100,12 @@ pub enum XdsError {
     /// The client task has stopped.
     #[error("the xDS client has stopped")]
     Stopped,
+    /// The client's own thread (see `XdsClientBuilder::on_caller_runtime`) could not start.
+    #[error("cannot start the xDS client's thread: {reason}")]
+    Thread {
+        /// The operating system's or the runtime's message.
+        reason: String,
+    },
 }
 
 /// A resource that failed translation: which one, where, and why.

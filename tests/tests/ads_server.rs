@@ -288,3 +288,60 @@ async fn many_clients_at_once() {
         server.events().into_iter().map(|e| e.node).collect();
     assert_eq!(nodes.len(), 50, "ACKs tracked per client");
 }
+
+/// The client applies updates on a thread of its own: with the runtime that built it not
+/// driven at all (a service whose only worker is busy), a change still arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_applies_updates_while_its_runtime_is_busy() {
+    let cache = ResourceCache::new();
+    let mut world = vec![
+        support::xds::listener("svc", "r"),
+        support::xds::routes("r", &[("a", 1)]),
+    ];
+    world.extend(clusters(&[("a", 1)]));
+    cache.set_resources(world.clone());
+    let addr = support::ads_server(&cache).await;
+    let port_of = |s: &mesh_core::config::Snapshot| {
+        s.endpoints_for_cluster("a")
+            .map(|e| e.localities[0].endpoints[0].address.port())
+    };
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let service = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let client = rt.block_on(async {
+            let c = XdsClient::builder(Bootstrap::new(addr.to_string(), "busy"))
+                .build()
+                .unwrap();
+            c.watch("xds:///svc").unwrap();
+            c.store()
+                .wait_for(Duration::from_secs(10), |s| port_of(s) == Some(1))
+                .await
+                .expect("the first configuration");
+            c
+        });
+        ready_tx.send(()).unwrap();
+        // From here on nothing drives `rt`: the thread only sleeps and reads the store.
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if port_of(&client.store().load()) == Some(7) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    });
+    ready_rx.await.unwrap();
+    world.truncate(2);
+    world.extend(clusters(&[("a", 7)]));
+    cache.set_resources(world);
+    let arrived = tokio::task::spawn_blocking(move || service.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        arrived,
+        "the change arrived with the client's runtime not driven"
+    );
+}

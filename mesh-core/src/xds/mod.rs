@@ -12,6 +12,7 @@ mod client;
 mod connect;
 pub mod file;
 mod state;
+mod thread;
 pub mod translate;
 
 pub use bootstrap::{Bootstrap, ProtocolMode};
