@@ -13,7 +13,12 @@
 //! report: requests and failures, p50/p99 of each phase and their ratio, push latency from
 //! a change written to each client having applied it (an ACK follows each application), and
 //! the memory and CPU of the control plane and of the clients. Exits non-zero on a failed
-//! request or a client that did not converge on the last change.
+//! request or a client that did not converge on the last change within 30 s.
+//!
+//! meshctl and the clients process run at the idle scheduling class (`chrt --idle`;
+//! `--no-isolate`: normal): on a real cluster the control plane and the other 99 clients run
+//! on other machines, and on this one they would otherwise take the measured client's CPU,
+//! so its latency would show theirs.
 //!
 //! ```text
 //! cargo build --release -p mesh-control --bin meshctl
@@ -55,6 +60,9 @@ struct Opts {
     churn_pct: f64,
     poll: String,
     meshctl: Option<PathBuf>,
+    /// Run the rest of the cluster (meshctl and the clients process) at the idle scheduling
+    /// class, so it does not take CPU the measured process wants.
+    isolate: bool,
 }
 
 impl Opts {
@@ -68,6 +76,7 @@ impl Opts {
             churn_pct: 10.0,
             poll: "100ms".into(),
             meshctl: None,
+            isolate: true,
         }
     }
 
@@ -92,6 +101,7 @@ impl Opts {
                 }
                 "--poll" => o.poll = val()?,
                 "--meshctl" => o.meshctl = Some(val()?.into()),
+                "--no-isolate" => o.isolate = false,
                 "-h" | "--help" => return Err(USAGE.into()),
                 other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
             }
@@ -105,9 +115,12 @@ impl Opts {
 
 const USAGE: &str = "\
 churn [--smoke] [--services N] [--endpoints E] [--clients C] [--rps R] [--duration SECS]
-      [--churn PERCENT_PER_SECOND] [--poll DURATION] [--meshctl PATH]
+      [--churn PERCENT_PER_SECOND] [--poll DURATION] [--meshctl PATH] [--no-isolate]
 defaults: 1000 services x 10 endpoints, 100 clients, 2000 rps, 60 s per phase, 10 %/s,
-meshctl serve --poll 100ms; --smoke: 200 services, 10 clients, 500 rps, 5 s";
+meshctl serve --poll 100ms; --smoke: 200 services, 10 clients, 500 rps, 5 s.
+meshctl and the other clients run at the idle scheduling class (--no-isolate: normal): on a
+real cluster they run on other machines, and the measured client's latency should be its
+own, not theirs";
 
 fn host(n: usize) -> String {
     format!("svc{n}.churn.svc.cluster.local")
@@ -251,11 +264,16 @@ fn change_of(s: &Snapshot) -> Option<u32> {
     Some(u32::from(ep.address.port() - MARKER_BASE))
 }
 
-/// An xDS client over delta watching every service.
-fn xds_client(addr: &str, id: &str, services: usize) -> Result<XdsClient, String> {
+/// An xDS client over delta watching every service. The measured client runs its task on
+/// a thread of its own (the default); the clients process's clients share its one worker
+/// (`shared`), standing for clients on other machines.
+fn xds_client(addr: &str, id: &str, services: usize, shared: bool) -> Result<XdsClient, String> {
     let mut b = XdsClient::builder(Bootstrap::new(addr, id).with_protocol(ProtocolMode::Delta));
     for n in 0..services {
         b = b.watch_listener(listener(n));
+    }
+    if shared {
+        b = b.on_caller_runtime();
     }
     b.build().map_err(|e| e.to_string())
 }
@@ -322,7 +340,7 @@ fn clients_role(args: &[String]) -> ExitCode {
     let result: Result<(), String> = rt.block_on(async {
         let mut held = Vec::new();
         for i in 0..count {
-            let xds = xds_client(addr, &format!("churn-{i}"), services)?;
+            let xds = xds_client(addr, &format!("churn-{i}"), services, true)?;
             held.push(xds);
         }
         let mut arrivals = Vec::new();
@@ -335,7 +353,19 @@ fn clients_role(args: &[String]) -> ExitCode {
         println!("ready");
         let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
         while let Ok(Some(line)) = lines.next_line().await {
-            if line.trim() == "report" {
+            if let Some(last) = line.trim().strip_prefix("report ") {
+                // Every client is given until a bound to reach the last change.
+                let last: u32 = last
+                    .parse()
+                    .map_err(|_| format!("bad report line {line:?}"))?;
+                let deadline = Instant::now() + Duration::from_secs(30);
+                for xds in &held {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let _ = xds
+                        .store()
+                        .wait_for(left, |s| change_of(s) == Some(last))
+                        .await;
+                }
                 let all: Vec<Vec<(u32, String)>> = arrivals
                     .iter()
                     .map(|a| {
@@ -465,6 +495,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let mut opts = opts;
+    if opts.isolate && !can_idle() {
+        eprintln!("churn: chrt --idle is not available; running without isolation");
+        opts.isolate = false;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -510,8 +545,31 @@ struct Rig {
     dir: PathBuf,
 }
 
+/// A command for `program`: at the idle scheduling class when isolating (`chrt` execs it,
+/// so its pid is the program's). An idle-class process runs only on CPU time no normal
+/// process wants, and a normal process that wakes preempts it at once.
+fn command(o: &Opts, program: PathBuf) -> tokio::process::Command {
+    if o.isolate {
+        let mut c = tokio::process::Command::new("chrt");
+        c.args(["--idle", "0"]).arg(program);
+        c
+    } else {
+        tokio::process::Command::new(program)
+    }
+}
+
+/// Whether `chrt --idle` can run a program here.
+fn can_idle() -> bool {
+    std::process::Command::new("chrt")
+        .args(["--idle", "0", "true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 async fn start(o: &Opts, dir: &Path) -> Result<Rig, String> {
-    let mut control = tokio::process::Command::new(meshctl(o)?)
+    let mut control = command(o, meshctl(o)?)
         .args([
             "serve",
             "--listen",
@@ -536,19 +594,18 @@ async fn start(o: &Opts, dir: &Path) -> Result<Rig, String> {
         }
     };
     let clients = if o.clients > 1 {
-        let mut child =
-            tokio::process::Command::new(std::env::current_exe().map_err(|e| e.to_string())?)
-                .args([
-                    "clients",
-                    &addr,
-                    &(o.clients - 1).to_string(),
-                    &o.services.to_string(),
-                ])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|e| format!("churn clients: {e}"))?;
+        let mut child = command(o, std::env::current_exe().map_err(|e| e.to_string())?)
+            .args([
+                "clients",
+                &addr,
+                &(o.clients - 1).to_string(),
+                &o.services.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("churn clients: {e}"))?;
         let pid = child.id().ok_or("clients exited")?;
         let mut lines = tokio::io::BufReader::new(child.stdout.take().ok_or("no stdout")?).lines();
         match lines.next_line().await.map_err(|e| e.to_string())? {
@@ -560,7 +617,7 @@ async fn start(o: &Opts, dir: &Path) -> Result<Rig, String> {
     } else {
         None
     };
-    let xds = xds_client(&addr, "churn-load", o.services)?;
+    let xds = xds_client(&addr, "churn-load", o.services, false)?;
     complete(&xds, o.services).await?;
     let arrivals = Arc::new(Mutex::new(Vec::new()));
     follow(&xds, arrivals.clone());
@@ -588,10 +645,10 @@ struct ClientsReport {
     last: Vec<Option<u32>>,
 }
 
-async fn report(child: &mut tokio::process::Child) -> Result<ClientsReport, String> {
+async fn report(child: &mut tokio::process::Child, last: u32) -> Result<ClientsReport, String> {
     let mut stdin = child.stdin.take().ok_or("no stdin")?;
     stdin
-        .write_all(b"report\n")
+        .write_all(format!("report {last}\n").as_bytes())
         .await
         .map_err(|e| e.to_string())?;
     let out = child.stdout.take().ok_or("no stdout")?;
@@ -667,7 +724,7 @@ async fn run(o: Opts) -> Result<bool, String> {
     println!(
         "churn: meshctl serve, {} services x {} endpoints, {} delta clients each watching every \
          service, {} rps to one, {} s steady then {} s churning {} %/s ({per_tick} endpoints \
-         every {} ms), poll {}",
+         every {} ms), poll {}; {}",
         o.services,
         o.endpoints,
         o.clients,
@@ -676,7 +733,12 @@ async fn run(o: Opts) -> Result<bool, String> {
         o.secs,
         o.churn_pct,
         TICK.as_millis(),
-        o.poll
+        o.poll,
+        if o.isolate {
+            "meshctl and the other clients at the idle scheduling class"
+        } else {
+            "every process at the normal scheduling class"
+        }
     );
     let mut pool = Vec::new();
     for _ in 0..2 * o.endpoints {
@@ -698,6 +760,8 @@ async fn run(o: Opts) -> Result<bool, String> {
     let cpu0 = cpu_secs(rig.control_pid);
     let steady = load(rig.mesh_client.clone(), target.clone(), o.rps, o.secs).await;
     let cpu1 = cpu_secs(rig.control_pid);
+    let clients_pid = rig.clients.as_ref().map(|(_, pid)| *pid);
+    let clients_cpu1 = clients_pid.map(cpu_secs);
     let rss_steady = rss_kib(rig.control_pid);
     let churning = tokio::spawn(load(rig.mesh_client.clone(), target, o.rps, o.secs));
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
@@ -709,8 +773,13 @@ async fn run(o: Opts) -> Result<bool, String> {
         let change = mesh.churn(&mut rng, per_tick).map_err(|e| e.to_string())?;
         written.push((change, unix_ns()));
     }
+    let ended = Instant::now();
     let churn = churning.await.map_err(|e| e.to_string())?;
     let cpu2 = cpu_secs(rig.control_pid);
+    let clients_cpu = clients_pid
+        .map(cpu_secs)
+        .zip(clients_cpu1)
+        .map(|(b, a)| b - a);
     let last = mesh.changes;
     // Every client converges on the last change.
     let converged = rig
@@ -719,12 +788,13 @@ async fn run(o: Opts) -> Result<bool, String> {
         .wait_for(Duration::from_secs(30), |s| change_of(s) == Some(last))
         .await
         .is_ok();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_control = rss_kib(rig.control_pid);
     let others = match &mut rig.clients {
-        Some((child, _)) => Some(report(child).await?),
+        Some((child, _)) => Some(report(child, last).await?),
         None => None,
     };
+    let settled = ended.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_control = rss_kib(rig.control_pid);
     let mut all = vec![rig.arrivals.lock().unwrap().clone()];
     let mut stragglers = usize::from(!converged);
     if let Some(r) = &others {
@@ -764,6 +834,20 @@ async fn run(o: Opts) -> Result<bool, String> {
         quantile(&lat, 0.99),
         lat.last().copied().unwrap_or(f64::NAN)
     );
+    let own = push_latencies(&written, &all[..1]);
+    println!(
+        "push latency of the measured client alone: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+        quantile(&own, 0.5),
+        quantile(&own, 0.99),
+        own.last().copied().unwrap_or(f64::NAN)
+    );
+    if let (Some(cpu), Some(r)) = (clients_cpu, &others) {
+        println!(
+            "clients process CPU while churning: {:.0} % of a core for {} clients",
+            cpu / o.secs as f64 * 100.0,
+            r.arrivals.len()
+        );
+    }
     println!(
         "memory: meshctl serve {:.1} MiB steady, {:.1} MiB after churn; load process (1 client, \
          backends, load) {:.1} MiB",
@@ -779,6 +863,11 @@ async fn run(o: Opts) -> Result<bool, String> {
             mib(r.rss_kib) / r.arrivals.len().max(1) as f64
         );
     }
+    println!(
+        "settling: every client on the last change {:.1} s after it was written (bound 30 s \
+         per process)",
+        settled.as_secs_f64()
+    );
     for (e, n) in steady
         .errors
         .iter()
