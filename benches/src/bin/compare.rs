@@ -12,8 +12,17 @@
 //! - S1 mesh plaintext: `MeshClient` (configured over ADS) -> `serve` + `InboundLayer`;
 //! - S2 mesh mTLS: the same with SPIFFE mTLS both ways;
 //! - S3 Envoy sidecar pair: client -> envoy -> (mTLS) -> envoy -> server (`--concurrency 1` each);
+//!   HTTP/1.1 callers cross between the sidecars over HTTP/1.1, Istio's default
+//!   (`--h2-upgrade`: over HTTP/2, Istio's `h2UpgradePolicy: UPGRADE`);
 //! - S4 nginx sidecar pair: the same with nginx (HTTP/1.1 only: nginx proxies upstream over
 //!   HTTP/1.1), when an `nginx` binary is found.
+//!
+//! - S0-mt, S1-mt, S2-mt (asked for by `--scenarios`, in the smoke run by default): S0-S2
+//!   with the load and server processes on a multi-threaded runtime, a worker per CPU (what
+//!   `#[tokio::main]` gives), measured against S0-mt.
+//!
+//! A failed request of S0, S1 or S2 (and their `-mt` forms) fails the run; a baseline's (S3, S4) is counted in its
+//! row and listed under the tables.
 //!
 //! Every process is a separate OS process: the servers and sidecars are children, and each
 //! measurement runs in a fresh child (`compare load`) that paces requests open-loop at a fixed
@@ -48,9 +57,17 @@ const GRPC_PATH: &str = "/bench.Echo/Echo";
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    // A server or load process of an `-mt` scenario runs what `#[tokio::main]` gives: a
+    // multi-threaded runtime with a worker per CPU.
+    let rt = if arg(&args, "--runtime") == Some("multi") {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    };
     match args.first().map(String::as_str) {
         Some("server") => rt.block_on(server::run(&args[1..])),
         Some("load") => rt.block_on(load::run(&args[1..])),
@@ -83,6 +100,28 @@ fn cpu_ns(pid: &str) -> u64 {
         .flatten()
         .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
         .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Context switches, voluntary (the thread waited: a wake-up follows) and not (it was
+/// preempted), of every live thread of `pid` (`self` for this process).
+fn ctx_switches(pid: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .flat_map(|s| {
+            s.lines()
+                .filter_map(|l| {
+                    let (key, value) = l.split_once(':')?;
+                    key.ends_with("ctxt_switches")
+                        .then(|| value.trim().parse::<u64>().ok())
+                        .flatten()
+                })
+                .collect::<Vec<_>>()
+        })
         .sum()
 }
 
@@ -346,12 +385,12 @@ mod load {
         // The window's edges, printed by a timer task; the CPU of this process is read there.
         let window = tokio::spawn(async move {
             tokio::time::sleep_until(measure_from.into()).await;
-            let cpu0 = cpu_ns("self");
+            let (cpu0, sw0) = (cpu_ns("self"), ctx_switches("self"));
             println!("MEASURE_START");
             tokio::time::sleep_until(end.into()).await;
-            let cpu1 = cpu_ns("self");
+            let (cpu1, sw1) = (cpu_ns("self"), ctx_switches("self"));
             println!("MEASURE_END");
-            cpu1.saturating_sub(cpu0)
+            (cpu1.saturating_sub(cpu0), sw1.saturating_sub(sw0))
         });
 
         let measured = Arc::new(AtomicU64::new(0));
@@ -429,7 +468,7 @@ mod load {
             }
             while tasks.join_next().await.is_some() {}
         }
-        let cpu = window.await?;
+        let (cpu, switches) = window.await?;
         let h = hist.lock().unwrap();
         let q = |p: f64| h.value_at_quantile(p) as f64 / 1_000.0;
         let n = measured.load(Ordering::Relaxed);
@@ -441,6 +480,7 @@ mod load {
             "rps": n as f64 / duration.as_secs_f64(),
             "p50_us": q(0.5), "p99_us": q(0.99), "p999_us": q(0.999), "max_us": h.max() as f64 / 1_000.0,
             "cpu_ns": cpu,
+            "ctx_switches": switches,
             "rss_kib": rss_kib("self"),
         });
         println!("{result}");
@@ -457,15 +497,27 @@ mod orchestrate {
     pub(super) const USAGE: &str = "\
 compare [--smoke] [--rounds N] [--duration SECS] [--warmup SECS] [--rates 1000,5000]
         [--protos h1,h2,grpc] [--payloads 0,1024] [--scenarios S0,S1,S2,S3,S4] [--max]
-        [--envoy PATH] [--nginx PATH] [--pin] [--out FILE]
+        [--plot FILE.svg]
+        [--envoy PATH] [--nginx PATH] [--pin] [--h2-upgrade] [--syscalls] [--out FILE]
 
   --smoke      a few seconds: every scenario found, h1 and grpc, 0 B, 300 rps, one round
+  --scenarios  also S0-mt, S1-mt, S2-mt: S0-S2 with the load and server processes on a
+               multi-threaded runtime, a worker per CPU (what #[tokio::main] gives); each is
+               measured against S0-mt
   --max        also measure the maximum throughput (closed loop, 32 in flight)
   --envoy      Envoy binary (default: $MESH_ENVOY, then `envoy` on PATH); S3 is skipped without
   --nginx      nginx binary (default: `nginx` on PATH); S4 is skipped without
   --pin        pin the client side (load, client sidecar) to CPU 0 and the server side to CPU 1
+  --h2-upgrade the Envoy pair carries HTTP/1.1 callers over HTTP/2 between the sidecars
+               (Istio's h2UpgradePolicy: UPGRADE); by default over HTTP/1.1, Istio's default
+  --syscalls   also count system calls per request and process (perf stat, as root; its
+               tracepoint adds a little CPU per system call, so CPU figures read higher)
   --out        also write the markdown tables to FILE
-Exits non-zero if any request failed.";
+  --plot       also draw p50 and p99 latency and CPU per request against offered load (every
+               rate of --rates, and --max at its achieved rate), per protocol, for every
+               scenario, into FILE.svg (0 B payloads)
+Exits non-zero if a request of S0, S1 or S2 failed; a sidecar baseline's failures (S3, S4)
+are reported in its row and listed, without failing the run.";
 
     struct Opts {
         rounds: usize,
@@ -477,9 +529,17 @@ Exits non-zero if any request failed.";
         scenarios: Vec<String>,
         max: bool,
         pin: bool,
+        /// The sidecars carry HTTP/1.1 callers over HTTP/2 between them (Istio's
+        /// `h2UpgradePolicy: UPGRADE`); default: HTTP/1.1, as Istio does by default.
+        h2_upgrade: bool,
+        /// Count system calls per process with `perf stat` (its tracepoint adds a little
+        /// CPU to every system call, so it is off unless asked for).
+        syscalls: bool,
         envoy: Option<PathBuf>,
         nginx: Option<PathBuf>,
         out: Option<PathBuf>,
+        /// Draw latency and CPU per request against offered load into this SVG file.
+        plot: Option<PathBuf>,
     }
 
     fn list<T: std::str::FromStr>(s: &str) -> Result<Vec<T>> {
@@ -512,6 +572,8 @@ Exits non-zero if any request failed.";
             scenarios: ["S0", "S1", "S2", "S3", "S4"].map(String::from).to_vec(),
             max: args.iter().any(|a| a == "--max"),
             pin: args.iter().any(|a| a == "--pin"),
+            h2_upgrade: args.iter().any(|a| a == "--h2-upgrade"),
+            syscalls: args.iter().any(|a| a == "--syscalls"),
             envoy: arg(args, "--envoy")
                 .map(PathBuf::from)
                 .or_else(|| std::env::var_os("MESH_ENVOY").map(PathBuf::from))
@@ -520,6 +582,7 @@ Exits non-zero if any request failed.";
                 .map(PathBuf::from)
                 .or_else(|| which("nginx")),
             out: arg(args, "--out").map(PathBuf::from),
+            plot: arg(args, "--plot").map(PathBuf::from),
         };
         if smoke {
             o.rounds = 1;
@@ -528,6 +591,8 @@ Exits non-zero if any request failed.";
             o.rates = vec![300];
             o.protos = vec!["h1".into(), "grpc".into()];
             o.payloads = vec![0];
+            o.scenarios
+                .extend(["S0-mt", "S1-mt", "S2-mt"].map(String::from));
         }
         if let Some(v) = arg(args, "--rounds") {
             o.rounds = v.parse()?;
@@ -564,8 +629,42 @@ Exits non-zero if any request failed.";
         fn cpu(&self) -> u64 {
             cpu_ns(&self.pid)
         }
+        fn switches(&self) -> u64 {
+            ctx_switches(&self.pid)
+        }
         fn rss(&self) -> u64 {
             rss_kib(&self.pid)
+        }
+    }
+
+    /// `perf stat` counting one process's system calls (the `raw_syscalls:sys_enter`
+    /// tracepoint) from `start` until `stop`.
+    struct SyscallCount {
+        perf: Child,
+    }
+
+    impl SyscallCount {
+        fn start(pid: &str) -> Result<SyscallCount> {
+            let perf = Command::new("perf")
+                .args(["stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "-p", pid])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(|e| format!("perf stat (for --syscalls): {e}"))?;
+            Ok(SyscallCount { perf })
+        }
+
+        /// Stops counting (perf prints its count on SIGINT) and reads the count.
+        async fn stop(self) -> Result<u64> {
+            let pid = self.perf.id().ok_or("perf exited early")?.to_string();
+            Command::new("kill").args(["-INT", &pid]).status().await?;
+            let out = self.perf.wait_with_output().await?;
+            let text = String::from_utf8_lossy(&out.stderr);
+            text.lines()
+                .find(|l| l.contains("raw_syscalls:sys_enter"))
+                .and_then(|l| l.split(',').next()?.trim().parse::<u64>().ok())
+                .ok_or_else(|| format!("perf stat gave no count: {}", text.trim()).into())
         }
     }
 
@@ -595,9 +694,17 @@ Exits non-zero if any request failed.";
     }
 
     /// Starts `compare server` and reads its port.
-    async fn echo_server(mode: &str, certs: &Path, pin: Option<u8>) -> Result<(Proc, u16)> {
+    async fn echo_server(
+        mode: &str,
+        certs: &Path,
+        pin: Option<u8>,
+        multi: bool,
+    ) -> Result<(Proc, u16)> {
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.args(["server", "--mode", mode, "--certs"]).arg(certs);
+        if multi {
+            cmd.args(["--runtime", "multi"]);
+        }
         let mut p = spawn(&format!("server ({mode})"), cmd, pin).await?;
         let out = p.child.stdout.take().ok_or("no stdout")?;
         let mut lines = BufReader::new(out).lines();
@@ -694,10 +801,16 @@ Exits non-zero if any request failed.";
     }
 
     /// The client-side Envoy: one plaintext listener per protocol (h1 on `h1`, h2 and gRPC
-    /// on `h2`), each to the server-side Envoy over mTLS. HTTP/1.1 callers go out with the
-    /// protocol chosen by ALPN (h2 offered first), as the mesh's clusters for HTTP services do,
-    /// so both carry the sidecar-to-sidecar (or mesh-to-mesh) hop over HTTP/2.
-    fn envoy_out(h1: u16, h2: u16, upstream: u16, certs: &Path) -> String {
+    /// on `h2`), each to the server-side Envoy over mTLS. HTTP/1.1 callers go out over
+    /// HTTP/1.1, as Istio's sidecars do by default (`h2UpgradePolicy: DO_NOT_UPGRADE`), or,
+    /// with `h2_upgrade`, with the protocol chosen by ALPN (h2 offered first), as Istio's
+    /// `UPGRADE` and the mesh's own clusters do.
+    fn envoy_out(h1: u16, h2: u16, upstream: u16, certs: &Path, h2_upgrade: bool) -> String {
+        let (h1_protocol, h1_alpn) = if h2_upgrade {
+            ("alpn", "h2, http/1.1")
+        } else {
+            ("h1", "http/1.1")
+        };
         format!(
             r#"static_resources:
   listeners:
@@ -713,7 +826,7 @@ Exits non-zero if any request failed.";
 "#,
             hcm1 = envoy_hcm("out_h1", "up_h1"),
             hcm2 = envoy_hcm("out_h2", "up_h2"),
-            c1 = envoy_cluster("up_h1", upstream, "alpn", Some((certs, "h2, http/1.1"))),
+            c1 = envoy_cluster("up_h1", upstream, h1_protocol, Some((certs, h1_alpn))),
             c2 = envoy_cluster("up_h2", upstream, "h2", Some((certs, "h2"))),
         )
     }
@@ -835,6 +948,8 @@ http {{
     struct Scenario {
         target: Vec<String>,
         procs: Vec<Proc>,
+        /// The load and server processes run a multi-threaded runtime (`-mt` scenarios).
+        multi: bool,
     }
 
     struct Scenarios {
@@ -870,6 +985,14 @@ spec:
         y
     }
 
+    /// The mesh scenarios: name, server mode, mTLS.
+    const MESH: [(&str, &str, bool); 4] = [
+        ("S1", "mesh", false),
+        ("S2", "mesh-mtls", true),
+        ("S1-mt", "mesh", false),
+        ("S2-mt", "mesh-mtls", true),
+    ];
+
     async fn start(o: &Opts, dir: &Path) -> Result<Scenarios> {
         let client_cpu = o.pin.then_some(0u8);
         let server_cpu = o.pin.then_some(1u8);
@@ -877,19 +1000,23 @@ spec:
         let mut skipped = Vec::new();
         let want = |s: &str| o.scenarios.iter().any(|x| x == s);
         let mut yaml_hosts = Vec::new();
-        if want("S0") {
-            let (p, port) = echo_server("plain", dir, server_cpu).await?;
-            by_name.insert(
-                "S0".into(),
-                Scenario {
-                    target: vec!["--addr".into(), format!("127.0.0.1:{port}")],
-                    procs: vec![p],
-                },
-            );
-        }
-        for (s, mode, mtls) in [("S1", "mesh", false), ("S2", "mesh-mtls", true)] {
+        for (s, multi) in [("S0", false), ("S0-mt", true)] {
             if want(s) {
-                let (p, port) = echo_server(mode, dir, server_cpu).await?;
+                let (p, port) = echo_server("plain", dir, server_cpu, multi).await?;
+                by_name.insert(
+                    s.into(),
+                    Scenario {
+                        target: vec!["--addr".into(), format!("127.0.0.1:{port}")],
+                        procs: vec![p],
+                        multi,
+                    },
+                );
+            }
+        }
+        for (s, mode, mtls) in MESH {
+            if want(s) {
+                let multi = s.ends_with("-mt");
+                let (p, port) = echo_server(mode, dir, server_cpu, multi).await?;
                 let tag = s.to_lowercase();
                 yaml_hosts.push((format!("{tag}-h1"), port, "HTTP", mtls));
                 yaml_hosts.push((format!("{tag}-h2"), port, "HTTP2", mtls));
@@ -898,6 +1025,7 @@ spec:
                     Scenario {
                         target: Vec::new(),
                         procs: vec![p],
+                        multi,
                     },
                 );
             }
@@ -928,7 +1056,7 @@ spec:
                 .serve(xds_listener, std::future::pending())
                 .await;
         });
-        for (s, mtls) in [("S1", false), ("S2", true)] {
+        for (s, _, mtls) in MESH {
             if let Some(p) = by_name.get_mut(s) {
                 p.target = vec![
                     "--xds".into(),
@@ -945,7 +1073,7 @@ spec:
         if want("S3") {
             match &o.envoy {
                 Some(bin) => {
-                    let (app, app_port) = echo_server("plain", dir, server_cpu).await?;
+                    let (app, app_port) = echo_server("plain", dir, server_cpu, false).await?;
                     let (inb, h1, h2) = (free_port()?, free_port()?, free_port()?);
                     let e_in = sidecar(
                         Sidecar::Envoy,
@@ -960,7 +1088,7 @@ spec:
                         Sidecar::Envoy,
                         bin,
                         "envoy-out",
-                        &envoy_out(h1, h2, inb, dir),
+                        &envoy_out(h1, h2, inb, dir, o.h2_upgrade),
                         dir,
                         client_cpu,
                     )
@@ -973,6 +1101,7 @@ spec:
                         Scenario {
                             target: vec!["--sidecar".into(), h1.to_string(), h2.to_string()],
                             procs: vec![app, e_out, e_in],
+                            multi: false,
                         },
                     );
                 }
@@ -985,7 +1114,7 @@ spec:
         if want("S4") {
             match &o.nginx {
                 Some(bin) => {
-                    let (app, app_port) = echo_server("plain", dir, server_cpu).await?;
+                    let (app, app_port) = echo_server("plain", dir, server_cpu, false).await?;
                     let (inb, out) = (free_port()?, free_port()?);
                     let n_in = sidecar(
                         Sidecar::Nginx,
@@ -1013,6 +1142,7 @@ spec:
                         Scenario {
                             target: vec!["--sidecar".into(), out.to_string(), String::new()],
                             procs: vec![app, n_out, n_in],
+                            multi: false,
                         },
                     );
                 }
@@ -1029,25 +1159,38 @@ spec:
 
     /// One measurement's figures.
     #[derive(Clone, Debug, Default)]
-    struct Run {
+    pub(super) struct Run {
         requests: u64,
         failed: u64,
         first_error: Option<String>,
-        rps: f64,
-        p50: f64,
-        p99: f64,
+        pub(super) rps: f64,
+        pub(super) p50: f64,
+        pub(super) p99: f64,
         p999: f64,
         /// CPU µs per request: the load process (client side incl. an in-process mesh), then
         /// each served process in the order of the scenario's `procs`.
         cpu_client: f64,
         cpu_procs: Vec<(String, f64)>,
+        /// Context switches per request, the same way.
+        switches_client: f64,
+        switches_procs: Vec<(String, f64)>,
+        /// System calls per request (`--syscalls`), the load process first.
+        syscalls: Option<Vec<(String, f64)>>,
         rss_client: u64,
         rss_procs: Vec<(String, u64)>,
     }
 
     impl Run {
-        fn cpu_total(&self) -> f64 {
+        pub(super) fn cpu_total(&self) -> f64 {
             self.cpu_client + self.cpu_procs.iter().map(|p| p.1).sum::<f64>()
+        }
+        fn switches_total(&self) -> f64 {
+            self.switches_client + self.switches_procs.iter().map(|p| p.1).sum::<f64>()
+        }
+        fn syscalls_total(&self) -> Option<f64> {
+            self.syscalls
+                .as_ref()
+                .map(|s| s.iter().map(|p| p.1).sum::<f64>())
         }
         fn rss_total(&self) -> u64 {
             self.rss_client + self.rss_procs.iter().map(|p| p.1).sum::<u64>()
@@ -1101,6 +1244,9 @@ spec:
             }
             _ => return Err("no target".into()),
         }
+        if path.multi {
+            cmd.args(["--runtime", "multi"]);
+        }
         pinned(&mut cmd, o.pin.then_some(0));
         cmd.stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -1108,15 +1254,36 @@ spec:
         let mut child = cmd.spawn()?;
         let out = child.stdout.take().ok_or("no stdout")?;
         let mut lines = BufReader::new(out).lines();
+        let load_pid = child.id().map(|p| p.to_string()).unwrap_or_default();
         let mut cpu0 = Vec::new();
         let mut cpu1 = Vec::new();
+        let (mut sw0, mut sw1) = (Vec::new(), Vec::new());
+        let mut counting = Vec::new();
+        let mut syscalls = None;
         let mut result = None;
         let limit = Duration::from_secs_f64(o.warmup + o.duration + 60.0);
         let read = async {
             while let Some(line) = lines.next_line().await? {
                 match line.as_str() {
-                    "MEASURE_START" => cpu0 = path.procs.iter().map(Proc::cpu).collect(),
-                    "MEASURE_END" => cpu1 = path.procs.iter().map(Proc::cpu).collect(),
+                    "MEASURE_START" => {
+                        cpu0 = path.procs.iter().map(Proc::cpu).collect();
+                        sw0 = path.procs.iter().map(Proc::switches).collect();
+                        if o.syscalls {
+                            counting = std::iter::once(("load".to_owned(), load_pid.clone()))
+                                .chain(path.procs.iter().map(|p| (p.name.clone(), p.pid.clone())))
+                                .map(|(name, pid)| (name, SyscallCount::start(&pid)))
+                                .collect();
+                        }
+                    }
+                    "MEASURE_END" => {
+                        cpu1 = path.procs.iter().map(Proc::cpu).collect();
+                        sw1 = path.procs.iter().map(Proc::switches).collect();
+                        let mut counts = Vec::new();
+                        for (name, c) in counting.drain(..) {
+                            counts.push((name, c?.stop().await?));
+                        }
+                        syscalls = (!counts.is_empty()).then_some(counts);
+                    }
                     l if l.starts_with('{') => {
                         result = Some(serde_json::from_str::<serde_json::Value>(l)?)
                     }
@@ -1138,6 +1305,13 @@ spec:
                 ns as f64 / 1_000.0 / requests as f64
             }
         };
+        let count = |n: u64| {
+            if requests == 0 {
+                0.0
+            } else {
+                n as f64 / requests as f64
+            }
+        };
         Ok(Run {
             requests,
             failed: v["failed"].as_u64().unwrap_or(0),
@@ -1153,6 +1327,14 @@ spec:
                 .zip(cpu0.iter().zip(&cpu1))
                 .map(|(p, (a, b))| (p.name.clone(), per(b.saturating_sub(*a))))
                 .collect(),
+            switches_client: count(v["ctx_switches"].as_u64().unwrap_or(0)),
+            switches_procs: path
+                .procs
+                .iter()
+                .zip(sw0.iter().zip(&sw1))
+                .map(|(p, (a, b))| (p.name.clone(), count(b.saturating_sub(*a))))
+                .collect(),
+            syscalls: syscalls.map(|s| s.into_iter().map(|(n, c)| (n, count(c))).collect()),
             rss_client: v["rss_kib"].as_u64().unwrap_or(0),
             rss_procs: path
                 .procs
@@ -1162,7 +1344,10 @@ spec:
         })
     }
 
-    fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
+    /// A figure per process of a run, by name (`None`: not measured).
+    type PerProcess = dyn Fn(&Run) -> Option<Vec<(String, f64)>>;
+
+    pub(super) fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
         if v.is_empty() {
             return (f64::NAN, f64::NAN, f64::NAN);
         }
@@ -1223,6 +1408,9 @@ spec:
         // (proto, payload, rate, scenario) -> runs
         let mut runs: BTreeMap<(String, usize, u64, String), Vec<Run>> = BTreeMap::new();
         let mut failures = Vec::new();
+        // A sidecar baseline's failures are reported, not fatal: the run measures the mesh.
+        let mut baseline_failures = Vec::new();
+        let baseline = |s: &str| matches!(s, "S3" | "S4");
         for round in 0..o.rounds {
             for proto in &o.protos {
                 for &payload in &o.payloads {
@@ -1244,16 +1432,23 @@ spec:
                                         r.requests, r.failed, r.rps, r.p50, r.p99, r.cpu_total()
                                     );
                                     if r.failed > 0 || r.requests == 0 {
-                                        failures.push(format!(
-                                            "{s} {proto} {payload}B {rate_s}: {} of {} failed, first error: {}",
+                                        let what = format!(
+                                            "{s} {proto} {payload}B {rate_s} round {round}: {} of {} failed, first error: {}",
                                             r.failed, r.requests, r.first_error.clone().unwrap_or_default()
-                                        ));
+                                        );
+                                        if baseline(s) {
+                                            baseline_failures.push(what);
+                                        } else {
+                                            failures.push(what);
+                                        }
                                     }
                                     runs.entry((proto.clone(), payload, rate, s.clone()))
                                         .or_default()
                                         .push(r);
                                 }
                                 Err(e) if e.to_string() == "n/a" => {}
+                                Err(e) if baseline(s) => baseline_failures
+                                    .push(format!("{s} {proto} {payload}B {rate}: {e}")),
                                 Err(e) => {
                                     failures.push(format!("{s} {proto} {payload}B {rate}: {e}"))
                                 }
@@ -1263,7 +1458,25 @@ spec:
                 }
             }
         }
-        let report = report(&o, &names, &runs);
+        if let Some(file) = &o.plot {
+            super::plot::draw(file, &o.protos, &names, &runs)?;
+            println!("compare: plot written to {}", file.display());
+        }
+        let mut report = report(&o, &names, &runs);
+        report.push_str(&format!(
+            "Sidecar pair protocol for HTTP/1.1 callers: {}.\n",
+            if o.h2_upgrade {
+                "HTTP/2 between the sidecars (`--h2-upgrade`, Istio's h2UpgradePolicy: UPGRADE)"
+            } else {
+                "HTTP/1.1 between the sidecars (Istio's default)"
+            }
+        ));
+        if !baseline_failures.is_empty() {
+            report.push_str(&format!(
+                "\nBaseline failures (reported, not failing the run):\n- {}\n",
+                baseline_failures.join("\n- ")
+            ));
+        }
         println!("\n{report}");
         if let Some(f) = &o.out {
             std::fs::write(f, &report)?;
@@ -1301,14 +1514,21 @@ spec:
                         format!("{rate} rps")
                     };
                     out.push_str(&format!("### {proto}, {payload} B, {rate_s}\n\n"));
-                    out.push_str("| scenario | rps | p50 µs | p99 µs | p99.9 µs | +p50 over S0 | +p99 over S0 | CPU µs/req (all processes) | +CPU over S0 | per process | RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|\n");
-                    let base = get("S0");
+                    out.push_str("| scenario | rps | failed | p50 µs | p99 µs | p99.9 µs | +p50 over S0 | +p99 over S0 | CPU µs/req (all processes) | +CPU over S0 | per process | RSS MiB |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|\n");
+                    // An `-mt` scenario is measured against S0-mt, the others against S0.
+                    let base_of = |s: &str| {
+                        if s.ends_with("-mt") {
+                            get("S0-mt")
+                        } else {
+                            get("S0")
+                        }
+                    };
                     for s in names {
                         let Some(rs) = get(s) else { continue };
                         let f = |g: &dyn Fn(&Run) -> f64| median(rs.iter().map(g).collect());
                         // Added over S0, round by round (same round index), then the median.
-                        let added = |g: &dyn Fn(&Run) -> f64| match base {
-                            Some(b) if s != "S0" => fmt_spread(
+                        let added = |g: &dyn Fn(&Run) -> f64| match base_of(s) {
+                            Some(b) if !s.starts_with("S0") => fmt_spread(
                                 median(rs.iter().zip(b).map(|(r, b)| g(r) - g(b)).collect()),
                                 1,
                             ),
@@ -1327,8 +1547,13 @@ spec:
                             }
                             parts.join(", ")
                         };
+                        let failed = format!(
+                            "{} of {}",
+                            rs.iter().map(|r| r.failed).sum::<u64>(),
+                            rs.iter().map(|r| r.requests).sum::<u64>()
+                        );
                         out.push_str(&format!(
-                            "| {s} | {} | {} | {} | {} | {} | {} | {} | {} | {per_proc} | {:.1} |\n",
+                            "| {s} | {} | {failed} | {} | {} | {} | {} | {} | {} | {} | {per_proc} | {:.1} |\n",
                             fmt_spread(f(&|r| r.rps), 0),
                             fmt_spread(f(&|r| r.p50), 0),
                             fmt_spread(f(&|r| r.p99), 0),
@@ -1338,6 +1563,65 @@ spec:
                             fmt_spread(f(&|r| r.cpu_total()), 1),
                             added(&|r| r.cpu_total()),
                             f(&|r| r.rss_total() as f64).0 / 1024.0,
+                        ));
+                    }
+                    // Wake-ups and system calls per request, per process.
+                    out.push_str("\n| scenario | context switches/req (all processes) | +over S0 | per process | syscalls/req (all processes) | +over S0 | per process |\n|---|---:|---:|---|---:|---:|---|\n");
+                    for s in names {
+                        let Some(rs) = get(s) else { continue };
+                        let added = |g: &dyn Fn(&Run) -> Option<f64>| match base_of(s) {
+                            Some(b) if !s.starts_with("S0") => {
+                                let d: Vec<f64> = rs
+                                    .iter()
+                                    .zip(b)
+                                    .filter_map(|(r, b)| Some(g(r)? - g(b)?))
+                                    .collect();
+                                if d.is_empty() {
+                                    "—".to_owned()
+                                } else {
+                                    fmt_spread(median(d), 1)
+                                }
+                            }
+                            _ => "—".to_owned(),
+                        };
+                        let total = |g: &dyn Fn(&Run) -> Option<f64>| {
+                            let v: Vec<f64> = rs.iter().filter_map(g).collect();
+                            if v.is_empty() {
+                                "—".to_owned()
+                            } else {
+                                fmt_spread(median(v), 1)
+                            }
+                        };
+                        let per_proc = |parts: &PerProcess| {
+                            let Some(first) = parts(&rs[0]) else {
+                                return "—".to_owned();
+                            };
+                            first
+                                .iter()
+                                .enumerate()
+                                .map(|(i, (name, _))| {
+                                    let v = rs
+                                        .iter()
+                                        .filter_map(|r| Some(parts(r)?.get(i)?.1))
+                                        .collect();
+                                    format!("{name} {:.1}", median(v).0)
+                                })
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        };
+                        let switches = |r: &Run| {
+                            let mut v = vec![("load".to_owned(), r.switches_client)];
+                            v.extend(r.switches_procs.iter().cloned());
+                            Some(v)
+                        };
+                        out.push_str(&format!(
+                            "| {s} | {} | {} | {} | {} | {} | {} |\n",
+                            total(&|r| Some(r.switches_total())),
+                            added(&|r| Some(r.switches_total())),
+                            per_proc(&switches),
+                            total(&Run::syscalls_total),
+                            added(&Run::syscalls_total),
+                            per_proc(&|r| r.syscalls.clone()),
                         ));
                     }
                     // Ratios of added cost.
@@ -1374,6 +1658,13 @@ spec:
                             }
                         }
                     }
+                    if let Some(b) = cpu("S0-mt") {
+                        for s in ["S1-mt", "S2-mt"] {
+                            if let Some(c) = cpu(s) {
+                                ratios.push(format!("CPU {s}/S0-mt = {:.2}", c / b));
+                            }
+                        }
+                    }
                     if !ratios.is_empty() {
                         out.push_str(&format!("\n{}\n", ratios.join("; ")));
                     }
@@ -1382,5 +1673,122 @@ spec:
             }
         }
         out
+    }
+}
+
+mod plot {
+    //! `compare --plot FILE.svg`: latency (p50, p99) and CPU per request against offered
+    //! load, one row per protocol, one line per scenario.
+
+    use super::orchestrate::{median, Run};
+    use super::Result;
+    use plotters::prelude::*;
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    /// One scenario's points: (offered rps, median over rounds of the value).
+    type Series = Vec<(f64, f64)>;
+
+    /// What a panel shows of a run.
+    type Value = dyn Fn(&Run) -> f64;
+
+    fn series(
+        runs: &BTreeMap<(String, usize, u64, String), Vec<Run>>,
+        proto: &str,
+        scenario: &str,
+        value: &Value,
+    ) -> Series {
+        let mut points: Series = runs
+            .iter()
+            .filter(|((p, payload, _, s), _)| p == proto && *payload == 0 && s == scenario)
+            .map(|((_, _, rate, _), rs)| {
+                // The closed-loop run sits at the rate it reached.
+                let x = if *rate == 0 {
+                    median(rs.iter().map(|r| r.rps).collect()).0
+                } else {
+                    *rate as f64
+                };
+                (x, median(rs.iter().map(value).collect()).0)
+            })
+            .filter(|(x, y)| x.is_finite() && y.is_finite() && *x > 0.0)
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        points
+    }
+
+    pub(super) fn draw(
+        file: &Path,
+        protos: &[String],
+        names: &[String],
+        runs: &BTreeMap<(String, usize, u64, String), Vec<Run>>,
+    ) -> Result<()> {
+        let rows = protos.len().max(1);
+        let root = SVGBackend::new(file, (1400, 420 * rows as u32)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| e.to_string())?;
+        let cells = root.split_evenly((rows, 3));
+        let palette = [&BLACK, &BLUE, &RED, &MAGENTA, &GREEN, &CYAN];
+        for (row, proto) in protos.iter().enumerate() {
+            let panels: [(&str, &Value); 3] = [
+                ("p50 latency, µs", &|r: &Run| r.p50),
+                ("p99 latency, µs", &|r: &Run| r.p99),
+                ("CPU per request, µs (all processes)", &|r: &Run| {
+                    r.cpu_total()
+                }),
+            ];
+            for (col, (title, value)) in panels.iter().enumerate() {
+                let all: Vec<(String, Series)> = names
+                    .iter()
+                    .map(|s| (s.clone(), series(runs, proto, s, *value)))
+                    .filter(|(_, points)| !points.is_empty())
+                    .collect();
+                let x_max = all
+                    .iter()
+                    .flat_map(|(_, p)| p.iter().map(|(x, _)| *x))
+                    .fold(1.0, f64::max);
+                let y_max = all
+                    .iter()
+                    .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
+                    .fold(1.0, f64::max);
+                let area = &cells[row * 3 + col];
+                let mut chart = ChartBuilder::on(area)
+                    .caption(format!("{proto}: {title}"), ("sans-serif", 18))
+                    .margin(12)
+                    .x_label_area_size(36)
+                    .y_label_area_size(56)
+                    .build_cartesian_2d(0f64..x_max * 1.05, (0.5f64..y_max * 1.3).log_scale())
+                    .map_err(|e| e.to_string())?;
+                chart
+                    .configure_mesh()
+                    .x_desc("offered load, requests per second")
+                    .y_desc(*title)
+                    .draw()
+                    .map_err(|e| e.to_string())?;
+                for (i, (name, points)) in all.iter().enumerate() {
+                    let color = palette[i % palette.len()];
+                    chart
+                        .draw_series(LineSeries::new(
+                            points.iter().copied(),
+                            color.stroke_width(2),
+                        ))
+                        .map_err(|e| e.to_string())?
+                        .label(name.as_str())
+                        .legend(move |(x, y)| {
+                            PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
+                        });
+                    chart
+                        .draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))
+                        .map_err(|e| e.to_string())?;
+                }
+                chart
+                    .configure_series_labels()
+                    .background_style(WHITE.mix(0.8))
+                    .border_style(BLACK)
+                    .position(SeriesLabelPosition::UpperLeft)
+                    .draw()
+                    .map_err(|e| e.to_string())?;
+            }
+        }
+        root.present().map_err(|e| e.to_string())?;
+        Ok(())
     }
 }
