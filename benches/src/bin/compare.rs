@@ -1726,7 +1726,17 @@ mod plot {
         let root = SVGBackend::new(file, (1400, 420 * rows as u32)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
         let cells = root.split_evenly((rows, 3));
-        let palette = [&BLACK, &BLUE, &RED, &MAGENTA, &GREEN, &CYAN];
+        let palette = [
+            RGBColor(0, 0, 0),
+            RGBColor(31, 119, 180),
+            RGBColor(214, 39, 40),
+            RGBColor(148, 103, 189),
+            RGBColor(255, 127, 14),
+            RGBColor(44, 160, 44),
+            RGBColor(23, 190, 207),
+            RGBColor(140, 86, 75),
+            RGBColor(227, 119, 194),
+        ];
         for (row, proto) in protos.iter().enumerate() {
             let panels: [(&str, &Value); 3] = [
                 ("p50 latency, µs", &|r: &Run| r.p50),
@@ -1741,26 +1751,27 @@ mod plot {
                     .map(|s| (s.clone(), series(runs, proto, s, *value)))
                     .filter(|(_, points)| !points.is_empty())
                     .collect();
-                let x_max = all
-                    .iter()
-                    .flat_map(|(_, p)| p.iter().map(|(x, _)| *x))
-                    .fold(1.0, f64::max);
-                let y_max = all
-                    .iter()
-                    .flat_map(|(_, p)| p.iter().map(|(_, y)| *y))
-                    .fold(1.0, f64::max);
+                let xs = || all.iter().flat_map(|(_, p)| p.iter().map(|(x, _)| *x));
+                let ys = || all.iter().flat_map(|(_, p)| p.iter().map(|(_, y)| *y));
+                let (x_min, x_max) = (xs().fold(f64::MAX, f64::min), xs().fold(1.0, f64::max));
+                let (y_min, y_max) = (ys().fold(f64::MAX, f64::min), ys().fold(1.0, f64::max));
                 let area = &cells[row * 3 + col];
                 let mut chart = ChartBuilder::on(area)
                     .caption(format!("{proto}: {title}"), ("sans-serif", 18))
                     .margin(12)
                     .x_label_area_size(36)
-                    .y_label_area_size(56)
-                    .build_cartesian_2d(0f64..x_max * 1.05, (0.5f64..y_max * 1.3).log_scale())
+                    .y_label_area_size(64)
+                    .build_cartesian_2d(
+                        (x_min.min(x_max) * 0.8..x_max * 1.25).log_scale(),
+                        (y_min.min(y_max).max(0.1) / 1.5..y_max * 1.5).log_scale(),
+                    )
                     .map_err(|e| e.to_string())?;
                 chart
                     .configure_mesh()
-                    .x_desc("offered load, requests per second")
-                    .y_desc(*title)
+                    .x_desc("offered load, requests per second (log)")
+                    .y_desc(format!("{title} (log)"))
+                    .x_label_formatter(&|v| format!("{v:.0}"))
+                    .y_label_formatter(&|v| format!("{v:.0}"))
                     .draw()
                     .map_err(|e| e.to_string())?;
                 for (i, (name, points)) in all.iter().enumerate() {
