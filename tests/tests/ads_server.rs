@@ -81,6 +81,16 @@ impl RawDelta {
     }
 }
 
+/// A service `svc` (listener, routes) to cluster `a`, whose one endpoint is at `port`.
+fn svc(port: u16) -> Vec<envoy_types::pb::google::protobuf::Any> {
+    let mut world = vec![
+        support::xds::listener("svc", "r"),
+        support::xds::routes("r", &[("a", 1)]),
+    ];
+    world.extend(clusters(&[("a", port)]));
+    world
+}
+
 /// The port of a delta resource holding a one-endpoint assignment.
 fn port(r: &envoy_types::pb::envoy::service::discovery::v3::Resource) -> u32 {
     use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
@@ -237,12 +247,7 @@ async fn a_held_type_holds_the_types_after_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_clients_at_once() {
     let cache = ResourceCache::new();
-    let mut world = vec![
-        support::xds::listener("svc", "r"),
-        support::xds::routes("r", &[("a", 1)]),
-    ];
-    world.extend(clusters(&[("a", 1)]));
-    cache.set_resources(world.clone());
+    cache.set_resources(svc(1));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = AdsServer::new(cache.clone());
@@ -271,9 +276,7 @@ async fn many_clients_at_once() {
             .expect("every client gets the cascade");
     }
     // One change reaches all of them.
-    world.truncate(2);
-    world.extend(clusters(&[("a", 7)]));
-    cache.set_resources(world);
+    cache.set_resources(svc(7));
     for c in &clients {
         c.store()
             .wait_for(Duration::from_secs(15), |s| {
@@ -294,12 +297,7 @@ async fn many_clients_at_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_applies_updates_while_its_runtime_is_busy() {
     let cache = ResourceCache::new();
-    let mut world = vec![
-        support::xds::listener("svc", "r"),
-        support::xds::routes("r", &[("a", 1)]),
-    ];
-    world.extend(clusters(&[("a", 1)]));
-    cache.set_resources(world.clone());
+    cache.set_resources(svc(1));
     let addr = support::ads_server(&cache).await;
     let port_of = |s: &mesh_core::config::Snapshot| {
         s.endpoints_for_cluster("a")
@@ -334,9 +332,7 @@ async fn the_client_applies_updates_while_its_runtime_is_busy() {
         false
     });
     ready_rx.await.unwrap();
-    world.truncate(2);
-    world.extend(clusters(&[("a", 7)]));
-    cache.set_resources(world);
+    cache.set_resources(svc(7));
     let arrived = tokio::task::spawn_blocking(move || service.join().unwrap())
         .await
         .unwrap();

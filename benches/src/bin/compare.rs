@@ -91,38 +91,42 @@ fn required<'a>(args: &'a [String], name: &str) -> Result<&'a str> {
     arg(args, name).ok_or_else(|| format!("missing {name}").into())
 }
 
-/// CPU time of every live thread of `pid`, in nanoseconds (`self` for this process).
-fn cpu_ns(pid: &str) -> u64 {
+/// The sum over every live thread of `pid` (`self` for this process) of what `read` finds
+/// in the thread's `file` under `/proc/<pid>/task/<tid>/`.
+fn per_thread(pid: &str, file: &str, read: impl Fn(&str) -> u64) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
     };
     tasks
         .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join(file)).ok())
+        .map(|s| read(&s))
         .sum()
 }
 
+/// CPU time of every live thread of `pid`, in nanoseconds.
+fn cpu_ns(pid: &str) -> u64 {
+    per_thread(pid, "schedstat", |s| {
+        s.split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    })
+}
+
 /// Context switches, voluntary (the thread waited: a wake-up follows) and not (it was
-/// preempted), of every live thread of `pid` (`self` for this process).
+/// preempted), of every live thread of `pid`.
 fn ctx_switches(pid: &str) -> u64 {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
-        .flat_map(|s| {
-            s.lines()
-                .filter_map(|l| {
-                    let (key, value) = l.split_once(':')?;
-                    key.ends_with("ctxt_switches")
-                        .then(|| value.trim().parse::<u64>().ok())
-                        .flatten()
-                })
-                .collect::<Vec<_>>()
-        })
-        .sum()
+    per_thread(pid, "status", |s| {
+        s.lines()
+            .filter_map(|l| {
+                let (key, value) = l.split_once(':')?;
+                key.ends_with("ctxt_switches")
+                    .then(|| value.trim().parse::<u64>().ok())
+                    .flatten()
+            })
+            .sum()
+    })
 }
 
 /// A gRPC message frame (uncompressed) around `payload`.
