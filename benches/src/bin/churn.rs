@@ -6,8 +6,11 @@
 //! that their memory is measured apart), one in this process, which also sends R requests
 //! per second through a `MeshClient` to a service whose endpoints are real backends.
 //!
-//! One run, two phases of equal length: steady (no change), then churn (every 100 ms, 1/10
-//! of `--churn` percent of all endpoints replaced, files rewritten the way config syncers
+//! One run, two phases of equal length, each in windows taken in turn (steady, churn,
+//! steady, ...; 6 of each by default, `--windows`) so that the machine's drift over the run
+//! falls on both alike, the measured client settling unmeasured after each churn window:
+//! steady (no change) and churn (every 100 ms, 1/10 of `--churn` percent of all endpoints
+//! replaced, files rewritten the way config syncers
 //! do: write beside, rename over). The target service churns with the others: its
 //! endpoints move among a pool of twice as many running backends, as pods roll. The
 //! report: requests and failures, p50/p99 of each phase and their ratio, push latency from
@@ -63,6 +66,9 @@ struct Opts {
     /// Run the rest of the cluster (meshctl and the clients process) at the idle scheduling
     /// class, so it does not take CPU the measured process wants.
     isolate: bool,
+    /// Each phase is split in this many windows, steady and churning in turn, so that the
+    /// machine's drift over the run falls on both phases alike.
+    windows: u64,
 }
 
 impl Opts {
@@ -77,6 +83,7 @@ impl Opts {
             poll: "100ms".into(),
             meshctl: None,
             isolate: true,
+            windows: 6,
         }
     }
 
@@ -88,7 +95,7 @@ impl Opts {
             let num = |v: String| v.parse::<u64>().map_err(|e| format!("{a} {v}: {e}"));
             match a.as_str() {
                 "--smoke" => {
-                    (o.services, o.clients, o.rps, o.secs) = (200, 10, 500, 5);
+                    (o.services, o.clients, o.rps, o.secs, o.windows) = (200, 10, 500, 5, 1);
                 }
                 "--services" => o.services = num(val()?)? as usize,
                 "--endpoints" => o.endpoints = num(val()?)? as usize,
@@ -102,6 +109,7 @@ impl Opts {
                 "--poll" => o.poll = val()?,
                 "--meshctl" => o.meshctl = Some(val()?.into()),
                 "--no-isolate" => o.isolate = false,
+                "--windows" => o.windows = num(val()?)?.max(1),
                 "-h" | "--help" => return Err(USAGE.into()),
                 other => return Err(format!("unknown argument {other:?}\n{USAGE}")),
             }
@@ -116,8 +124,10 @@ impl Opts {
 const USAGE: &str = "\
 churn [--smoke] [--services N] [--endpoints E] [--clients C] [--rps R] [--duration SECS]
       [--churn PERCENT_PER_SECOND] [--poll DURATION] [--meshctl PATH] [--no-isolate]
-defaults: 1000 services x 10 endpoints, 100 clients, 2000 rps, 60 s per phase, 10 %/s,
-meshctl serve --poll 100ms; --smoke: 200 services, 10 clients, 500 rps, 5 s.
+      [--windows N]
+defaults: 1000 services x 10 endpoints, 100 clients, 2000 rps, 60 s per phase in 6 windows
+of each phase in turn (steady, churn, steady, ...), 10 %/s, meshctl serve --poll 100ms;
+--smoke: 200 services, 10 clients, 500 rps, 5 s, one window.
 meshctl and the other clients run at the idle scheduling class (--no-isolate: normal): on a
 real cluster they run on other machines, and the measured client's latency should be its
 own, not theirs";
@@ -427,14 +437,31 @@ struct Phase {
     hist: Histogram<u64>,
 }
 
+impl Phase {
+    fn new() -> Phase {
+        Phase {
+            sent: 0,
+            failed: 0,
+            errors: BTreeMap::new(),
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
+        }
+    }
+
+    /// Adds another window of the same phase.
+    fn merge(&mut self, other: Phase) {
+        self.sent += other.sent;
+        self.failed += other.failed;
+        for (e, n) in other.errors {
+            *self.errors.entry(e).or_default() += n;
+        }
+        // Same bounds: adding cannot fail.
+        let _ = self.hist.add(&other.hist);
+    }
+}
+
 /// Open loop: `rps` requests a second for `secs`, latency from each request's start.
 async fn load(client: MeshClient, target: String, rps: u32, secs: u64) -> Phase {
-    let phase = Arc::new(Mutex::new(Phase {
-        sent: 0,
-        failed: 0,
-        errors: BTreeMap::new(),
-        hist: Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram"),
-    }));
+    let phase = Arc::new(Mutex::new(Phase::new()));
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rps)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let end = Instant::now() + Duration::from_secs(secs);
@@ -718,21 +745,25 @@ fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 
 async fn run(o: Opts) -> Result<bool, String> {
     let mib = |k: u64| k as f64 / 1024.0;
+    // Each window's length, and the length of each phase.
+    let win = (o.secs / o.windows).max(1);
+    let phase_secs = (win * o.windows) as f64;
     let per_tick = ((o.services * o.endpoints) as f64 * o.churn_pct / 100.0 * TICK.as_secs_f64())
         .round()
         .max(1.0) as usize;
     println!(
         "churn: meshctl serve, {} services x {} endpoints, {} delta clients each watching every \
-         service, {} rps to one, {} s steady then {} s churning {} %/s ({per_tick} endpoints \
-         every {} ms), poll {}; {}",
+         service, {} rps to one, {} s steady and {} s churning {} %/s ({per_tick} endpoints \
+         every {} ms) in {} windows of each in turn, poll {}; {}",
         o.services,
         o.endpoints,
         o.clients,
         o.rps,
-        o.secs,
-        o.secs,
+        win * o.windows,
+        win * o.windows,
         o.churn_pct,
         TICK.as_millis(),
+        o.windows,
         o.poll,
         if o.isolate {
             "meshctl and the other clients at the idle scheduling class"
@@ -757,29 +788,49 @@ async fn run(o: Opts) -> Result<bool, String> {
     );
     let target = host(o.services - 1);
     let warm = load(rig.mesh_client.clone(), target.clone(), o.rps, 2).await;
-    let cpu0 = cpu_secs(rig.control_pid);
-    let steady = load(rig.mesh_client.clone(), target.clone(), o.rps, o.secs).await;
-    let cpu1 = cpu_secs(rig.control_pid);
     let clients_pid = rig.clients.as_ref().map(|(_, pid)| *pid);
-    let clients_cpu1 = clients_pid.map(cpu_secs);
-    let rss_steady = rss_kib(rig.control_pid);
-    let churning = tokio::spawn(load(rig.mesh_client.clone(), target, o.rps, o.secs));
+    let (mut steady, mut churn) = (Phase::new(), Phase::new());
+    let (mut cpu_steady, mut cpu_churn, mut clients_cpu_churn) = (0.0, 0.0, 0.0);
+    let mut rss_steady = 0;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
     let mut written = Vec::new();
-    let mut tick = tokio::time::interval(TICK);
-    let end = Instant::now() + Duration::from_secs(o.secs);
-    while Instant::now() < end {
-        tick.tick().await;
-        let change = mesh.churn(&mut rng, per_tick).map_err(|e| e.to_string())?;
-        written.push((change, unix_ns()));
+    let mut ended = Instant::now();
+    for w in 0..o.windows {
+        let cpu0 = cpu_secs(rig.control_pid);
+        steady.merge(load(rig.mesh_client.clone(), target.clone(), o.rps, win).await);
+        let cpu1 = cpu_secs(rig.control_pid);
+        let clients1 = clients_pid.map(cpu_secs);
+        if w == 0 {
+            rss_steady = rss_kib(rig.control_pid);
+        }
+        let churning = tokio::spawn(load(rig.mesh_client.clone(), target.clone(), o.rps, win));
+        let mut tick = tokio::time::interval(TICK);
+        let end = Instant::now() + Duration::from_secs(win);
+        while Instant::now() < end {
+            tick.tick().await;
+            let change = mesh.churn(&mut rng, per_tick).map_err(|e| e.to_string())?;
+            written.push((change, unix_ns()));
+        }
+        ended = Instant::now();
+        churn.merge(churning.await.map_err(|e| e.to_string())?);
+        cpu_steady += cpu1 - cpu0;
+        cpu_churn += cpu_secs(rig.control_pid) - cpu1;
+        clients_cpu_churn += clients_pid
+            .map(cpu_secs)
+            .zip(clients1)
+            .map_or(0.0, |(b, a)| b - a);
+        if w + 1 < o.windows {
+            // Unmeasured: the measured client reaches the last change before the next
+            // steady window, so that it does not measure the end of this one.
+            let last = mesh.changes;
+            let _ = rig
+                .xds
+                .store()
+                .wait_for(Duration::from_secs(30), |s| change_of(s) == Some(last))
+                .await;
+        }
     }
-    let ended = Instant::now();
-    let churn = churning.await.map_err(|e| e.to_string())?;
-    let cpu2 = cpu_secs(rig.control_pid);
-    let clients_cpu = clients_pid
-        .map(cpu_secs)
-        .zip(clients_cpu1)
-        .map(|(b, a)| b - a);
+    let clients_cpu = clients_pid.map(|_| clients_cpu_churn);
     let last = mesh.changes;
     // Every client converges on the last change.
     let converged = rig
@@ -807,8 +858,8 @@ async fn run(o: Opts) -> Result<bool, String> {
     println!("\n| phase | requests | failed | p50 ms | p99 ms | p99.9 ms | meshctl CPU |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for (name, p, cpu) in [
-        ("steady", &steady, cpu1 - cpu0),
-        ("churn", &churn, cpu2 - cpu1),
+        ("steady", &steady, cpu_steady),
+        ("churn", &churn, cpu_churn),
     ] {
         println!(
             "| {name} | {} | {} | {:.2} | {:.2} | {:.2} | {:.0} % of a core |",
@@ -817,7 +868,7 @@ async fn run(o: Opts) -> Result<bool, String> {
             ms(&p.hist, 0.5),
             ms(&p.hist, 0.99),
             ms(&p.hist, 0.999),
-            cpu / o.secs as f64 * 100.0
+            cpu / phase_secs * 100.0
         );
     }
     println!(
@@ -844,7 +895,7 @@ async fn run(o: Opts) -> Result<bool, String> {
     if let (Some(cpu), Some(r)) = (clients_cpu, &others) {
         println!(
             "clients process CPU while churning: {:.0} % of a core for {} clients",
-            cpu / o.secs as f64 * 100.0,
+            cpu / phase_secs * 100.0,
             r.arrivals.len()
         );
     }
