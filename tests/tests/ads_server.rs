@@ -111,6 +111,18 @@ fn port(r: &envoy_types::pb::envoy::service::discovery::v3::Resource) -> u32 {
     }
 }
 
+/// A server of `cache` holding assignments a, b and c (ports 1, 2, 3), and a raw delta
+/// client subscribed to them, with the first response (all three).
+async fn watching_abc(cache: &ResourceCache) -> (RawDelta, DeltaDiscoveryResponse) {
+    cache.set_resources(clusters(&[("a", 1), ("b", 2), ("c", 3)]));
+    let addr = support::ads_server(cache).await;
+    let mut client = RawDelta::connect(addr).await;
+    client.subscribe(ResourceType::ClusterLoadAssignment, &["a", "b", "c"]);
+    let first = client.next().await;
+    assert_eq!(first.resources.len(), 3);
+    (client, first)
+}
+
 fn names(resp: &DeltaDiscoveryResponse) -> Vec<&str> {
     let mut n: Vec<&str> = resp.resources.iter().map(|r| r.name.as_str()).collect();
     n.sort();
@@ -120,12 +132,7 @@ fn names(resp: &DeltaDiscoveryResponse) -> Vec<&str> {
 #[tokio::test]
 async fn delta_sends_only_changed_resources() {
     let cache = ResourceCache::new();
-    cache.set_resources(clusters(&[("a", 1), ("b", 2), ("c", 3)]));
-    let addr = support::ads_server(&cache).await;
-    let mut client = RawDelta::connect(addr).await;
-    client.subscribe(ResourceType::ClusterLoadAssignment, &["a", "b", "c"]);
-    let first = client.next().await;
-    assert_eq!(first.resources.len(), 3);
+    let (mut client, first) = watching_abc(&cache).await;
     client.ack(&first);
     // Move b's endpoint and drop c: the next response carries b only, and c's removal
     // follows when its grace ends (clients routed to it move first).
@@ -162,12 +169,7 @@ async fn delta_sends_only_changed_resources() {
 async fn a_slow_client_gets_the_changes_merged() {
     let cache = ResourceCache::new();
     cache.set_ack_wait(Duration::from_millis(800));
-    cache.set_resources(clusters(&[("a", 1), ("b", 2), ("c", 3)]));
-    let addr = support::ads_server(&cache).await;
-    let mut client = RawDelta::connect(addr).await;
-    client.subscribe(ResourceType::ClusterLoadAssignment, &["a", "b", "c"]);
-    let first = client.next().await;
-    assert_eq!(first.resources.len(), 3);
+    let (mut client, first) = watching_abc(&cache).await;
     // Three changes while the first response is unanswered: nothing is pushed.
     for (i, ports) in [[10, 2, 3], [10, 20, 3], [11, 20, 30]].iter().enumerate() {
         cache.set_resources(clusters(&[

@@ -325,7 +325,15 @@ impl ResourceCache {
     /// together, merged, when the client answers: a client slower than the rate of change
     /// gets the latest state in fewer, larger responses instead of a queue of stale ones
     /// (istiod's `PILOT_ENABLE_FLOW_CONTROL`). A client that never answers gets a push once
-    /// per wait.
+    /// per wait. A stream takes the wait in force when it opens.
+    ///
+    /// ```
+    /// use mesh_control::ads::ResourceCache;
+    /// use std::time::Duration;
+    /// let cache = ResourceCache::new();
+    /// // A client that has not answered within a second gets the next push anyway.
+    /// cache.set_ack_wait(Duration::from_secs(1));
+    /// ```
     pub fn set_ack_wait(&self, wait: std::time::Duration) {
         self.state().ack_wait = Some(wait);
     }

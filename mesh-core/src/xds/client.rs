@@ -170,15 +170,18 @@ impl XdsClientBuilder {
         self
     }
 
-    /// Runs the client's task on the runtime that calls [`build`](Self::build), as one
-    /// more task among the service's, instead of on a thread of its own (the default).
+    /// Runs the client's task on the runtime that calls [`build`](Self::build), as one more
+    /// task among the service's, instead of on a thread of its own (the default). On its own
+    /// thread, decoding and applying an update (about 10 µs per endpoint assignment) never
+    /// holds up a worker that serves requests; readers load the published snapshot without a
+    /// lock either way. The caller's runtime suits a client that shares a paused test clock.
     ///
-    /// On its own thread, decoding and applying an update (about 10 µs per endpoint
-    /// assignment, so a millisecond for a response of a hundred) never holds up a worker
-    /// that serves requests: under configuration churn the service's p99 stays its own.
-    /// Readers are not affected either way: they load the published snapshot without a lock.
-    /// The caller's runtime suits a client that must share a paused test clock, or a process
-    /// that holds many clients.
+    /// ```no_run
+    /// # fn run() -> Result<(), mesh_core::Error> {
+    /// use mesh_core::xds::{Bootstrap, XdsClient};
+    /// let client = XdsClient::builder(Bootstrap::from_env()?).on_caller_runtime().build()?;
+    /// # Ok(()) }
+    /// ```
     pub fn on_caller_runtime(mut self) -> Self {
         self.caller_runtime = true;
         self

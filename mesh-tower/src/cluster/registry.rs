@@ -17,10 +17,9 @@ use super::ClusterRuntime;
 pub struct ClusterRegistry {
     /// A persistent map: publishing a change of one cluster copies O(log n) of it.
     pub(super) clusters: ArcSwap<imbl::HashMap<Arc<str>, Arc<ClusterRuntime>>>,
-    pub(super) store: ConfigStore,
     pub(super) identity: Option<IdentityStore>,
     pub(super) metrics: Option<crate::metrics::Metrics>,
-    /// Serializes writers (the sync task and on-demand creation), and holds what they
+    /// Serializes writers (the publisher's hook and the first sync), and holds what they
     /// applied last.
     pub(super) write: Mutex<Synced>,
     /// The snapshot generation last applied.
@@ -122,17 +121,17 @@ impl ClusterRegistry {
     ) -> Arc<Self> {
         let registry = Arc::new(Self {
             clusters: ArcSwap::from_pointee(imbl::HashMap::new()),
-            store: store.clone(),
             identity,
             metrics,
             write: Mutex::new(Synced::default()),
             generation: AtomicU64::new(0),
             retired: Mutex::new(HashMap::new()),
         });
-        registry.sync(&store.load());
         // Each snapshot is applied by its publisher before requests can route by it. What
         // clusters spawn (DNS followers, health checks) goes to this runtime, the service's,
-        // whichever thread publishes.
+        // whichever thread publishes. The hook goes in before the current snapshot is
+        // applied, so no publish falls between the two (an older snapshot applied after a
+        // newer one is ignored).
         let weak = Arc::downgrade(&registry);
         let handle = tokio::runtime::Handle::current();
         store.on_publish(move |snapshot| match weak.upgrade() {
@@ -143,6 +142,7 @@ impl ClusterRegistry {
             }
             None => false,
         });
+        registry.sync(&store.load());
         registry
     }
 
@@ -152,15 +152,10 @@ impl ClusterRegistry {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// The runtime of a cluster in the store's current snapshot (applied here first if the
-    /// sync task has not reached it yet).
+    /// The runtime of a cluster in the store's current snapshot. Every snapshot is applied
+    /// before readers can load it, so a request routed by a snapshot never meets the clusters
+    /// of an older one.
     pub fn get(&self, name: &str) -> Option<Arc<ClusterRuntime>> {
-        // Correctness: a request routed by a new snapshot must not meet clusters of an old
-        // one, so apply a snapshot the sync task has not reached yet here, once.
-        let snapshot = self.store.load();
-        if snapshot.generation() > self.generation.load(Ordering::Acquire) {
-            self.sync(&snapshot);
-        }
         self.clusters.load().get(name).cloned()
     }
 

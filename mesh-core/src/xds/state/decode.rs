@@ -12,7 +12,7 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration as PbRouteConf
 use envoy_types::pb::envoy::service::discovery::v3::Resource as PbResource;
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status;
-use prost::{Message, Name};
+use prost::Message;
 use std::sync::Arc;
 
 /// The outcome of one resource in a response.
@@ -118,16 +118,14 @@ pub(super) fn decode(rt: ResourceType, any: Any) -> Decoded {
     }
 }
 
+/// How the type URL of a wrapped resource ends (`/` and `PbResource::full_name()`, written
+/// out so that no resource formats it).
+const WRAPPED: &str = "/envoy.service.discovery.v3.Resource";
+
 /// The resource itself: some servers wrap resources in `envoy.service.discovery.v3.Resource`;
 /// either way it must be of the response's type.
 fn unwrap(rt: ResourceType, any: Any) -> Result<Any, TranslateError> {
-    let wrapped = any
-        .type_url
-        .strip_suffix(PbResource::NAME)
-        .and_then(|u| u.strip_suffix('.'))
-        .and_then(|u| u.strip_suffix(PbResource::PACKAGE))
-        .is_some_and(|u| u.ends_with('/'));
-    let any = if wrapped {
+    let any = if any.type_url.ends_with(WRAPPED) {
         match PbResource::decode(any.value.as_slice()) {
             Ok(PbResource {
                 resource: Some(inner),
@@ -155,4 +153,15 @@ fn unwrap(rt: ResourceType, any: Any) -> Result<Any, TranslateError> {
         ));
     }
     Ok(any)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Name;
+
+    #[test]
+    fn the_wrapped_type_url_is_the_resource_wrappers() {
+        assert_eq!(WRAPPED, format!("/{}", PbResource::full_name()));
+    }
 }

@@ -100,10 +100,8 @@ struct Plans {
 
 /// One ledger entry compiled against its message's descriptor.
 struct Plan {
-    /// The entry's message, as errors name it.
+    /// The entry's message (the descriptor's full name), as errors name it.
     message: &'static str,
-    /// The descriptor's full name, as malformed-bytes errors name it.
-    full_name: String,
     desc: MessageDescriptor,
     /// Every field the descriptor has, sorted by number.
     fields: Vec<(u32, FieldPlan)>,
@@ -119,9 +117,10 @@ struct FieldPlan {
     /// What the ledger says (with the field's name as the ledger spells it); `None` when
     /// the ledger does not list the field.
     treatment: Option<(&'static str, Treatment)>,
-    /// A list or a map: each element is set, whatever its value.
-    repeated: bool,
+    /// A list: each element is set, whatever its value, and errors name its index.
     list: bool,
+    /// A map: each entry is set, whatever its value.
+    map: bool,
     /// Set whenever it is on the wire (a message, a oneof member, a proto3 `optional`).
     presence: bool,
     value: Value,
@@ -164,61 +163,15 @@ impl Plans {
             .enumerate()
             .map(|(i, (e, _))| (e.key, i))
             .collect();
-        let message = |desc: &MessageDescriptor, alias: Option<&str>| -> Value {
-            let full = desc.full_name();
-            if full == "google.protobuf.Any" {
-                Value::Any
-            } else if full.starts_with("google.protobuf.") {
-                Value::WellKnown
-            } else {
-                Value::Message(by_key.get(alias.unwrap_or(full)).copied())
-            }
-        };
         let plans = entries
             .iter()
             .map(|(entry, desc)| {
                 let mut fields: Vec<(u32, FieldPlan)> = desc
                     .fields()
-                    .map(|f| {
-                        let name = f.name().to_owned();
-                        let treatment = entry
-                            .fields
-                            .iter()
-                            .find(|(n, _)| *n == name)
-                            .map(|(n, t)| (*n, *t));
-                        let alias = match treatment {
-                            Some((_, Treatment::HonouredAs(alias))) => Some(alias),
-                            _ => None,
-                        };
-                        let value = match f.kind() {
-                            Kind::Message(inner) if f.is_map() => {
-                                let value_field = inner.map_entry_value_field();
-                                match value_field.kind() {
-                                    Kind::Message(v) => Value::Map {
-                                        entry: inner.full_name().to_owned(),
-                                        key: inner.map_entry_key_field().number(),
-                                        value: value_field.number(),
-                                        inner: Box::new(message(&v, alias)),
-                                    },
-                                    _ => Value::Scalar,
-                                }
-                            }
-                            Kind::Message(inner) => message(&inner, alias),
-                            _ => Value::Scalar,
-                        };
-                        let plan = FieldPlan {
-                            name,
-                            treatment,
-                            repeated: f.is_list() || f.is_map(),
-                            list: f.is_list(),
-                            presence: f.supports_presence(),
-                            value,
-                        };
-                        (f.number(), plan)
-                    })
+                    .map(|f| (f.number(), FieldPlan::new(entry, &f, &by_key)))
                     .collect();
                 fields.sort_by_key(|(n, _)| *n);
-                let optional = match desc.full_name() {
+                let optional = match entry.message {
                     "envoy.config.route.v3.FilterConfig" => Some("config"),
                     "envoy.extensions.filters.network.http_connection_manager.v3.HttpFilter" => {
                         Some("typed_config")
@@ -227,7 +180,6 @@ impl Plans {
                 };
                 Plan {
                     message: entry.message,
-                    full_name: desc.full_name().to_owned(),
                     desc: desc.clone(),
                     fields,
                     optional,
@@ -235,6 +187,69 @@ impl Plans {
             })
             .collect();
         Plans { plans, by_key }
+    }
+}
+
+impl FieldPlan {
+    /// Field `f` of `entry`'s message; `by_key`: the plans' indices by ledger key.
+    fn new(
+        entry: &super::Entry,
+        f: &prost_reflect::FieldDescriptor,
+        by_key: &HashMap<&'static str, usize>,
+    ) -> FieldPlan {
+        let name = f.name().to_owned();
+        let treatment = entry
+            .fields
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(n, t)| (*n, *t));
+        let alias = match treatment {
+            Some((_, Treatment::HonouredAs(alias))) => Some(alias),
+            _ => None,
+        };
+        let value = match f.kind() {
+            Kind::Message(inner) if f.is_map() => {
+                let value_field = inner.map_entry_value_field();
+                match value_field.kind() {
+                    Kind::Message(v) => Value::Map {
+                        entry: inner.full_name().to_owned(),
+                        key: inner.map_entry_key_field().number(),
+                        value: value_field.number(),
+                        inner: Box::new(Value::of(&v, alias, by_key)),
+                    },
+                    _ => Value::Scalar,
+                }
+            }
+            Kind::Message(inner) => Value::of(&inner, alias, by_key),
+            _ => Value::Scalar,
+        };
+        FieldPlan {
+            name,
+            treatment,
+            list: f.is_list(),
+            map: f.is_map(),
+            presence: f.supports_presence(),
+            value,
+        }
+    }
+}
+
+impl Value {
+    /// How a message value of type `desc` is checked, under the ledger entry `alias` if the
+    /// field names one.
+    fn of(
+        desc: &MessageDescriptor,
+        alias: Option<&str>,
+        by_key: &HashMap<&'static str, usize>,
+    ) -> Value {
+        let full = desc.full_name();
+        if full == "google.protobuf.Any" {
+            Value::Any
+        } else if full.starts_with("google.protobuf.") {
+            Value::WellKnown
+        } else {
+            Value::Message(by_key.get(alias.unwrap_or(full)).copied())
+        }
     }
 }
 
@@ -270,7 +285,7 @@ fn walk(plans: &Plans, bytes: &[u8], plan: &Plan) -> Result<(), FieldError> {
     // (the wire holds fields in the order of the message's declaration).
     let mut refused: Option<(u32, FieldError)> = None;
     while !buf.is_empty() {
-        let (number, value) = next(&mut buf, &plan.full_name)?;
+        let (number, value) = next(&mut buf, plan.message)?;
         let index = match previous {
             Some((n, i)) if n == number => i + 1,
             _ => 0,
@@ -300,7 +315,7 @@ fn field_ok(
     let Some(field) = plan.field(number) else {
         return Ok(());
     };
-    if !field.repeated && !field.presence && is_default(value) {
+    if !field.list && !field.map && !field.presence && is_default(value) {
         return Ok(());
     }
     let Some((static_name, treatment)) = field.treatment else {
@@ -385,7 +400,7 @@ fn message(plans: &Plans, bytes: &[u8], value: &Value) -> Result<(), FieldError>
                 .by_key
                 .get(type_name)
                 .map(|&i| &plans.plans[i])
-                .filter(|p| p.full_name == type_name)
+                .filter(|p| p.message == type_name)
             else {
                 return Ok(());
             };
